@@ -1,0 +1,44 @@
+"""zmq_cluster: spread work over a cluster of machines with ZeroMQ, shipping
+numpy arrays between nodes without pickling them.
+
+The API mirrors ``glimpse.util.zmq_cluster``. In it a type is *socket-like*
+if it is either a ``zmq.Socket`` or a :class:`FutureSocket`.
+
+``FASTPATH`` is True when the compiled (Cython) modules are in use; set
+``ZMQ_CLUSTER_NO_EXTENSIONS=1`` before import to use the pure-Python twins.
+"""
+
+from .devices import LaunchForwarderDevice, LaunchStreamerDevice
+from .exceptions import (
+    MessageFormatError, ReceiverTimeoutException, RemoteError, WorkerException,
+)
+from .framing import FASTPATH
+from .messages import ClusterRequest, ClusterResult
+from .sink import BasicSink, Sink
+from .sockets import Connect, FutureSocket, InitSocket, MakeSocket, SocketTypeToString
+from .ventilator import BasicVentilator, Ventilator
+from .worker import BasicWorker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicSink",
+    "BasicVentilator",
+    "BasicWorker",
+    "ClusterRequest",
+    "ClusterResult",
+    "Connect",
+    "FASTPATH",
+    "FutureSocket",
+    "InitSocket",
+    "LaunchForwarderDevice",
+    "LaunchStreamerDevice",
+    "MakeSocket",
+    "MessageFormatError",
+    "ReceiverTimeoutException",
+    "RemoteError",
+    "Sink",
+    "SocketTypeToString",
+    "Ventilator",
+    "WorkerException",
+]

@@ -1,0 +1,64 @@
+"""The command channel: a PUB/SUB fan-out of small control messages.
+
+Sinks and workers subscribe to a command channel; ``send_command`` delivers
+one command (e.g. a kill) to the subscribers that exist, using XPUB
+subscription notices as the handshake instead of sleeping.
+"""
+
+import time
+
+import zmq
+
+from .exceptions import ReceiverTimeoutException
+from .protocol import KIND_COMMAND
+from .sockets import InitSocket
+from .wire import send_message
+
+__all__ = ["send_command", "SUBSCRIBER_WAIT_MS"]
+
+#: How long ``send_command`` waits for subscribers by default (ms).
+SUBSCRIBER_WAIT_MS = 5000
+
+
+def send_command(context, command_sender, command, num_subscribers=1, timeout=None):
+    """Send ``command`` on the channel ``command_sender`` (socket-like).
+
+    For a FutureSocket, an XPUB socket is made (with XPUB_VERBOSE, so every
+    subscriber's subscription is seen), and the command is sent once
+    ``num_subscribers`` subscription notices have arrived, or ``timeout`` ms
+    (default SUBSCRIBER_WAIT_MS) have passed with at least one; the socket
+    is then closed, waiting up to ``timeout`` ms for the command to leave.
+    Returns the number of subscribers seen; raises ReceiverTimeoutException
+    when none appeared in time, and the command is then not sent.
+
+    An existing socket (PUB or XPUB) is the caller's: the command is sent on
+    it at once, with no handshake, and None is returned. Its subscribers
+    must already be connected.
+    """
+    timeout = SUBSCRIBER_WAIT_MS if timeout is None else timeout
+    if isinstance(command_sender, zmq.Socket):
+        send_message(command_sender, command, KIND_COMMAND)
+        return None
+    socket = InitSocket(context, command_sender, zmq.XPUB, options={zmq.XPUB_VERBOSE: 1})
+    try:
+        seen = _await_subscribers(socket, num_subscribers, timeout)
+        send_message(socket, command, KIND_COMMAND)
+        return seen
+    finally:
+        socket.close(linger=timeout)
+
+
+def _await_subscribers(socket, wanted, timeout):
+    deadline = time.monotonic() + timeout / 1000.0
+    seen = 0
+    while seen < wanted:
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        if not socket.poll(left_ms, zmq.POLLIN):
+            break
+        notice = socket.recv()
+        if notice[:1] == b"\x01":  # subscribe; b"\x00" is an unsubscribe
+            seen += 1
+    if seen == 0:
+        raise ReceiverTimeoutException("no subscriber on the command channel within %d ms; "
+                                       "command not sent" % timeout)
+    return seen

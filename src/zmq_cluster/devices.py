@@ -1,0 +1,56 @@
+"""Devices: blocking relays between two channels, built on zmq.proxy."""
+
+import zmq
+
+from .sockets import InitSocket, close_owned
+
+__all__ = ["LaunchStreamerDevice", "LaunchForwarderDevice"]
+
+
+def LaunchStreamerDevice(context, frontend_connect, backend_connect):
+    """Launch a ZeroMQ streamer device.
+
+    Relays messages from a PULL frontend to a PUSH backend, so that many
+    ventilators and many workers can meet at two well-known addresses. Blocks
+    until ``context`` is terminated, then closes its sockets and returns.
+
+    :param zmq.Context context: The ZeroMQ context for the channels.
+    :param FutureSocket frontend_connect: The frontend channel.
+    :param FutureSocket backend_connect: The backend channel.
+    """
+    _run_proxy(context, frontend_connect, zmq.PULL, {}, backend_connect, zmq.PUSH, {})
+
+
+def LaunchForwarderDevice(context, frontend_connect, backend_connect):
+    """Launch a ZeroMQ forwarder device.
+
+    Relays messages from a subscriber frontend to a publisher backend, e.g.
+    to fan commands out to workers. The sockets are XSUB and XPUB (the
+    subscription-forwarding forms of SUB and PUB, compatible with PUB and
+    SUB peers), so the subscriptions of the backend's subscribers travel
+    upstream: a command sender's handshake (see BasicWorker.SendKillCommand)
+    then sees that subscribers exist. Blocks until ``context`` is
+    terminated, then closes its sockets and returns.
+
+    :param zmq.Context context: The ZeroMQ context for the channels.
+    :param FutureSocket frontend_connect: The frontend channel.
+    :param FutureSocket backend_connect: The backend channel.
+    """
+    _run_proxy(context, frontend_connect, zmq.XSUB, {}, backend_connect, zmq.XPUB,
+               {zmq.XPUB_VERBOSE: 1})
+
+
+def _run_proxy(context, frontend_connect, frontend_type, frontend_options, backend_connect,
+               backend_type, backend_options):
+    frontend = InitSocket(context, frontend_connect, frontend_type, options=frontend_options)
+    try:
+        backend = InitSocket(context, backend_connect, backend_type, options=backend_options)
+        try:
+            zmq.proxy(frontend, backend)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            close_owned(backend, backend_connect)
+    finally:
+        close_owned(frontend, frontend_connect)
+

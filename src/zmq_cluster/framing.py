@@ -1,0 +1,20 @@
+"""Selects the framing twin: compiled unless ZMQ_CLUSTER_NO_EXTENSIONS is set.
+
+Both twins provide ``encode(obj, kind, task_id=0) -> frames`` and
+``decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD,
+alignment=None) -> (kind, task_id, obj)``; see ``_framing_py`` for the
+contract and docs/protocol.md for the bytes.
+"""
+
+from ._compat import NO_EXTENSIONS
+
+if NO_EXTENSIONS:
+    from ._framing_py import decode, encode
+    FASTPATH = False
+else:
+    import zmq  # noqa: F401  (loads the libzmq the extension links against)
+
+    from ._fastpath.framing import decode, encode
+    FASTPATH = True
+
+__all__ = ["encode", "decode", "FASTPATH"]

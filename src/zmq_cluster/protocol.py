@@ -1,0 +1,64 @@
+"""Wire-format constants shared by both framing twins.
+
+The bytes these constants describe are specified in ``docs/protocol.md``;
+this module is the single place the numbers live. Both the pure-Python twin
+(``_framing_py``) and the compiled one (``zmq_cluster._fastpath.framing``)
+import them from here, so they cannot drift apart.
+"""
+
+import struct
+
+#: First two bytes of every header frame.
+MAGIC = b"ZC"
+#: Version of the wire format this build writes and reads.
+VERSION = 1
+
+#: Message kinds (byte 3 of the header).
+KIND_REQUEST = 1
+KIND_RESULT = 2
+KIND_COMMAND = 3
+KINDS = {KIND_REQUEST: "REQUEST", KIND_RESULT: "RESULT", KIND_COMMAND: "COMMAND"}
+
+#: Fixed part of the header frame: magic, version, kind, number of buffer
+#: frames that follow the header, task id.
+HEADER = struct.Struct("<2sBBIQ")
+HEADER_SIZE = HEADER.size  # 16
+
+#: One-byte value tags of the header body (see docs/protocol.md, "Values").
+TAG_NONE = ord("N")
+TAG_TRUE = ord("T")
+TAG_FALSE = ord("F")
+TAG_INT = ord("i")        # int64
+TAG_BIGINT = ord("I")     # u32 length + signed little-endian two's complement
+TAG_FLOAT = ord("d")      # float64
+TAG_COMPLEX = ord("j")    # two float64
+TAG_STR = ord("s")        # u32 length + UTF-8
+TAG_BYTES = ord("b")      # u32 length + raw bytes
+TAG_LIST = ord("l")       # u32 count + values
+TAG_TUPLE = ord("t")      # u32 count + values
+TAG_DICT = ord("m")       # u32 count + key/value pairs
+TAG_ARRAY = ord("a")      # u32 frame, dtype value, u8 ndim, u64 shape..., u8 order
+TAG_SCALAR = ord("g")     # dtype value + u32 length + raw bytes
+TAG_REQUEST = ord("R")    # payload, metadata
+TAG_RESULT = ord("S")     # status, payload, request_metadata, metadata, exception
+TAG_PICKLE = ord("p")     # u32 length + pickle bytes, u32 count + u32 frames...
+
+ORDER_C = ord("C")
+ORDER_F = ord("F")
+
+#: Largest int encoded as TAG_INT; beyond it TAG_BIGINT is used.
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
+#: Nesting depth past which a header body is rejected as malformed. It keeps
+#: a hostile peer from exhausting the decoder's stack.
+MAX_DEPTH = 256
+
+#: Buffer frames at least this large are sent zero-copy (``copy=False``) and
+#: decoded as views on the received frame; smaller ones are copied, which is
+#: faster than the bookkeeping of a zero-copy frame. Measured with
+#: ``python benchmarks/copy_threshold.py`` (see README, "Measured").
+COPY_THRESHOLD = 65536
+
+#: Pickle protocol used for objects that have no native encoding.
+PICKLE_PROTOCOL = 5

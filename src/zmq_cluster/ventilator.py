@@ -1,0 +1,148 @@
+"""Ventilators: push task requests to worker nodes."""
+
+import itertools
+import random
+import time
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .exceptions import ReceiverTimeoutException
+from .messages import ClusterRequest
+from .protocol import KIND_REQUEST
+from .sockets import InitSocket, close_owned
+from .wire import send_message
+
+__all__ = ["BasicVentilator", "Ventilator"]
+
+_PEER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+class BasicVentilator:
+    """Push tasks to worker nodes on the cluster.
+
+    ``request_sender`` is made a PUSH socket, which deals requests round-robin
+    to the connected workers. ``worker_connect_delay`` (seconds, optional) is
+    waited once, after the socket is made in :meth:`Setup`, so that workers
+    started at the same time have connected before the first request goes
+    out: otherwise the first worker to connect receives a queue's worth.
+
+    Every request sent gets a task id, unique to this ventilator (a random
+    32-bit prefix and a counter), which travels in the message header and
+    comes back on the worker's result.
+    """
+
+    #: (socket-like, required) Constructor for the writer socket.
+    request_sender = None
+
+    def __init__(self, context, request_sender, worker_connect_delay=None):
+        self.context = context
+        self.request_sender = request_sender
+        self.worker_connect_delay = worker_connect_delay
+        self._socket = None
+        self._monitor = None
+        self._peers = 0
+        self._task_ids = itertools.count((random.getrandbits(32) << 32) + 1)
+
+    def Setup(self):
+        """Initialize the ventilator: create (or adopt) its socket, then wait
+        ``worker_connect_delay`` seconds if that is set."""
+        self._socket = InitSocket(self.context, self.request_sender, zmq.PUSH)
+        self._monitor = self._socket.get_monitor_socket(_PEER_EVENTS)
+        self._peers = 0
+        if self.worker_connect_delay:
+            time.sleep(self.worker_connect_delay)
+
+    def Shutdown(self):
+        """Shutdown the ventilator: close its socket (if it created it),
+        letting queued requests go out first."""
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+        close_owned(self._socket, self.request_sender, linger=None)
+        self._socket = self._monitor = None
+
+    def __enter__(self):
+        self.Setup()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.Shutdown()
+
+    def WaitForWorkers(self, count, timeout=None):
+        """Wait until at least ``count`` peers (workers, or a streamer device)
+        have completed the ZeroMQ handshake with this ventilator's socket.
+
+        A handshake-based alternative to ``worker_connect_delay``: requests
+        sent afterwards are dealt round-robin over all of them. Calls
+        :meth:`Setup` first if needed. Returns the number of connected peers;
+        raises ReceiverTimeoutException if fewer than ``count`` connect within
+        ``timeout`` ms (None waits for ever).
+        """
+        if self._socket is None:
+            self.Setup()
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000.0
+        while True:
+            # Drain every queued event before judging the count, so that a
+            # disconnect already reported is never missed.
+            while self._monitor.poll(0):
+                self._count_event(recv_monitor_message(self._monitor)["event"])
+            if self._peers >= count:
+                return self._peers
+            wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._monitor.poll(wait):
+                raise ReceiverTimeoutException("%d of %d workers connected within %s ms"
+                                               % (self._peers, count, timeout))
+
+    def _count_event(self, event):
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._peers += 1
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._peers = max(0, self._peers - 1)
+
+    def Send(self, requests):
+        """Send a set of task requests to the worker nodes.
+
+        Each item is sent as it is (a ClusterRequest, or any payload, which a
+        worker then receives bare). Calls :meth:`Setup` first if needed.
+
+        :param iterable requests: Task requests to send.
+        :returns: The number of sent tasks.
+        :rtype: int
+        """
+        if self._socket is None:
+            self.Setup()
+        sent = 0
+        for request in requests:
+            self._send_one(request)
+            sent += 1
+        return sent
+
+    def _send_one(self, request):
+        task_id = next(self._task_ids)
+        send_message(self._socket, request, KIND_REQUEST, task_id)
+        if type(request) is ClusterRequest:
+            request.task_id = task_id
+
+
+class Ventilator(BasicVentilator):
+    """A ventilator for task requests on the cluster: wraps each callback
+    argument in a ClusterRequest."""
+
+    def Send(self, requests, metadata=None):
+        """Send requests to worker nodes.
+
+        :param iterable requests: Callback arguments.
+        :param iterable metadata: Metadata objects corresponding to the
+           requests, one per request; ValueError if the two differ in length
+           (raised when the shorter one runs out, after the requests before
+           it were sent).
+        :returns: The number of sent tasks.
+        """
+        if metadata is None:
+            metadata = itertools.repeat(None)
+            pairs = zip(requests, metadata)
+        else:
+            pairs = zip(requests, metadata, strict=True)
+        return BasicVentilator.Send(self, (ClusterRequest(payload, meta)
+                                           for payload, meta in pairs))

@@ -1,0 +1,197 @@
+"""Workers: receive task requests, run them, send results."""
+
+import logging
+import os
+import socket as _socket
+import time
+import traceback
+
+import zmq
+
+from .commands import send_command
+from .exceptions import MessageFormatError, ReceiverTimeoutException, RemoteError
+from .messages import ClusterRequest, ClusterResult
+from .protocol import KIND_COMMAND, KIND_REQUEST, KIND_RESULT
+from .sockets import InitSocket, close_owned
+from .wire import recv_message, send_message
+
+__all__ = ["BasicWorker"]
+
+log = logging.getLogger("zmq_cluster")
+
+#: How long a stopping worker waits for its queued results to leave (ms).
+RESULT_LINGER_MS = 5000
+
+
+class BasicWorker:
+    """A cluster worker.
+
+    ``request_receiver`` is made a PULL socket, ``result_sender`` a PUSH
+    socket and ``command_receiver`` (if any) a SUB socket subscribed to
+    everything. :meth:`Run` serves requests until :meth:`HandleCommand`
+    returns True; with ``receiver_timeout`` (ms) set, it raises
+    ReceiverTimeoutException when neither a request nor a command arrives in
+    that time.
+
+    For every request the worker sends one ClusterResult: status OK and the
+    handler's return value, or status FAIL and the exception it raised. The
+    result carries the request's metadata (``request_metadata``), the
+    request's task id, and ``metadata = {"host", "pid", "seconds"}``: the
+    node that ran it and the seconds the handler took. A request that breaks
+    the wire format is logged and counted in ``malformed_messages``; if its
+    header was readable, a FAIL result with the MessageFormatError is sent
+    so that nothing waits for it for ever. The worker keeps serving.
+
+    ``allow_pickle`` and ``array_alignment`` are as for BasicSink.
+    """
+
+    #: Send this to the command socket to shut down the worker.
+    CMD_KILL = "CLUSTER_WORKER_KILL"
+
+    allow_pickle = True
+    array_alignment = None
+
+    def __init__(self, context, request_receiver, result_sender, command_receiver=None,
+                 receiver_timeout=None):
+        self.context = context
+        self.request_receiver = request_receiver
+        self.result_sender = result_sender
+        self.command_receiver = command_receiver
+        self.receiver_timeout = receiver_timeout
+        self.malformed_messages = 0
+        self.requests_handled = 0
+        self._requests = None
+        self._results = None
+        self._commands = None
+        self._poller = None
+        self._identity = {"host": _socket.gethostname(), "pid": os.getpid()}
+
+    def Setup(self):
+        """Initialize the worker: create (or adopt) and connect its sockets."""
+        self._requests = InitSocket(self.context, self.request_receiver, zmq.PULL)
+        self._results = InitSocket(self.context, self.result_sender, zmq.PUSH)
+        self._poller = zmq.Poller()
+        self._poller.register(self._requests, zmq.POLLIN)
+        if self.command_receiver is not None:
+            self._commands = InitSocket(self.context, self.command_receiver, zmq.SUB,
+                                        options={zmq.SUBSCRIBE: b""})
+            self._poller.register(self._commands, zmq.POLLIN)
+
+    def Shutdown(self):
+        """Close the sockets the worker created (Run does this when it ends)."""
+        close_owned(self._requests, self.request_receiver)
+        # Results already queued still go out: linger a little.
+        close_owned(self._results, self.result_sender, linger=RESULT_LINGER_MS)
+        close_owned(self._commands, self.command_receiver)
+        self._requests = self._results = self._commands = self._poller = None
+
+    def Run(self):
+        """Handle incoming requests, and watch for quit commands.
+
+        Calls :meth:`Setup` first if it was not called, and closes the
+        worker's sockets when it returns or raises.
+        """
+        if self._poller is None:
+            self.Setup()
+        try:
+            while True:
+                ready = dict(self._poller.poll(self.receiver_timeout))
+                if not ready:
+                    raise ReceiverTimeoutException(
+                        "no request or command within %s ms" % self.receiver_timeout)
+                if self._commands in ready and self._serve_command():
+                    return
+                if self._requests in ready:
+                    self._serve_request()
+        finally:
+            self.Shutdown()
+
+    def _serve_command(self):
+        try:
+            kind, _, command = recv_message(self._commands, 0, self.allow_pickle)
+        except MessageFormatError as exc:
+            self._malformed("command", exc)
+            return False
+        if kind != KIND_COMMAND:
+            self._malformed("command", "message of kind %d on the command channel" % kind)
+            return False
+        return bool(self.HandleCommand(command))
+
+    def _serve_request(self):
+        try:
+            kind, task_id, request = recv_message(self._requests, 0, self.allow_pickle,
+                                                  self.array_alignment)
+        except MessageFormatError as exc:
+            self._malformed("request", exc)
+            if exc.header is not None and exc.header[0] == KIND_REQUEST:
+                self._send(ClusterResult(ClusterResult.STATUS_FAIL, None, None,
+                                         dict(self._identity, seconds=0.0), exc), exc.header[1])
+            return
+        if kind != KIND_REQUEST:
+            self._malformed("request", "message of kind %d on the request channel" % kind)
+            return
+        if type(request) is ClusterRequest:
+            payload, request_metadata = request.payload, request.metadata
+        else:
+            payload, request_metadata = request, None
+        start = time.perf_counter()
+        try:
+            output = self.HandleRequest(payload)
+            result = ClusterResult(ClusterResult.STATUS_SUCCESS, output, request_metadata)
+        except Exception as exc:
+            result = ClusterResult(ClusterResult.STATUS_FAIL, None, request_metadata,
+                                   exception=exc)
+        result.metadata = dict(self._identity, seconds=time.perf_counter() - start)
+        self.requests_handled += 1
+        self._send(result, task_id)
+
+    def _send(self, result, task_id):
+        try:
+            send_message(self._results, result, KIND_RESULT, task_id)
+        except TypeError as exc:  # the output or exception cannot be encoded
+            failed = result.exception if result.exception is not None else exc
+            result.status = ClusterResult.STATUS_FAIL
+            result.payload = None
+            result.exception = RemoteError("%r could not be sent back: %s\n%s" % (
+                failed, exc, "".join(traceback.format_exception(failed))))
+            send_message(self._results, result, KIND_RESULT, task_id)
+
+    def _malformed(self, channel, reason):
+        self.malformed_messages += 1
+        log.warning("worker %s dropped a malformed %s: %s", self._identity, channel, reason)
+
+    def HandleRequest(self, request):
+        """Event handler for an incoming task request.
+
+        Receives the request's payload (the ClusterRequest's ``payload``, or
+        the object itself when a BasicVentilator sent a bare object) and
+        returns the output to send back. Override it; this default returns
+        the payload unchanged. An exception it raises is sent back as a FAIL
+        result.
+        """
+        return request
+
+    def HandleCommand(self, command):
+        """Event handler for an incoming command.
+
+        Returns True to stop the worker. The default stops on
+        :attr:`CMD_KILL` and ignores every other command.
+        """
+        return command == self.CMD_KILL
+
+    @staticmethod
+    def SendKillCommand(context, command_sender, command=None, num_subscribers=1,
+                        timeout=None):
+        """Send a kill command to all workers on a given channel.
+
+        The command is sent once a subscriber is known to be connected (see
+        :func:`zmq_cluster.commands.send_command` for ``num_subscribers`` and
+        ``timeout``), not after a fixed sleep.
+
+        :param command_sender: (socket-like) The channel on which to send the
+           command.
+        :param command: Message to send to workers. Defaults to CMD_KILL.
+        """
+        if command is None:
+            command = BasicWorker.CMD_KILL
+        return send_command(context, command_sender, command, num_subscribers, timeout)

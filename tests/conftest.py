@@ -1,0 +1,58 @@
+"""Shared fixtures: a zmq context per test, and the framing twins to test."""
+
+import importlib
+import itertools
+import os
+import shutil
+import tempfile
+
+import pytest
+import zmq
+
+from zmq_cluster import _framing_py
+from zmq_cluster._compat import NO_EXTENSIONS
+
+
+def _twins():
+    twins = [pytest.param(_framing_py, id="py")]
+    if not NO_EXTENSIONS:
+        # Imported at collection: a missing extension fails the run here.
+        twins.append(pytest.param(importlib.import_module("zmq_cluster._fastpath.framing"),
+                                  id="cy"))
+    return twins
+
+
+TWINS = _twins()
+
+
+@pytest.fixture(params=TWINS)
+def twin(request):
+    """A framing module (``encode``/``decode``): each twin in turn."""
+    return request.param
+
+
+@pytest.fixture
+def ctx():
+    """A fresh zmq context, destroyed (linger 0) after the test."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+_IPC_COUNTER = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def _ipc_dir():
+    # A short path: ipc:// addresses must fit in sockaddr_un (107 bytes).
+    path = tempfile.mkdtemp(prefix="zc-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ipc_url(_ipc_dir):
+    """A factory of unique ipc:// addresses in a private temporary dir."""
+    def make(name="s"):
+        return "ipc://%s/%s-%d-%d" % (_ipc_dir, name, os.getpid(), next(_IPC_COUNTER))
+    return make
