@@ -108,9 +108,12 @@ def _encode_value(obj, parts, buffers):
     elif t is complex:
         append(b"j" + _C128.pack(obj.real, obj.imag))
     elif isinstance(obj, np.generic) and t.__module__ == "numpy" and not obj.dtype.hasobject:
-        raw = obj.tobytes()
+        # asarray: an empty str_/bytes_ scalar has dtype '<U0'/'|S0' but
+        # tobytes() gives one (zero) character; the array form agrees.
+        scalar = np.asarray(obj)
+        raw = scalar.tobytes()
         append(b"g")
-        _encode_dtype(obj.dtype, parts, buffers)
+        _encode_dtype(scalar.dtype, parts, buffers)
         append(_U32.pack(len(raw)))
         append(raw)
     else:
@@ -203,7 +206,15 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
         raise MessageFormatError("header announces %d buffer frames but %d arrived"
                                  % (nframes, len(frames) - 1))
     decoder = _Decoder(header, frames, allow_pickle, copy_threshold, alignment)
-    obj = decoder.value(HEADER_SIZE, 0)
+    try:
+        obj = decoder.value(HEADER_SIZE, 0)
+    except MessageFormatError:
+        raise
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:
+        # numpy refusing what the header describes (too many dimensions, a
+        # size beyond its limits, ...): still the peer's fault, not ours.
+        raise MessageFormatError("malformed value in the header (at offset %d): %s: %s"
+                                 % (decoder.pos, type(exc).__name__, exc)) from None
     if decoder.pos != len(header):
         raise MessageFormatError("%d unexpected bytes after the value at offset %d of the header"
                                  % (len(header) - decoder.pos, decoder.pos))
@@ -309,6 +320,8 @@ class _Decoder:
             dtype = self.dtype(depth)
             n = self.u32("a scalar length")
             start = self.take(n, "a scalar")
+            if n == dtype.itemsize == 0:
+                return np.zeros((), dtype)[()]
             if n != dtype.itemsize:
                 raise MessageFormatError("scalar of dtype %s has %d bytes, expected %d"
                                          % (dtype, n, dtype.itemsize))
