@@ -179,8 +179,9 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
 
     ``frames`` are ``zmq.Frame`` objects, or anything with the buffer
     protocol (``bytes``, ``memoryview``...). Arrays of at least
-    ``copy_threshold`` bytes are views on their frame's memory, writeable
-    when the frame is; smaller ones are copies. An array view whose address
+    ``copy_threshold`` bytes are views on their frame's memory when the
+    frame is writeable; smaller ones, and those of read-only frames, are
+    copies, so every decoded array is writeable. An array view whose address
     is not a multiple of its dtype's alignment, or of ``alignment`` when that
     is given, is replaced by an aligned copy, so every decoded array is
     aligned. Pickled values are refused unless ``allow_pickle``. A message
@@ -287,8 +288,9 @@ class _Decoder:
             for _ in range(count):
                 key_at = self.pos
                 key = self.value(key_at, depth + 1)
+                value = self.value(self.pos, depth + 1)
                 try:
-                    out[key] = self.value(self.pos, depth + 1)
+                    out[key] = value
                 except TypeError:
                     raise MessageFormatError("unhashable dict key at offset %d" % key_at) from None
             return out
@@ -406,7 +408,7 @@ class _Decoder:
 
 def _aligned_empty(nbytes, alignment):
     """An uninitialised uint8 array of ``nbytes`` at a multiple of ``alignment``."""
-    if alignment <= 16:  # numpy's allocator already gives 16
+    if 16 % alignment == 0:  # numpy's allocator already gives 16
         return np.empty(nbytes, np.uint8)
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
