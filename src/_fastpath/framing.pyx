@@ -847,7 +847,7 @@ cdef object _array_body(Dec* d, Py_ssize_t at, object owner, const unsigned char
         copy = copy or not fwrite
     if copy:
         n = <cnp.npy_intp>nbytes
-        if d.align_mode != 2 and align <= 16:
+        if d.align_mode != 2 and 16 % align == 0:
             flat = cnp.PyArray_SimpleNew(1, &n, cnp.NPY_UINT8)
         elif d.align_mode == 2:
             flat = _py_aligned_empty(nbytes, <object>d.alignment)
