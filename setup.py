@@ -28,7 +28,7 @@ from setuptools import setup
 
 #: Compiled modules: src/_fastpath/<name>.pyx -> zmq_cluster._fastpath.<name>.
 #: Adding one is adding its name here.
-FASTPATH_MODULES = ["framing"]
+FASTPATH_MODULES = ["framing", "wire"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASTPATH_SRC = os.path.join("src", "_fastpath")

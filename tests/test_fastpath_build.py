@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from collections import OrderedDict
 
 import numpy as np
@@ -20,7 +21,9 @@ from zmq_cluster import _framing_py as py_twin
 from zmq_cluster._compat import NO_EXTENSIONS
 from zmq_cluster.exceptions import MessageFormatError
 from zmq_cluster.messages import ClusterRequest, ClusterResult
-from zmq_cluster.protocol import HEADER, KIND_COMMAND, KIND_REQUEST, KIND_RESULT, MAGIC, VERSION
+from zmq_cluster.protocol import (
+    HEADER, INLINE_LIMIT, KIND_COMMAND, KIND_REQUEST, KIND_RESULT, MAGIC, VERSION,
+)
 
 if NO_EXTENSIONS:
     pytest.skip("ZMQ_CLUSTER_NO_EXTENSIONS is set: this module tests the compiled twin",
@@ -185,19 +188,33 @@ def _frame_bytes(frames):
     return [bytes(memoryview(f).cast("B")) for f in frames]
 
 
+def _stats(start=0):
+    return types.SimpleNamespace(copied_bytes=start)
+
+
 def _check_twins_agree(obj, kind=KIND_REQUEST, task_id=5):
-    py_frames = py_twin.encode(obj, kind, task_id)
-    cy_frames = cy_twin.encode(obj, kind, task_id)
+    """Same bytes, same decoded values and the same copy counts (encode's
+    and decode's ``stats``) from both twins; returns encode's count."""
+    py_stats, cy_stats = _stats(), _stats(7)
+    py_frames = py_twin.encode(obj, kind, task_id, stats=py_stats)
+    cy_frames = cy_twin.encode(obj, kind, task_id, stats=cy_stats)
     assert type(cy_frames) is list and type(cy_frames[0]) is bytes
     assert cy_frames[0] == py_frames[0]  # the header frame, byte for byte
     assert _frame_bytes(cy_frames[1:]) == _frame_bytes(py_frames[1:])
+    assert cy_stats.copied_bytes - 7 == py_stats.copied_bytes
     expected = _expected(obj, task_id)
     for frames in (py_frames, cy_frames, [zmq.Frame(f) for f in _frame_bytes(py_frames)]):
-        decoded = [twin.decode(frames) for twin in (py_twin, cy_twin)]
+        decoded, counts = [], []
+        for twin in (py_twin, cy_twin):
+            stats = _stats()
+            decoded.append(twin.decode(frames, stats=stats))
+            counts.append(stats.copied_bytes)
         for got_kind, got_task_id, got in decoded:
             assert (got_kind, got_task_id) == (kind, task_id)
             assert _same(got, expected), (got, expected)
         assert _same(decoded[0][2], decoded[1][2], layout=True)
+        assert counts[0] == counts[1], counts
+    return py_stats.copied_bytes
 
 
 @pytest.mark.parametrize("obj", _payloads(), ids=lambda obj: type(obj).__name__)
@@ -319,6 +336,60 @@ def test_hypothesis_arrays(arr, kind, task_id):
     _check_twins_agree(ClusterResult("OK", [arr, arr.dtype.str], {"n": arr.size}), kind, task_id)
 
 
+@st.composite
+def _arrays_near_the_inline_limit(draw):
+    """Arrays whose nbytes is INLINE_LIMIT or a few items either side, in
+    every layout, with a shape of 1 to 3 dims."""
+    dtype = draw(st.sampled_from(["u1", "<i2", ">i4", "<f8", ">c16", "S3", "<M8[s]",
+                                  [("a", "<i4"), ("b", "S3")]]))
+    dtype = np.dtype(dtype)
+    count = INLINE_LIMIT // dtype.itemsize + draw(st.integers(-2, 2))
+    layout = draw(st.sampled_from(["C", "F", "strided"]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    raw = np.random.default_rng(seed).integers(0, 256, 2 * count * dtype.itemsize, np.uint8)
+    base = raw.view(dtype)
+    arr = base[::2].copy() if layout != "strided" else base[::2]
+    assert arr.size == count
+    split = draw(st.sampled_from([1, 2, 3]))
+    if split > 1:
+        arr = arr[:count - count % split].reshape(split, -1)
+    if layout == "F":
+        arr = np.asfortranarray(arr)
+    elif layout == "strided" and arr.ndim == 2:
+        arr = arr.T
+    return arr
+
+
+@FUZZ
+@given(arr=_arrays_near_the_inline_limit(), kind=st.sampled_from([KIND_REQUEST, KIND_RESULT]))
+def test_hypothesis_arrays_near_the_inline_limit(arr, kind):
+    contiguous = arr.flags.c_contiguous or arr.flags.f_contiguous
+    inline = arr.nbytes < INLINE_LIMIT
+    copied = _check_twins_agree(arr, kind, 3)
+    assert copied == (arr.nbytes if inline or not contiguous else 0)
+    frames = cy_twin.encode(ClusterRequest(arr, {"i": 3}), kind, 3)
+    assert len(frames) == (1 if inline else 2)
+    assert frames[0][17] == (ord("A") if inline else ord("a"))
+    _check_twins_agree(ClusterResult("OK", [arr, np.ones(1)], {"i": 3},
+                                     {"host": "h", "pid": 1, "seconds": 0.1}), kind, 3)
+
+
+def test_inline_arrays_honour_alignment():
+    frames = py_twin.encode({"a": np.arange(9.0), "b": np.ones(3, np.int8)}, KIND_REQUEST)
+    assert len(frames) == 1
+    _assert_same_error(lambda twin: twin.decode(frames, alignment=4096.0))
+    for alignment in (None, 1, 8, 64, 4096, 0, np.int64(32)):
+        results = []
+        for twin in (py_twin, cy_twin):
+            got = twin.decode(frames, alignment=alignment)[2]
+            for value in got.values():
+                assert value.flags.writeable and value.flags.aligned
+                if alignment:
+                    assert value.ctypes.data % int(alignment) == 0
+            results.append(got)
+        assert _same(results[0], results[1], layout=True)
+
+
 _LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
            | st.complex_numbers() | st.text(max_size=20) | st.binary(max_size=20)
            | hnp.from_dtype(np.dtype("f8")).map(np.float64) | st.integers(-5, 5).map(np.int16))
@@ -416,6 +487,28 @@ _BAD = [
     ("pickle frame index", [_header(b"p\x01\x00\x00\x00.\x01\x00\x00\x00\x05\x00\x00\x00",
                                     1), b""]),
     ("bigint of no bytes", [_header(b"I\x00\x00\x00\x00")]),
+    ("inline ok", [_header(b"As\x03\x00\x00\x00<f8\x01\x02" + bytes(7) + b"C" + bytes(16))]),
+    ("inline F", [_header(b"As\x03\x00\x00\x00<i2\x02\x02" + bytes(7) + b"\x03" + bytes(7)
+                          + b"F" + bytes(range(12)))]),
+    ("inline short", [_header(b"As\x03\x00\x00\x00<f8\x01\x02" + bytes(7) + b"C" + bytes(15))]),
+    ("inline long", [_header(b"As\x03\x00\x00\x00<f8\x01\x02" + bytes(7) + b"C" + bytes(17))]),
+    ("inline no data", [_header(b"As\x03\x00\x00\x00<f8\x00C")]),
+    ("inline bad order", [_header(b"As\x03\x00\x00\x00<f8\x00c" + bytes(8))]),
+    ("inline bad dtype", [_header(b"As\x03\x00\x00\x00zz9\x00C" + bytes(8))]),
+    ("inline dtype not str", [_header(b"Ai" + bytes(8) + b"\x00C" + bytes(8))]),
+    ("inline object dtype", [_header(b"As\x02\x00\x00\x00|O\x00C" + bytes(8))]),
+    ("inline overflow", [_header(b"As\x03\x00\x00\x00<f8\x02" + b"\xff" * 16 + b"C")]),
+    ("inline huge", [_header(b"As\x03\x00\x00\x00<f8\x01" + b"\xff" * 7 + b"\x0fC")]),
+    ("inline zero dim huge", [_header(b"As\x03\x00\x00\x00<f8\x02" + bytes(8) + b"\xff" * 8
+                                      + b"C")]),
+    ("inline 65 dims", [_header(b"As\x03\x00\x00\x00<f8\x41" + (b"\x01" + bytes(7)) * 65
+                                + b"C" + bytes(8))]),
+    ("inline subarray dtype", [_header(b"As\x07\x00\x00\x00(2,)<f8\x01\x03" + bytes(7) + b"C"
+                                       + bytes(48))]),
+    ("inline structured", [_header(b"Al\x01\x00\x00\x00t\x02\x00\x00\x00s\x01\x00\x00\x00x"
+                                   b"s\x03\x00\x00\x00<i2\x00C" + b"\x01\x02")]),
+    ("inline zero itemsize", [_header(b"As\x03\x00\x00\x00|V0\x01\x05" + bytes(7) + b"C")]),
+    ("inline in a request", [_header(b"RAs\x03\x00\x00\x00<f8\x00C" + bytes(8) + b"N")]),
     ("frame of wrong type", [_header(b"a\x00\x00\x00\x00s\x03\x00\x00\x00<f8\x00C", 1), 5]),
 ]
 
@@ -474,3 +567,21 @@ def test_hypothesis_corrupted_headers(data):
         assert results[1][0] == "ok" and _same(results[0][1], results[1][1]), results
     else:
         assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("tag", [b"A", b"a\x00\x00\x00\x00"], ids=["inline", "frame"])
+def test_cached_dtypes_still_obey_the_nesting_limit(tag):
+    """The compiled twin remembers the header bytes of recent dtype values;
+    a remembered dtype one level too deep is still rejected."""
+    for depth, ok in ((255, True), (256, False)):
+        array = tag + b"s\x03\x00\x00\x00<f8\x01\x01" + bytes(7) + b"C"
+        body = b"l\x01\x00\x00\x00" * depth + array + (bytes(8) if tag == b"A" else b"")
+        frames = [_header(body, nframes=0 if tag == b"A" else 1)]
+        frames += [] if tag == b"A" else [bytes(8)]
+        for _ in range(2):  # the second time, '<f8' is remembered
+            cy_twin.decode(py_twin.encode(np.ones(1), KIND_REQUEST))
+            if ok:
+                assert _same(cy_twin.decode(frames)[2], py_twin.decode(frames)[2], layout=True)
+            else:
+                kind, text = _assert_same_error(lambda twin: twin.decode(frames))
+                assert "nested deeper than 256" in text

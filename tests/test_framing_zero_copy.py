@@ -1,14 +1,16 @@
 """Wire-format promises about memory, over real sockets, for both twins:
-zero-copy encode, views on received frames, alignment, order, pickle-5
-out-of-band buffers."""
+zero-copy encode, views on received frames, inline small arrays, alignment,
+order, pickle-5 out-of-band buffers, and the copy accounting (``stats``)."""
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
 import zmq
 
-from zmq_cluster.protocol import COPY_THRESHOLD, KIND_REQUEST
+from zmq_cluster.messages import ClusterRequest, ClusterResult
+from zmq_cluster.protocol import COPY_THRESHOLD, INLINE_LIMIT, KIND_REQUEST, KIND_RESULT
 
 WAIT_MS = 10000
 
@@ -27,12 +29,16 @@ def pair(request, ctx, ipc_url):
     receiver.close(0)
 
 
-def _transfer(twin, pair, obj):
+def _stats():
+    return types.SimpleNamespace(copied_bytes=0)
+
+
+def _transfer(twin, pair, obj, sent_stats=None, received_stats=None):
     sender, receiver = pair
-    sender.send_multipart(twin.encode(obj, KIND_REQUEST, 5), copy=False)
+    sender.send_multipart(twin.encode(obj, KIND_REQUEST, 5, stats=sent_stats), copy=False)
     assert receiver.poll(WAIT_MS)
     frames = receiver.recv_multipart(copy=False)
-    return frames, twin.decode(frames)
+    return frames, twin.decode(frames, stats=received_stats)
 
 
 def test_encode_does_not_copy_contiguous_arrays(twin):
@@ -57,13 +63,35 @@ def test_large_array_is_a_writeable_aligned_view_on_its_frame(twin, pair):
     assert frame_memory[:8].view(np.float64)[0] == -1.0
 
 
-def test_small_arrays_are_copied(twin, pair):
-    arr = np.arange(10, dtype=np.int32)
-    assert arr.nbytes < COPY_THRESHOLD
+def test_small_frame_arrays_are_copied(twin, pair):
+    arr = np.arange(2048, dtype=np.int32)
+    assert INLINE_LIMIT <= arr.nbytes < COPY_THRESHOLD
     frames, (_, _, got) = _transfer(twin, pair, arr)
+    assert len(frames) == 2
     np.testing.assert_array_equal(got, arr)
     assert not np.shares_memory(got, np.frombuffer(frames[1].buffer, np.uint8))
     assert got.flags.writeable and got.flags.aligned
+
+
+@pytest.mark.parametrize("arr", [
+    np.ones(1), np.arange(10, dtype=np.int32), np.arange(INLINE_LIMIT // 8 - 1, dtype=">f8"),
+    np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4)),
+    np.arange(40, dtype=np.uint8)[::3], np.array(2.5), np.zeros((0, 4)),
+], ids=["1xf8", "i4", "largest", "F", "strided", "0-d", "empty"])
+def test_small_arrays_travel_inline_in_one_frame(twin, pair, arr):
+    assert arr.nbytes < INLINE_LIMIT
+    frames, (_, _, got) = _transfer(twin, pair, ClusterRequest(arr, {"i": 3}))
+    assert len(frames) == 1  # the header frame only
+    payload = got.payload
+    np.testing.assert_array_equal(payload, arr)
+    assert payload.dtype == arr.dtype and payload.shape == arr.shape
+    assert payload.flags.writeable and payload.flags.aligned
+    want = arr if arr.flags.c_contiguous or arr.flags.f_contiguous else np.ascontiguousarray(arr)
+    assert payload.flags.c_contiguous == want.flags.c_contiguous
+    assert payload.flags.f_contiguous == want.flags.f_contiguous
+    assert not np.shares_memory(payload, np.frombuffer(frames[0].buffer, np.uint8))
+    payload[...] = 0  # really writeable, and not the header's memory
+    np.testing.assert_array_equal(got.payload, np.zeros_like(arr))
 
 
 def test_requested_64_byte_alignment(twin, pair):
@@ -91,12 +119,14 @@ def test_memory_order_and_byte_order_survive(twin, pair):
 
 def test_arrays_anywhere_in_the_payload(twin, pair):
     big = np.ones(1 << 15)
-    payload = {"a": [1, (big, {"deep": np.zeros(3, np.uint8)})], ("k", 2): big[:10]}
+    payload = {"a": [1, (big, {"deep": np.zeros(3, np.uint8)})], ("k", 2): big[:10],
+               "medium": big[:INLINE_LIMIT // 8]}
     frames, (_, _, got) = _transfer(twin, pair, payload)
-    assert len(frames) == 4  # header + three arrays
+    assert len(frames) == 3  # header + the two arrays of at least INLINE_LIMIT bytes
     np.testing.assert_array_equal(got["a"][1][0], big)
     np.testing.assert_array_equal(got["a"][1][1]["deep"], np.zeros(3, np.uint8))
     np.testing.assert_array_equal(got[("k", 2)], big[:10])
+    np.testing.assert_array_equal(got["medium"], big[:INLINE_LIMIT // 8])
 
 
 @dataclasses.dataclass
@@ -123,3 +153,74 @@ def test_pickle_can_be_refused(twin):
     # native values never need pickle
     assert twin.decode(twin.encode({"a": [np.zeros(2), 1.5, "x", b"y", None]}, KIND_REQUEST),
                        allow_pickle=False)[2]["a"][1:] == [1.5, "x", b"y", None]
+
+
+# ------------------------------------------------------------ copy accounting
+
+@pytest.mark.parametrize("arr", [
+    np.random.default_rng(1).random((512, 512)),                     # 2 MiB, C order
+    np.asfortranarray(np.arange(300 * 200, dtype=np.int16).reshape(300, 200)),
+    np.arange(COPY_THRESHOLD // 8, dtype=np.float64),               # exactly the threshold
+], ids=["C", "F", "threshold"])
+def test_large_contiguous_arrays_are_never_copied(twin, pair, arr):
+    sent, received = _stats(), _stats()
+    obj = ClusterResult("OK", arr, {"i": 3}, {"host": "h", "pid": 1, "seconds": 0.1})
+    frames, (_, _, got) = _transfer(twin, pair, obj, sent, received)
+    assert (sent.copied_bytes, received.copied_bytes) == (0, 0)
+    assert np.shares_memory(got.payload, np.frombuffer(frames[1].buffer, np.uint8))
+    np.testing.assert_array_equal(got.payload, arr)
+
+
+def test_copied_bytes_are_counted_exactly(twin, pair):
+    small = np.arange(5, dtype=np.float64)                           # inline: 40
+    small_f = np.asfortranarray(np.ones((3, 4), np.int16))           # inline: 24
+    small_strided = np.arange(30, dtype=np.int32)[::3]               # inline, once: 40
+    medium = np.arange(1024, dtype=np.float64)                       # frame, copied on receipt
+    big_strided = np.arange(1 << 16, dtype=np.float64)[::2]          # made contiguous: 256 KiB
+    big = np.ones((256, 256))                                        # a view both ways
+    payload = [small, small_f, small_strided, medium, big_strided, big, np.zeros(0),
+               {1, 2}]                                               # pickled: not counted
+    sent, received = _stats(), _stats()
+    frames, (_, _, got) = _transfer(twin, pair, payload, sent, received)
+    assert len(frames) == 4  # header, medium, big_strided, big
+    inline = small.nbytes + small_f.nbytes + small_strided.nbytes
+    assert sent.copied_bytes == inline + big_strided.nbytes
+    assert received.copied_bytes == inline + medium.nbytes
+    for g, want in zip(got, payload[:7]):
+        np.testing.assert_array_equal(g, want)
+
+
+def test_stats_accumulate_and_count_reasons_for_copies(twin):
+    stats = _stats()
+    stats.copied_bytes = 100
+    frames = twin.encode(np.ones(1), KIND_REQUEST, stats=stats)
+    assert stats.copied_bytes == 108
+    twin.decode(frames, stats=stats)
+    assert stats.copied_bytes == 116
+    big = np.ones(COPY_THRESHOLD // 8)
+    frames = twin.encode(big, KIND_REQUEST, stats=stats)
+    assert stats.copied_bytes == 116
+    data = bytes(frames[1])
+    twin.decode([frames[0], data], stats=stats)  # a read-only frame: copied
+    assert stats.copied_bytes == 116 + big.nbytes
+    twin.decode([frames[0], bytearray(data)], stats=stats, copy_threshold=10**9)
+    assert stats.copied_bytes == 116 + 2 * big.nbytes  # below the threshold: copied
+    twin.decode([frames[0], memoryview(bytearray(b"\0" + data))[1:]], stats=stats)
+    assert stats.copied_bytes == 116 + 3 * big.nbytes  # misaligned: copied
+    twin.decode([frames[0], bytearray(data)], stats=stats)  # a view
+    assert stats.copied_bytes == 116 + 3 * big.nbytes
+    twin.encode({3, 4}, KIND_REQUEST, stats=stats)  # pickled: not counted
+    twin.decode(twin.encode(b"x" * 5000, KIND_REQUEST), stats=stats)  # not an array
+    assert stats.copied_bytes == 116 + 3 * big.nbytes
+
+
+def test_stats_untouched_when_the_call_fails(twin):
+    from zmq_cluster import MessageFormatError
+    stats = _stats()
+    with pytest.raises(TypeError):
+        twin.encode([np.ones(3), lambda: 1], KIND_REQUEST, stats=stats)
+    frames = twin.encode([np.ones(3), 1], KIND_REQUEST)
+    with pytest.raises(MessageFormatError):
+        twin.decode([frames[0] + b"N"], stats=stats)
+    assert stats.copied_bytes == 0
+    twin.encode(np.ones(3), KIND_RESULT, stats=None)  # no stats: nothing to update

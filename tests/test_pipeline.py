@@ -164,13 +164,15 @@ def test_components_accept_existing_sockets(ctx):
     cmd_pub = ctx.socket(zmq.PUB)
     cmd_pub.bind("inproc://exist-cmd")
     worker = DoublingWorker(ctx, zc.Connect("inproc://exist-req"),
-                            zc.Connect("inproc://exist-res"))
+                            zc.Connect("inproc://exist-res"), receiver_timeout=200)
     try:
         vent = zc.Ventilator(ctx, push)
         sink = zc.Sink(ctx, pull, receiver_timeout=WAIT_MS)
         worker.Setup()
         vent.Send([4])
-        worker._serve_request()
+        with pytest.raises(zc.ReceiverTimeoutException):
+            worker.Run()  # serves the request, then times out waiting for the next
+        assert worker.requests_handled == 1
         assert list(sink.Receive(1)) == [8]
         vent.Shutdown()
         sink.Shutdown()

@@ -176,8 +176,11 @@ def test_worked_example_in_docs_matches_the_golden_bytes():
 # Written from docs/protocol.md alone: these two functions use struct, numpy
 # and zmq only, never zmq_cluster (test_peer_uses_only_struct_numpy_zmq).
 
-def peer_encode_request(arr, metadata, task_id):
-    """The frames of ClusterRequest(arr, metadata); metadata: {str: int}."""
+def peer_encode_request(arr, metadata, task_id, inline=None):
+    """The frames of ClusterRequest(arr, metadata); metadata: {str: int}.
+    The array is inline ('A') when ``inline``, or by default (None) when it
+    is smaller than 4096 bytes, as this package's encoders write it; else it
+    has a buffer frame ('a')."""
     def str_value(text):
         raw = text.encode("utf-8")
         return b"s" + struct.pack("<I", len(raw)) + raw
@@ -189,13 +192,20 @@ def peer_encode_request(arr, metadata, task_id):
         order = b"F"
     else:
         arr, order = np.ascontiguousarray(arr), b"C"
-    body = [b"R", b"a", struct.pack("<I", 0), str_value(arr.dtype.str),
-            struct.pack("<B%dQ" % arr.ndim, arr.ndim, *arr.shape), order,
-            b"m", struct.pack("<I", len(metadata))]
+    if inline is None:
+        inline = arr.nbytes < 4096
+    fields = [str_value(arr.dtype.str),
+              struct.pack("<B%dQ" % arr.ndim, arr.ndim, *arr.shape), order]
+    data = arr.tobytes(order="A")
+    if inline:
+        body, frames = [b"R", b"A"] + fields + [data], []
+    else:
+        body, frames = [b"R", b"a", struct.pack("<I", 0)] + fields, [data]
+    body += [b"m", struct.pack("<I", len(metadata))]
     for key, value in metadata.items():
         body += [str_value(key), b"i", struct.pack("<q", value)]
-    header = struct.pack("<2sBBIQ", b"ZC", 1, 1, 1, task_id)
-    return [header + b"".join(body), arr.tobytes(order="A")]
+    header = struct.pack("<2sBBIQ", b"ZC", 1, 1, len(frames), task_id)
+    return [header + b"".join(body)] + frames
 
 
 def peer_decode_result(frames):
@@ -230,16 +240,24 @@ def peer_decode_result(frames):
             return items if tag == "l" else tuple(items)
         if tag == "m":
             return {value(): value() for _ in range(*take("<I"))}  # key, then item
-        if tag == "a":
-            (index,) = take("<I")
-            assert index == used, "buffer frames are referenced in order"
-            used += 1
+        if tag in "aA":  # an array in buffer frame `index`, or inline
+            if tag == "a":
+                (index,) = take("<I")
+                assert index == used, "buffer frames are referenced in order"
+                used += 1
             descr = value()
             dtype = (np.dtype(descr) if isinstance(descr, str)
                      else np.lib.format.descr_to_dtype(descr))
             shape = take("<%dQ" % take("<B"))
             order = chr(*take("<B"))
-            return np.frombuffer(frames[index + 1], dtype).reshape(shape, order=order)
+            if tag == "a":
+                data = frames[index + 1]
+            else:  # the elements follow in the header: prod(shape) * itemsize bytes
+                n = dtype.itemsize
+                for dim in shape:
+                    n *= dim
+                data, pos = header[pos:pos + n], pos + n
+            return np.frombuffer(data, dtype).reshape(shape, order=order)
         if tag == "S":
             names = ("status", "payload", "request_metadata", "metadata", "exception")
             return dict(zip(names, [value() for _ in names]))
@@ -271,6 +289,47 @@ def test_peer_encoder_writes_the_golden_request():
     assert [f.hex() for f in frames] == _golden("request_array_metadata")["frames"]
 
 
+def test_peer_encoder_writes_what_the_twins_write(twin):
+    for arr in (np.ones(1), np.arange(511.0), np.arange(512.0), np.ones((2, 3), order="F"),
+                np.arange(20, dtype=">i2")[::2], np.array(3.5)):
+        want = twin.encode(ClusterRequest(arr, {"i": 1}), KIND_REQUEST, 8)
+        got = peer_encode_request(arr, {"i": 1}, 8)
+        assert [_as_bytes(f) for f in got] == [_as_bytes(f) for f in want]
+
+
+def test_doc_snippets_are_right():
+    """The plain-pyzmq encoder of docs/protocol.md writes the golden request."""
+    with open(os.path.join(DATA_DIR, "..", "..", "docs", "protocol.md")) as f:
+        doc = f.read()
+    section = doc[doc.index("## A peer in plain pyzmq"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("ctx = zmq.Context()")]  # the function, not the sockets
+    namespace = {}
+    exec(compile(code, "docs/protocol.md", "exec"), namespace)
+    encode_request = namespace["encode_request"]
+    case = _fresh_case("request_array_metadata")
+    frames = encode_request(case["obj"].payload, case["task_id"], 3)
+    assert [f.hex() for f in frames] == _golden("request_array_metadata")["frames"]
+    big = np.arange(1000.0).reshape(10, 100)
+    frames = encode_request(big, 5, 3)
+    assert [_as_bytes(f) for f in frames] == [
+        _as_bytes(f) for f in framing.encode(ClusterRequest(big, {"i": 3}), KIND_REQUEST, 5)]
+
+
+def test_peer_decoder_reads_inline_and_frame_arrays():
+    frames = _golden_frames("request_inline_and_frame_arrays")
+    assert len(frames) == 2
+    # The peer reads results: put that request's payload in one. Its body is
+    # 'R', the payload, then 'N' (metadata), which becomes request_metadata.
+    body = frames[0][16:]
+    result = (struct.pack("<2sBBIQ", b"ZC", 1, 2, 1, 7)
+              + b"S" + _s("OK") + body[1:] + b"NN")
+    task_id, got = peer_decode_result([result, frames[1]])
+    assert task_id == 7 and got["status"] == "OK"
+    np.testing.assert_array_equal(got["payload"][0], np.arange(511.0))
+    np.testing.assert_array_equal(got["payload"][1], np.arange(512.0))
+
+
 def test_peer_decoder_reads_the_golden_result():
     task_id, result = peer_decode_result(_golden_frames("result_ok_metadata"))
     assert task_id == make_golden.EXAMPLE_TASK_ID
@@ -293,16 +352,24 @@ def test_plain_pyzmq_peer_talks_to_a_worker(ctx, ipc_url, transport):
     pull.bind(res)
     try:
         with worker_thread(ctx, req, res, cmd, receiver_timeout=WAIT_MS) as (worker, errors):
+            # (array, inline?): the worker's result of a small array comes
+            # back inline ('A'), in one frame, however the request sent it.
             payloads = {
-                0x1234567800000001: np.arange(6.0).reshape(2, 3),
-                0xFFFFFFFF00000002: np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4)),
-                3: np.ones((300, 300)),  # large enough to travel zero-copy
+                0x1234567800000001: (np.arange(6.0).reshape(2, 3), None),
+                0xFFFFFFFF00000002: (np.asfortranarray(np.arange(12, dtype=">i4")
+                                                       .reshape(3, 4)), None),
+                3: (np.ones((300, 300)), None),  # large enough to travel zero-copy
+                4: (np.ones(1), None),  # the hot case: an 8-byte payload
+                5: (np.arange(10, dtype=np.int16), False),  # a foreign peer's small frame
+                6: (np.arange(600.0), True),  # 4800 bytes sent inline: accepted too
             }
-            for i, (task_id, arr) in enumerate(payloads.items()):
-                push.send_multipart(peer_encode_request(arr, {"i": i}, task_id))
-            for i, (task_id, arr) in enumerate(payloads.items()):
+            for i, (task_id, (arr, inline)) in enumerate(payloads.items()):
+                push.send_multipart(peer_encode_request(arr, {"i": i}, task_id, inline))
+            for i, (task_id, (arr, _)) in enumerate(payloads.items()):
                 assert pull.poll(WAIT_MS), "no result from the worker"
-                got_id, result = peer_decode_result(pull.recv_multipart())
+                frames = pull.recv_multipart()
+                assert len(frames) == (1 if arr.nbytes < 4096 else 2)
+                got_id, result = peer_decode_result(frames)
                 assert got_id == task_id
                 assert result["status"] == "OK" and result["exception"] is None
                 np.testing.assert_array_equal(result["payload"], arr * 2)
@@ -334,6 +401,12 @@ def _array(index, dtype="<f8", shape=(2, 3), order=b"C"):
     dtype = _s(dtype) if isinstance(dtype, str) else dtype
     return (b"a" + struct.pack("<I", index) + dtype
             + struct.pack("<B%dQ" % len(shape), len(shape), *shape) + order)
+
+
+def _inline(data, dtype="<f8", shape=(2, 3), order=b"C"):
+    dtype = _s(dtype) if isinstance(dtype, str) else dtype
+    return (b"A" + dtype + struct.pack("<B%dQ" % len(shape), len(shape), *shape) + order
+            + data)
 
 
 def _nested_lists(depth, inner=b"N"):
@@ -409,6 +482,31 @@ REJECTIONS = {
                         r"has 4 bytes, expected 2"),
     "pickle that does not load": (_msg(b"p" + struct.pack("<I", 3) + b"\x80\x05x"
                                        + struct.pack("<I", 0)), r"does not load"),
+    "inline array too short": (_msg(_inline(bytes(40))),
+                               r"header truncated: an inline array needs 48 bytes at offset "
+                               r"\d+, 40 left"),
+    "inline array, no bytes": (_msg(_inline(b"")), r"inline array needs 48 bytes"),
+    "inline array too long": (_msg(_inline(bytes(49))), r"1 unexpected bytes after the value"),
+    "inline 0-d array, no bytes": (_msg(_inline(b"", shape=())), r"needs 8 bytes"),
+    "inline array in a list, short": (_msg(b"l\x01\x00\x00\x00" + _inline(bytes(47))),
+                                      r"inline array needs 48 bytes at offset \d+, 47 left"),
+    "inline array size overflows": (_msg(_inline(bytes(8), shape=(2**63, 4))),
+                                    r"needs %d bytes" % (2**63 * 4 * 8)),
+    "inline order byte X": (_msg(_inline(bytes(48), order=b"X")),
+                            r"order 'X', expected 'C' or 'F'"),
+    "inline dtype not understood": (_msg(_inline(bytes(48), dtype="x9")), r"bad dtype"),
+    "inline dtype is an int": (_msg(_inline(bytes(48), dtype=b"i" + struct.pack("<q", 8))),
+                               r"bad dtype"),
+    "inline object dtype": (_msg(_inline(bytes(48), dtype="|O", shape=(6,))),
+                            r"Python objects"),
+    "inline truncated shape": (_msg(b"A" + _s("<f8") + b"\x02" + bytes(12)),
+                               r"a shape needs 16 bytes"),
+    "inline missing order": (_msg(b"A" + _s("<f8") + b"\x01" + struct.pack("<Q", 1)),
+                             r"an array's order needs 1 bytes"),
+    "inline, frame announced": (_msg(_inline(bytes(48)), bytes(48)),
+                                r"1 buffer frames are not referenced"),
+    "lower-case tag for an inline array": (_msg(b"a" + _inline(bytes(48))[1:]),
+                                           r"refers to buffer frame|truncated|bad dtype"),
 }
 
 
@@ -422,6 +520,9 @@ NUMPY_REFUSES = {
     "ndim 65": _msg(_array(0, shape=(1,) * 65), bytes(8)),
     "empty array beyond numpy's size limit": _msg(_array(0, shape=(0, 2**63)), b""),
     "subarray dtype string": _msg(_array(0, dtype="(2,)<f8", shape=(3,)), bytes(48)),
+    "inline ndim 65": _msg(_inline(bytes(8), shape=(1,) * 65)),
+    "inline empty array beyond numpy's size limit": _msg(_inline(b"", shape=(0, 2**63))),
+    "inline subarray dtype string": _msg(_inline(bytes(48), dtype="(2,)<f8", shape=(3,))),
 }
 
 

@@ -30,7 +30,7 @@ from cpython.long cimport (
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.complex cimport PyComplex_FromDoubles
 from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memcmp
 from libc.stdlib cimport malloc, realloc, free
 from libc.limits cimport LLONG_MAX, LLONG_MIN
 
@@ -45,10 +45,11 @@ from zmq_cluster import _framing_py
 from zmq_cluster.exceptions import MessageFormatError
 from zmq_cluster.messages import ClusterRequest, ClusterResult
 from zmq_cluster.protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INT64_MAX, INT64_MIN, KINDS, MAGIC, MAX_DEPTH,
-    ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES, TAG_COMPLEX,
-    TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST,
-    TAG_RESULT, TAG_SCALAR, TAG_STR, TAG_TRUE, TAG_TUPLE, VERSION,
+    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KINDS, MAGIC,
+    MAX_DEPTH, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES,
+    TAG_COMPLEX, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST,
+    TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_STR, TAG_TRUE, TAG_TUPLE,
+    VERSION,
 )
 
 __all__ = ["encode", "decode", "frame_buffer"]
@@ -149,6 +150,7 @@ cdef enum:
     C_TUPLE
     C_DICT
     C_ARRAY
+    C_INLINE
     C_SCALAR
     C_REQUEST
     C_RESULT
@@ -160,11 +162,12 @@ cdef unsigned char T_INT = TAG_INT, T_BIGINT = TAG_BIGINT, T_FLOAT = TAG_FLOAT
 cdef unsigned char T_COMPLEX = TAG_COMPLEX, T_STR = TAG_STR, T_BYTES = TAG_BYTES
 cdef unsigned char T_LIST = TAG_LIST, T_TUPLE = TAG_TUPLE, T_DICT = TAG_DICT
 cdef unsigned char T_ARRAY = TAG_ARRAY, T_SCALAR = TAG_SCALAR, T_REQUEST = TAG_REQUEST
-cdef unsigned char T_RESULT = TAG_RESULT, T_PICKLE = TAG_PICKLE
+cdef unsigned char T_RESULT = TAG_RESULT, T_PICKLE = TAG_PICKLE, T_INLINE = TAG_INLINE_ARRAY
 cdef unsigned char O_C = ORDER_C, O_F = ORDER_F
 cdef unsigned char M0 = MAGIC[0], M1 = MAGIC[1]
 cdef unsigned char V_VERSION = VERSION
 cdef int _MAX_DEPTH = MAX_DEPTH
+cdef Py_ssize_t _INLINE_LIMIT = INLINE_LIMIT
 
 
 def _init_codes():
@@ -172,7 +175,7 @@ def _init_codes():
              (TAG_BIGINT, C_BIGINT), (TAG_FLOAT, C_FLOAT), (TAG_COMPLEX, C_COMPLEX),
              (TAG_STR, C_STR), (TAG_BYTES, C_BYTES), (TAG_LIST, C_LIST),
              (TAG_TUPLE, C_TUPLE), (TAG_DICT, C_DICT), (TAG_ARRAY, C_ARRAY),
-             (TAG_SCALAR, C_SCALAR), (TAG_REQUEST, C_REQUEST), (TAG_RESULT, C_RESULT),
+             (TAG_INLINE_ARRAY, C_INLINE), (TAG_SCALAR, C_SCALAR), (TAG_REQUEST, C_REQUEST), (TAG_RESULT, C_RESULT),
              (TAG_PICKLE, C_PICKLE)]
     if len({tag for tag, _ in pairs}) != len(pairs):
         raise ImportError("zmq_cluster.protocol has two value tags with the same byte")
@@ -214,6 +217,22 @@ cdef dict _dtype_bytes = {}
 # Decoded dtype strings: str -> dtype.
 cdef dict _dtype_of_str = {}
 
+# The last few dtype values decoded, by their header bytes ('s', u32 length,
+# the str's bytes): the hot path of decoding an array's dtype, without
+# making a str. Each entry holds a reference to its dtype (in _RAW_OWNERS).
+cdef enum:
+    _RAW_SLOTS = 4
+    _RAW_MAX = 24          # longest cached value: tag, length and 19 bytes
+
+cdef struct RawDtype:
+    Py_ssize_t n           # bytes in raw; 0 = empty slot
+    unsigned char raw[_RAW_MAX]
+    PyObject* dtype        # borrowed from _RAW_OWNERS
+
+cdef RawDtype _raw_dtypes[_RAW_SLOTS]
+cdef int _raw_next = 0
+cdef list _RAW_OWNERS = [None] * _RAW_SLOTS
+
 
 # --------------------------------------------------------------------- encode
 
@@ -222,6 +241,7 @@ cdef struct Writer:
     Py_ssize_t len
     Py_ssize_t cap
     bint heap
+    Py_ssize_t copied           # payload bytes copied, for encode's stats
 
 
 cdef int _grow(Writer* w, Py_ssize_t need) except -1:
@@ -459,8 +479,10 @@ def frame_buffer(arr):
 
 cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs) except -1:
     cdef int flags = cnp.PyArray_FLAGS(arr)
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(arr)
     cdef unsigned char order
     cdef unsigned char* p
+    cdef const char* src
     cdef int nd, i
     cdef cnp.npy_intp* dims
     if flags & cnp.NPY_ARRAY_C_CONTIGUOUS:
@@ -468,8 +490,32 @@ cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs) except -1:
     elif flags & cnp.NPY_ARRAY_F_CONTIGUOUS:
         order = O_F
     else:
+        order = 0  # neither: written in C order, from a copy
+    if nbytes < _INLINE_LIMIT:
+        # Inline: the elements go into the header, straight from the array's
+        # memory (one copy; tobytes() gives C order for the others).
+        _put_byte(w, T_INLINE)
+        _enc_dtype(w, <cnp.dtype>cnp.PyArray_DESCR(arr), bufs)
+        if order == 0:
+            raw = arr.tobytes()
+            src = PyBytes_AS_STRING(raw)
+            order = O_C
+        else:
+            src = <const char*>cnp.PyArray_DATA(arr)
+        nd = cnp.PyArray_NDIM(arr)
+        dims = cnp.PyArray_DIMS(arr)
+        p = _reserve(w, 2 + 8 * nd + nbytes)
+        p[0] = <unsigned char>nd
+        for i in range(nd):
+            zc_put_u64(p + 1 + 8 * i, <uint64_t>dims[i])
+        p[1 + 8 * nd] = order
+        memcpy(p + 2 + 8 * nd, src, nbytes)
+        w.copied += nbytes
+        return 0
+    if order == 0:
         arr = np.ascontiguousarray(arr)
         order = O_C
+        w.copied += nbytes
     _put_count(w, T_ARRAY, len(bufs) - 1)
     _enc_dtype(w, <cnp.dtype>cnp.PyArray_DESCR(arr), bufs)
     nd = cnp.PyArray_NDIM(arr)
@@ -524,14 +570,25 @@ cdef int _put_header(Writer* w, object kind, Py_ssize_t nbuf, object task_id) ex
     return 0
 
 
-def encode(obj, kind, task_id=0):
+def encode(obj, kind, task_id=0, stats=None):
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     Returns a list whose first item is the header frame (``bytes``) and whose
-    other items are the buffer frames, one per array (C- or Fortran-ordered
-    arrays are not copied: the frame is a view of the array's memory) or per
-    out-of-band pickle buffer. ``task_id`` (an int in [0, 2**64)) goes in the
-    header; 0 means "none".
+    other items are the buffer frames, one per array of at least
+    ``INLINE_LIMIT`` bytes (C- or Fortran-ordered arrays are not copied: the
+    frame is a view of the array's memory) or per out-of-band pickle buffer.
+    Smaller arrays are copied into the header frame (tag ``'A'``), so a
+    message of small values is a single frame. ``task_id`` (an int in
+    [0, 2**64)) goes in the header; 0 means "none".
+
+    Copy accounting: when ``stats`` is not None, the number of payload bytes
+    this call copied is added to its int attribute ``copied_bytes`` once the
+    message is encoded (not when encoding fails): the ``nbytes`` of every
+    inline array (copied into the header once, in C order when it was not
+    contiguous) and of every frame array that was neither C- nor
+    F-contiguous (made C-contiguous). Header bytes (tags, dtypes, shapes,
+    other values) and pickled data are not counted; a C- or F-contiguous
+    array of at least ``INLINE_LIMIT`` bytes counts 0.
     """
     cdef unsigned char stack[_STACK_BYTES]
     cdef Writer w
@@ -541,6 +598,7 @@ def encode(obj, kind, task_id=0):
     w.len = 16  # the fixed header, written last
     w.cap = _STACK_BYTES
     w.heap = False
+    w.copied = 0
     frames = [None]  # item 0 becomes the header frame
     try:
         _enc(&w, obj, frames)
@@ -549,6 +607,8 @@ def encode(obj, kind, task_id=0):
     finally:
         if w.heap:
             free(w.data)
+    if stats is not None:
+        stats.copied_bytes += w.copied
     return frames
 
 
@@ -569,6 +629,7 @@ cdef struct Dec:
     long long threshold
     int align_mode              # 0: dtype's, 1: align_c, 2: Python arithmetic
     Py_ssize_t align_c
+    Py_ssize_t copied           # payload bytes copied, for decode's stats
 
 
 cdef object _frame_data(object frame, const unsigned char** ptr, Py_ssize_t* size,
@@ -640,6 +701,8 @@ cdef object _value(Dec* d, int depth):
         return _dict(d, depth)
     if code == C_LIST or code == C_TUPLE:
         return _sequence(d, depth, code == C_LIST)
+    if code == C_INLINE:
+        return _inline_array(d, depth)
     if code == C_ARRAY:
         return _array(d, depth)
     if code == C_TRUE:
@@ -651,9 +714,8 @@ cdef object _value(Dec* d, int depth):
         start = _take(d, n, "bytes")
         return PyBytes_FromStringAndSize(<char*>d.p + start, n)
     if code == C_REQUEST:
-        request = _Request(_value(d, depth + 1))
-        request.metadata = _value(d, depth + 1)
-        return request
+        payload = _value(d, depth + 1)
+        return _Request(payload, _value(d, depth + 1))
     if code == C_RESULT:
         status = _value(d, depth + 1)
         payload = _value(d, depth + 1)
@@ -744,10 +806,23 @@ cdef str _frame_user(bint for_array, Py_ssize_t at):
 
 cdef cnp.dtype _dtype(Dec* d, int depth):
     cdef Py_ssize_t at = d.pos
+    cdef Py_ssize_t n, i
+    cdef RawDtype* slot
+    # Fast path: a str dtype value seen lately (the nesting check still
+    # applies: the value is one level deeper).
+    if depth < _MAX_DEPTH and d.n - at >= 5 and d.p[at] == T_STR:
+        n = 5 + <Py_ssize_t>zc_get_u32(d.p + at + 1)
+        if n <= _RAW_MAX and n <= d.n - at:
+            for i in range(_RAW_SLOTS):
+                slot = &_raw_dtypes[i]
+                if slot.n == n and memcmp(slot.raw, d.p + at, n) == 0:
+                    d.pos = at + n
+                    return <cnp.dtype>slot.dtype
     descr = _value(d, depth + 1)
     if type(descr) is str:
         cached = _dtype_of_str.get(descr)
         if cached is not None:
+            _remember_raw(d, at, cached)
             return <cnp.dtype>cached
     try:
         if type(descr) is str:
@@ -764,7 +839,149 @@ cdef cnp.dtype _dtype(Dec* d, int depth):
         if len(_dtype_of_str) >= _CACHE_MAX:
             _dtype_of_str.clear()
         _dtype_of_str[descr] = dtype
+        _remember_raw(d, at, dtype)
     return <cnp.dtype>dtype
+
+
+cdef void _remember_raw(Dec* d, Py_ssize_t at, object dtype):
+    """Put the str dtype value at ``at`` (just decoded) in _raw_dtypes."""
+    global _raw_next
+    cdef Py_ssize_t n = d.pos - at
+    cdef RawDtype* slot
+    if n > _RAW_MAX:
+        return
+    slot = &_raw_dtypes[_raw_next]
+    slot.n = 0  # empty while its old dtype may be released
+    _RAW_OWNERS[_raw_next] = dtype
+    memcpy(slot.raw, d.p + at, n)
+    slot.n = n
+    slot.dtype = <PyObject*>dtype
+    _raw_next = (_raw_next + 1) % _RAW_SLOTS
+
+
+cdef struct Shape:
+    cnp.npy_intp dims[_MAX_NDIM]  # the first min(ndim, _MAX_NDIM) dims
+    int ndim
+    Py_ssize_t shape_at         # header offset of the u64 shape
+    uint64_t nbytes             # prod(shape) * itemsize, unless overflow
+    bint overflow               # ... which does not fit in 64 bits
+    bint zero                   # a dim is 0 (nbytes is 0 then)
+    bint plain                  # ndim <= _MAX_NDIM and every dim fits npy_intp
+    unsigned char order         # O_C or O_F
+
+
+cdef int _read_shape(Dec* d, Py_ssize_t at, cnp.dtype dtype, Shape* s) except -1:
+    """An array's ndim, shape and order fields (the pure twin's
+    ``shape_and_order``), and its size in bytes."""
+    cdef int i
+    cdef uint64_t dim, count = 1, itemsize
+    s.ndim = d.p[_take(d, 1, "an array's ndim")]
+    s.shape_at = _take(d, 8 * s.ndim, "a shape")
+    s.plain = s.ndim <= _MAX_NDIM
+    s.overflow = False
+    s.zero = False
+    s.nbytes = 0
+    for i in range(s.ndim):
+        dim = zc_get_u64(d.p + s.shape_at + 8 * i)
+        if dim == 0:
+            s.zero = True
+        elif dim > <uint64_t>NPY_MAX_INTP:
+            s.plain = False
+        if not s.overflow and dim != 0:
+            if count > 0xFFFFFFFFFFFFFFFFULL // dim:
+                s.overflow = True
+            else:
+                count *= dim
+        if i < _MAX_NDIM:
+            s.dims[i] = <cnp.npy_intp>dim
+    s.order = d.p[_take(d, 1, "an array's order")]
+    if s.order != O_C and s.order != O_F:
+        raise _MFE("array at offset %d has order %r, expected 'C' or 'F'" % (at, chr(s.order)))
+    if s.zero:
+        count = 0
+        s.overflow = False
+    itemsize = <uint64_t>dtype.itemsize
+    if not s.overflow:
+        if itemsize != 0 and count > 0xFFFFFFFFFFFFFFFFULL // itemsize:
+            s.overflow = True
+        else:
+            s.nbytes = count * itemsize
+    return 0
+
+
+cdef object _nbytes_obj(Dec* d, Shape* s, cnp.dtype dtype):
+    """prod(shape) * itemsize as a Python int (for messages about overflows)."""
+    count = 1
+    for dim in _shape(d, s.shape_at, s.ndim):
+        count *= dim
+    return count * dtype.itemsize
+
+
+cdef inline bint _simple(Shape* s, cnp.dtype dtype):
+    """Whether PyArray_NewFromDescr builds the array the pure twin's
+    view + reshape would (else the pure twin's numpy calls run)."""
+    return s.plain and not s.zero and not cnp.PyDataType_HASSUBARRAY(dtype)
+
+
+cdef object _on(Dec* d, Shape* s, cnp.dtype dtype, object flat):
+    """The array of shape ``s`` and ``dtype`` on the memory of the flat uint8
+    array ``flat`` (which it keeps alive)."""
+    if _simple(s, dtype):
+        Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
+        arr = _new_from_descr(
+            _ndarray_type, <cnp.PyArray_Descr*>dtype, s.ndim, s.dims, NULL,
+            cnp.PyArray_DATA(<cnp.ndarray>flat),
+            cnp.NPY_ARRAY_WRITEABLE | (cnp.NPY_ARRAY_F_CONTIGUOUS if s.order == O_F else 0),
+            NULL)
+        cnp.set_array_base(<cnp.ndarray>arr, flat)
+        return arr
+    # Empty, huge or subarray shapes: the pure twin's numpy calls, same errors.
+    return flat.view(dtype).reshape(_shape_of(d, s), order="F" if s.order == O_F else "C")
+
+
+cdef object _copied(Dec* d, Shape* s, cnp.dtype dtype, const unsigned char* src):
+    """An aligned, writeable copy of the ``s.nbytes`` bytes at ``src`` as the
+    array ``s`` describes: the pure twin's ``_aligned_empty`` + view."""
+    cdef Py_ssize_t align = 0
+    cdef cnp.npy_intp n = <cnp.npy_intp>s.nbytes
+    if d.align_mode == 0:
+        align = dtype.alignment
+    elif d.align_mode == 1:
+        align = d.align_c
+    if d.align_mode != 2 and 16 % align == 0:  # numpy's allocator gives 16
+        if _simple(s, dtype):
+            # The hot case: numpy allocates the array, one memcpy fills it.
+            Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
+            arr = _new_from_descr(
+                _ndarray_type, <cnp.PyArray_Descr*>dtype, s.ndim, s.dims, NULL, NULL,
+                cnp.NPY_ARRAY_F_CONTIGUOUS if s.order == O_F else 0, NULL)
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray>arr), src, n)
+            return arr
+        flat = cnp.PyArray_SimpleNew(1, &n, cnp.NPY_UINT8)
+    elif d.align_mode == 2:
+        flat = _py_aligned_empty(s.nbytes, <object>d.alignment)
+    else:
+        flat = _py_aligned_empty(s.nbytes, align)
+    memcpy(cnp.PyArray_DATA(<cnp.ndarray>flat), src, n)
+    return _on(d, s, dtype, flat)
+
+
+cdef object _inline_array(Dec* d, int depth):
+    cdef Py_ssize_t at = d.pos - 1
+    cdef Py_ssize_t start
+    cdef Shape s
+    # Same order as the pure twin: dtype, ndim, shape, order, the bytes.
+    dtype = _dtype(d, depth)
+    _read_shape(d, at, dtype, &s)
+    if s.overflow or s.nbytes > <uint64_t>(d.n - d.pos):
+        raise _MFE("header truncated: %s needs %d bytes at offset %d, %d left"
+                   % ("an inline array", _nbytes_obj(d, &s, dtype), d.pos, d.n - d.pos))
+    start = d.pos
+    d.pos += <Py_ssize_t>s.nbytes
+    d.copied += <Py_ssize_t>s.nbytes
+    if dtype.itemsize == 0:
+        return _np_empty(_shape_of(d, &s), dtype, order="F" if s.order == O_F else "C")
+    return _copied(d, &s, dtype, d.p + start)
 
 
 cdef object _array(Dec* d, int depth):
@@ -781,92 +998,38 @@ cdef object _array(Dec* d, int depth):
 
 cdef object _array_body(Dec* d, Py_ssize_t at, object owner, const unsigned char* fp,
                         Py_ssize_t fsize, bint fwrite, cnp.dtype dtype):
-    cdef cnp.npy_intp dims[_MAX_NDIM]
-    cdef int ndim, i
-    cdef Py_ssize_t shape_at
-    cdef uint64_t dim, count = 1, nbytes = 0, itemsize
-    cdef bint overflow = False, zero = False, plain
-    cdef unsigned char order
+    cdef Shape s
     cdef bint copy
     cdef Py_ssize_t align = 0
-    cdef cnp.npy_intp n
-    ndim = d.p[_take(d, 1, "an array's ndim")]
-    shape_at = _take(d, 8 * ndim, "a shape")
-    plain = ndim <= _MAX_NDIM
-    for i in range(ndim):
-        dim = zc_get_u64(d.p + shape_at + 8 * i)
-        if dim == 0:
-            zero = True
-        elif dim > <uint64_t>NPY_MAX_INTP:
-            plain = False
-        if not overflow and dim != 0:
-            if count > 0xFFFFFFFFFFFFFFFFULL // dim:
-                overflow = True
-            else:
-                count *= dim
-        if i < _MAX_NDIM:
-            dims[i] = <cnp.npy_intp>dim
-    order = d.p[_take(d, 1, "an array's order")]
-    if order != O_C and order != O_F:
-        raise _MFE("array at offset %d has order %r, expected 'C' or 'F'" % (at, chr(order)))
-    if zero:
-        count = 0
-        overflow = False
-    itemsize = <uint64_t>dtype.itemsize
-    if not overflow:
-        if itemsize != 0 and count > 0xFFFFFFFFFFFFFFFFULL // itemsize:
-            overflow = True
-        else:
-            nbytes = count * itemsize
-    if overflow or nbytes != <uint64_t>fsize:
-        shape = _shape(d, shape_at, ndim)
-        count_obj = 1
-        for dim_obj in shape:
-            count_obj *= dim_obj
+    _read_shape(d, at, dtype, &s)
+    if s.overflow or s.nbytes != <uint64_t>fsize:
+        shape = _shape_of(d, &s)
         raise _MFE("array at offset %d is %s %s (%d bytes) but its frame has %d bytes"
                    % (at, "x".join(map(str, shape)) or "scalar", dtype,
-                      count_obj * dtype.itemsize, fsize))
-    py_order = "F" if order == O_F else "C"
-    if itemsize == 0:
-        return _np_empty(_shape(d, shape_at, ndim), dtype, order=py_order)
+                      _nbytes_obj(d, &s, dtype), fsize))
+    if dtype.itemsize == 0:
+        return _np_empty(_shape_of(d, &s), dtype, order="F" if s.order == O_F else "C")
 
     # A view on the frame, or an aligned copy: the pure twin's rule.
     if d.threshold_c:
-        copy = <long long>nbytes < d.threshold
+        copy = <long long>s.nbytes < d.threshold
     else:
-        copy = bool(<object>nbytes < <object>d.copy_threshold)
-    if d.align_mode == 0:
-        align = dtype.alignment
-    elif d.align_mode == 1:
-        align = d.align_c
+        copy = bool(<object>s.nbytes < <object>d.copy_threshold)
     if not copy:
         if d.align_mode == 2:
             copy = bool(PyLong_FromVoidPtr(<void*>fp) % <object>d.alignment)
         else:
+            align = dtype.alignment if d.align_mode == 0 else d.align_c
             copy = (<uintptr_t>fp) % <uintptr_t>align != 0
         copy = copy or not fwrite
     if copy:
-        n = <cnp.npy_intp>nbytes
-        if d.align_mode != 2 and 16 % align == 0:
-            flat = cnp.PyArray_SimpleNew(1, &n, cnp.NPY_UINT8)
-        elif d.align_mode == 2:
-            flat = _py_aligned_empty(nbytes, <object>d.alignment)
-        else:
-            flat = _py_aligned_empty(nbytes, align)
-        memcpy(cnp.PyArray_DATA(<cnp.ndarray>flat), fp, nbytes)
-    else:
-        flat = _np_frombuffer(owner, _np_uint8)
-    if plain and not zero and not cnp.PyDataType_HASSUBARRAY(dtype):
-        Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
-        arr = _new_from_descr(
-            _ndarray_type, <cnp.PyArray_Descr*>dtype, ndim, dims, NULL,
-            cnp.PyArray_DATA(<cnp.ndarray>flat),
-            cnp.NPY_ARRAY_WRITEABLE | (cnp.NPY_ARRAY_F_CONTIGUOUS if order == O_F else 0),
-            NULL)
-        cnp.set_array_base(<cnp.ndarray>arr, flat)
-        return arr
-    # Empty, huge or subarray shapes: the pure twin's numpy calls, same errors.
-    return flat.view(dtype).reshape(_shape(d, shape_at, ndim), order=py_order)
+        d.copied += <Py_ssize_t>s.nbytes
+        return _copied(d, &s, dtype, fp)
+    return _on(d, &s, dtype, _np_frombuffer(owner, _np_uint8))
+
+
+cdef inline tuple _shape_of(Dec* d, Shape* s):
+    return _shape(d, s.shape_at, s.ndim)
 
 
 cdef tuple _shape(Dec* d, Py_ssize_t shape_at, int ndim):
@@ -894,17 +1057,29 @@ cdef object _pickled(Dec* d):
                    % (at, type(exc).__name__, exc)) from None
 
 
-def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None):
+def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
+           stats=None):
     """Decode the frames of one message: returns ``(kind, task_id, obj)``.
 
     ``frames`` are ``zmq.Frame`` objects, or anything with the buffer
     protocol (``bytes``, ``memoryview``...). Arrays of at least
-    ``copy_threshold`` bytes are views on their frame's memory, writeable
-    when the frame is; smaller ones are copies. An array view whose address
-    is not a multiple of its dtype's alignment, or of ``alignment`` when that
-    is given, is replaced by an aligned copy, so every decoded array is
-    aligned. Pickled values are refused unless ``allow_pickle``. A message
-    that breaks the format raises :class:`MessageFormatError`.
+    ``copy_threshold`` bytes are views on their frame's memory when the
+    frame is writeable; smaller ones, and those of read-only frames, are
+    copies, so every decoded array is writeable. Inline arrays (tag ``'A'``)
+    are always copied out of the header. An array view whose address is not
+    a multiple of its dtype's alignment, or of ``alignment`` when that is
+    given, is replaced by an aligned copy, so every decoded array is
+    aligned (copies too honour ``alignment``). Pickled values are refused
+    unless ``allow_pickle``. A message that breaks the format raises
+    :class:`MessageFormatError`.
+
+    Copy accounting: when ``stats`` is not None, the number of payload bytes
+    this call copied is added to its int attribute ``copied_bytes`` once the
+    message is decoded (not when it is rejected): the ``nbytes`` of every
+    array that was copied rather than viewed (inline arrays; frame arrays
+    that were small, misaligned or in a read-only frame). Header bytes and
+    pickled values (in-band or out-of-band) are not counted; an array that
+    is a view on its frame counts 0.
     """
     cdef Dec d
     cdef bint writeable
@@ -936,6 +1111,7 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
 
     d.pos = 16
     d.used = 0
+    d.copied = 0
     d.nframes = nframes
     d.frames = <PyObject*>frames
     d.header = <PyObject*>header
@@ -975,4 +1151,6 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     task_id_obj = PyLong_FromUnsignedLongLong(task_id)
     if task_id and (type(obj) is _Request or type(obj) is _Result):
         obj.task_id = task_id_obj
+    if stats is not None:
+        stats.copied_bytes += d.copied
     return kind, task_id_obj, obj

@@ -14,10 +14,11 @@ import numpy as np
 from .exceptions import MessageFormatError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INT64_MAX, INT64_MIN, KINDS, MAGIC, MAX_DEPTH,
-    ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES, TAG_COMPLEX,
-    TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST,
-    TAG_RESULT, TAG_SCALAR, TAG_STR, TAG_TRUE, TAG_TUPLE, VERSION,
+    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KINDS, MAGIC,
+    MAX_DEPTH, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES,
+    TAG_COMPLEX, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST,
+    TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_STR, TAG_TRUE, TAG_TUPLE,
+    VERSION,
 )
 
 __all__ = ["encode", "decode", "frame_buffer"]
@@ -34,29 +35,45 @@ _ARRAY_HEAD = struct.Struct("<BI")
 _NONE = bytes([TAG_NONE])
 _TRUE = bytes([TAG_TRUE])
 _FALSE = bytes([TAG_FALSE])
+_INLINE = bytes([TAG_INLINE_ARRAY])
 
 
 # --------------------------------------------------------------------- encode
 
-def encode(obj, kind, task_id=0):
+def encode(obj, kind, task_id=0, stats=None):
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     Returns a list whose first item is the header frame (``bytes``) and whose
-    other items are the buffer frames, one per array (C- or Fortran-ordered
-    arrays are not copied: the frame is a view of the array's memory) or per
-    out-of-band pickle buffer. ``task_id`` (an int in [0, 2**64)) goes in the
-    header; 0 means "none".
+    other items are the buffer frames, one per array of at least
+    ``INLINE_LIMIT`` bytes (C- or Fortran-ordered arrays are not copied: the
+    frame is a view of the array's memory) or per out-of-band pickle buffer.
+    Smaller arrays are copied into the header frame (tag ``'A'``), so a
+    message of small values is a single frame. ``task_id`` (an int in
+    [0, 2**64)) goes in the header; 0 means "none".
+
+    Copy accounting: when ``stats`` is not None, the number of payload bytes
+    this call copied is added to its int attribute ``copied_bytes`` once the
+    message is encoded (not when encoding fails): the ``nbytes`` of every
+    inline array (copied into the header once, in C order when it was not
+    contiguous) and of every frame array that was neither C- nor
+    F-contiguous (made C-contiguous). Header bytes (tags, dtypes, shapes,
+    other values) and pickled data are not counted; a C- or F-contiguous
+    array of at least ``INLINE_LIMIT`` bytes counts 0.
     """
     if kind not in KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
     parts = [b""]
     buffers = []
-    _encode_value(obj, parts, buffers)
+    copied = [0]
+    _encode_value(obj, parts, buffers, copied)
     parts[0] = HEADER.pack(MAGIC, VERSION, kind, len(buffers), task_id)
-    return [b"".join(parts)] + buffers
+    frames = [b"".join(parts)] + buffers
+    if stats is not None:
+        stats.copied_bytes += copied[0]
+    return frames
 
 
-def _encode_value(obj, parts, buffers):
+def _encode_value(obj, parts, buffers, copied):
     # Exact type checks: a subclass (a bool is not an int here, a user's dict
     # subclass is not a dict) must round-trip as itself, so it is pickled.
     append = parts.append
@@ -86,25 +103,25 @@ def _encode_value(obj, parts, buffers):
     elif t is list or t is tuple:
         append(_TAG_U32.pack(TAG_LIST if t is list else TAG_TUPLE, len(obj)))
         for item in obj:
-            _encode_value(item, parts, buffers)
+            _encode_value(item, parts, buffers, copied)
     elif t is dict:
         append(_TAG_U32.pack(TAG_DICT, len(obj)))
         for key, value in obj.items():
-            _encode_value(key, parts, buffers)
-            _encode_value(value, parts, buffers)
+            _encode_value(key, parts, buffers, copied)
+            _encode_value(value, parts, buffers, copied)
     elif t is np.ndarray and not obj.dtype.hasobject:
-        _encode_array(obj, parts, buffers)
+        _encode_array(obj, parts, buffers, copied)
     elif t is ClusterRequest:
         append(b"R")
-        _encode_value(obj.payload, parts, buffers)
-        _encode_value(obj.metadata, parts, buffers)
+        _encode_value(obj.payload, parts, buffers, copied)
+        _encode_value(obj.metadata, parts, buffers, copied)
     elif t is ClusterResult:
         append(b"S")
-        _encode_value(obj.status, parts, buffers)
-        _encode_value(obj.payload, parts, buffers)
-        _encode_value(obj.request_metadata, parts, buffers)
-        _encode_value(obj.metadata, parts, buffers)
-        _encode_value(obj.exception, parts, buffers)
+        _encode_value(obj.status, parts, buffers, copied)
+        _encode_value(obj.payload, parts, buffers, copied)
+        _encode_value(obj.request_metadata, parts, buffers, copied)
+        _encode_value(obj.metadata, parts, buffers, copied)
+        _encode_value(obj.exception, parts, buffers, copied)
     elif t is complex:
         append(b"j" + _C128.pack(obj.real, obj.imag))
     elif isinstance(obj, np.generic) and t.__module__ == "numpy" and not obj.dtype.hasobject:
@@ -121,10 +138,11 @@ def _encode_value(obj, parts, buffers):
 
 
 def _encode_dtype(dtype, parts, buffers):
+    # A dtype value holds strs, ints, lists and tuples only: nothing copied.
     if dtype.fields is None:
-        _encode_value(dtype.str, parts, buffers)
+        _encode_value(dtype.str, parts, buffers, None)
     else:
-        _encode_value(_dtype_descr(dtype), parts, buffers)
+        _encode_value(_dtype_descr(dtype), parts, buffers, None)
 
 
 def _dtype_descr(dtype):
@@ -133,14 +151,34 @@ def _dtype_descr(dtype):
     return np.lib.format.dtype_to_descr(dtype)
 
 
-def _encode_array(arr, parts, buffers):
-    if arr.flags.c_contiguous:
+def _encode_array(arr, parts, buffers, copied):
+    flags = arr.flags
+    if flags.c_contiguous:
         order = ORDER_C
-    elif arr.flags.f_contiguous:
+    elif flags.f_contiguous:
         order = ORDER_F
     else:
+        order = 0  # neither: written in C order, from a copy
+    nbytes = arr.nbytes
+    if nbytes < INLINE_LIMIT:
+        # Inline: the elements go into the header, straight from the array's
+        # memory (one copy, in C order when the array is not contiguous).
+        parts.append(_INLINE)
+        _encode_dtype(arr.dtype, parts, buffers)
+        shape = arr.shape
+        parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
+        if order == ORDER_F:
+            parts.append(_U8.pack(ORDER_F))
+            parts.append(arr.tobytes("F"))
+        else:
+            parts.append(_U8.pack(ORDER_C))
+            parts.append(arr.tobytes("C"))
+        copied[0] += nbytes
+        return
+    if not order:
         arr = np.ascontiguousarray(arr)
         order = ORDER_C
+        copied[0] += nbytes
     parts.append(_ARRAY_HEAD.pack(TAG_ARRAY, len(buffers)))
     _encode_dtype(arr.dtype, parts, buffers)
     shape = arr.shape
@@ -174,18 +212,29 @@ def _encode_pickle(obj, parts, buffers):
 
 # --------------------------------------------------------------------- decode
 
-def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None):
+def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
+           stats=None):
     """Decode the frames of one message: returns ``(kind, task_id, obj)``.
 
     ``frames`` are ``zmq.Frame`` objects, or anything with the buffer
     protocol (``bytes``, ``memoryview``...). Arrays of at least
     ``copy_threshold`` bytes are views on their frame's memory when the
     frame is writeable; smaller ones, and those of read-only frames, are
-    copies, so every decoded array is writeable. An array view whose address
-    is not a multiple of its dtype's alignment, or of ``alignment`` when that
-    is given, is replaced by an aligned copy, so every decoded array is
-    aligned. Pickled values are refused unless ``allow_pickle``. A message
-    that breaks the format raises :class:`MessageFormatError`.
+    copies, so every decoded array is writeable. Inline arrays (tag ``'A'``)
+    are always copied out of the header. An array view whose address is not
+    a multiple of its dtype's alignment, or of ``alignment`` when that is
+    given, is replaced by an aligned copy, so every decoded array is
+    aligned (copies too honour ``alignment``). Pickled values are refused
+    unless ``allow_pickle``. A message that breaks the format raises
+    :class:`MessageFormatError`.
+
+    Copy accounting: when ``stats`` is not None, the number of payload bytes
+    this call copied is added to its int attribute ``copied_bytes`` once the
+    message is decoded (not when it is rejected): the ``nbytes`` of every
+    array that was copied rather than viewed (inline arrays; frame arrays
+    that were small, misaligned or in a read-only frame). Header bytes and
+    pickled values (in-band or out-of-band) are not counted; an array that
+    is a view on its frame counts 0.
     """
     if not frames:
         raise MessageFormatError("empty message: no header frame")
@@ -224,6 +273,8 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
                                  % (nframes - decoder.used))
     if task_id and (type(obj) is ClusterRequest or type(obj) is ClusterResult):
         obj.task_id = task_id
+    if stats is not None:
+        stats.copied_bytes += decoder.copied
     return kind, task_id, obj
 
 
@@ -245,6 +296,7 @@ class _Decoder:
         self.alignment = alignment
         self.pos = 0
         self.used = 0
+        self.copied = 0  # payload bytes copied, for decode's stats
 
     def take(self, n, what):
         start = self.pos
@@ -294,6 +346,8 @@ class _Decoder:
                 except TypeError:
                     raise MessageFormatError("unhashable dict key at offset %d" % key_at) from None
             return out
+        if tag == TAG_INLINE_ARRAY:
+            return self.inline_array(depth)
         if tag == TAG_ARRAY:
             return self.array(depth)
         if tag == TAG_TRUE:
@@ -305,9 +359,8 @@ class _Decoder:
             start = self.take(n, "bytes")
             return bytes(header[start:start + n])
         if tag == TAG_REQUEST:
-            request = ClusterRequest(self.value(self.pos, depth + 1))
-            request.metadata = self.value(self.pos, depth + 1)
-            return request
+            payload = self.value(self.pos, depth + 1)
+            return ClusterRequest(payload, self.value(self.pos, depth + 1))
         if tag == TAG_RESULT:
             fields = [self.value(self.pos, depth + 1) for _ in range(5)]
             return ClusterResult(*fields)
@@ -359,16 +412,38 @@ class _Decoder:
             raise MessageFormatError("dtype %s at offset %d holds Python objects" % (dtype, at))
         return dtype
 
-    def array(self, depth):
-        at = self.pos - 1
-        buf = self.frame("array at offset %d" % at)
-        dtype = self.dtype(depth)
+    def shape_and_order(self, at):
+        """An array's ndim, shape and order fields: ``(shape, order byte)``."""
         ndim = self.header[self.take(1, "an array's ndim")]
         shape = struct.unpack_from("<%dQ" % ndim, self.header, self.take(8 * ndim, "a shape"))
         order = self.header[self.take(1, "an array's order")]
         if order != ORDER_C and order != ORDER_F:
             raise MessageFormatError("array at offset %d has order %r, expected 'C' or 'F'"
                                      % (at, chr(order)))
+        return shape, order
+
+    def inline_array(self, depth):
+        at = self.pos - 1
+        dtype = self.dtype(depth)
+        shape, order = self.shape_and_order(at)
+        count = 1
+        for n in shape:
+            count *= n
+        nbytes = count * dtype.itemsize
+        start = self.take(nbytes, "an inline array")
+        order = "F" if order == ORDER_F else "C"
+        self.copied += nbytes
+        if dtype.itemsize == 0:
+            return np.empty(shape, dtype, order=order)
+        flat = _aligned_empty(nbytes, self.alignment or dtype.alignment)
+        flat[:] = self.header[start:start + nbytes]
+        return flat.view(dtype).reshape(shape, order=order)
+
+    def array(self, depth):
+        at = self.pos - 1
+        buf = self.frame("array at offset %d" % at)
+        dtype = self.dtype(depth)
+        shape, order = self.shape_and_order(at)
         count = 1
         for n in shape:
             count *= n
@@ -387,6 +462,7 @@ class _Decoder:
             received = flat
             flat = _aligned_empty(nbytes, align)
             flat[:] = received
+            self.copied += nbytes
         return flat.view(dtype).reshape(shape, order=order)
 
     def pickled(self):

@@ -38,6 +38,7 @@ TAG_LIST = ord("l")       # u32 count + values
 TAG_TUPLE = ord("t")      # u32 count + values
 TAG_DICT = ord("m")       # u32 count + key/value pairs
 TAG_ARRAY = ord("a")      # u32 frame, dtype value, u8 ndim, u64 shape..., u8 order
+TAG_INLINE_ARRAY = ord("A")  # dtype value, u8 ndim, u64 shape..., u8 order, raw bytes
 TAG_SCALAR = ord("g")     # dtype value + u32 length + raw bytes
 TAG_REQUEST = ord("R")    # payload, metadata
 TAG_RESULT = ord("S")     # status, payload, request_metadata, metadata, exception
@@ -63,6 +64,18 @@ MAX_DEPTH = 256
 #: safely inside the break-even band and keeps small arrays off the
 #: zero-copy bookkeeping.
 COPY_THRESHOLD = 65536
+
+#: Arrays (exact ``ndarray``, no object dtype) of fewer bytes than this are
+#: written inline in the header frame (tag ``'A'``); arrays of at least this
+#: many bytes get a buffer frame of their own (tag ``'a'``). It is part of
+#: the canonical encoding (docs/protocol.md), so both twins write the same
+#: bytes. Why: every extra ZeroMQ frame cost ~3-4 us per message (profiled,
+#: send plus receive), while copying a few KiB into the header costs well
+#: under 1 us (memcpy runs at several GB/s), so a small array is cheaper
+#: copied than framed; 4 KiB keeps the copy small and the header frame
+#: inside one page, far below COPY_THRESHOLD, where frames start travelling
+#: zero-copy anyway.
+INLINE_LIMIT = 4096
 
 #: Pickle protocol used for objects that have no native encoding.
 PICKLE_PROTOCOL = 5

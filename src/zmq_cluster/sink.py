@@ -5,11 +5,10 @@ import logging
 import zmq
 
 from .commands import send_command
-from .exceptions import MessageFormatError, ReceiverTimeoutException, WorkerException
+from .exceptions import WorkerException
 from .messages import ClusterResult
-from .protocol import KIND_COMMAND, KIND_RESULT
 from .sockets import InitSocket, close_owned
-from .wire import recv_message
+from .wire import SKIP, STOP, sink_next
 
 __all__ = ["BasicSink", "Sink"]
 
@@ -29,6 +28,11 @@ class BasicSink:
     from peers that are not trusted; ``array_alignment`` (default None: each
     dtype's own alignment) can be set to e.g. 64 to get every array at that
     alignment, copying those that the transport did not place there.
+
+    Counters: ``messages_received`` (every message, commands and malformed
+    ones included), ``messages_sent`` (always 0) and ``copied_bytes``
+    (payload bytes copied on the way in: arrays below ``COPY_THRESHOLD``;
+    larger arrays are views on the received frames).
     """
 
     #: Send this to the command socket to shut down the sink.
@@ -48,6 +52,9 @@ class BasicSink:
         self.command_receiver = command_receiver
         self.receiver_timeout = receiver_timeout
         self.malformed_messages = 0
+        self.copied_bytes = 0
+        self.messages_sent = 0
+        self.messages_received = 0
         self._results = None
         self._commands = None
         self._poller = None
@@ -96,30 +103,28 @@ class BasicSink:
             timeout = self.receiver_timeout
         received = 0
         while num_results is None or received < num_results:
-            ready = dict(self._poller.poll(timeout))
-            if not ready:
-                raise ReceiverTimeoutException("no result within %s ms" % timeout)
-            if self._commands in ready and self._is_kill(self._read(self._commands, KIND_COMMAND)):
+            result = sink_next(self, timeout)  # zmq_cluster.wire: compiled or pure
+            if result is STOP:
                 return
-            if self._results in ready:
-                result = self._read(self._results, KIND_RESULT)
-                if result is not _SKIP:
-                    received += 1
-                    yield result
+            received += 1
+            yield result
 
-    def _read(self, socket, expected_kind):
-        try:
-            kind, _, obj = recv_message(socket, 0, self.allow_pickle, self.array_alignment)
-        except MessageFormatError as exc:
-            self.malformed_messages += 1
-            log.warning("sink dropped a malformed message: %s", exc)
-            return _SKIP
+    # The semantic steps of sink_next, shared by both of its twins.
+
+    def _check(self, kind, obj, expected_kind):
+        """``obj`` when its kind is the channel's, else SKIP (dropped)."""
         if kind != expected_kind:
             self.malformed_messages += 1
             log.warning("sink dropped a message of kind %d on a channel for kind %d",
                         kind, expected_kind)
-            return _SKIP
+            return SKIP
         return obj
+
+    def _malformed_message(self, exc):
+        """A message broke the wire format: dropped (returns SKIP)."""
+        self.malformed_messages += 1
+        log.warning("sink dropped a malformed message: %s", exc)
+        return SKIP
 
     def _is_kill(self, command):
         return command == self.CMD_KILL
@@ -169,5 +174,3 @@ class Sink(BasicSink):
             else:
                 yield result.payload
 
-
-_SKIP = object()

@@ -9,13 +9,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .exceptions import ReceiverTimeoutException
 from .messages import ClusterRequest
-from .protocol import KIND_REQUEST
 from .sockets import InitSocket, close_owned
-from .wire import send_message
+from .wire import send_requests
 
 __all__ = ["BasicVentilator", "Ventilator"]
 
 _PEER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+#: Pending trackers kept before the first pruning of finished ones.
+_PRUNE_MIN = 64
 
 
 class BasicVentilator:
@@ -30,6 +31,18 @@ class BasicVentilator:
     Every request sent gets a task id, unique to this ventilator (a random
     32-bit prefix and a counter), which travels in the message header and
     comes back on the worker's result.
+
+    Array lifetime: arrays of ``COPY_THRESHOLD`` bytes or more (64 KiB) are
+    handed to libzmq without a copy, and libzmq reads them while it sends,
+    after :meth:`Send` has returned. Do not change such an array (nor the
+    memory it views) until :meth:`WaitSent` has returned: a change before
+    that may travel in the message. Smaller arrays are copied during Send
+    and may be changed at once. Freeing is safe: the ventilator's messages
+    keep their arrays alive.
+
+    Counters: ``messages_sent``, ``messages_received`` (always 0) and
+    ``copied_bytes`` (payload bytes copied on the way out: arrays below
+    ``COPY_THRESHOLD``).
     """
 
     #: (socket-like, required) Constructor for the writer socket.
@@ -43,6 +56,11 @@ class BasicVentilator:
         self._monitor = None
         self._peers = 0
         self._task_ids = itertools.count((random.getrandbits(32) << 32) + 1)
+        self._pending = []      # trackers of zero-copy messages not known to be sent
+        self._prune_at = _PRUNE_MIN
+        self.copied_bytes = 0
+        self.messages_sent = 0
+        self.messages_received = 0
 
     def Setup(self):
         """Initialize the ventilator: create (or adopt) its socket, then wait
@@ -112,17 +130,43 @@ class BasicVentilator:
         """
         if self._socket is None:
             self.Setup()
-        sent = 0
-        for request in requests:
-            self._send_one(request)
-            sent += 1
-        return sent
+        return send_requests(self, requests)  # zmq_cluster.wire: compiled or pure
 
-    def _send_one(self, request):
-        task_id = next(self._task_ids)
-        send_message(self._socket, request, KIND_REQUEST, task_id)
-        if type(request) is ClusterRequest:
-            request.task_id = task_id
+    def _track(self, tracker):
+        """Keep the tracker of a message sent with zero-copy frames."""
+        pending = self._pending
+        pending.append(tracker)
+        if len(pending) >= self._prune_at:
+            # Amortized: prune when the list has doubled since the last time.
+            pending[:] = [t for t in pending if not t.done]
+            self._prune_at = max(_PRUNE_MIN, 2 * len(pending))
+
+    def WaitSent(self, timeout=None):
+        """Wait until libzmq has released every array sent zero-copy so far.
+
+        After it returns, the arrays passed to :meth:`Send` may be changed
+        (see the class's "Array lifetime"). Raises ReceiverTimeoutException
+        if that takes longer than ``timeout`` ms (None waits for ever); a
+        message that no peer takes is never released.
+
+        :returns: The number of messages that were still pending when called.
+        """
+        pending = self._pending
+        count = len(pending)
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000.0
+        while pending:
+            tracker = pending[-1]
+            if not tracker.done:
+                wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    tracker.wait(wait)
+                except zmq.NotDone:
+                    raise ReceiverTimeoutException(
+                        "%d zero-copy messages not sent within %s ms"
+                        % (sum(not t.done for t in pending), timeout)) from None
+            pending.pop()
+        self._prune_at = _PRUNE_MIN
+        return count
 
 
 class Ventilator(BasicVentilator):

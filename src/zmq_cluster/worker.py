@@ -9,11 +9,11 @@ import traceback
 import zmq
 
 from .commands import send_command
-from .exceptions import MessageFormatError, ReceiverTimeoutException, RemoteError
+from .exceptions import RemoteError
 from .messages import ClusterRequest, ClusterResult
-from .protocol import KIND_COMMAND, KIND_REQUEST, KIND_RESULT
+from .protocol import KIND_COMMAND, KIND_REQUEST
 from .sockets import InitSocket, close_owned
-from .wire import recv_message, send_message
+from .wire import run_worker
 
 __all__ = ["BasicWorker"]
 
@@ -43,6 +43,11 @@ class BasicWorker:
     so that nothing waits for it for ever. The worker keeps serving.
 
     ``allow_pickle`` and ``array_alignment`` are as for BasicSink.
+
+    Counters: ``messages_received`` and ``messages_sent`` (every message,
+    commands and malformed ones included), ``copied_bytes`` (payload bytes
+    copied on the way in and out: arrays below ``COPY_THRESHOLD``; larger
+    arrays travel zero-copy both ways).
     """
 
     #: Send this to the command socket to shut down the worker.
@@ -60,6 +65,9 @@ class BasicWorker:
         self.receiver_timeout = receiver_timeout
         self.malformed_messages = 0
         self.requests_handled = 0
+        self.copied_bytes = 0
+        self.messages_sent = 0
+        self.messages_received = 0
         self._requests = None
         self._results = None
         self._commands = None
@@ -94,42 +102,24 @@ class BasicWorker:
         if self._poller is None:
             self.Setup()
         try:
-            while True:
-                ready = dict(self._poller.poll(self.receiver_timeout))
-                if not ready:
-                    raise ReceiverTimeoutException(
-                        "no request or command within %s ms" % self.receiver_timeout)
-                if self._commands in ready and self._serve_command():
-                    return
-                if self._requests in ready:
-                    self._serve_request()
+            run_worker(self)  # zmq_cluster.wire: the loop, compiled or pure
         finally:
             self.Shutdown()
 
-    def _serve_command(self):
-        try:
-            kind, _, command = recv_message(self._commands, 0, self.allow_pickle)
-        except MessageFormatError as exc:
-            self._malformed("command", exc)
-            return False
+    # The semantic steps of the loop, shared by both twins of run_worker.
+
+    def _command(self, kind, command):
+        """A command arrived: True to stop."""
         if kind != KIND_COMMAND:
             self._malformed("command", "message of kind %d on the command channel" % kind)
             return False
         return bool(self.HandleCommand(command))
 
-    def _serve_request(self):
-        try:
-            kind, task_id, request = recv_message(self._requests, 0, self.allow_pickle,
-                                                  self.array_alignment)
-        except MessageFormatError as exc:
-            self._malformed("request", exc)
-            if exc.header is not None and exc.header[0] == KIND_REQUEST:
-                self._send(ClusterResult(ClusterResult.STATUS_FAIL, None, None,
-                                         dict(self._identity, seconds=0.0), exc), exc.header[1])
-            return
+    def _request(self, kind, request):
+        """A request arrived: the ClusterResult to send back, or None."""
         if kind != KIND_REQUEST:
             self._malformed("request", "message of kind %d on the request channel" % kind)
-            return
+            return None
         if type(request) is ClusterRequest:
             payload, request_metadata = request.payload, request.metadata
         else:
@@ -143,18 +133,26 @@ class BasicWorker:
                                    exception=exc)
         result.metadata = dict(self._identity, seconds=time.perf_counter() - start)
         self.requests_handled += 1
-        self._send(result, task_id)
+        return result
 
-    def _send(self, result, task_id):
-        try:
-            send_message(self._results, result, KIND_RESULT, task_id)
-        except TypeError as exc:  # the output or exception cannot be encoded
-            failed = result.exception if result.exception is not None else exc
-            result.status = ClusterResult.STATUS_FAIL
-            result.payload = None
-            result.exception = RemoteError("%r could not be sent back: %s\n%s" % (
-                failed, exc, "".join(traceback.format_exception(failed))))
-            send_message(self._results, result, KIND_RESULT, task_id)
+    def _malformed_request(self, exc):
+        """A request broke the wire format (MessageFormatError ``exc``): the
+        FAIL result to send back when its header was readable, else None."""
+        self._malformed("request", exc)
+        if exc.header is not None and exc.header[0] == KIND_REQUEST:
+            return ClusterResult(ClusterResult.STATUS_FAIL, None, None,
+                                 dict(self._identity, seconds=0.0), exc)
+        return None
+
+    def _unsendable(self, result, exc):
+        """``result`` could not be encoded (TypeError ``exc``): the FAIL
+        result to send instead."""
+        failed = result.exception if result.exception is not None else exc
+        result.status = ClusterResult.STATUS_FAIL
+        result.payload = None
+        result.exception = RemoteError("%r could not be sent back: %s\n%s" % (
+            failed, exc, "".join(traceback.format_exception(failed))))
+        return result
 
     def _malformed(self, channel, reason):
         self.malformed_messages += 1

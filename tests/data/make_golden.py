@@ -10,7 +10,8 @@ tests/test_protocol.py compares both framing twins against the COMMITTED
 files, not against a fresh run of this script: a change to the wire bytes
 shows up as a test failure and as a diff of these files in review. Run this
 script only when the wire format is deliberately changed (and bump
-``protocol.VERSION`` then)::
+``protocol.VERSION`` then, once a version has been released; version 1 is
+not released yet, so inline arrays, tag 'A', were added to it)::
 
     PYTHONPATH=src ZMQ_CLUSTER_NO_EXTENSIONS=1 python tests/data/make_golden.py
 
@@ -52,13 +53,14 @@ def cases():
              obj=ClusterRequest(7)),
         dict(name="request_array_metadata",
              description="The worked example of docs/protocol.md: a ClusterRequest whose "
-                         "payload is a 2x3 C-order float64 array [[1,2,3],[4,5,6]] (one "
-                         "buffer frame of 48 bytes) and whose metadata is {'i': 3}.",
+                         "payload is a 2x3 C-order float64 array [[1,2,3],[4,5,6]] (48 bytes, "
+                         "below INLINE_LIMIT: inline in the header frame, so the message is "
+                         "one frame) and whose metadata is {'i': 3}.",
              kind=REQUEST, task_id=EXAMPLE_TASK_ID,
              obj=ClusterRequest(example_array, {"i": 3})),
         dict(name="result_ok_metadata",
              description="The worked example's result: a ClusterResult with status 'OK', "
-                         "payload 2*[[1,2,3],[4,5,6]] (float64, C order), request_metadata "
+                         "payload 2*[[1,2,3],[4,5,6]] (float64, C order, inline), request_metadata "
                          "{'i': 3}, worker metadata {'host': 'node1', 'pid': 4242, "
                          "'seconds': 0.25} and exception None; task id echoed.",
              kind=RESULT, task_id=EXAMPLE_TASK_ID,
@@ -66,14 +68,15 @@ def cases():
                                {"host": "node1", "pid": 4242, "seconds": 0.25}, None)),
         dict(name="array_fortran_big_endian",
              description="A bare request payload (as BasicVentilator sends it): a 2x3 "
-                         "Fortran-order big-endian int32 ('>i4') array of 0..5; the frame "
-                         "holds the elements in column-major order, each big-endian.",
+                         "Fortran-order big-endian int32 ('>i4') array of 0..5, inline (tag "
+                         "'A'); its 24 bytes hold the elements in column-major order, each "
+                         "big-endian.",
              kind=REQUEST, task_id=2,
              obj=np.asfortranarray(np.arange(6, dtype=">i4").reshape(2, 3))),
         dict(name="array_structured",
              description="A bare request payload: a structured array of 2 records, dtype "
                          "[('id', '<i4'), ('x', '<f8'), ('v', '<i2', (2,))], whose dtype "
-                         "travels as a .npy-style descr list.",
+                         "travels as a .npy-style descr list; inline (tag 'A').",
              kind=REQUEST, task_id=3,
              obj=np.array([(1, 0.5, [1, -1]), (2, -2.25, [3, 4])],
                           dtype=[("id", "<i4"), ("x", "<f8"), ("v", "<i2", (2,))])),
@@ -96,14 +99,21 @@ def cases():
              obj=[np.float32(1.5), np.int64(-2), np.bool_(True), np.complex128(1 - 1j),
                   np.datetime64("2024-01-02T03:04:05", "s"), np.bytes_(b"abc")]),
         dict(name="request_multi_array",
-             description="A ClusterRequest whose payload holds three arrays (buffer frames "
-                         "0, 1, 2 in header order), including a 0-d uint16 array and an "
-                         "empty 0x3 float32 array (an empty frame); metadata is a tuple.",
+             description="A ClusterRequest whose payload holds three small arrays, all "
+                         "inline (one frame): an int64 arange(3), a 0-d uint16 array and an "
+                         "empty 0x3 float32 array (no bytes); metadata is a tuple.",
              kind=REQUEST, task_id=6,
              obj=ClusterRequest({"a": np.arange(3, dtype="<i8"),
                                  "b": [np.array(5, dtype="<u2"),
                                        np.zeros((0, 3), dtype="<f4")]},
                                 ("batch", 0))),
+        dict(name="request_inline_and_frame_arrays",
+             description="A ClusterRequest whose payload is a list of two float64 arrays "
+                         "straddling INLINE_LIMIT (4096 bytes): arange(511) (4088 bytes, "
+                         "inline: tag 'A', its bytes in the header frame) and arange(512) "
+                         "(4096 bytes, tag 'a': buffer frame 0); metadata is None.",
+             kind=REQUEST, task_id=7,
+             obj=ClusterRequest([np.arange(511, dtype="<f8"), np.arange(512, dtype="<f8")])),
         dict(name="command_worker_kill",
              description="The command that stops workers: the str 'CLUSTER_WORKER_KILL' as "
                          "a COMMAND message with task id 0.",
