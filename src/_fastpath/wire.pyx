@@ -47,7 +47,6 @@ peek_header = _wire_py.peek_header
 cdef object _STOP = STOP
 cdef object _SKIP = SKIP
 cdef object _peek_header = peek_header
-cdef bint _STATS = _wire_py.FRAMING_STATS
 cdef object _MFE = MessageFormatError
 cdef object _RTE = ReceiverTimeoutException
 cdef object _Request = ClusterRequest
@@ -224,9 +223,7 @@ cdef list _frames(Parts* p):
 
 cdef object _decode_frames(list frames, object allow_pickle, object alignment, object stats):
     try:
-        if stats is not None and _STATS:
-            return _decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, stats=stats)
-        return _decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment)
+        return _decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, stats)
     except _MFE as exc:
         exc.header = _peek_header(frames)
         raise
@@ -284,10 +281,7 @@ cdef object _send(object socket, object obj, object kind, object task_id, int fl
     cdef int more
     cdef list events = None
     cdef Frame frame
-    if stats is not None and _STATS:
-        frames = _encode(obj, kind, task_id, stats=stats)
-    else:
-        frames = _encode(obj, kind, task_id)
+    frames = _encode(obj, kind, task_id, stats)
     last = len(frames) - 1
     header = <bytes>frames[0]
     _send_buf(handle, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header),

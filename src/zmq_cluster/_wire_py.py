@@ -25,7 +25,7 @@ Functions:
 one to ``messages_sent`` per message and the bytes of every buffer frame it
 copies to ``copied_bytes``; ``recv_message`` adds one to
 ``messages_received`` per message, malformed ones included; the framing adds
-the payload bytes that encode/decode copy (once it accepts ``stats``). The
+the payload bytes that encode/decode copy. The
 header frame's copy into libzmq is not counted.
 
 The loops call back into small methods of the node for the semantic steps
@@ -33,8 +33,6 @@ The loops call back into small methods of the node for the semantic steps
 the unsendable-result fallback, malformed messages), so both twins share
 them.
 """
-
-import inspect
 
 import zmq
 
@@ -47,24 +45,13 @@ from .protocol import (
 )
 
 __all__ = ["send_message", "recv_message", "peek_header", "run_worker", "sink_next",
-           "send_requests", "STOP", "SKIP", "FRAMING_STATS"]
+           "send_requests", "STOP", "SKIP"]
 
 #: Returned by :func:`sink_next` when a kill command ends the sink's Receive.
 STOP = type("_Stop", (), {"__repr__": lambda self: "STOP", "__slots__": ()})()
 #: Returned by the nodes' checks for a message they dropped.
 SKIP = type("_Skip", (), {"__repr__": lambda self: "SKIP", "__slots__": ()})()
 
-
-def _accepts_stats(fn):
-    try:
-        return "stats" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-#: Whether the framing's encode/decode take ``stats`` (they count the payload
-#: bytes they copy); shared by both twins of this layer.
-FRAMING_STATS = _accepts_stats(framing.encode) and _accepts_stats(framing.decode)
 
 _encode = framing.encode
 _decode = framing.decode
@@ -84,10 +71,7 @@ def send_message(socket, obj, kind, task_id=0, flags=0, stats=None):
     has released it, which the returned tracker reports (``tracker.done``,
     ``tracker.wait()``). Returns None when every frame was copied.
     """
-    if stats is not None and FRAMING_STATS:
-        frames = _encode(obj, kind, task_id, stats=stats)
-    else:
-        frames = _encode(obj, kind, task_id)
+    frames = _encode(obj, kind, task_id, stats)
     last = len(frames) - 1
     if last == 0:
         socket.send(frames[0], flags)
@@ -137,9 +121,7 @@ def recv_message(socket, flags=0, allow_pickle=True, alignment=None, stats=None)
 
 def _decode_frames(frames, allow_pickle, alignment, stats):
     try:
-        if stats is not None and FRAMING_STATS:
-            return _decode(frames, allow_pickle, COPY_THRESHOLD, alignment, stats=stats)
-        return _decode(frames, allow_pickle, COPY_THRESHOLD, alignment)
+        return _decode(frames, allow_pickle, COPY_THRESHOLD, alignment, stats)
     except MessageFormatError as exc:
         exc.header = peek_header(frames)
         raise

@@ -1,9 +1,9 @@
 """Selects the framing twin: compiled unless ZMQ_CLUSTER_NO_EXTENSIONS is set.
 
-Both twins provide ``encode(obj, kind, task_id=0) -> frames`` and
-``decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD,
-alignment=None) -> (kind, task_id, obj)``; see ``_framing_py`` for the
-contract and docs/protocol.md for the bytes.
+Both twins provide ``encode(obj, kind, task_id=0, stats=None) -> frames``
+and ``decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD,
+alignment=None, stats=None) -> (kind, task_id, obj)``; see ``_framing_py``
+for the contract and docs/protocol.md for the bytes.
 """
 
 from ._compat import NO_EXTENSIONS
