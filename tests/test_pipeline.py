@@ -134,7 +134,7 @@ def test_worker_receiver_timeout(ctx, urls):
     worker = zc.BasicWorker(ctx, _bound(req), _bound(res), receiver_timeout=50)
     with pytest.raises(zc.ReceiverTimeoutException):
         worker.Run()
-    assert worker._poller is None  # Run closed its sockets
+    assert worker._requests is None  # Run closed its sockets
 
 
 def test_ventilator_worker_connect_delay_is_waited_once(ctx, urls, monkeypatch):

@@ -71,19 +71,15 @@ class BasicWorker:
         self._requests = None
         self._results = None
         self._commands = None
-        self._poller = None
         self._identity = {"host": _socket.gethostname(), "pid": os.getpid()}
 
     def Setup(self):
         """Initialize the worker: create (or adopt) and connect its sockets."""
         self._requests = InitSocket(self.context, self.request_receiver, zmq.PULL)
         self._results = InitSocket(self.context, self.result_sender, zmq.PUSH)
-        self._poller = zmq.Poller()
-        self._poller.register(self._requests, zmq.POLLIN)
         if self.command_receiver is not None:
             self._commands = InitSocket(self.context, self.command_receiver, zmq.SUB,
                                         options={zmq.SUBSCRIBE: b""})
-            self._poller.register(self._commands, zmq.POLLIN)
 
     def Shutdown(self):
         """Close the sockets the worker created (Run does this when it ends)."""
@@ -91,7 +87,7 @@ class BasicWorker:
         # Results already queued still go out: linger a little.
         close_owned(self._results, self.result_sender, linger=RESULT_LINGER_MS)
         close_owned(self._commands, self.command_receiver)
-        self._requests = self._results = self._commands = self._poller = None
+        self._requests = self._results = self._commands = None
 
     def Run(self):
         """Handle incoming requests, and watch for quit commands.
@@ -99,7 +95,7 @@ class BasicWorker:
         Calls :meth:`Setup` first if it was not called, and closes the
         worker's sockets when it returns or raises.
         """
-        if self._poller is None:
+        if self._requests is None:
             self.Setup()
         try:
             run_worker(self)  # zmq_cluster.wire: the loop, compiled or pure
