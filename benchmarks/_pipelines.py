@@ -28,7 +28,6 @@ an orphaned process exits on its own.
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import socket as _socket

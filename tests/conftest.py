@@ -56,3 +56,17 @@ def ipc_url(_ipc_dir):
     def make(name="s"):
         return "ipc://%s/%s-%d-%d" % (_ipc_dir, name, os.getpid(), next(_IPC_COUNTER))
     return make
+
+
+@pytest.fixture(params=["ipc", "tcp", "inproc"])
+def pair(request, ctx, ipc_url):
+    """A connected (sender PUSH, receiver PULL) pair on each transport."""
+    url = {"ipc": ipc_url("pair"), "tcp": "tcp://127.0.0.1:*",
+           "inproc": "inproc://pair"}[request.param]
+    receiver = ctx.socket(zmq.PULL)
+    receiver.bind(url)
+    sender = ctx.socket(zmq.PUSH)
+    sender.connect(receiver.getsockopt_string(zmq.LAST_ENDPOINT))
+    yield sender, receiver
+    sender.close(0)
+    receiver.close(0)

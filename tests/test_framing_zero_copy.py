@@ -7,26 +7,11 @@ import types
 
 import numpy as np
 import pytest
-import zmq
 
 from zmq_cluster.messages import ClusterRequest, ClusterResult
 from zmq_cluster.protocol import COPY_THRESHOLD, INLINE_LIMIT, KIND_REQUEST, KIND_RESULT
 
 WAIT_MS = 10000
-
-
-@pytest.fixture(params=["ipc", "tcp", "inproc"])
-def pair(request, ctx, ipc_url):
-    """A connected (sender, receiver) PAIR of sockets on each transport."""
-    url = {"ipc": ipc_url("pair"), "tcp": "tcp://127.0.0.1:*",
-           "inproc": "inproc://pair"}[request.param]
-    receiver = ctx.socket(zmq.PAIR)
-    receiver.bind(url)
-    sender = ctx.socket(zmq.PAIR)
-    sender.connect(receiver.getsockopt_string(zmq.LAST_ENDPOINT))
-    yield sender, receiver
-    sender.close(0)
-    receiver.close(0)
 
 
 def _stats():

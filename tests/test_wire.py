@@ -61,19 +61,6 @@ def inproc_pair(ctx):
     pull.close(0)
 
 
-@pytest.fixture(params=["ipc", "tcp", "inproc"])
-def pair(request, ctx, ipc_url):
-    url = {"ipc": ipc_url("w"), "tcp": "tcp://127.0.0.1:*", "inproc": "inproc://w"}[
-        request.param]
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(url)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(pull.getsockopt_string(zmq.LAST_ENDPOINT))
-    yield push, pull
-    push.close(0)
-    pull.close(0)
-
-
 def _recv(wire, socket, **kwargs):
     assert socket.poll(WAIT_MS), "nothing received within %d ms" % WAIT_MS
     return wire.recv_message(socket, **kwargs)
