@@ -318,3 +318,32 @@ def test_sink_kill_timeout_and_counters(wire, ctx, urls):
         zc.BasicSink.SendKillCommand(ctx, zc.Connect(cmd, bind=True), timeout=WAIT_MS)
         assert list(sink.Receive(timeout=WAIT_MS)) == []
         assert sink.messages_received == 4
+
+
+def test_worker_sees_a_kill_among_a_stream_of_requests(wire, ctx):
+    """While requests keep arriving, the command socket is looked at at least
+    once per COMMAND_CHECK_EVERY requests (not before every request: an empty
+    look costs libzmq two system calls)."""
+    push = ctx.socket(zmq.PUSH)
+    push.bind("inproc://stream-req")
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("inproc://stream-res")
+    pub = ctx.socket(zmq.XPUB)
+    pub.bind("inproc://stream-cmd")
+    worker = zc.BasicWorker(ctx, zc.Connect("inproc://stream-req"),
+                            zc.Connect("inproc://stream-res"),
+                            zc.Connect("inproc://stream-cmd"), receiver_timeout=WAIT_MS)
+    try:
+        worker.Setup()
+        assert pub.poll(WAIT_MS) and pub.recv() == b"\x01"  # the worker subscribed
+        queued = 10 * _wire_py.COMMAND_CHECK_EVERY
+        for i in range(queued):  # inproc: queued at the worker before Run starts
+            wire.send_message(push, i, KIND_REQUEST, i + 1)
+        wire.send_message(pub, zc.BasicWorker.CMD_KILL, KIND_COMMAND)
+        worker.Run()  # returns on the kill, with requests still queued
+        assert 0 < worker.requests_handled <= _wire_py.COMMAND_CHECK_EVERY + 1
+        for _ in range(worker.requests_handled):
+            assert _recv(wire, pull)[0] == KIND_RESULT
+    finally:
+        for sock in (push, pull, pub):
+            sock.close(0)

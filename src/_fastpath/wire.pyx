@@ -62,6 +62,8 @@ cdef object _KIND_COMMAND = KIND_COMMAND
 cdef object _py_send_message = _wire_py.send_message
 cdef object _py_recv_message = _wire_py.recv_message
 cdef object _py_timeout_ms = _wire_py._timeout_ms
+cdef int _CHECK_EVERY = _wire_py.COMMAND_CHECK_EVERY
+cdef long long _CHECK_MS = _wire_py.COMMAND_CHECK_MS
 
 cdef enum:
     _STACK_PARTS = 8
@@ -144,13 +146,14 @@ cdef int _recv_parts(void* handle, int flags, Parts* p) noexcept nogil:
 
 
 cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
-                       Parts* p) noexcept nogil:
-    """The next message on any of ``items`` (tried in order: the first is
-    read first when both are waiting): its index, _TIMEOUT, or _ERROR.
-    Polls only when no socket has a message waiting."""
+                       Parts* p, int start) noexcept nogil:
+    """The next message on any of ``items``: its index, _TIMEOUT, or
+    _ERROR. Without polling, tries ``items[start:]`` in order (the first is
+    read first when several are waiting); polls only when none of those has
+    a message, and then tries them all."""
     cdef int i, rc
     while True:
-        for i in range(nitems):
+        for i in range(start, nitems):
             if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
                 return i
             if p.err != EAGAIN:
@@ -161,6 +164,7 @@ cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
         if rc < 0:
             p.err = libzmq.zmq_errno()
             return _ERROR
+        start = 0
 
 
 cdef inline long long _now_ms() noexcept nogil:
@@ -179,7 +183,8 @@ cdef int _raise_errno(int err) except -1:
     raise _ZMQError(err)
 
 
-cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p) except? -10:
+cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p,
+               int first=0) except? -10:
     """_next_message without the GIL, retrying on EINTR as pyzmq does (signal
     handlers run; a timed poll goes on with the time left). Raises for other
     errors; returns an index or _TIMEOUT."""
@@ -189,7 +194,7 @@ cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p) except
         if timeout > 0:
             start = _now_ms()
         with nogil:
-            which = _next_message(items, nitems, timeout, p)
+            which = _next_message(items, nitems, timeout, p, first)
         if which != _ERROR:
             return which
         if p.err != EINTR:
@@ -382,8 +387,11 @@ def run_worker(worker):
     until HandleCommand returns True; ReceiverTimeoutException when neither a
     request nor a command arrives within ``worker.receiver_timeout`` ms.
 
-    Commands are looked at before every request. A message already waiting
-    is read without polling; the loop polls only when nothing is.
+    A message already waiting is read without polling; the loop polls (on
+    both sockets) only when no request is waiting. While requests keep
+    arriving, the command socket is looked at before the next request once
+    COMMAND_CHECK_EVERY requests or COMMAND_CHECK_MS ms have passed since it
+    was last looked at: an empty look costs libzmq two system calls.
     """
     requests, results, commands = worker._requests, worker._results, worker._commands
     if not (_usable(requests) and _usable(results)
@@ -393,11 +401,19 @@ def run_worker(worker):
     cdef Parts p
     cdef int nitems = _items(items, commands, requests)
     cdef int request_index = nitems - 1
-    cdef int which
+    cdef int which, start
     cdef long timeout = _py_timeout_ms(worker.receiver_timeout)
+    cdef int since_check = 0
+    cdef long long checked_at = _now_ms()
     _parts_init(&p)
     while True:
-        which = _wait(items, nitems, timeout, &p)
+        start = request_index
+        if since_check >= _CHECK_EVERY or _now_ms() - checked_at >= _CHECK_MS:
+            start = 0
+            since_check = 0
+            checked_at = _now_ms()
+        since_check += 1
+        which = _wait(items, nitems, timeout, &p, start)
         if which == _TIMEOUT:
             raise _RTE("no request or command within %s ms" % worker.receiver_timeout)
         frames = _frames(&p)

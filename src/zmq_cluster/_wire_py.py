@@ -34,6 +34,8 @@ the unsendable-result fallback, malformed messages), so both twins share
 them.
 """
 
+import time
+
 import zmq
 
 from . import framing
@@ -46,6 +48,13 @@ from .protocol import (
 
 __all__ = ["send_message", "recv_message", "peek_header", "run_worker", "sink_next",
            "send_requests", "STOP", "SKIP"]
+
+#: While requests keep arriving, a worker looks at its command socket at
+#: least once per this many requests...
+COMMAND_CHECK_EVERY = 64
+#: ...and at least once per this many milliseconds. (It always sees commands
+#: when it waits for a request.)
+COMMAND_CHECK_MS = 10
 
 #: Returned by :func:`sink_next` when a kill command ends the sink's Receive.
 STOP = type("_Stop", (), {"__repr__": lambda self: "STOP", "__slots__": ()})()
@@ -160,8 +169,11 @@ def run_worker(worker):
     until HandleCommand returns True; ReceiverTimeoutException when neither a
     request nor a command arrives within ``worker.receiver_timeout`` ms.
 
-    Commands are looked at before every request. A message already waiting
-    is read without polling; the loop polls only when nothing is.
+    A message already waiting is read without polling; the loop polls (on
+    both sockets) only when no request is waiting. While requests keep
+    arriving, the command socket is looked at before the next request once
+    COMMAND_CHECK_EVERY requests or COMMAND_CHECK_MS ms have passed since it
+    was last looked at: an empty look costs libzmq two system calls.
     """
     requests, results, commands = worker._requests, worker._results, worker._commands
     poller = zmq.Poller()
@@ -169,8 +181,16 @@ def run_worker(worker):
         poller.register(commands, _POLLIN)
     poller.register(requests, _POLLIN)
     timeout = _timeout_ms(worker.receiver_timeout)
+    since_check = 0
+    checked_at = time.monotonic()
     while True:
-        command_ready = commands is not None and _waiting(commands)
+        command_ready = False
+        if commands is not None and (since_check >= COMMAND_CHECK_EVERY or
+                                     time.monotonic() - checked_at >= COMMAND_CHECK_MS / 1000):
+            since_check = 0
+            checked_at = time.monotonic()
+            command_ready = _waiting(commands)
+        since_check += 1
         request_ready = _waiting(requests)
         if not (command_ready or request_ready):
             ready = dict(poller.poll(timeout))
