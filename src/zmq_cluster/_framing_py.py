@@ -6,6 +6,7 @@
 behaviour and writes the same bytes; ``zmq_cluster.framing`` picks one.
 """
 
+import math
 import pickle
 import struct
 
@@ -426,10 +427,7 @@ class _Decoder:
         at = self.pos - 1
         dtype = self.dtype(depth)
         shape, order = self.shape_and_order(at)
-        count = 1
-        for n in shape:
-            count *= n
-        nbytes = count * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         start = self.take(nbytes, "an inline array")
         order = "F" if order == ORDER_F else "C"
         self.copied += nbytes
@@ -444,10 +442,7 @@ class _Decoder:
         buf = self.frame("array at offset %d" % at)
         dtype = self.dtype(depth)
         shape, order = self.shape_and_order(at)
-        count = 1
-        for n in shape:
-            count *= n
-        nbytes = count * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes != buf.nbytes:
             raise MessageFormatError(
                 "array at offset %d is %s %s (%d bytes) but its frame has %d bytes"
