@@ -13,7 +13,11 @@ from .exceptions import (
     MessageFormatError, ReceiverTimeoutException, RemoteError, WorkerException,
 )
 from .framing import FASTPATH
+from .local import LocalCluster
 from .messages import ClusterRequest, ClusterResult
+from .pool import ClusterPool
+from .poolworker import run_worker
+from .scheduler import Scheduler
 from .sink import BasicSink, Sink
 from .sockets import Connect, FutureSocket, InitSocket, MakeSocket, SocketTypeToString
 from .ventilator import BasicVentilator, Ventilator
@@ -25,6 +29,7 @@ __all__ = [
     "BasicSink",
     "BasicVentilator",
     "BasicWorker",
+    "ClusterPool",
     "ClusterRequest",
     "ClusterResult",
     "Connect",
@@ -33,12 +38,15 @@ __all__ = [
     "InitSocket",
     "LaunchForwarderDevice",
     "LaunchStreamerDevice",
+    "LocalCluster",
     "MakeSocket",
     "MessageFormatError",
     "ReceiverTimeoutException",
     "RemoteError",
+    "Scheduler",
     "Sink",
     "SocketTypeToString",
     "Ventilator",
     "WorkerException",
+    "run_worker",
 ]

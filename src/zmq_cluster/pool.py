@@ -1,0 +1,496 @@
+"""ClusterPool: multiprocessing.Pool's API (plus futures) on a scheduler.
+
+Tasks are chunks of items (``chunksize``, as in multiprocessing), each its
+own task id, ledger entry and result; chunks travel in batches. A failing
+item fails alone: the other items of its chunk still return their results.
+Lazy input is read only as the stream's window frees up (``max_ahead``
+items and ``max_ahead_bytes`` bytes of encoded arguments read ahead of the
+consumer), so ``imap`` over an endless generator runs in bounded memory.
+"""
+
+import collections
+import concurrent.futures
+import itertools
+import sys
+import threading
+
+from . import schedproto as sp
+from .client import SchedulerClient
+from .taskcodec import decode_result, encode_task, rebuild_error
+
+__all__ = ["ClusterPool"]
+
+_RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+#: Tasks per batch a stream sends at once, at most.
+BATCH_TASKS = 256
+#: Bytes of arguments per batch, about.
+BATCH_BYTES = 4 << 20
+
+
+def _frames_nbytes(frames):
+    n = 0
+    for f in frames:
+        n += len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+    return n
+
+
+class _Future(concurrent.futures.Future):
+    """A Future whose cancel() also drops the task at the scheduler."""
+
+    _client = None
+    _tid = None
+
+    def cancel(self):
+        if super().cancel():
+            if self._client is not None:
+                try:
+                    self._client.cancel([self._tid])
+                except Exception:
+                    pass
+            return True
+        return False
+
+
+class _FutureSink:
+    __slots__ = ("future", "allow_pickle", "pool")
+
+    def __init__(self, future, allow_pickle, pool):
+        self.future = future
+        self.allow_pickle = allow_pickle
+        self.pool = pool
+
+    def deliver(self, tid, frames):
+        try:
+            values, errors = decode_result(frames, self.allow_pickle)
+        except Exception as exc:
+            ok, outcome = False, exc
+        else:
+            if errors:
+                ok, outcome = False, rebuild_error(errors[0], self.allow_pickle)
+            else:
+                ok, outcome = True, values[0]
+        if self.future.set_running_or_notify_cancel():
+            if ok:
+                self.future.set_result(outcome)
+            else:
+                self.future.set_exception(outcome)
+        self.pool._task_done()
+
+    def fail(self, exc):
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(exc)
+        self.pool._task_done()
+
+    def wake(self):
+        pass
+
+
+class _Stream:
+    """The results of one map/imap: reads input lazily, submits chunks in
+    batches within its window, yields results in order or as they come."""
+
+    def __init__(self, pool, fn, iterable, chunksize, mode, ordered, progress, total):
+        if chunksize < 1:
+            raise ValueError("chunksize must be at least 1, not %r" % (chunksize,))
+        self._pool = pool
+        self._client = pool._client
+        self._key = self._client.function_key(fn)
+        self._mode = mode
+        self._ordered = ordered
+        self._chunks = self._chunked(iter(iterable), chunksize)
+        self._timeout_ms = pool._timeout_ms
+        self._allow_pickle = pool._allow_pickle
+        self._max_ahead = pool._max_ahead
+        self._max_ahead_bytes = pool._max_ahead_bytes
+        self._cond = threading.Condition(threading.Lock())
+        self._arrived = collections.deque()   # (tid, frames) or (tid, exception)
+        self._meta = {}        # tid -> [chunk index, n items, nbytes]
+        self._done = {}        # chunk index -> outcomes (ordered streams)
+        self._next_chunk = 0   # next chunk index to yield (ordered)
+        self._chunk_count = 0  # chunks read from the input
+        self._ready = collections.deque()      # (ok, value, release bytes)
+        self._ahead = 0        # items read, not yet yielded
+        self._ahead_bytes = 0
+        self._exhausted = False
+        self._input_error = None
+        self._finished = False
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, file=sys.stderr, unit="item")
+
+    @staticmethod
+    def _chunked(it, size):
+        if size == 1:
+            for x in it:
+                yield [x]
+            return
+        while True:
+            chunk = list(itertools.islice(it, size))
+            if not chunk:
+                return
+            yield chunk
+
+    # called by the I/O thread
+    def deliver(self, tid, frames):
+        self._arrived.append((tid, frames))
+
+    def fail(self, exc):
+        self._arrived.append((None, exc))
+
+    def wake(self):
+        with self._cond:
+            self._cond.notify()
+
+    # consumer side
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next()
+
+    def next(self, timeout=None):
+        """The next result; raises the task's exception at its place (and
+        goes on with the next item when called again), StopIteration at the
+        end, TimeoutError after ``timeout`` seconds without one."""
+        while True:
+            if self._ready:
+                ok, value, release = self._ready.popleft()
+                self._ahead -= 1
+                self._ahead_bytes -= release
+                if self._bar is not None:
+                    self._bar.update(1)
+                if ok:
+                    return value
+                raise value
+            self._fill()
+            if self._arrived:
+                self._take()
+                continue
+            if self._exhausted and not self._meta and not self._done:
+                self._finish()
+                if self._input_error is not None:
+                    exc, self._input_error = self._input_error, None
+                    raise exc
+                raise StopIteration
+            with self._cond:
+                if not self._arrived:
+                    if not self._cond.wait(timeout) and not self._arrived:
+                        raise TimeoutError("no result within %g s" % timeout)
+
+    def _finish(self):
+        if not self._finished:
+            self._finished = True
+            if self._bar is not None:
+                self._bar.close()
+
+    def _fill(self):
+        """Read and submit chunks while the window has room."""
+        if self._exhausted:
+            return
+        pool = self._pool
+        room = self._max_ahead - self._ahead
+        if room < min(64, max(1, self._max_ahead // 4)) and self._ahead:
+            return
+        entries, frames, sinks = [], [], []
+        batch_bytes = 0
+        client = self._client
+        key = self._key
+        mode = self._mode
+        head = (key, self._timeout_ms)
+        meta = self._meta
+        while self._ahead < self._max_ahead and (self._ahead_bytes < self._max_ahead_bytes
+                                                 or not self._ahead):
+            if pool._state != _RUN and not self._ahead:
+                break
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                self._exhausted = True
+                break
+            except Exception as exc:
+                self._exhausted = True
+                self._input_error = exc
+                break
+            tid = client.new_task_id()
+            msg = encode_task(mode, chunk, tid)
+            entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid,) + head, msg)
+            nbytes = len(entry) + (_frames_nbytes(data) if data else 0)
+            n = len(chunk)
+            meta[tid] = [self._chunk_count, n, nbytes]
+            self._chunk_count += 1
+            self._ahead += n
+            self._ahead_bytes += nbytes
+            entries.append(entry)
+            frames.extend(data)
+            sinks.append((tid, self))
+            batch_bytes += nbytes
+            if len(entries) >= BATCH_TASKS or batch_bytes >= BATCH_BYTES:
+                pool._send(entries, frames, sinks)
+                entries, frames, sinks = [], [], []
+                batch_bytes = 0
+        if entries:
+            pool._send(entries, frames, sinks)
+
+    def _take(self):
+        """Move arrived results into the ready queue (in order if ordered)."""
+        arrived = self._arrived
+        allow = self._allow_pickle
+        meta = self._meta
+        while arrived:
+            tid, frames = arrived.popleft()
+            if tid is None:  # the connection is lost: every pending chunk fails
+                for t in list(meta):
+                    self._store(t, [(False, frames)] * meta[t][1])
+                continue
+            info = meta.get(tid)
+            if info is None:
+                continue
+            n = info[1]
+            try:
+                values, errors = decode_result(frames, allow)
+            except Exception as exc:
+                outcomes = [(False, exc)] * n
+            else:
+                if values is None:  # the whole task failed (made by the scheduler)
+                    outcomes = [(False, rebuild_error(errors[0], allow))] * n
+                elif len(values) != n:
+                    outcomes = [(False, ValueError("a result of %d items for a chunk of %d"
+                                                   % (len(values), n)))] * n
+                else:
+                    outcomes = [(True, v) for v in values]
+                    if errors:
+                        for e in errors:
+                            outcomes[e[0]] = (False, rebuild_error(e, allow))
+            self._store(tid, outcomes)
+            self._pool._task_done()
+
+    def _store(self, tid, outcomes):
+        index, n, nbytes = self._meta.pop(tid)
+        last = len(outcomes) - 1
+        if self._ordered:
+            self._done[index] = (outcomes, nbytes)
+            while self._next_chunk in self._done:
+                outs, nb = self._done.pop(self._next_chunk)
+                self._next_chunk += 1
+                self._extend(outs, nb)
+        else:
+            self._extend(outcomes, nbytes)
+
+    def _extend(self, outcomes, nbytes):
+        last = len(outcomes) - 1
+        ready = self._ready
+        for i, (ok, value) in enumerate(outcomes):
+            ready.append((ok, value, nbytes if i == last else 0))
+
+    def cancel(self):
+        """Drop what is still queued for this stream (after a failure in map)."""
+        ids = list(self._meta)
+        if ids:
+            for tid in ids:
+                self._client.forget(tid)
+                self._pool._task_done()
+            self._meta.clear()
+            try:
+                self._client.cancel(ids)
+            except Exception:
+                pass
+        self._finish()
+
+
+class ClusterPool:
+    """A pool of workers behind a scheduler, used like multiprocessing.Pool.
+
+    ``cluster``: a LocalCluster (or anything with an ``address``), a
+    scheduler address (``"tcp://head:5555"``, ``"ipc://..."``), or None to
+    start a LocalCluster owned (and closed) by the pool.
+
+    ``task_timeout``: seconds after which a running task (a chunk) is
+    abandoned, its worker replaced, and the task fails with TimeoutError.
+    ``allow_pickle``: whether results may be unpickled here (exceptions
+    rebuilt as their own type, pickled return values); None allows it for a
+    local scheduler (ipc, loopback). ``max_ahead``/``max_ahead_bytes``: how
+    far a map/imap reads its input ahead of the consumer (items, bytes of
+    encoded arguments). ``socket_options``: extra options for the sockets to
+    the scheduler (e.g. CURVE keys).
+    """
+
+    def __init__(self, cluster=None, *, task_timeout=None, allow_pickle=None,
+                 max_ahead=1000, max_ahead_bytes=256 << 20, heartbeat_timeout=10.0,
+                 socket_options=None, connect_timeout=30.0):
+        from .scheduler import is_local_address
+        self._own_cluster = None
+        if cluster is None:
+            from .local import LocalCluster
+            cluster = self._own_cluster = LocalCluster()
+        address = cluster if isinstance(cluster, str) else cluster.address
+        self.address = address
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be positive")
+        self._timeout_ms = 0 if task_timeout is None else max(1, int(task_timeout * 1000))
+        self._allow_pickle = is_local_address(address) if allow_pickle is None else allow_pickle
+        self._max_ahead = max(1, int(max_ahead))
+        self._max_ahead_bytes = max(1, int(max_ahead_bytes))
+        self._state = _RUN
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._futures = set()
+        try:
+            self._client = SchedulerClient(address, heartbeat_timeout=heartbeat_timeout,
+                                           socket_options=socket_options,
+                                           connect_timeout=connect_timeout)
+        except BaseException:
+            if self._own_cluster is not None:
+                self._own_cluster.close()
+            raise
+
+    # ---------------------------------------------------------------- state
+
+    def _check_running(self):
+        if self._state != _RUN:
+            raise ValueError("Pool not running")
+
+    def _send(self, entries, frames, sinks):
+        with self._cond:
+            self._pending += len(sinks)
+        self._client.send_tasks(entries, frames, sinks)
+
+    def _task_done(self):
+        with self._cond:
+            self._pending -= 1
+            if self._pending <= 0:
+                self._cond.notify_all()
+
+    def _workers(self):
+        try:
+            return max(1, len(self._client.stats()["workers"]))
+        except Exception:
+            return max(1, self._client.workers_at_start)
+
+    # ------------------------------------------------------------------ API
+
+    def submit(self, fn, /, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on a worker: a concurrent.futures.Future.
+
+        Arrays among the arguments are sent without a copy: do not change
+        them until the future is done."""
+        self._check_running()
+        client = self._client
+        key = client.function_key(fn)
+        tid = client.new_task_id()
+        fut = _Future()
+        fut._client, fut._tid = client, tid
+        msg = encode_task(sp.MODE_CALL, [(args, kwargs)], tid)
+        entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, self._timeout_ms), msg)
+        sink = _FutureSink(fut, self._allow_pickle, self)
+        self._send([entry], list(data), [(tid, sink)])
+        return fut
+
+    def apply(self, fn, args=(), kwds=None):
+        """``fn(*args, **kwds)`` on a worker, waiting for its result."""
+        return self.submit(fn, *args, **(kwds or {})).result()
+
+    def _stream(self, fn, iterable, chunksize, mode, ordered, progress):
+        self._check_running()
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        return _Stream(self, fn, iterable, chunksize, mode, ordered, progress, total)
+
+    def imap(self, fn, iterable, chunksize=1, progress=False):
+        """Like multiprocessing's imap: results in input order, input read lazily."""
+        return self._stream(fn, iterable, chunksize, sp.MODE_MAP, True, progress)
+
+    def imap_unordered(self, fn, iterable, chunksize=1, progress=False):
+        """Like imap, but results as they arrive."""
+        return self._stream(fn, iterable, chunksize, sp.MODE_MAP, False, progress)
+
+    def _chunksize(self, items, chunksize):
+        if chunksize is None:
+            # multiprocessing's rule: about four chunks per worker.
+            chunksize, extra = divmod(len(items), self._workers() * 4)
+            if extra:
+                chunksize += 1
+        return max(1, chunksize)
+
+    def _collect(self, stream):
+        out = []
+        try:
+            for value in stream:
+                out.append(value)
+        except BaseException:
+            stream.cancel()
+            raise
+        return out
+
+    def map(self, fn, iterable, chunksize=None, progress=False):
+        """``[fn(x) for x in iterable]`` on the workers, in order. Raises the
+        first failure in input order (the rest of the map is cancelled)."""
+        self._check_running()
+        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        return self._collect(self._stream(fn, items, self._chunksize(items, chunksize),
+                                          sp.MODE_MAP, True, progress))
+
+    def starmap(self, fn, iterable, chunksize=None, progress=False):
+        """``[fn(*args) for args in iterable]`` on the workers, in order."""
+        self._check_running()
+        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        return self._collect(self._stream(fn, items, self._chunksize(items, chunksize),
+                                          sp.MODE_STAR, True, progress))
+
+    def stats(self):
+        """One dict per live worker: host, pid, tasks (items done),
+        mean_task_seconds, state ("busy" or "idle"), last_seen (seconds
+        since the scheduler last heard from it)."""
+        keys = ("host", "pid", "tasks", "mean_task_seconds", "state", "last_seen")
+        return [{k: w[k] for k in keys} for w in self._client.stats()["workers"]]
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self):
+        """No more work; what was given still runs (see join)."""
+        if self._state == _RUN:
+            self._state = _CLOSE
+
+    def join(self, timeout=None):
+        """Wait for the tasks given to the pool, then release its connection
+        (after close() or terminate(), as multiprocessing requires)."""
+        if self._state == _RUN:
+            raise ValueError("Pool is still running")
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending <= 0 or self._client.lost is not None,
+                                timeout)
+        self._shutdown()
+
+    def terminate(self):
+        """Cancel this pool's tasks (its pending futures are cancelled; other
+        pools on the scheduler are untouched) and release its connection."""
+        if self._state == _TERMINATE and self._client._closed:
+            return
+        self._state = _TERMINATE
+        try:
+            self._client.cancel(None)
+        except Exception:
+            pass
+        for tid, sink in list(self._client._sinks.items()):
+            self._client.forget(tid)
+            if isinstance(sink, _FutureSink):
+                sink.future.cancel()
+        self._shutdown()
+
+    def _shutdown(self):
+        self._client.close()
+        if self._own_cluster is not None:
+            self._own_cluster.close()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc):
+        self.terminate()
+
+    def __del__(self):
+        try:
+            if self._state == _RUN and not self._client._closed:
+                self.terminate()
+        except Exception:
+            pass

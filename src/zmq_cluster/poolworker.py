@@ -1,0 +1,240 @@
+"""The pool worker: asks a scheduler for tasks, runs them, sends results.
+
+``run_worker(address)`` (or ``python -m zmq_cluster._start worker
+--connect ADDRESS``) connects a DEALER to the scheduler, says HELLO with its credit
+(how many tasks and bytes of arguments it is ready to hold), and then runs
+the tasks it is given in order. Results go back in batches: a batch is sent
+when the worker has nothing else in hand, when it holds 256 results, after
+2 ms, or at once when tasks take long (so no result waits behind another
+task). The credit it asks for follows its measured task time: tiny tasks,
+many in hand; long tasks, two (one running, one ready).
+
+Liveness is libzmq's: ZMTP heartbeats run in libzmq's I/O thread, so a task
+that holds the GIL does not make the worker look dead. When the connection
+drops (the scheduler declared this worker dead, e.g. after SIGSTOP), the
+worker forgets the tasks it held (they run elsewhere) and, once reconnected,
+says HELLO again. A task given a timeout runs under an interval timer whose
+SIGALRM (default action: end the process) stops a hung task even while it
+holds the GIL; the scheduler has already failed it with TimeoutError and a
+supervisor (LocalCluster) starts a new worker.
+"""
+
+import argparse
+import collections
+import logging
+import math
+import os
+import signal
+import socket as _socket
+import sys
+import time
+
+import zmq
+
+from . import framing
+from . import schedproto as sp
+from .functions import FunctionCache
+from .liveness import heartbeat_options
+from .protocol import KIND_REQUEST
+from .taskcodec import encode_result, run_items, task_failure
+
+__all__ = ["PoolWorker", "run_worker"]
+
+log = logging.getLogger("zmq_cluster.worker")
+
+#: Credit asked for before any task has been timed.
+INITIAL_CREDIT = 8
+#: Most tasks a worker asks to hold.
+MAX_CREDIT = 1024
+#: A worker asks for enough tasks to keep this many seconds of work in hand.
+CREDIT_SECONDS = 0.05
+#: Results held back for batching: at most this many, and this long.
+FLUSH_COUNT = 256
+FLUSH_SECONDS = 0.002
+#: Extra seconds the alarm gives a task beyond its timeout.
+ALARM_GRACE = 0.2
+
+
+class PoolWorker:
+    """A worker of the scheduler at ``address``.
+
+    ``credit_bytes``: bytes of task arguments the worker is ready to hold
+    (at least one task is always accepted). ``socket_options``: extra
+    options for the DEALER socket (e.g. CURVE keys).
+    """
+
+    def __init__(self, address, *, heartbeat_timeout=10.0, credit_bytes=256 << 20,
+                 socket_options=None, context=None):
+        self.address = address
+        self.heartbeat_timeout = heartbeat_timeout
+        self.credit_bytes = int(credit_bytes)
+        self.socket_options = dict(socket_options or {})
+        self._ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self._functions = FunctionCache()
+        self._queue = collections.deque()
+        self._out_entries = []
+        self._out_frames = []
+        self._out_since = 0.0
+        self._mean = None
+        self._credit = INITIAL_CREDIT
+        self._running = False
+        self.tasks_done = 0
+
+    def run(self):
+        """Serve tasks until the scheduler says STOP or :meth:`stop` is called."""
+        sock = self._sock = self._ctx.socket(zmq.DEALER)
+        opts = {zmq.LINGER: 2000, zmq.SNDHWM: 0, zmq.RCVHWM: 0}
+        opts.update(heartbeat_options(self.heartbeat_timeout))
+        opts.update(self.socket_options)
+        for opt, value in opts.items():
+            sock.setsockopt(opt, value)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.address)
+        self._handshakes = 0
+        self._hello()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        self._running = True
+        queue = self._queue
+        try:
+            while self._running:
+                if not queue:
+                    self._flush()
+                    poller.poll(1000)
+                self._read_monitor(monitor)
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._handle(sock.recv_multipart(copy=False))
+                while queue and self._running:
+                    self._run_one(queue.popleft())
+                    if (not queue or len(self._out_entries) >= FLUSH_COUNT
+                            or self._mean >= FLUSH_SECONDS / 4
+                            or time.monotonic() - self._out_since >= FLUSH_SECONDS):
+                        self._flush()
+                        break
+            self._flush()
+            self._send(sp.message(sp.BYE))
+        finally:
+            monitor.close(linger=0)
+            sock.close(linger=500)
+            if self._own_ctx:
+                self._ctx.term()
+
+    def stop(self):
+        self._running = False
+
+    def _send(self, frames):
+        self._sock.send_multipart(frames, copy=False)
+
+    def _hello(self):
+        self._send(sp.message(sp.HELLO, {
+            "role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
+            "credit": self._credit, "credit_bytes": self.credit_bytes}))
+
+    def _read_monitor(self, monitor):
+        from zmq.utils.monitor import parse_monitor_message
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                # Declared dead (or the scheduler went): what we hold runs elsewhere.
+                self._queue.clear()
+                self._out_entries.clear()
+                self._out_frames.clear()
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshakes += 1
+                if self._handshakes > 1:
+                    self._hello()
+
+    def _handle(self, frames):
+        try:
+            mtype, count, flags = sp.parse_ctl(frames[0].bytes)
+            if mtype == sp.TASKS:
+                table = frames[1].bytes
+                data = frames[2:]
+                trusted = bool(flags & sp.FLAG_TRUSTED)
+                append = self._queue.append
+                for (tid, key, timeout, inline, nfr), start, end, first in sp.split_table(
+                        table, count, sp.TASK_ENTRY, len(data)):
+                    msg = sp.entry_message(table[start:end], inline, data[first:first + nfr])
+                    append((tid, key, timeout, msg, trusted, end - start))
+            elif mtype == sp.FUNC:
+                key, module, qualname, pickled = sp.parse_body(frames[1].bytes)
+                self._functions.add(key, (module, qualname, pickled))
+            elif mtype == sp.RESET:
+                self._queue.clear()
+                self._out_entries.clear()
+                self._out_frames.clear()
+                self._hello()
+            elif mtype == sp.STOP:
+                self._running = False
+            elif mtype in (sp.WELCOME, sp.PROBE):
+                pass
+            else:
+                raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])
+        except (sp.ProtocolError, ValueError, TypeError) as exc:
+            log.warning("worker %d dropped a message: %s", os.getpid(), exc)
+
+    def _run_one(self, task):
+        tid, key, timeout_ms, msg, trusted, _ = task
+        start = time.perf_counter()
+        n = 0
+        try:
+            fn = self._functions.get(key, trusted)
+            kind, _, payload = framing.decode(msg, allow_pickle=trusted)
+            if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
+                raise ValueError("not a pool task")
+            mode, items = payload
+            n = len(items)
+            if timeout_ms:
+                signal.setitimer(signal.ITIMER_REAL, timeout_ms / 1000 + ALARM_GRACE)
+                try:
+                    values, errors = run_items(fn, mode, items)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            else:
+                values, errors = run_items(fn, mode, items)
+            result = encode_result(values, errors, tid)
+        except Exception as exc:
+            result = task_failure(exc, tid)
+        seconds = time.perf_counter() - start
+        self.tasks_done += n
+        entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))
+        if not self._out_entries:
+            self._out_since = time.monotonic()
+        self._out_entries.append(entry)
+        self._out_frames.extend(data)
+        mean = self._mean
+        self._mean = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+
+    def _flush(self):
+        if not self._out_entries:
+            return
+        mean = self._mean or 0.0
+        credit = MAX_CREDIT if mean <= 0 else 1 + math.ceil(CREDIT_SECONDS / mean)
+        self._credit = max(2, min(MAX_CREDIT, credit))
+        entries, frames = self._out_entries, self._out_frames
+        self._out_entries, self._out_frames = [], []
+        self._send([sp.ctl(sp.RESULTS, len(entries), self._credit), b"".join(entries)] + frames)
+
+
+def run_worker(address, **options):
+    """Run a pool worker for the scheduler at ``address`` in this process
+    until the scheduler stops it. Options as for :class:`PoolWorker`."""
+    PoolWorker(address, **options).run()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m zmq_cluster._start worker")
+    parser.add_argument("--connect", required=True)
+    parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    from .process import die_with_parent
+    die_with_parent()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(message)s")
+    worker = PoolWorker(args.connect, heartbeat_timeout=args.heartbeat_timeout)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    worker.run()
+    return 0
+
