@@ -167,13 +167,16 @@ def make_extensions():
 
 
 def install_requires():
+    # cloudpickle: functions by value (lambdas, closures, __main__);
+    # tqdm: the pool's progress bars. See README, "Dependencies".
+    pool = ["cloudpickle", "tqdm"]
     if NO_EXTENSIONS:
-        return ["pyzmq", "numpy"]
+        return ["pyzmq", "numpy"] + pool
     import zmq
 
     # The extension links pyzmq's bundled libzmq by its hashed file name and
     # cimports zmq.Frame's layout: both belong to this exact pyzmq release.
-    return ["pyzmq==%s" % zmq.__version__, "numpy"]
+    return ["pyzmq==%s" % zmq.__version__, "numpy"] + pool
 
 
 if NO_EXTENSIONS:

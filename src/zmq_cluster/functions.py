@@ -85,20 +85,41 @@ def describe(fn):
     return (module_name, qualname, _dumps(fn, module))
 
 
+def _user_modules():
+    """Modules of the user's own code now loaded: not the standard library,
+    not an installed package, not this package (every worker has it)."""
+    out = []
+    for name, module in list(sys.modules.items()):
+        if (module is None or "." in name or name == "__main__"
+                or name in _NEVER_BY_VALUE or getattr(module, "__file__", None) is None):
+            continue
+        if not _is_installed(module):
+            out.append(module)
+    return out
+
+
+_NEVER_BY_VALUE = {"zmq_cluster", "_pytest", "pytest", "pluggy", "py"}
+
+
 def _dumps(fn, module):
-    """cloudpickle ``fn`` by value (its module's code too, when given)."""
+    """cloudpickle ``fn`` by value, and with it what it uses from the user's
+    own modules (a test module, a script's directory), which the workers may
+    not be able to import."""
     with _PICKLE_LOCK:
-        by_value = module is not None and module.__name__ not in _registered()
-        if by_value:
-            try:
-                cloudpickle.register_pickle_by_value(module)
-            except ValueError:  # not importable as a top-level name: keep going
-                by_value = False
+        registered = _registered()
+        added = []
+        for mod in _user_modules():
+            if mod.__name__ not in registered:
+                try:
+                    cloudpickle.register_pickle_by_value(mod)
+                    added.append(mod)
+                except ValueError:
+                    pass
         try:
             return cloudpickle.dumps(fn, protocol=5)
         finally:
-            if by_value:
-                cloudpickle.unregister_pickle_by_value(module)
+            for mod in added:
+                cloudpickle.unregister_pickle_by_value(mod)
 
 
 def _registered():

@@ -409,7 +409,8 @@ class ClusterPool:
             chunksize, extra = divmod(len(items), self._workers() * 4)
             if extra:
                 chunksize += 1
-        return max(1, chunksize)
+            return max(1, chunksize)
+        return chunksize
 
     def _collect(self, stream):
         out = []

@@ -15,6 +15,8 @@ pickle too.
 import pickle
 import traceback
 
+import cloudpickle
+
 from . import framing
 from .exceptions import RemoteError, WorkerException
 from .protocol import KIND_REQUEST, KIND_RESULT
@@ -47,7 +49,9 @@ def encode_task(mode, items, task_id):
 def _error(index, exc):
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        blob = pickle.dumps(exc, protocol=5)
+        # cloudpickle: an exception class that came with a function by value
+        # goes back by value, and is the caller's own class again there.
+        blob = cloudpickle.dumps(exc, protocol=5)
         pickle.loads(blob)  # an exception that does not rebuild travels without
     except Exception:
         blob = None
