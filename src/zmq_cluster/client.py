@@ -65,6 +65,8 @@ class SchedulerClient:
         self._closed = False
         self._shutting_down = False
         self.lost = None
+        #: Results that arrived for no waiting task (cancelled ones).
+        self.unmatched_results = 0
         try:
             self._rx.connect(address)
             self._rx.send_multipart(sp.message(sp.HELLO, {
@@ -205,7 +207,9 @@ class SchedulerClient:
                                     table, count, sp.RESULT_ENTRY, len(data)):
                                 sink = sinks.pop(tid, None)
                                 if sink is None:
-                                    continue  # cancelled, or its caller gave up
+                                    # cancelled, or its caller gave up
+                                    self.unmatched_results += 1
+                                    continue
                                 sink.deliver(tid, sp.entry_message(table[start:end], inline,
                                                                    data[first:first + nfr]))
                                 touched.add(sink)
