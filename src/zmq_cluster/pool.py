@@ -89,7 +89,8 @@ class _Stream:
     """The results of one map/imap: reads input lazily, submits chunks in
     batches within its window, yields results in order or as they come."""
 
-    def __init__(self, pool, fn, iterable, chunksize, mode, ordered, progress, total):
+    def __init__(self, pool, fn, iterable, chunksize, mode, ordered, progress, total,
+                 max_ahead):
         if chunksize < 1:
             raise ValueError("chunksize must be at least 1, not %r" % (chunksize,))
         self._pool = pool
@@ -100,7 +101,7 @@ class _Stream:
         self._chunks = self._chunked(iter(iterable), chunksize)
         self._timeout_ms = pool._timeout_ms
         self._allow_pickle = pool._allow_pickle
-        self._max_ahead = pool._max_ahead
+        self._max_ahead = max_ahead
         self._max_ahead_bytes = pool._max_ahead_bytes
         self._cond = threading.Condition(threading.Lock())
         self._arrived = collections.deque()   # (tid, frames) or (tid, exception)
@@ -108,10 +109,13 @@ class _Stream:
         self._done = {}        # chunk index -> outcomes (ordered streams)
         self._next_chunk = 0   # next chunk index to yield (ordered)
         self._chunk_count = 0  # chunks read from the input
-        self._ready = collections.deque()      # (ok, value, release bytes)
+        self._ready = collections.deque()      # chunks: (values, {index: exc} or None, nbytes)
+        self._cur = None       # the chunk being yielded, and the position in it
+        self._pos = 0
         self._ahead = 0        # items read, not yet yielded
         self._ahead_bytes = 0
         self._exhausted = False
+        self._batch = 4        # tasks in the next batch sent
         self._input_error = None
         self._finished = False
         self._bar = None
@@ -154,29 +158,71 @@ class _Stream:
         goes on with the next item when called again), StopIteration at the
         end, TimeoutError after ``timeout`` seconds without one."""
         while True:
-            if self._ready:
-                ok, value, release = self._ready.popleft()
+            cur = self._cur
+            if cur is not None:
+                values, errors, nbytes = cur
+                i = self._pos
+                self._pos = i + 1
                 self._ahead -= 1
-                self._ahead_bytes -= release
+                if self._pos == len(values):
+                    self._cur = None
+                    self._ahead_bytes -= nbytes
                 if self._bar is not None:
                     self._bar.update(1)
-                if ok:
-                    return value
-                raise value
-            self._fill()
-            if self._arrived:
-                self._take()
+                if errors is not None and i in errors:
+                    raise errors[i]
+                return values[i]
+            if self._ready:
+                self._cur = self._ready.popleft()
+                self._pos = 0
                 continue
-            if self._exhausted and not self._meta and not self._done:
+            if not self._wait(timeout):
                 self._finish()
                 if self._input_error is not None:
                     exc, self._input_error = self._input_error, None
                     raise exc
                 raise StopIteration
+
+    def _wait(self, timeout):
+        """Submit what the window allows and wait for results to move into
+        the ready queue: False at the end of the stream."""
+        while not self._ready:
+            self._fill()
+            if self._arrived:
+                self._take()
+                continue
+            if self._exhausted and not self._meta and not self._done:
+                return False
             with self._cond:
                 if not self._arrived:
                     if not self._cond.wait(timeout) and not self._arrived:
                         raise TimeoutError("no result within %g s" % timeout)
+        return True
+
+    def collect(self):
+        """Every result, in order, as a list (map): chunk by chunk, raising
+        the first failure in input order and cancelling the rest."""
+        out = []
+        extend = out.extend
+        try:
+            while self._wait(None):
+                ready = self._ready
+                while ready:
+                    values, errors, nbytes = ready.popleft()
+                    self._ahead -= len(values)
+                    self._ahead_bytes -= nbytes
+                    if errors is not None:
+                        raise errors[min(errors)]
+                    extend(values)
+                    if self._bar is not None:
+                        self._bar.update(len(values))
+        except BaseException:
+            self.cancel()
+            raise
+        self._finish()
+        if self._input_error is not None:
+            raise self._input_error
+        return out
 
     def _finish(self):
         if not self._finished:
@@ -191,6 +237,8 @@ class _Stream:
         pool = self._pool
         room = self._max_ahead - self._ahead
         if room < min(64, max(1, self._max_ahead // 4)) and self._ahead:
+            return
+        if self._ahead_bytes >= self._max_ahead_bytes:
             return
         entries, frames, sinks = [], [], []
         batch_bytes = 0
@@ -225,10 +273,12 @@ class _Stream:
             frames.extend(data)
             sinks.append((tid, self))
             batch_bytes += nbytes
-            if len(entries) >= BATCH_TASKS or batch_bytes >= BATCH_BYTES:
+            if len(entries) >= self._batch or batch_bytes >= BATCH_BYTES:
                 pool._send(entries, frames, sinks)
                 entries, frames, sinks = [], [], []
                 batch_bytes = 0
+                # Small first batches get the workers going; then larger ones.
+                self._batch = min(BATCH_TASKS, 2 * self._batch)
         if entries:
             pool._send(entries, frames, sinks)
 
@@ -241,47 +291,42 @@ class _Stream:
             tid, frames = arrived.popleft()
             if tid is None:  # the connection is lost: every pending chunk fails
                 for t in list(meta):
-                    self._store(t, [(False, frames)] * meta[t][1])
+                    n = meta[t][1]
+                    self._store(t, [None] * n, {i: frames for i in range(n)})
                 continue
             info = meta.get(tid)
             if info is None:
                 continue
             n = info[1]
+            errs = None
             try:
                 values, errors = decode_result(frames, allow)
             except Exception as exc:
-                outcomes = [(False, exc)] * n
+                values, errs = [None] * n, {i: exc for i in range(n)}
             else:
                 if values is None:  # the whole task failed (made by the scheduler)
-                    outcomes = [(False, rebuild_error(errors[0], allow))] * n
-                elif len(values) != n:
-                    outcomes = [(False, ValueError("a result of %d items for a chunk of %d"
-                                                   % (len(values), n)))] * n
-                else:
-                    outcomes = [(True, v) for v in values]
-                    if errors:
-                        for e in errors:
-                            outcomes[e[0]] = (False, rebuild_error(e, allow))
-            self._store(tid, outcomes)
+                    exc = rebuild_error(errors[0], allow)
+                    values, errs = [None] * n, {i: exc for i in range(n)}
+                elif type(values) is not list or len(values) != n:
+                    exc = ValueError("a result of %r for a chunk of %d items" % (type(values), n))
+                    values, errs = [None] * n, {i: exc for i in range(n)}
+                elif errors:
+                    errs = {e[0]: rebuild_error(e, allow) for e in errors}
+            self._store(tid, values, errs)
             self._pool._task_done()
 
-    def _store(self, tid, outcomes):
+    def _store(self, tid, values, errors):
         index, n, nbytes = self._meta.pop(tid)
-        last = len(outcomes) - 1
         if self._ordered:
-            self._done[index] = (outcomes, nbytes)
-            while self._next_chunk in self._done:
-                outs, nb = self._done.pop(self._next_chunk)
-                self._next_chunk += 1
-                self._extend(outs, nb)
+            done = self._done
+            done[index] = (values, errors, nbytes)
+            nxt = self._next_chunk
+            while nxt in done:
+                self._ready.append(done.pop(nxt))
+                nxt += 1
+            self._next_chunk = nxt
         else:
-            self._extend(outcomes, nbytes)
-
-    def _extend(self, outcomes, nbytes):
-        last = len(outcomes) - 1
-        ready = self._ready
-        for i, (ok, value) in enumerate(outcomes):
-            ready.append((ok, value, nbytes if i == last else 0))
+            self._ready.append((values, errors, nbytes))
 
     def cancel(self):
         """Drop what is still queued for this stream (after a failure in map)."""
@@ -390,10 +435,15 @@ class ClusterPool:
         """``fn(*args, **kwds)`` on a worker, waiting for its result."""
         return self.submit(fn, *args, **(kwds or {})).result()
 
-    def _stream(self, fn, iterable, chunksize, mode, ordered, progress):
+    def _stream(self, fn, iterable, chunksize, mode, ordered, progress, max_ahead=None):
         self._check_running()
         total = len(iterable) if hasattr(iterable, "__len__") else None
-        return _Stream(self, fn, iterable, chunksize, mode, ordered, progress, total)
+        if max_ahead is None:
+            # Lazy input: at most max_ahead items ahead, but never fewer than
+            # eight chunks, or the workers would wait for the round trip.
+            max_ahead = max(self._max_ahead, 8 * chunksize)
+        return _Stream(self, fn, iterable, chunksize, mode, ordered, progress, total,
+                       max_ahead)
 
     def imap(self, fn, iterable, chunksize=1, progress=False):
         """Like multiprocessing's imap: results in input order, input read lazily."""
@@ -412,30 +462,22 @@ class ClusterPool:
             return max(1, chunksize)
         return chunksize
 
-    def _collect(self, stream):
-        out = []
-        try:
-            for value in stream:
-                out.append(value)
-        except BaseException:
-            stream.cancel()
-            raise
-        return out
-
     def map(self, fn, iterable, chunksize=None, progress=False):
         """``[fn(x) for x in iterable]`` on the workers, in order. Raises the
         first failure in input order (the rest of the map is cancelled)."""
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
-        return self._collect(self._stream(fn, items, self._chunksize(items, chunksize),
-                                          sp.MODE_MAP, True, progress))
+        # The input is in memory already (as in multiprocessing): only the
+        # bytes window bounds what is in flight.
+        return self._stream(fn, items, self._chunksize(items, chunksize), sp.MODE_MAP, True,
+                            progress, max_ahead=1 << 62).collect()
 
     def starmap(self, fn, iterable, chunksize=None, progress=False):
         """``[fn(*args) for args in iterable]`` on the workers, in order."""
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
-        return self._collect(self._stream(fn, items, self._chunksize(items, chunksize),
-                                          sp.MODE_STAR, True, progress))
+        return self._stream(fn, items, self._chunksize(items, chunksize), sp.MODE_STAR, True,
+                            progress, max_ahead=1 << 62).collect()
 
     def stats(self):
         """One dict per live worker: host, pid, tasks (items done),
