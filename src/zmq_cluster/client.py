@@ -126,13 +126,14 @@ class SchedulerClient:
                 pass
         return key
 
-    def send_tasks(self, entries, frames, sinks):
-        """Send one batch: ``entries`` (bytes each), their data ``frames``,
-        and ``sinks`` as ``[(task id, sink), ...]`` registered first."""
+    def send_tasks(self, entries, frames, tids, sink):
+        """Send one batch: ``entries`` (bytes each), their data ``frames``;
+        ``sink`` (registered first) receives the results of ``tids``."""
         if self.lost is not None:
             raise self.lost
-        for tid, sink in sinks:
-            self._sinks[tid] = sink
+        sinks = self._sinks
+        for tid in tids:
+            sinks[tid] = sink
         msg = [sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames
         with self._lock:
             self._tx.send_multipart(msg, copy=False)
@@ -200,21 +201,7 @@ class SchedulerClient:
                     try:
                         mtype, count, _ = sp.parse_ctl(frames[0].bytes)
                         if mtype == sp.RESULTS:
-                            table = frames[1].bytes
-                            data = frames[2:]
-                            touched = set()
-                            for (tid, inline, nfr, _, _), start, end, first in sp.split_table(
-                                    table, count, sp.RESULT_ENTRY, len(data)):
-                                sink = sinks.pop(tid, None)
-                                if sink is None:
-                                    # cancelled, or its caller gave up
-                                    self.unmatched_results += 1
-                                    continue
-                                sink.deliver(tid, sp.entry_message(table[start:end], inline,
-                                                                   data[first:first + nfr]))
-                                touched.add(sink)
-                            for sink in touched:
-                                sink.wake()
+                            self._results(frames, count)
                         elif mtype == sp.STATS:
                             reply = sp.parse_body(frames[1].bytes)
                             waiter = self._stats_waiters.get(reply.get("id"))
@@ -228,6 +215,45 @@ class SchedulerClient:
                         log.warning("pool dropped a message from the scheduler: %s", exc)
         except zmq.ContextTerminated:
             return
+
+    def _results(self, frames, count):
+        table = frames[1].bytes
+        data = frames[2:]
+        sinks = self._sinks
+        unpack = sp.RESULT_ENTRY.unpack_from
+        size = sp.RESULT_ENTRY.size
+        n = len(table)
+        off = first = 0
+        touched = None
+        last = None
+        for _ in range(count):
+            if off + size > n:
+                raise sp.ProtocolError("result table truncated")
+            tid, inline, nfr, _, _ = unpack(table, off)
+            end = off + size + inline
+            if end > n or not (inline or nfr) or first + nfr > len(data):
+                raise sp.ProtocolError("bad result table entry")
+            if inline:
+                msg = [table[off + size:end]]
+                if nfr:
+                    msg.extend(data[first:first + nfr])
+            else:
+                msg = list(data[first:first + nfr])
+            off = end
+            first += nfr
+            sink = sinks.pop(tid, None)
+            if sink is None:
+                self.unmatched_results += 1  # cancelled, or its caller gave up
+                continue
+            sink.deliver(tid, msg)
+            if sink is not last:
+                if touched is None:
+                    touched = set()
+                touched.add(sink)
+                last = sink
+        if touched:
+            for sink in touched:
+                sink.wake()
 
     def _lose(self, exc):
         if self.lost is None:

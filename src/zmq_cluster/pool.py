@@ -16,7 +16,14 @@ import threading
 
 from . import schedproto as sp
 from .client import SchedulerClient
+from . import framing
+from .protocol import KIND_REQUEST, KIND_RESULT
+from .schedproto import INLINE_HEADER_MAX
 from .taskcodec import decode_result, encode_task, rebuild_error
+
+_encode = framing.encode
+_decode = framing.decode
+_TASK_ENTRY_PACK = sp.TASK_ENTRY.pack
 
 __all__ = ["ClusterPool"]
 
@@ -74,12 +81,12 @@ class _FutureSink:
                 self.future.set_result(outcome)
             else:
                 self.future.set_exception(outcome)
-        self.pool._task_done()
+        self.pool._tasks_done(1)
 
     def fail(self, exc):
         if self.future.set_running_or_notify_cancel():
             self.future.set_exception(exc)
-        self.pool._task_done()
+        self.pool._tasks_done(1)
 
     def wake(self):
         pass
@@ -240,19 +247,22 @@ class _Stream:
             return
         if self._ahead_bytes >= self._max_ahead_bytes:
             return
-        entries, frames, sinks = [], [], []
+        entries, frames, tids = [], [], []
         batch_bytes = 0
         client = self._client
+        new_id = client.new_task_id
+        pack = _TASK_ENTRY_PACK
         key = self._key
-        mode = self._mode
-        head = (key, self._timeout_ms)
+        timeout = self._timeout_ms
+        task = (self._mode, None)
         meta = self._meta
+        chunks = self._chunks
         while self._ahead < self._max_ahead and (self._ahead_bytes < self._max_ahead_bytes
                                                  or not self._ahead):
             if pool._state != _RUN and not self._ahead:
                 break
             try:
-                chunk = next(self._chunks)
+                chunk = next(chunks)
             except StopIteration:
                 self._exhausted = True
                 break
@@ -260,60 +270,74 @@ class _Stream:
                 self._exhausted = True
                 self._input_error = exc
                 break
-            tid = client.new_task_id()
-            msg = encode_task(mode, chunk, tid)
-            entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid,) + head, msg)
-            nbytes = len(entry) + (_frames_nbytes(data) if data else 0)
+            tid = new_id()
+            msg = _encode((task[0], chunk), KIND_REQUEST, tid)
+            header = msg[0]
+            if len(msg) == 1 and len(header) < INLINE_HEADER_MAX:
+                entry = pack(tid, key, timeout, len(header), 0) + header
+                nbytes = len(entry)
+            else:
+                entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, timeout), msg)
+                nbytes = len(entry) + _frames_nbytes(data)
+                frames.extend(data)
             n = len(chunk)
-            meta[tid] = [self._chunk_count, n, nbytes]
+            meta[tid] = (self._chunk_count, n, nbytes)
             self._chunk_count += 1
             self._ahead += n
             self._ahead_bytes += nbytes
             entries.append(entry)
-            frames.extend(data)
-            sinks.append((tid, self))
+            tids.append(tid)
             batch_bytes += nbytes
             if len(entries) >= self._batch or batch_bytes >= BATCH_BYTES:
-                pool._send(entries, frames, sinks)
-                entries, frames, sinks = [], [], []
+                pool._send(entries, frames, tids, self)
+                entries, frames, tids = [], [], []
                 batch_bytes = 0
                 # Small first batches get the workers going; then larger ones.
                 self._batch = min(BATCH_TASKS, 2 * self._batch)
         if entries:
-            pool._send(entries, frames, sinks)
+            pool._send(entries, frames, tids, self)
 
     def _take(self):
         """Move arrived results into the ready queue (in order if ordered)."""
         arrived = self._arrived
         allow = self._allow_pickle
         meta = self._meta
-        while arrived:
-            tid, frames = arrived.popleft()
-            if tid is None:  # the connection is lost: every pending chunk fails
-                for t in list(meta):
-                    n = meta[t][1]
-                    self._store(t, [None] * n, {i: frames for i in range(n)})
-                continue
-            info = meta.get(tid)
-            if info is None:
-                continue
-            n = info[1]
-            errs = None
-            try:
-                values, errors = decode_result(frames, allow)
-            except Exception as exc:
-                values, errs = [None] * n, {i: exc for i in range(n)}
-            else:
-                if values is None:  # the whole task failed (made by the scheduler)
-                    exc = rebuild_error(errors[0], allow)
+        done = 0
+        try:
+            while arrived:
+                tid, frames = arrived.popleft()
+                if tid is None:  # the connection is lost: every pending chunk fails
+                    for t in list(meta):
+                        n = meta[t][1]
+                        self._store(t, [None] * n, {i: frames for i in range(n)})
+                    continue
+                info = meta.get(tid)
+                if info is None:
+                    continue
+                done += 1
+                n = info[1]
+                errs = None
+                try:
+                    kind, _, body = _decode(frames, allow)
+                    values, errors = body
+                    if kind != KIND_RESULT:
+                        raise ValueError("a message of kind %d as a result" % kind)
+                except Exception as exc:
                     values, errs = [None] * n, {i: exc for i in range(n)}
-                elif type(values) is not list or len(values) != n:
-                    exc = ValueError("a result of %r for a chunk of %d items" % (type(values), n))
-                    values, errs = [None] * n, {i: exc for i in range(n)}
-                elif errors:
-                    errs = {e[0]: rebuild_error(e, allow) for e in errors}
-            self._store(tid, values, errs)
-            self._pool._task_done()
+                else:
+                    if values is None and errors:  # the whole task failed (the scheduler said)
+                        exc = rebuild_error(errors[0], allow)
+                        values, errs = [None] * n, {i: exc for i in range(n)}
+                    elif type(values) is not list or len(values) != n:
+                        exc = ValueError("a result of %r for a chunk of %d items"
+                                         % (type(values), n))
+                        values, errs = [None] * n, {i: exc for i in range(n)}
+                    elif errors:
+                        errs = {e[0]: rebuild_error(e, allow) for e in errors}
+                self._store(tid, values, errs)
+        finally:
+            if done:
+                self._pool._tasks_done(done)
 
     def _store(self, tid, values, errors):
         index, n, nbytes = self._meta.pop(tid)
@@ -334,7 +358,7 @@ class _Stream:
         if ids:
             for tid in ids:
                 self._client.forget(tid)
-                self._pool._task_done()
+            self._pool._tasks_done(len(ids))
             self._meta.clear()
             try:
                 self._client.cancel(ids)
@@ -395,14 +419,14 @@ class ClusterPool:
         if self._state != _RUN:
             raise ValueError("Pool not running")
 
-    def _send(self, entries, frames, sinks):
+    def _send(self, entries, frames, tids, sink):
         with self._cond:
-            self._pending += len(sinks)
-        self._client.send_tasks(entries, frames, sinks)
+            self._pending += len(tids)
+        self._client.send_tasks(entries, frames, tids, sink)
 
-    def _task_done(self):
+    def _tasks_done(self, n):
         with self._cond:
-            self._pending -= 1
+            self._pending -= n
             if self._pending <= 0:
                 self._cond.notify_all()
 
@@ -428,7 +452,7 @@ class ClusterPool:
         msg = encode_task(sp.MODE_CALL, [(args, kwargs)], tid)
         entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, self._timeout_ms), msg)
         sink = _FutureSink(fut, self._allow_pickle, self)
-        self._send([entry], list(data), [(tid, sink)])
+        self._send([entry], list(data), [tid], sink)
         return fut
 
     def apply(self, fn, args=(), kwds=None):

@@ -21,6 +21,7 @@ supervisor (LocalCluster) starts a new worker.
 
 import argparse
 import collections
+import gc
 import logging
 import math
 import os
@@ -37,6 +38,9 @@ from .functions import FunctionCache
 from .liveness import heartbeat_options
 from .protocol import KIND_REQUEST
 from .taskcodec import encode_result, run_items, task_failure
+
+_decode = framing.decode
+_RESULT_ENTRY_PACK = sp.RESULT_ENTRY.pack
 
 __all__ = ["PoolWorker", "run_worker"]
 
@@ -77,6 +81,8 @@ class PoolWorker:
         self._out_frames = []
         self._out_since = 0.0
         self._mean = None
+        self._out_seconds = 0.0
+        self._last_key = self._last_trusted = self._last_fn = None
         self._credit = INITIAL_CREDIT
         self._running = False
         self.tasks_done = 0
@@ -106,10 +112,13 @@ class PoolWorker:
                 self._read_monitor(monitor)
                 while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._handle(sock.recv_multipart(copy=False))
+                run_one = self._run_one
+                out = self._out_entries
                 while queue and self._running:
-                    self._run_one(queue.popleft())
-                    if (not queue or len(self._out_entries) >= FLUSH_COUNT
-                            or self._mean >= FLUSH_SECONDS / 4
+                    run_one(queue.popleft())
+                    out = self._out_entries
+                    if (not queue or len(out) >= FLUSH_COUNT
+                            or self._out_seconds >= FLUSH_SECONDS
                             or time.monotonic() - self._out_since >= FLUSH_SECONDS):
                         self._flush()
                         break
@@ -153,11 +162,31 @@ class PoolWorker:
                 table = frames[1].bytes
                 data = frames[2:]
                 trusted = bool(flags & sp.FLAG_TRUSTED)
-                append = self._queue.append
-                for (tid, key, timeout, inline, nfr), start, end, first in sp.split_table(
-                        table, count, sp.TASK_ENTRY, len(data)):
-                    msg = sp.entry_message(table[start:end], inline, data[first:first + nfr])
-                    append((tid, key, timeout, msg, trusted, end - start))
+                tasks = []
+                append = tasks.append
+                unpack = sp.TASK_ENTRY.unpack_from
+                size = sp.TASK_ENTRY.size
+                n = len(table)
+                off = first = 0
+                for _ in range(count):
+                    if off + size > n:
+                        raise sp.ProtocolError("task table truncated")
+                    tid, key, timeout, inline, nfr = unpack(table, off)
+                    end = off + size + inline
+                    if end > n or not (inline or nfr) or first + nfr > len(data):
+                        raise sp.ProtocolError("bad task table entry")
+                    if inline:
+                        msg = [table[off + size:end]]
+                        if nfr:
+                            msg.extend(data[first:first + nfr])
+                    else:
+                        msg = list(data[first:first + nfr])
+                    append((tid, key, timeout, msg, trusted))
+                    off = end
+                    first += nfr
+                if off != n or first != len(data):
+                    raise sp.ProtocolError("stray bytes or frames after a task table")
+                self._queue.extend(tasks)
             elif mtype == sp.FUNC:
                 key, module, qualname, pickled = sp.parse_body(frames[1].bytes)
                 self._functions.add(key, (module, qualname, pickled))
@@ -176,12 +205,16 @@ class PoolWorker:
             log.warning("worker %d dropped a message: %s", os.getpid(), exc)
 
     def _run_one(self, task):
-        tid, key, timeout_ms, msg, trusted, _ = task
+        tid, key, timeout_ms, msg, trusted = task
         start = time.perf_counter()
         n = 0
         try:
-            fn = self._functions.get(key, trusted)
-            kind, _, payload = framing.decode(msg, allow_pickle=trusted)
+            if key == self._last_key and trusted == self._last_trusted:
+                fn = self._last_fn
+            else:
+                fn = self._functions.get(key, trusted)
+                self._last_key, self._last_trusted, self._last_fn = key, trusted, fn
+            kind, _, payload = _decode(msg, trusted)
             if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
                 raise ValueError("not a pool task")
             mode, items = payload
@@ -199,22 +232,27 @@ class PoolWorker:
             result = task_failure(exc, tid)
         seconds = time.perf_counter() - start
         self.tasks_done += n
-        entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))
+        header = result[0]
+        if len(result) == 1 and len(header) < sp.INLINE_HEADER_MAX:
+            entry = _RESULT_ENTRY_PACK(tid, len(header), 0, n, seconds) + header
+        else:
+            entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))
+            self._out_frames.extend(data)
         if not self._out_entries:
             self._out_since = time.monotonic()
         self._out_entries.append(entry)
-        self._out_frames.extend(data)
-        mean = self._mean
-        self._mean = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+        self._out_seconds += seconds
 
     def _flush(self):
-        if not self._out_entries:
+        entries = self._out_entries
+        if not entries:
             return
-        mean = self._mean or 0.0
-        credit = MAX_CREDIT if mean <= 0 else 1 + math.ceil(CREDIT_SECONDS / mean)
+        mean = self._out_seconds / len(entries)
+        self._mean = mean if self._mean is None else 0.5 * self._mean + 0.5 * mean
+        credit = MAX_CREDIT if self._mean <= 0 else 1 + math.ceil(CREDIT_SECONDS / self._mean)
         self._credit = max(2, min(MAX_CREDIT, credit))
-        entries, frames = self._out_entries, self._out_frames
-        self._out_entries, self._out_frames = [], []
+        frames = self._out_frames
+        self._out_entries, self._out_frames, self._out_seconds = [], [], 0.0
         self._send([sp.ctl(sp.RESULTS, len(entries), self._credit), b"".join(entries)] + frames)
 
 
@@ -234,6 +272,8 @@ def main(argv=None):
     die_with_parent()
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(message)s")
     worker = PoolWorker(args.connect, heartbeat_timeout=args.heartbeat_timeout)
+    gc.freeze()  # the loop's per-task objects are short-lived: collect rarely
+    gc.set_threshold(50_000, 50, 100)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     worker.run()
     return 0

@@ -20,6 +20,7 @@ Run it with ``Scheduler(listen).run()`` or
 
 import argparse
 import collections
+import gc
 import logging
 import os
 import signal
@@ -46,6 +47,9 @@ DRAIN_BATCH = 256
 SHUTDOWN_SECONDS = 2.0
 #: Tasks per TASKS message to one worker, at most.
 MAX_BATCH = 256
+
+_EVENTS = zmq.EVENTS
+_POLLIN = zmq.POLLIN
 
 _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
 
@@ -130,6 +134,7 @@ class Scheduler:
         self._funcs = {}          # fn key -> FUNC message frames
         self._fdmap = FdMap()
         self._stats_waiting = []  # STATS requests waiting for enough workers
+        self._timed = 0           # tasks in workers' hands that have a timeout
         self._next_client = 1
         self._next_worker = 1
         self.counters = collections.Counter()
@@ -146,22 +151,29 @@ class Scheduler:
         next_probe = time.monotonic() + probe_every
         router = self._router
         try:
+            monitor = self._monitor
+            handle = self._handle
+            recv = router.recv_multipart
             while self._running:
                 now = time.monotonic()
-                wait = min(next_probe, self._next_deadline(now)) - now
-                ready = dict(poller.poll(max(0, min(100, int(wait * 1000) + 1))))
-                if self._monitor in ready:
-                    self._read_monitor()
+                wait = next_probe - now
+                if self._timed:
+                    wait = min(wait, self._next_deadline(now) - now)
+                for sock, _ in poller.poll(max(0, min(100, int(wait * 1000) + 1))):
+                    if sock is monitor:
+                        self._read_monitor()
                 n = 0
-                while n < DRAIN_BATCH and router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._handle(router.recv_multipart(copy=False))
+                while n < DRAIN_BATCH and router.getsockopt(_EVENTS) & _POLLIN:
+                    handle(recv(copy=False))
                     n += 1
-                self._dispatch()
+                if self._active:
+                    self._dispatch()
                 now = time.monotonic()
                 if now >= next_probe:
                     self._probe()
                     next_probe = now + probe_every
-                self._check_timeouts(now)
+                if self._timed:
+                    self._check_timeouts(now)
                 if self._stopping is not None and (not self._workers or now > self._stopping):
                     break
         finally:
@@ -228,6 +240,12 @@ class Scheduler:
         except (sp.ProtocolError, ValueError, TypeError, KeyError) as exc:
             self.counters["malformed"] += 1
             log.warning("scheduler dropped a message from %r: %s", rid, exc)
+            peer = self._peers.get(rid)
+            if peer is not None and peer[0] == "worker":
+                # Its tasks would wait for results that cannot be read:
+                # they run elsewhere, and the worker must say HELLO again.
+                self._send(rid, sp.message(sp.RESET))
+                self._gone(rid, "sent a malformed message")
 
     def _hello(self, rid, frames):
         hello = sp.parse_body(frames[2].bytes)
@@ -272,25 +290,48 @@ class Scheduler:
     def _tasks(self, client, frames, count):
         table = frames[2].bytes
         data = frames[3:]
-        entries = sp.split_table(table, count, sp.TASK_ENTRY, len(data))
         ledger = self._ledger
         queue = client.queue
         prefix = client.no
-        for (tid, key, timeout, inline, nfr), start, end, first in entries:
-            fr = data[first:first + nfr]
+        funcs = self._funcs
+        unpack = sp.TASK_ENTRY.unpack_from
+        size = sp.TASK_ENTRY.size
+        n = len(table)
+        off = first = 0
+        for _ in range(count):
+            if off + size > n:
+                raise sp.ProtocolError("batch table truncated")
+            tid, key, timeout, inline, nfr = unpack(table, off)
+            end = off + size + inline
+            if end > n or not (inline or nfr):
+                raise sp.ProtocolError("bad batch table entry")
+            if nfr:
+                fr = data[first:first + nfr]
+                if len(fr) != nfr:
+                    raise sp.ProtocolError("batch table names more frames than arrived")
+                nbytes = end - off
+                for f in fr:
+                    nbytes += len(f)
+                first += nfr
+            else:
+                fr = ()
+                nbytes = end - off
+            entry = table[off:end]
+            off = end
             if tid >> 40 != prefix or tid in ledger:
                 self.counters["bad_task_id"] += 1
                 log.warning("scheduler rejected task id %x from client %d", tid, prefix)
                 continue
-            nbytes = end - start
-            for f in fr:
-                nbytes += len(f)
-            rec = [False, tid, key, timeout, table[start:end], inline, fr, nbytes, client, None, 0]
-            if key not in self._funcs:
+            rec = [False, tid, key, timeout, entry, inline, fr, nbytes, client, None, 0]
+            if key not in funcs:
                 self._fail(rec, LookupError("the scheduler has no function %016x" % key))
                 continue
             ledger[tid] = rec
             queue.append(rec)
+        if off != n or first != len(data):
+            log.warning("scheduler: stray bytes or frames after a batch table from client %d",
+                        prefix)
+            self.counters["malformed"] += 1
         if queue and client not in self._active:
             self._active.append(client)
 
@@ -335,7 +376,9 @@ class Scheduler:
     def _results(self, worker, frames, count, credit):
         table = frames[2].bytes
         data = frames[3:]
-        entries = sp.split_table(table, count, sp.RESULT_ENTRY, len(data))
+        counters = self.counters
+        counters["result_batches"] += 1
+        counters["results"] += count
         ledger = self._ledger
         inhand = worker.inhand
         if credit:
@@ -343,23 +386,47 @@ class Scheduler:
         forward = []
         first_client = None
         regroup = False
-        for (tid, inline, nfr, items, seconds), start, end, first in entries:
+        unpack = sp.RESULT_ENTRY.unpack_from
+        size = sp.RESULT_ENTRY.size
+        n = len(table)
+        off = first = 0
+        parsed = []
+        for _ in range(count):  # check the whole table before using any of it
+            if off + size > n:
+                raise sp.ProtocolError("result table truncated")
+            fields = unpack(table, off)
+            end = off + size + fields[1]
+            nfr = fields[2]
+            if end > n or not (fields[1] or nfr) or first + nfr > len(data):
+                raise sp.ProtocolError("bad result table entry")
+            parsed.append((fields, off, end, first))
+            off = end
+            first += nfr
+        if off != n or first != len(data):
+            raise sp.ProtocolError("stray bytes or frames after a result table")
+        tasks = 0
+        busy = 0.0
+        for (tid, _, nfr, items, seconds), start, end, first in parsed:
             rec = ledger.get(tid)
             if rec is None or rec[_WORKER] is not worker:
-                self.counters["late_results"] += 1
+                counters["late_results"] += 1
                 regroup = True
                 continue
             del ledger[tid]
             del inhand[tid]
             worker.inhand_bytes -= rec[_NBYTES]
-            worker.tasks += items
-            worker.busy += seconds
+            if rec[_TIMEOUT]:
+                self._timed -= 1
+            tasks += items
+            busy += seconds
             client = rec[_CLIENT]
             if first_client is None:
                 first_client = client
             elif client is not first_client:
                 regroup = True
             forward.append((client, start, end, first, nfr))
+        worker.tasks += tasks
+        worker.busy += busy
         worker.head_since = time.monotonic()
         if not forward:
             return
@@ -446,13 +513,21 @@ class Scheduler:
         entries = []
         frames = []
         inhand = worker.inhand
+        nbytes = 0
         for rec in batch:
             entries.append(rec[_ENTRY])
-            frames.extend(rec[_FRAMES])
+            if rec[_FRAMES]:
+                frames.extend(rec[_FRAMES])
             rec[_WORKER] = worker
             inhand[rec[_TID]] = rec
-            worker.inhand_bytes += rec[_NBYTES]
+            nbytes += rec[_NBYTES]
+            if rec[_TIMEOUT]:
+                self._timed += 1
+        worker.inhand_bytes += nbytes
         flags = sp.FLAG_TRUSTED if client.trusted else 0
+        counters = self.counters
+        counters["task_batches"] += 1
+        counters["tasks"] += len(batch)
         if not self._send(worker.rid, [sp.ctl(sp.TASKS, len(batch), flags),
                                        b"".join(entries)] + frames):
             return False  # _gone re-queued the batch with the worker's other tasks
@@ -500,6 +575,7 @@ class Scheduler:
             self.counters["workers_lost"] += 1
             recs = list(obj.inhand.values())
             obj.inhand.clear()
+            self._timed -= sum(1 for rec in recs if rec[_TIMEOUT])
             if recs:
                 head = recs[0]
                 elapsed = time.monotonic() - obj.head_since
@@ -561,6 +637,10 @@ def main(argv=None):
     die_with_parent()
     logging.basicConfig(level=args.log_level, format="%(asctime)s scheduler %(message)s")
     scheduler = Scheduler(args.listen, heartbeat_timeout=args.heartbeat_timeout)
+    # Per-task records are short-lived containers: collect young objects
+    # rarely (there are no cycles to find on the hot path).
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     if args.ready_fd is not None:
         os.write(args.ready_fd, (scheduler.address + "\n").encode())
