@@ -124,6 +124,7 @@ class Scheduler:
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._router.bind(listen)
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+
         self._running = False
         self._stopping = None     # deadline once told to shut down
         self._peers = {}          # routing id -> ("worker"|"client"|"submit", object)
@@ -253,10 +254,14 @@ class Scheduler:
             raise sp.ProtocolError("HELLO body is not a dict")
         if rid in self._peers:
             self._gone(rid, "said HELLO again")
-        fd = frames[2].get(zmq.SRCFD)
-        old = self._fdmap.hello(fd, rid)
-        if old is not None:
-            self._gone(old, "its descriptor was reused")
+        try:
+            fd = frames[2].get(zmq.SRCFD)
+        except zmq.ZMQError:
+            fd = None  # inproc: a peer in this process, which lives as long as we do
+        if fd is not None:
+            old = self._fdmap.hello(fd, rid)
+            if old is not None:
+                self._gone(old, "its descriptor was reused")
         trusted = self.trusted
         role = hello.get("role")
         now = time.monotonic()
