@@ -52,9 +52,11 @@ INITIAL_CREDIT = 8
 MAX_CREDIT = 1024
 #: A worker asks for enough tasks to keep this many seconds of work in hand.
 CREDIT_SECONDS = 0.05
-#: Results held back for batching: at most this many, and this long.
+#: Results held back for batching: at most this many, this long, this
+#: many bytes (a large result goes at once).
 FLUSH_COUNT = 256
 FLUSH_SECONDS = 0.002
+FLUSH_BYTES = 1 << 20
 #: Extra seconds the alarm gives a task beyond its timeout.
 ALARM_GRACE = 0.2
 
@@ -82,6 +84,7 @@ class PoolWorker:
         self._out_since = 0.0
         self._mean = None
         self._out_seconds = 0.0
+        self._out_bytes = 0
         self._last_key = self._last_trusted = self._last_fn = None
         self._credit = INITIAL_CREDIT
         self._running = False
@@ -119,6 +122,7 @@ class PoolWorker:
                     out = self._out_entries
                     if (not queue or len(out) >= FLUSH_COUNT
                             or self._out_seconds >= FLUSH_SECONDS
+                            or self._out_bytes >= FLUSH_BYTES
                             or time.monotonic() - self._out_since >= FLUSH_SECONDS):
                         self._flush()
                         break
@@ -141,15 +145,18 @@ class PoolWorker:
             "role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
             "credit": self._credit, "credit_bytes": self.credit_bytes}))
 
+    def _drop_held(self):
+        self._queue.clear()
+        self._out_entries, self._out_frames, self._out_seconds = [], [], 0.0
+        self._out_bytes = 0
+
     def _read_monitor(self, monitor):
         from zmq.utils.monitor import parse_monitor_message
         while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             event = parse_monitor_message(monitor.recv_multipart())["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 # Declared dead (or the scheduler went): what we hold runs elsewhere.
-                self._queue.clear()
-                self._out_entries.clear()
-                self._out_frames.clear()
+                self._drop_held()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshakes += 1
                 if self._handshakes > 1:
@@ -191,9 +198,7 @@ class PoolWorker:
                 key, module, qualname, pickled = sp.parse_body(frames[1].bytes)
                 self._functions.add(key, (module, qualname, pickled))
             elif mtype == sp.RESET:
-                self._queue.clear()
-                self._out_entries.clear()
-                self._out_frames.clear()
+                self._drop_held()
                 self._hello()
             elif mtype == sp.STOP:
                 self._running = False
@@ -238,6 +243,8 @@ class PoolWorker:
         else:
             entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))
             self._out_frames.extend(data)
+            for f in data:
+                self._out_bytes += len(f) if isinstance(f, bytes) else memoryview(f).nbytes
         if not self._out_entries:
             self._out_since = time.monotonic()
         self._out_entries.append(entry)
@@ -253,6 +260,7 @@ class PoolWorker:
         self._credit = max(2, min(MAX_CREDIT, credit))
         frames = self._out_frames
         self._out_entries, self._out_frames, self._out_seconds = [], [], 0.0
+        self._out_bytes = 0
         self._send([sp.ctl(sp.RESULTS, len(entries), self._credit), b"".join(entries)] + frames)
 
 

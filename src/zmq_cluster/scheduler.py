@@ -47,6 +47,9 @@ DRAIN_BATCH = 256
 SHUTDOWN_SECONDS = 2.0
 #: Tasks per TASKS message to one worker, at most.
 MAX_BATCH = 256
+#: A TASKS message is closed once it holds this many bytes (one large task
+#: per message), so a worker starts on the first while the next is in transit.
+MAX_BATCH_BYTES = 1 << 20
 
 _EVENTS = zmq.EVENTS
 _POLLIN = zmq.POLLIN
@@ -485,7 +488,8 @@ class Scheduler:
                 batch = []
                 room = worker.credit_bytes - worker.inhand_bytes
                 n = min(free, MAX_BATCH)
-                while queue and len(batch) < n:
+                size = 0
+                while queue and len(batch) < n and size < MAX_BATCH_BYTES:
                     rec = queue[0]
                     if rec[_Q]:
                         queue.popleft()
@@ -494,6 +498,7 @@ class Scheduler:
                         break
                     queue.popleft()
                     room -= rec[_NBYTES]
+                    size += rec[_NBYTES]
                     batch.append(rec)
                 active.rotate(-1)
                 if not queue:
