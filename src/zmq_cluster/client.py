@@ -15,6 +15,7 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict
+from typing import Any, Dict, List, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -43,7 +44,7 @@ class SchedulerClient:
                  connect_timeout=30.0):
         self.address = address
         self._ctx = zmq.Context()
-        opts = {zmq.LINGER: 0, zmq.SNDHWM: 0, zmq.RCVHWM: 0}
+        opts: Dict[Any, Any] = {zmq.LINGER: 0, zmq.SNDHWM: 0, zmq.RCVHWM: 0}
         opts.update(heartbeat_options(heartbeat_timeout))
         opts.update(socket_options or {})
         self._rx = self._ctx.socket(zmq.DEALER)
@@ -191,12 +192,12 @@ class SchedulerClient:
                 if self._wake_rx in ready:
                     return
                 if self._monitor in ready:
-                    while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    while cast(int, self._monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                         event = parse_monitor_message(self._monitor.recv_multipart())
                         if event["event"] == zmq.EVENT_DISCONNECTED:
                             self._lose(SchedulerLost("lost the connection to the scheduler "
                                                      "at %s" % self.address))
-                while rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while cast(int, rx.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     frames = rx.recv_multipart(copy=False)
                     try:
                         mtype, count, _ = sp.parse_ctl(frames[0].bytes)

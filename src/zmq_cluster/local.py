@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import weakref
+from typing import List, Optional
 
 from . import schedproto as sp
 from .client import SchedulerClient
@@ -27,7 +28,7 @@ __all__ = ["LocalCluster"]
 
 log = logging.getLogger("zmq_cluster.local")
 
-_LIVE = weakref.WeakSet()
+_LIVE: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 
 @atexit.register
@@ -47,8 +48,9 @@ class LocalCluster:
     ``close()`` or leaving the ``with`` block stops everything.
     """
 
-    def __init__(self, n_workers=None, *, transport="ipc", heartbeat_timeout=10.0,
-                 start_timeout=60.0, log_level="WARNING"):
+    def __init__(self, n_workers: Optional[int] = None, *, transport: str = "ipc",
+                 heartbeat_timeout: float = 10.0, start_timeout: float = 60.0,
+                 log_level: str = "WARNING") -> None:
         if transport not in ("ipc", "tcp"):
             raise ValueError("transport must be 'ipc' or 'tcp', not %r" % (transport,))
         self.n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
@@ -61,10 +63,11 @@ class LocalCluster:
         os.chmod(self._dir, 0o700)
         self._closed = False
         self._lock = threading.Lock()
-        self.workers = []          # live worker Popen objects
+        self.workers: List[subprocess.Popen] = []  # live worker processes
         self.restarts = 0
-        self.scheduler = None
-        self._control = None
+        self.scheduler: Optional[subprocess.Popen] = None
+        self.address = ""
+        self._control: Optional[SchedulerClient] = None
         self._wake_r, self._wake_w = os.pipe()
         _LIVE.add(self)
         try:
@@ -114,13 +117,15 @@ class LocalCluster:
                                     "--heartbeat-timeout", self.heartbeat_timeout,
                                     "--log-level", self.log_level))
 
-    def wait_for_workers(self, n, timeout=60.0):
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> int:
         """Wait until at least ``n`` workers are registered with the
         scheduler (its answer, not a sleep); TimeoutError after ``timeout``."""
+        if self._control is None:
+            raise RuntimeError("the cluster is not running")
         reply = self._control.stats(timeout=timeout, wait_workers=n)
         return len(reply["workers"])
 
-    def worker_pids(self):
+    def worker_pids(self) -> List[int]:
         """The pids of the worker processes this cluster started and that run."""
         with self._lock:
             return [p.pid for p in self.workers if p.poll() is None]
@@ -158,7 +163,7 @@ class LocalCluster:
         for fd in fds:
             os.close(fd)
 
-    def close(self, timeout=10.0):
+    def close(self, timeout: float = 10.0) -> None:
         """Stop the workers and the scheduler and remove the private directory."""
         with self._lock:
             if self._closed:
@@ -199,10 +204,10 @@ class LocalCluster:
                 pass
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self):
+    def __enter__(self) -> "LocalCluster":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self):

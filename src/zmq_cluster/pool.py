@@ -13,6 +13,8 @@ import concurrent.futures
 import itertools
 import sys
 import threading
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional,
+                    TypeVar)
 
 from . import schedproto as sp
 from .client import SchedulerClient
@@ -20,6 +22,11 @@ from . import framing
 from .protocol import KIND_REQUEST, KIND_RESULT
 from .schedproto import INLINE_HEADER_MAX
 from .taskcodec import decode_result, encode_task, rebuild_error
+
+if TYPE_CHECKING:
+    from .local import LocalCluster
+
+T = TypeVar("T")
 
 _encode = framing.encode
 _decode = framing.decode
@@ -44,8 +51,8 @@ def _frames_nbytes(frames):
 class _Future(concurrent.futures.Future):
     """A Future whose cancel() also drops the task at the scheduler."""
 
-    _client = None
-    _tid = None
+    _client: Optional[SchedulerClient] = None
+    _tid: int = 0
 
     def cancel(self):
         if super().cancel():
@@ -326,12 +333,12 @@ class _Stream:
                     values, errs = [None] * n, {i: exc for i in range(n)}
                 else:
                     if values is None and errors:  # the whole task failed (the scheduler said)
-                        exc = rebuild_error(errors[0], allow)
-                        values, errs = [None] * n, {i: exc for i in range(n)}
+                        failure = rebuild_error(errors[0], allow)
+                        values, errs = [None] * n, {i: failure for i in range(n)}
                     elif type(values) is not list or len(values) != n:
-                        exc = ValueError("a result of %r for a chunk of %d items"
-                                         % (type(values), n))
-                        values, errs = [None] * n, {i: exc for i in range(n)}
+                        failure = ValueError("a result of %r for a chunk of %d items"
+                                             % (type(values), n))
+                        values, errs = [None] * n, {i: failure for i in range(n)}
                     elif errors:
                         errs = {e[0]: rebuild_error(e, allow) for e in errors}
                 self._store(tid, values, errs)
@@ -384,15 +391,19 @@ class ClusterPool:
     the scheduler (e.g. CURVE keys).
     """
 
-    def __init__(self, cluster=None, *, task_timeout=None, allow_pickle=None,
-                 max_ahead=1000, max_ahead_bytes=256 << 20, heartbeat_timeout=10.0,
-                 socket_options=None, connect_timeout=30.0):
+    def __init__(self, cluster: "LocalCluster | str | None" = None, *,
+                 task_timeout: Optional[float] = None, allow_pickle: Optional[bool] = None,
+                 max_ahead: int = 1000, max_ahead_bytes: int = 256 << 20,
+                 heartbeat_timeout: float = 10.0,
+                 socket_options: Optional[Dict[int, Any]] = None,
+                 connect_timeout: float = 30.0) -> None:
         from .scheduler import is_local_address
         self._own_cluster = None
         if cluster is None:
             from .local import LocalCluster
             cluster = self._own_cluster = LocalCluster()
         address = cluster if isinstance(cluster, str) else cluster.address
+        assert address is not None
         self.address = address
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
@@ -403,7 +414,6 @@ class ClusterPool:
         self._state = _RUN
         self._pending = 0
         self._cond = threading.Condition()
-        self._futures = set()
         try:
             self._client = SchedulerClient(address, heartbeat_timeout=heartbeat_timeout,
                                            socket_options=socket_options,
@@ -438,7 +448,8 @@ class ClusterPool:
 
     # ------------------------------------------------------------------ API
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[..., T], /, *args: Any,
+               **kwargs: Any) -> "concurrent.futures.Future[T]":
         """Run ``fn(*args, **kwargs)`` on a worker: a concurrent.futures.Future.
 
         Arrays among the arguments are sent without a copy: do not change
@@ -455,7 +466,8 @@ class ClusterPool:
         self._send([entry], list(data), [tid], sink)
         return fut
 
-    def apply(self, fn, args=(), kwds=None):
+    def apply(self, fn: Callable[..., T], args: Iterable[Any] = (),
+              kwds: Optional[Dict[str, Any]] = None) -> T:
         """``fn(*args, **kwds)`` on a worker, waiting for its result."""
         return self.submit(fn, *args, **(kwds or {})).result()
 
@@ -469,11 +481,13 @@ class ClusterPool:
         return _Stream(self, fn, iterable, chunksize, mode, ordered, progress, total,
                        max_ahead)
 
-    def imap(self, fn, iterable, chunksize=1, progress=False):
+    def imap(self, fn: Callable[[Any], T], iterable: Iterable[Any], chunksize: int = 1,
+             progress: bool = False) -> Iterator[T]:
         """Like multiprocessing's imap: results in input order, input read lazily."""
         return self._stream(fn, iterable, chunksize, sp.MODE_MAP, True, progress)
 
-    def imap_unordered(self, fn, iterable, chunksize=1, progress=False):
+    def imap_unordered(self, fn: Callable[[Any], T], iterable: Iterable[Any],
+                       chunksize: int = 1, progress: bool = False) -> Iterator[T]:
         """Like imap, but results as they arrive."""
         return self._stream(fn, iterable, chunksize, sp.MODE_MAP, False, progress)
 
@@ -486,7 +500,8 @@ class ClusterPool:
             return max(1, chunksize)
         return chunksize
 
-    def map(self, fn, iterable, chunksize=None, progress=False):
+    def map(self, fn: Callable[[Any], T], iterable: Iterable[Any],
+            chunksize: Optional[int] = None, progress: bool = False) -> List[T]:
         """``[fn(x) for x in iterable]`` on the workers, in order. Raises the
         first failure in input order (the rest of the map is cancelled)."""
         self._check_running()
@@ -496,14 +511,15 @@ class ClusterPool:
         return self._stream(fn, items, self._chunksize(items, chunksize), sp.MODE_MAP, True,
                             progress, max_ahead=1 << 62).collect()
 
-    def starmap(self, fn, iterable, chunksize=None, progress=False):
+    def starmap(self, fn: Callable[..., T], iterable: Iterable[Iterable[Any]],
+                chunksize: Optional[int] = None, progress: bool = False) -> List[T]:
         """``[fn(*args) for args in iterable]`` on the workers, in order."""
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
         return self._stream(fn, items, self._chunksize(items, chunksize), sp.MODE_STAR, True,
                             progress, max_ahead=1 << 62).collect()
 
-    def stats(self):
+    def stats(self) -> List[Dict[str, Any]]:
         """One dict per live worker: host, pid, tasks (items done),
         mean_task_seconds, state ("busy" or "idle"), last_seen (seconds
         since the scheduler last heard from it)."""
@@ -512,12 +528,12 @@ class ClusterPool:
 
     # ------------------------------------------------------------ lifecycle
 
-    def close(self):
+    def close(self) -> None:
         """No more work; what was given still runs (see join)."""
         if self._state == _RUN:
             self._state = _CLOSE
 
-    def join(self, timeout=None):
+    def join(self, timeout: Optional[float] = None) -> None:
         """Wait for the tasks given to the pool, then release its connection
         (after close() or terminate(), as multiprocessing requires)."""
         if self._state == _RUN:
@@ -527,7 +543,7 @@ class ClusterPool:
                                 timeout)
         self._shutdown()
 
-    def terminate(self):
+    def terminate(self) -> None:
         """Cancel this pool's tasks (its pending futures are cancelled; other
         pools on the scheduler are untouched) and release its connection."""
         if self._state == _TERMINATE and self._client._closed:
@@ -548,11 +564,11 @@ class ClusterPool:
         if self._own_cluster is not None:
             self._own_cluster.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "ClusterPool":
         self._check_running()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.terminate()
 
     def __del__(self):

@@ -29,6 +29,7 @@ import signal
 import socket as _socket
 import sys
 import time
+from typing import Any, Deque, Dict, List, Optional, cast
 
 import zmq
 
@@ -69,8 +70,10 @@ class PoolWorker:
     options for the DEALER socket (e.g. CURVE keys).
     """
 
-    def __init__(self, address, *, heartbeat_timeout=10.0, credit_bytes=256 << 20,
-                 socket_options=None, context=None):
+    def __init__(self, address: str, *, heartbeat_timeout: float = 10.0,
+                 credit_bytes: int = 256 << 20,
+                 socket_options: Optional[Dict[int, Any]] = None,
+                 context: Optional[zmq.Context] = None) -> None:
         self.address = address
         self.heartbeat_timeout = heartbeat_timeout
         self.credit_bytes = int(credit_bytes)
@@ -78,9 +81,9 @@ class PoolWorker:
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._functions = FunctionCache()
-        self._queue = collections.deque()
-        self._out_entries = []
-        self._out_frames = []
+        self._queue: Deque[tuple] = collections.deque()
+        self._out_entries: List[bytes] = []
+        self._out_frames: List[Any] = []
         self._out_since = 0.0
         self._mean = None
         self._out_seconds = 0.0
@@ -90,10 +93,10 @@ class PoolWorker:
         self._running = False
         self.tasks_done = 0
 
-    def run(self):
+    def run(self) -> None:
         """Serve tasks until the scheduler says STOP or :meth:`stop` is called."""
         sock = self._sock = self._ctx.socket(zmq.DEALER)
-        opts = {zmq.LINGER: 2000, zmq.SNDHWM: 0, zmq.RCVHWM: 0}
+        opts: Dict[Any, Any] = {zmq.LINGER: 2000, zmq.SNDHWM: 0, zmq.RCVHWM: 0}
         opts.update(heartbeat_options(self.heartbeat_timeout))
         opts.update(self.socket_options)
         for opt, value in opts.items():
@@ -113,7 +116,7 @@ class PoolWorker:
                     self._flush()
                     poller.poll(1000)
                 self._read_monitor(monitor)
-                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     self._handle(sock.recv_multipart(copy=False))
                 run_one = self._run_one
                 out = self._out_entries
@@ -134,7 +137,8 @@ class PoolWorker:
             if self._own_ctx:
                 self._ctx.term()
 
-    def stop(self):
+    def stop(self) -> None:
+        """Make run() return after the task at hand."""
         self._running = False
 
     def _send(self, frames):
@@ -152,7 +156,7 @@ class PoolWorker:
 
     def _read_monitor(self, monitor):
         from zmq.utils.monitor import parse_monitor_message
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             event = parse_monitor_message(monitor.recv_multipart())["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 # Declared dead (or the scheduler went): what we hold runs elsewhere.
@@ -264,7 +268,7 @@ class PoolWorker:
         self._send([sp.ctl(sp.RESULTS, len(entries), self._credit), b"".join(entries)] + frames)
 
 
-def run_worker(address, **options):
+def run_worker(address: str, **options: Any) -> None:
     """Run a pool worker for the scheduler at ``address`` in this process
     until the scheduler stops it. Options as for :class:`PoolWorker`."""
     PoolWorker(address, **options).run()

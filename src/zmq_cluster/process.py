@@ -30,8 +30,8 @@ __all__ = ["spawn", "die_with_parent", "python_command"]
 
 _PR_SET_PDEATHSIG = 1
 
-_requests = queue.Queue()
-_spawner = None
+_requests: "queue.Queue[tuple]" = queue.Queue()
+_spawner: "threading.Thread | None" = None
 _spawner_lock = threading.Lock()
 
 

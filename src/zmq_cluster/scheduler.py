@@ -27,6 +27,7 @@ import signal
 import socket as _socket
 import sys
 import time
+from typing import Any, Deque, Dict, List, Optional, Tuple, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -57,7 +58,7 @@ _POLLIN = zmq.POLLIN
 _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
 
 
-def is_local_address(address):
+def is_local_address(address: str) -> bool:
     """Whether ``address`` is ipc://, inproc:// or loopback tcp://."""
     if address.startswith(("ipc://", "inproc://")):
         return True
@@ -111,15 +112,17 @@ class Scheduler:
     ``run()`` serves until a SHUTDOWN message, :meth:`stop`, or SIGTERM.
     """
 
-    def __init__(self, listen, *, heartbeat_timeout=10.0, trusted=None, socket_options=None,
-                 context=None):
+    def __init__(self, listen: str, *, heartbeat_timeout: float = 10.0,
+                 trusted: Optional[bool] = None,
+                 socket_options: Optional[Dict[int, Any]] = None,
+                 context: Optional[zmq.Context] = None) -> None:
         self.listen = listen
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.trusted = is_local_address(listen) if trusted is None else bool(trusted)
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._router = self._ctx.socket(zmq.ROUTER)
-        opts = {zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 0, zmq.RCVHWM: 0, zmq.LINGER: 0}
+        opts: Dict[Any, Any] = {zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 0, zmq.RCVHWM: 0, zmq.LINGER: 0}
         opts.update(heartbeat_options(self.heartbeat_timeout))
         opts.update(socket_options or {})
         for opt, value in opts.items():
@@ -130,22 +133,22 @@ class Scheduler:
 
         self._running = False
         self._stopping = None     # deadline once told to shut down
-        self._peers = {}          # routing id -> ("worker"|"client"|"submit", object)
-        self._workers = {}        # routing id -> _Worker
-        self._clients = {}        # client no -> _Client
-        self._active = collections.deque()  # clients with queued tasks
-        self._ledger = {}         # task id -> record
-        self._funcs = {}          # fn key -> FUNC message frames
+        self._peers: Dict[bytes, Tuple[str, Any]] = {}  # routing id -> (role, peer)
+        self._workers: Dict[bytes, _Worker] = {}
+        self._clients: Dict[int, _Client] = {}        # by client number
+        self._active: Deque[_Client] = collections.deque()  # clients with queued tasks
+        self._ledger: Dict[int, list] = {}           # task id -> record
+        self._funcs: Dict[int, list] = {}            # fn key -> FUNC message frames
         self._fdmap = FdMap()
-        self._stats_waiting = []  # STATS requests waiting for enough workers
+        self._stats_waiting: List[tuple] = []  # STATS requests waiting for enough workers
         self._timed = 0           # tasks in workers' hands that have a timeout
         self._next_client = 1
         self._next_worker = 1
-        self.counters = collections.Counter()
+        self.counters: "collections.Counter[str]" = collections.Counter()
 
     # ---------------------------------------------------------------- loop
 
-    def run(self):
+    def run(self) -> None:
         """Serve until stopped; closes the sockets on the way out."""
         self._running = True
         poller = zmq.Poller()
@@ -167,7 +170,7 @@ class Scheduler:
                     if sock is monitor:
                         self._read_monitor()
                 n = 0
-                while n < DRAIN_BATCH and router.getsockopt(_EVENTS) & _POLLIN:
+                while n < DRAIN_BATCH and cast(int, router.getsockopt(_EVENTS)) & _POLLIN:
                     handle(recv(copy=False))
                     n += 1
                 if self._active:
@@ -183,11 +186,12 @@ class Scheduler:
         finally:
             self.close()
 
-    def stop(self):
+    def stop(self) -> None:
         """Make :meth:`run` return (from a signal handler or another thread)."""
         self._running = False
 
-    def close(self):
+    def close(self) -> None:
+        """Close the sockets (run() does this when it returns)."""
         for sock in (self._monitor, self._router):
             try:
                 sock.close(linger=0)
@@ -558,7 +562,7 @@ class Scheduler:
     # ------------------------------------------------------------ liveness
 
     def _read_monitor(self):
-        while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, self._monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             event = parse_monitor_message(self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 rid = self._fdmap.disconnected(event["value"])
