@@ -48,7 +48,7 @@ __all__ = ["PoolWorker", "run_worker"]
 log = logging.getLogger("zmq_cluster.worker")
 
 #: Credit asked for before any task has been timed.
-INITIAL_CREDIT = 8
+INITIAL_CREDIT = 4
 #: Most tasks a worker asks to hold.
 MAX_CREDIT = 1024
 #: A worker asks for enough tasks to keep this many seconds of work in hand.

@@ -479,19 +479,30 @@ class Scheduler:
     # ------------------------------------------------------------ dispatch
 
     def _dispatch(self):
+        """Hand queued tasks to workers with credit: in passes, each worker
+        taking at most its share of what is queued, so that tasks whose
+        duration is not known yet are spread rather than piled on the first
+        worker; clients take turns."""
         active = self._active
-        if not active:
-            return
-        for worker in list(self._workers.values()):
-            while active:
-                free = worker.credit - len(worker.inhand)
-                if free <= 0 or (worker.inhand and worker.inhand_bytes >= worker.credit_bytes):
+        while active:
+            ready = [w for w in self._workers.values()
+                     if w.credit > len(w.inhand)
+                     and (not w.inhand or w.inhand_bytes < w.credit_bytes)]
+            if not ready:
+                return
+            queued = 0
+            for client in active:
+                queued += len(client.queue)
+            share = max(1, -(-queued // len(ready)))
+            progress = False
+            for worker in ready:
+                if not active:
                     break
                 client = active[0]
                 queue = client.queue
                 batch = []
                 room = worker.credit_bytes - worker.inhand_bytes
-                n = min(free, MAX_BATCH)
+                n = min(worker.credit - len(worker.inhand), share, MAX_BATCH)
                 size = 0
                 while queue and len(batch) < n and size < MAX_BATCH_BYTES:
                     rec = queue[0]
@@ -507,10 +518,11 @@ class Scheduler:
                 active.rotate(-1)
                 if not queue:
                     active.remove(client)
-                if batch and not self._send_batch(worker, client, batch):
-                    break
-                if not batch:
-                    continue
+                if batch:
+                    progress = True
+                    self._send_batch(worker, client, batch)
+            if not progress:
+                return
 
     def _send_batch(self, worker, client, batch):
         now = time.monotonic()

@@ -382,3 +382,20 @@ def test_ipc_cluster_dir_is_private(cluster):
     assert cluster.address.startswith("ipc://")
     path = os.path.dirname(cluster.address[len("ipc://"):])
     assert os.stat(path).st_mode & 0o777 == 0o700
+
+
+def sleep_pid(seconds):
+    import time
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_tasks_of_unknown_duration_spread_over_workers(cluster):
+    with zc.ClusterPool(cluster) as pool:
+        pids = pool.map(sleep_pid, [0.2] * 4, chunksize=1)
+    assert len(set(pids)) == cluster.n_workers  # not all piled on the first worker
+
+
+def test_pool_demo_runs():
+    from zmq_cluster import pool_demo
+    assert pool_demo.main(["--workers", "1", "--arrays", "6", "--size", "20"]) == 0
