@@ -84,11 +84,9 @@ class PoolWorker:
         self._queue: Deque[tuple] = collections.deque()
         self._out_entries: List[bytes] = []
         self._out_frames: List[Any] = []
-        self._out_since = 0.0
         self._mean = None
         self._out_seconds = 0.0
         self._out_bytes = 0
-        self._last_key = self._last_trusted = self._last_fn = None
         self._credit = INITIAL_CREDIT
         self._running = False
         self.tasks_done = 0
@@ -118,17 +116,9 @@ class PoolWorker:
                 self._read_monitor(monitor)
                 while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     self._handle(sock.recv_multipart(copy=False))
-                run_one = self._run_one
-                out = self._out_entries
-                while queue and self._running:
-                    run_one(queue.popleft())
-                    out = self._out_entries
-                    if (not queue or len(out) >= FLUSH_COUNT
-                            or self._out_seconds >= FLUSH_SECONDS
-                            or self._out_bytes >= FLUSH_BYTES
-                            or time.monotonic() - self._out_since >= FLUSH_SECONDS):
-                        self._flush()
-                        break
+                if queue and self._running:
+                    self._run_some()
+                    self._flush()
             self._flush()
             self._send(sp.message(sp.BYE))
         finally:
@@ -213,46 +203,61 @@ class PoolWorker:
         except (sp.ProtocolError, ValueError, TypeError) as exc:
             log.warning("worker %d dropped a message: %s", os.getpid(), exc)
 
-    def _run_one(self, task):
-        tid, key, timeout_ms, msg, trusted = task
-        start = time.perf_counter()
-        n = 0
-        try:
-            if key == self._last_key and trusted == self._last_trusted:
-                fn = self._last_fn
+    def _run_some(self):
+        """Run tasks from the queue until it is empty or the results held
+        back should go (FLUSH_COUNT results, FLUSH_SECONDS of work,
+        FLUSH_BYTES of data frames)."""
+        queue = self._queue
+        out = self._out_entries
+        out_frames = self._out_frames
+        functions = self._functions
+        perf_counter = time.perf_counter
+        pack = _RESULT_ENTRY_PACK
+        last_key = last_trusted = last_fn = None
+        seconds_held = self._out_seconds
+        done = 0
+        while queue:
+            tid, key, timeout_ms, msg, trusted = queue.popleft()
+            start = perf_counter()
+            n = 0
+            try:
+                if key != last_key or trusted != last_trusted:
+                    last_fn = functions.get(key, trusted)
+                    last_key, last_trusted = key, trusted
+                kind, _, payload = _decode(msg, trusted)
+                if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
+                    raise ValueError("not a pool task")
+                mode, items = payload
+                n = len(items)
+                if timeout_ms:
+                    signal.setitimer(signal.ITIMER_REAL, timeout_ms / 1000 + ALARM_GRACE)
+                    try:
+                        values, errors = run_items(last_fn, mode, items)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                else:
+                    values, errors = run_items(last_fn, mode, items)
+                result = encode_result(values, errors, tid)
+            except Exception as exc:
+                result = task_failure(exc, tid)
+            seconds = perf_counter() - start
+            done += n
+            seconds_held += seconds
+            header = result[0]
+            if len(result) == 1 and len(header) < sp.INLINE_HEADER_MAX:
+                out.append(pack(tid, len(header), 0, n, seconds) + header)
             else:
-                fn = self._functions.get(key, trusted)
-                self._last_key, self._last_trusted, self._last_fn = key, trusted, fn
-            kind, _, payload = _decode(msg, trusted)
-            if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
-                raise ValueError("not a pool task")
-            mode, items = payload
-            n = len(items)
-            if timeout_ms:
-                signal.setitimer(signal.ITIMER_REAL, timeout_ms / 1000 + ALARM_GRACE)
-                try:
-                    values, errors = run_items(fn, mode, items)
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-            else:
-                values, errors = run_items(fn, mode, items)
-            result = encode_result(values, errors, tid)
-        except Exception as exc:
-            result = task_failure(exc, tid)
-        seconds = time.perf_counter() - start
-        self.tasks_done += n
-        header = result[0]
-        if len(result) == 1 and len(header) < sp.INLINE_HEADER_MAX:
-            entry = _RESULT_ENTRY_PACK(tid, len(header), 0, n, seconds) + header
-        else:
-            entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))
-            self._out_frames.extend(data)
-            for f in data:
-                self._out_bytes += len(f) if isinstance(f, bytes) else memoryview(f).nbytes
-        if not self._out_entries:
-            self._out_since = time.monotonic()
-        self._out_entries.append(entry)
-        self._out_seconds += seconds
+                entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))
+                out.append(entry)
+                out_frames.extend(data)
+                for f in data:
+                    self._out_bytes += len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+                if self._out_bytes >= FLUSH_BYTES:
+                    break
+            if len(out) >= FLUSH_COUNT or seconds_held >= FLUSH_SECONDS:
+                break
+        self._out_seconds = seconds_held
+        self.tasks_done += done
 
     def _flush(self):
         entries = self._out_entries
