@@ -529,13 +529,12 @@ class Scheduler:
         if not worker.inhand:
             worker.head_since = now
         funcs = worker.funcs
-        for rec in batch:
-            key = rec[_KEY]
-            if key not in funcs:
-                if not self._send(worker.rid, list(self._funcs[key])):
-                    self._requeue(batch)
-                    return False
-                funcs.add(key)
+        missing = {rec[_KEY] for rec in batch} - funcs
+        for key in missing:  # each function once per worker, before its first task
+            if not self._send(worker.rid, list(self._funcs[key])):
+                self._requeue(batch)
+                return False
+            funcs.add(key)
         entries = []
         frames = []
         inhand = worker.inhand
