@@ -228,9 +228,9 @@ def test_standalone_scheduler_with_run_worker_processes(ipc_url):
             assert {w["pid"] for w in pool.stats()} == {p.pid for p in procs}
             pool._client.send_shutdown()
         t.join(10)
-        assert not t.is_alive()
-        for p in procs:
-            assert p.wait(10) == 0
+        assert not t.is_alive(), "the scheduler did not stop"
+        codes = [p.wait(10) for p in procs]
+        assert codes == [0, 0], "workers exited with %s" % codes
     finally:
         s.stop()
         for p in procs:
