@@ -152,7 +152,8 @@ class SchedulerClient:
             self._tx.send_multipart(sp.message(sp.CANCEL, ids))
 
     def forget(self, tid):
-        self._sinks.pop(tid, None)
+        """Stop waiting for ``tid``: its sink, or None if it was not waited for."""
+        return self._sinks.pop(tid, None)
 
     def pending(self):
         return len(self._sinks)

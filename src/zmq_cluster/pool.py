@@ -51,18 +51,20 @@ def _frames_nbytes(frames):
 class _Future(concurrent.futures.Future):
     """A Future whose cancel() also drops the task at the scheduler."""
 
-    _client: Optional[SchedulerClient] = None
+    _pool: Optional["ClusterPool"] = None
     _tid: int = 0
 
-    def cancel(self):
-        if super().cancel():
-            if self._client is not None:
-                try:
-                    self._client.cancel([self._tid])
-                except Exception:
-                    pass
-            return True
-        return False
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        pool = self._pool
+        if pool is not None and pool._client.forget(self._tid) is not None:
+            pool._tasks_done(1)
+            try:
+                pool._client.cancel([self._tid])
+            except Exception:
+                pass  # the pool is closing: nothing will run it
+        return True
 
 
 class _FutureSink:
@@ -459,7 +461,7 @@ class ClusterPool:
         key = client.function_key(fn)
         tid = client.new_task_id()
         fut = _Future()
-        fut._client, fut._tid = client, tid
+        fut._pool, fut._tid = self, tid
         msg = encode_task(sp.MODE_CALL, [(args, kwargs)], tid)
         entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, self._timeout_ms), msg)
         sink = _FutureSink(fut, self._allow_pickle, self)
@@ -556,7 +558,10 @@ class ClusterPool:
         for tid, sink in list(self._client._sinks.items()):
             self._client.forget(tid)
             if isinstance(sink, _FutureSink):
-                sink.future.cancel()
+                concurrent.futures.Future.cancel(sink.future)
+        with self._cond:
+            self._pending = 0
+            self._cond.notify_all()
         self._shutdown()
 
     def _shutdown(self):

@@ -399,3 +399,15 @@ def test_tasks_of_unknown_duration_spread_over_workers(cluster):
 def test_pool_demo_runs():
     from zmq_cluster import pool_demo
     assert pool_demo.main(["--workers", "1", "--arrays", "6", "--size", "20"]) == 0
+
+
+def test_join_after_cancelled_futures(cluster):
+    pool = zc.ClusterPool(cluster)
+    futs = [pool.submit(sleep_pid, 0.05) for _ in range(30)]
+    cancelled = [f for f in futs if f.cancel()]
+    assert cancelled  # the tail was still queued or in flight
+    pool.close()
+    pool.join(timeout=RESULT_TIMEOUT)
+    assert pool._pending == 0
+    for f in futs:
+        assert f.cancelled() or isinstance(f.result(0), int)
