@@ -188,8 +188,19 @@ class _Stream:
                 if errors is not None and i in errors:
                     raise errors[i]
                 return values[i]
-            if self._ready:
-                self._cur = self._ready.popleft()
+            ready = self._ready
+            if ready:
+                chunk = ready.popleft()
+                values = chunk[0]
+                if len(values) == 1:  # chunksize 1: no position to keep
+                    self._ahead -= 1
+                    self._ahead_bytes -= chunk[2]
+                    if self._bar is not None:
+                        self._bar.update(1)
+                    if chunk[1] is not None:
+                        raise chunk[1][0]
+                    return values[0]
+                self._cur = chunk
                 self._pos = 0
                 continue
             if not self._wait(timeout):
@@ -311,6 +322,8 @@ class _Stream:
         arrived = self._arrived
         allow = self._allow_pickle
         meta = self._meta
+        ordered = self._ordered
+        ready_append = self._ready.append
         done = 0
         try:
             while arrived:
@@ -343,7 +356,11 @@ class _Stream:
                         values, errs = [None] * n, {i: failure for i in range(n)}
                     elif errors:
                         errs = {e[0]: rebuild_error(e, allow) for e in errors}
-                self._store(tid, values, errs)
+                if ordered:
+                    self._store(tid, values, errs)
+                else:
+                    del meta[tid]
+                    ready_append((values, errs, info[2]))
         finally:
             if done:
                 self._pool._tasks_done(done)

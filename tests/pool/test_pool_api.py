@@ -396,9 +396,6 @@ def test_tasks_of_unknown_duration_spread_over_workers(cluster):
     assert len(set(pids)) == cluster.n_workers  # not all piled on the first worker
 
 
-def test_pool_demo_runs():
-    from zmq_cluster import pool_demo
-    assert pool_demo.main(["--workers", "1", "--arrays", "6", "--size", "20"]) == 0
 
 
 def test_join_after_cancelled_futures(cluster):
