@@ -412,7 +412,7 @@ class ClusterPool:
 
     def __init__(self, cluster: "LocalCluster | str | None" = None, *,
                  task_timeout: Optional[float] = None, allow_pickle: Optional[bool] = None,
-                 max_ahead: int = 1000, max_ahead_bytes: int = 256 << 20,
+                 max_ahead: int = 4096, max_ahead_bytes: int = 256 << 20,
                  heartbeat_timeout: float = 10.0,
                  socket_options: Optional[Dict[int, Any]] = None,
                  connect_timeout: float = 30.0) -> None:
