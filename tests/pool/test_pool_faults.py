@@ -51,23 +51,38 @@ def first(a):
     return float(a[0])
 
 
+def _kill_when_busy(pool, after, killed):
+    """In a thread: once the workers have done ``after`` tasks, SIGKILL one
+    that holds tasks (it answers STATS; bounded)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = pool._client.stats()["workers"]
+        if sum(w["tasks"] for w in workers) >= after:
+            for w in workers:
+                if w["in_hand"] > 0:
+                    os.kill(w["pid"], signal.SIGKILL)
+                    killed.append(w["pid"])
+                    return
+
+
 def test_kill9_one_of_three_workers_mid_map():
     with zc.LocalCluster(3, heartbeat_timeout=2.0) as cluster:
         with zc.ClusterPool(cluster) as pool:
-            out = []
-            victim = None
-            for i, v in enumerate(pool.imap(slow_echo, range(2000))):
-                out.append(v)
-                if i == 200:
-                    victim = worker_holding_tasks(pool)
-                    os.kill(victim, signal.SIGKILL)
-            assert out == list(range(2000))
-            assert pool._client.unmatched_results == 0  # no result came twice
+            killed = []
+            killer = threading.Thread(target=_kill_when_busy, args=(pool, 300, killed))
+            killer.start()
+            try:
+                out = pool.map(slow_echo, range(2000), chunksize=1)
+            finally:
+                killer.join(60)
+            assert len(killed) == 1, "no worker was killed mid-map"
+            assert out == list(range(2000))             # every result, in order
+            assert pool._client.unmatched_results == 0  # none came twice
             counters = scheduler_counters(pool)
             assert counters["workers_lost"] >= 1 and counters["redispatched"] >= 1
-            assert wait_gone([victim], 10) == []
+            assert wait_gone(killed, 10) == []
             cluster.wait_for_workers(3, timeout=30)  # the nanny replaced it
-            assert victim not in cluster.worker_pids()
+            assert killed[0] not in cluster.worker_pids()
 
 
 def test_sigstop_worker_tasks_rerun_and_late_results_dropped():
@@ -80,6 +95,13 @@ def test_sigstop_worker_tasks_rerun_and_late_results_dropped():
             os.kill(victim, signal.SIGSTOP)
             stopped = time.monotonic()
             try:
+                # Declared dead within heartbeat_timeout (plus one heartbeat
+                # interval and scheduling slack): it leaves the worker list.
+                while victim in {w["pid"] for w in pool._client.stats()["workers"]}:
+                    assert time.monotonic() - stopped < timeout + 1.5, \
+                        "the stopped worker was not declared dead in time"
+                declared = time.monotonic() - stopped
+                assert declared >= timeout * 0.5  # by its silence, not by accident
                 got += [it.next(RESULT_TIMEOUT) for _ in range(96)]
                 elapsed = time.monotonic() - stopped
                 with pytest.raises(StopIteration):
