@@ -491,7 +491,8 @@ REJECTIONS = {
     "inline array in a list, short": (_msg(b"l\x01\x00\x00\x00" + _inline(bytes(47))),
                                       r"inline array needs 48 bytes at offset \d+, 47 left"),
     "inline array size overflows": (_msg(_inline(bytes(8), shape=(2**63, 4))),
-                                    r"needs %d bytes" % (2**63 * 4 * 8)),
+                                    r"of shape 9223372036854775808x4 and dtype float64 is "
+                                    r"beyond the size limit"),
     "inline order byte X": (_msg(_inline(bytes(48), order=b"X")),
                             r"order 'X', expected 'C' or 'F'"),
     "inline dtype not understood": (_msg(_inline(bytes(48), dtype="x9")), r"bad dtype"),
@@ -540,8 +541,8 @@ def test_zero_itemsize_scalars_round_trip(twin, obj):
 
 
 @pytest.mark.parametrize("obj", [{1, 2}, ClusterRequest(np.arange(3), {"tags": frozenset()}),
-                                 [np.arange(3), ZeroDivisionError("x")]],
-                         ids=["set", "frozenset in metadata", "exception after an array"])
+                                 [np.arange(3), range(3)]],
+                         ids=["set", "frozenset in metadata", "range after an array"])
 def test_decoder_refuses_pickle_when_not_allowed(twin, obj):
     frames = twin.encode(obj, KIND_REQUEST, 1)
     with pytest.raises(MessageFormatError, match=r"pickle is not allowed"):
