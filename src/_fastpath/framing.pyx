@@ -55,10 +55,10 @@ import numpy as np
 
 from zmq_cluster import _framing_common as common
 from zmq_cluster._framing_common import (
-    E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND, E_MAGIC,
+    E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND, E_MAGIC,
     E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD,
     E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG, E_TRAILING, E_UNHASHABLE,
-    E_UNREFERENCED, E_UTF8, E_VERSION, X_COMMAND, X_DEEP, X_PICKLE, X_U32,
+    E_UNREFERENCED, E_UTF8, E_VERSION, X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32,
 )
 from zmq_cluster.exceptions import EncodeError, MessageFormatError
 from zmq_cluster.messages import ClusterRequest, ClusterResult
@@ -235,6 +235,13 @@ cdef object _exception_fields = common.exception_fields
 cdef object _exception_value = common.exception_value
 cdef object _truncated = common.truncated
 cdef object _count_error = common.count_error
+cdef object _bad_code_points = common.bad_code_points
+cdef object _array_bad_code_points = common.array_bad_code_points
+
+
+cdef inline bint _has_text(cnp.dtype dtype):
+    """Whether ``dtype`` may hold 'U' items (see bad_code_points)."""
+    return dtype.type_num == cnp.NPY_UNICODE or cnp.PyDataType_HASFIELDS(dtype)
 
 
 include "framing_encode.pxi"

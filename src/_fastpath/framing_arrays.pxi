@@ -47,6 +47,8 @@ cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs, int depth) except -1:
     value = _dtype_header(dtype)
     if value is None or dtype.itemsize == 0:
         return 0
+    if _has_text(dtype) and _array_bad_code_points(arr):
+        raise _EncodeError(X_CODE_POINT % dtype)
     if flags & cnp.NPY_ARRAY_C_CONTIGUOUS:
         order = O_C
     elif flags & cnp.NPY_ARRAY_F_CONTIGUOUS:
@@ -191,6 +193,8 @@ cdef object _inline_array(Dec* d, int depth):
     dtype = _dtype(d, depth)
     _read_shape(d, at, dtype, &s)
     start = _take(d, s.nbytes, "an inline array")
+    if _has_text(dtype) and _bad_code_points(_header_slice(d, start, s.nbytes), dtype):
+        raise _MFE(E_CODE_POINT % ("array", at, dtype))
     d.copied += s.nbytes
     return _copied(d, &s, dtype, d.p + start)
 
@@ -208,6 +212,8 @@ cdef object _array(Dec* d, int depth):
     _read_shape(d, at, dtype, &s)
     if s.nbytes != fsize:
         raise _MFE(E_FRAME_SIZE % (at, _shape_text(_shape_of(d, &s)), dtype, s.nbytes, fsize))
+    if _has_text(dtype) and _bad_code_points(_as_buffer(owner), dtype):
+        raise _MFE(E_CODE_POINT % ("array", at, dtype))
     # A view on the frame, or an aligned copy: the pure twin's rule.
     if d.threshold_c:
         copy = <long long>s.nbytes < d.threshold
@@ -227,15 +233,19 @@ cdef object _array(Dec* d, int depth):
 
 
 cdef object _scalar(Dec* d, int depth):
+    cdef Py_ssize_t at = d.pos - 1
     cdef Py_ssize_t n, start
-    dtype = _dtype(d, depth)
+    cdef cnp.dtype dtype = _dtype(d, depth)
     n = _u32(d, "a scalar length")
     start = _take(d, n, "a scalar")
     if n != dtype.itemsize:
         raise _MFE(E_SCALAR % (dtype, n, dtype.itemsize))
     if n == 0:  # an empty str_, bytes_ or void: zeros, one item
         return _np_zeros((), dtype)[()]
-    return _np_frombuffer(_header_slice(d, start, n), dtype)[0]
+    data = _header_slice(d, start, n)
+    if _has_text(dtype) and _bad_code_points(data, dtype):
+        raise _MFE(E_CODE_POINT % ("scalar", at, dtype))
+    return _np_frombuffer(data, dtype)[0]
 
 
 cdef inline tuple _shape_of(Dec* d, Shape* s):

@@ -176,6 +176,8 @@ cdef int _enc_scalar(Writer* w, object obj, list bufs, int depth) except -1:
     value = _dtype_header(<cnp.dtype>scalar.dtype)
     if value is None:
         return False
+    if _has_text(<cnp.dtype>scalar.dtype) and _array_bad_code_points(scalar):
+        raise _EncodeError(X_CODE_POINT % scalar.dtype)
     raw = scalar.tobytes()
     _put_byte(w, T_SCALAR)
     _put_dtype(w, value, bufs, depth + 1)

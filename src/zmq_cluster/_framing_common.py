@@ -60,6 +60,7 @@ E_TOO_BIG = ("array at offset %%d of shape %%s and dtype %%s is beyond the size 
              "(%d bytes, counting non-zero dimensions)" % MAX_ARRAY_BYTES)
 E_FRAME_SIZE = "array at offset %d is %s %s (%d bytes) but its frame has %d bytes"
 E_SCALAR = "scalar of dtype %s has %d bytes, expected %d"
+E_CODE_POINT = "%s at offset %d holds a character beyond U+10FFFF (dtype %s)"
 E_PICKLE_REFUSED = "pickled value at offset %d refused: pickle is not allowed from this peer"
 E_PICKLE_COMMAND = "pickled value at offset %d in a COMMAND message: commands never carry pickle"
 E_PICKLE_ARGS = ("pickled value at offset %d in an exception's args: exception args are "
@@ -76,6 +77,8 @@ X_DEEP = ("cannot encode values nested deeper than %d levels (MAX_DEPTH): receiv
           "reject them" % MAX_DEPTH)
 X_U32 = "cannot encode %%s of %%d %%s: the format's u32 field holds at most %d" % U32_MAX
 X_PICKLE = "cannot encode %s object: %s"
+X_CODE_POINT = ("cannot encode an array or scalar of dtype %s holding a character beyond "
+                "U+10FFFF: no numpy can read it")
 X_COMMAND = ("cannot encode %s object in a COMMAND message: it has no native encoding, and "
              "commands never carry pickle")
 
@@ -195,7 +198,10 @@ def _descr_itemsize(descr, nesting, fields):
                                       and type(name[0]) is str and type(name[1]) is str)):
             raise _BadDtype("a field's name is a str or a (title, name) tuple of strs")
         if type(ftype) is str:
-            size = typestr_itemsize(ftype)
+            try:
+                size = typestr_itemsize(ftype)
+            except _BadDtype as exc:
+                raise _BadDtype("field %s: type %s: %s" % (_short(name), _short(ftype), exc))
         elif type(ftype) is list:
             size = _descr_itemsize(ftype, nesting + 1, fields)
         else:
@@ -252,8 +258,72 @@ def dtype_value(dtype):
     return descr
 
 
+_CODE_POINT_PLANS = {}  # dtype -> None, or (a dtype viewing its 'U' items as u4, paths)
+
+
+def bad_code_points(data, dtype):
+    """Whether the bytes ``data`` (a whole number of items of ``dtype``)
+    hold, in a 'U' item, a code point beyond U+10FFFF: numpy cannot make a
+    str of such an item (it raises SystemError), so no array may hold one."""
+    try:
+        plan = _CODE_POINT_PLANS[dtype]
+    except KeyError:
+        plan = _code_point_plan(dtype)
+        if len(_CODE_POINT_PLANS) >= _CACHE_MAX:
+            _CODE_POINT_PLANS.clear()
+        _CODE_POINT_PLANS[dtype] = plan
+    if plan is None or dtype.itemsize == 0:
+        return False
+    view_dtype, paths = plan
+    values = np.frombuffer(data, view_dtype)
+    for path in paths:
+        leaf = values
+        for name in path:
+            leaf = leaf[name]
+        if leaf.size and leaf.max() > 0x10FFFF:
+            return True
+    return False
+
+
+def array_bad_code_points(arr):
+    """bad_code_points for the items of an array (encode's check)."""
+    dtype = arr.dtype
+    if dtype.kind != "U" and dtype.fields is None:
+        return False
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        arr = np.ascontiguousarray(arr)
+    return bad_code_points(frame_buffer(arr), dtype)
+
+
+def _code_point_plan(dtype):
+    paths = []
+    view_dtype = _code_point_dtype(dtype, (), paths)
+    return (view_dtype, paths) if paths else None
+
+
+def _code_point_dtype(dtype, path, paths):
+    """``dtype`` with each 'U' item replaced by as many u4 of the same byte
+    order (same offsets and size); appends the fields' paths to ``paths``."""
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return np.dtype((_code_point_dtype(base, path, paths), shape))
+    if dtype.fields is None:
+        if dtype.kind != "U":
+            return dtype
+        paths.append(path)
+        return np.dtype((dtype.byteorder.replace("|", "=") + "u4", (dtype.itemsize // 4,)))
+    names = dtype.names
+    formats = [_code_point_dtype(dtype.fields[name][0], path + (name,), paths)
+               for name in names]
+    return np.dtype({"names": list(names), "formats": formats,
+                     "offsets": [dtype.fields[name][1] for name in names],
+                     "itemsize": dtype.itemsize})
+
+
 def _short(s):
-    return repr(s) if len(s) <= _LONGEST_TYPESTR else repr(s[:_LONGEST_TYPESTR]) + "..."
+    """repr(s) of a str or a (title, name) pair, cut short."""
+    text = repr(s)
+    return text if len(text) <= _LONGEST_TYPESTR else text[:_LONGEST_TYPESTR] + "..."
 
 
 def dtype_of_str(s, at):

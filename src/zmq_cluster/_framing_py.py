@@ -17,11 +17,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._framing_common import (
-    C128, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND,
+    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND,
     E_MAGIC, E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS, E_PICKLE_COMMAND,
     E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG, E_TRAILING,
-    E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32, X_COMMAND,
-    X_DEEP, X_PICKLE, X_U32, aligned_empty, as_buffer, count_error, dtype_value,
+    E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32, X_CODE_POINT,
+    X_COMMAND, X_DEEP, X_PICKLE, X_U32, aligned_empty, array_bad_code_points, as_buffer, bad_code_points,
+    count_error, dtype_value,
     exception_fields, exception_value, frame_buffer, read_dtype, truncated,
 )
 from .exceptions import EncodeError, MessageFormatError
@@ -186,6 +187,8 @@ class _Encoder:
         value = dtype_value(dtype)
         if value is None or dtype.itemsize == 0:
             return False
+        if array_bad_code_points(arr):
+            raise EncodeError(X_CODE_POINT % dtype)
         flags = arr.flags
         if flags.c_contiguous:
             order = ORDER_C
@@ -233,6 +236,8 @@ class _Encoder:
         value = dtype_value(scalar.dtype)
         if value is None:
             return False
+        if array_bad_code_points(scalar):
+            raise EncodeError(X_CODE_POINT % scalar.dtype)
         raw = scalar.tobytes()
         self.parts.append(b"g")
         self.dtype(value, depth + 1)
@@ -491,6 +496,7 @@ class _Decoder:
         return dtype
 
     def scalar(self, depth):
+        at = self.pos - 1
         dtype = self.dtype(depth)
         n = self.u32("a scalar length")
         start = self.take(n, "a scalar")
@@ -498,7 +504,10 @@ class _Decoder:
             raise MessageFormatError(E_SCALAR % (dtype, n, dtype.itemsize))
         if n == 0:  # an empty str_, bytes_ or void: zeros, one item
             return np.zeros((), dtype)[()]
-        return np.frombuffer(self.header[start:start + n], dtype)[0]
+        data = self.header[start:start + n]
+        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(data, dtype):
+            raise MessageFormatError(E_CODE_POINT % ("scalar", at, dtype))
+        return np.frombuffer(data, dtype)[0]
 
     # Arrays: where the bytes come from (the header, or a frame) is the only
     # difference between the two forms; both read and check their fields
@@ -525,6 +534,9 @@ class _Decoder:
         dtype = self.dtype(depth)
         shape, order, nbytes = self.array_fields(at, dtype)
         start = self.take(nbytes, "an inline array")
+        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(
+                self.header[start:start + nbytes], dtype):
+            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
         self.copied += nbytes
         flat = aligned_empty(nbytes, self.alignment or dtype.alignment)
         flat[:] = self.header[start:start + nbytes]
@@ -538,6 +550,8 @@ class _Decoder:
         if nbytes != buf.nbytes:
             raise MessageFormatError(E_FRAME_SIZE % (at, _shape_text(shape), dtype, nbytes,
                                                      buf.nbytes))
+        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(buf, dtype):
+            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
         flat = np.frombuffer(buf, np.uint8)
         align = self.alignment or dtype.alignment
         if (nbytes < self.copy_threshold or flat.ctypes.data % align
