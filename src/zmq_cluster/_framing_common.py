@@ -20,6 +20,7 @@ import re
 import struct
 import sys
 import traceback
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -221,8 +222,8 @@ def _descr_itemsize(descr, nesting, fields):
     return total
 
 
-_VALUE_OF_DTYPE = {}  # simple (not structured) dtype -> its type string, or None
-_DTYPE_OF_STR = {}    # type string -> dtype
+_VALUE_OF_DTYPE: Dict[np.dtype, Optional[str]] = {}  # simple dtype -> its type string or None
+_DTYPE_OF_STR: Dict[str, np.dtype] = {}  # type string -> dtype
 _CACHE_MAX = 512
 
 
@@ -258,7 +259,8 @@ def dtype_value(dtype):
     return descr
 
 
-_CODE_POINT_PLANS = {}  # dtype -> None, or (a dtype viewing its 'U' items as u4, paths)
+# dtype -> None, or (a dtype viewing its 'U' items as u4, the paths to them)
+_CODE_POINT_PLANS: Dict[np.dtype, Optional[Tuple[np.dtype, List[Tuple[str, ...]]]]] = {}
 
 
 def bad_code_points(data, dtype):
@@ -320,6 +322,51 @@ def _code_point_dtype(dtype, path, paths):
                      "itemsize": dtype.itemsize})
 
 
+_HEADER_OF_DTYPE: Dict[np.dtype, Optional[bytes]] = {}  # simple dtype -> its header value
+
+
+def dtype_header(dtype):
+    """``dtype_value``, but for a dtype without fields the bytes of its
+    value as the header holds it (``s``, length, type string): cached."""
+    if dtype.fields is not None:
+        return dtype_value(dtype)
+    try:
+        return _HEADER_OF_DTYPE[dtype]
+    except KeyError:
+        pass
+    value = dtype_value(dtype)
+    if value is not None:
+        raw = value.encode()
+        value = TAG_U32.pack(TAG_STR, len(raw)) + raw
+    if len(_HEADER_OF_DTYPE) >= _CACHE_MAX:
+        _HEADER_OF_DTYPE.clear()
+    _HEADER_OF_DTYPE[dtype] = value
+    return value
+
+
+_ARRAY_DTYPE: Dict[np.dtype, Optional[Tuple[bytes, bool]]] = {}  # simple dtype -> entry
+
+
+def array_dtype_header(dtype):
+    """For an array of ``dtype``: None when it has no native form (no
+    dtype_header, or item size 0), else ``(dtype_header(dtype), whether its
+    items may hold text to check with bad_code_points)``. Cached for dtypes
+    without fields."""
+    if dtype.fields is not None:
+        value = dtype_value(dtype)
+        return None if value is None or dtype.itemsize == 0 else (value, True)
+    try:
+        return _ARRAY_DTYPE[dtype]
+    except KeyError:
+        pass
+    value = dtype_header(dtype)
+    entry = None if value is None or dtype.itemsize == 0 else (value, dtype.kind == "U")
+    if len(_ARRAY_DTYPE) >= _CACHE_MAX:
+        _ARRAY_DTYPE.clear()
+    _ARRAY_DTYPE[dtype] = entry
+    return entry
+
+
 def _short(s):
     """repr(s) of a str or a (title, name) pair, cut short."""
     text = repr(s)
@@ -367,11 +414,26 @@ def read_dtype(header, pos, depth):
     ints (no pickle, no other tag), its lists and tuples at most
     MAX_DTYPE_FIELDS items; then the grammar; only then numpy.
     """
+    size = len(header)
+    if depth <= MAX_DEPTH and pos + 5 <= size and header[pos] == TAG_STR:
+        # The hot case: a type string read before, by its bytes.
+        end = pos + 5 + U32.unpack_from(header, pos + 1)[0]
+        if end <= size:
+            dtype = _DTYPE_OF_RAW.get(bytes(header[pos + 5:end]))
+            if dtype is not None:
+                return dtype, end
     reader = _DtypeReader(header, pos)
     value = reader.value(depth, True)
     if type(value) is str:
-        return dtype_of_str(value, pos), reader.pos
+        dtype = dtype_of_str(value, pos)
+        if len(_DTYPE_OF_RAW) >= _CACHE_MAX:
+            _DTYPE_OF_RAW.clear()
+        _DTYPE_OF_RAW[bytes(header[pos + 5:reader.pos])] = dtype
+        return dtype, reader.pos
     return dtype_of_descr(value, pos), reader.pos
+
+
+_DTYPE_OF_RAW: Dict[bytes, np.dtype] = {}  # UTF-8 of a type string -> its dtype
 
 
 class _DtypeReader:

@@ -17,12 +17,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._framing_common import (
-    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND,
-    E_MAGIC, E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS, E_PICKLE_COMMAND,
-    E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG, E_TRAILING,
-    E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32, X_CODE_POINT,
-    X_COMMAND, X_DEEP, X_PICKLE, X_U32, aligned_empty, array_bad_code_points, as_buffer, bad_code_points,
-    count_error, dtype_value,
+    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE,
+    E_ITEMSIZE0, E_KIND, E_MAGIC, E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS,
+    E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG,
+    E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32,
+    X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, aligned_empty, array_bad_code_points,
+    array_dtype_header, as_buffer, bad_code_points, count_error, dtype_header,
     exception_fields, exception_value, frame_buffer, read_dtype, truncated,
 )
 from .exceptions import EncodeError, MessageFormatError
@@ -126,18 +126,31 @@ class _Encoder:
         elif t is float:
             append(b"d" + F64.pack(obj))
         elif t is str:
-            self.blob(TAG_STR, obj.encode("utf-8", "surrogatepass"), "a str")
+            raw = obj.encode("utf-8", "surrogatepass")
+            try:  # (the hot types test the u32 limit the cheap way: struct's)
+                append(TAG_U32.pack(TAG_STR, len(raw)))
+            except struct.error:
+                raise EncodeError(X_U32 % ("a str", len(raw), "bytes")) from None
+            append(raw)
         elif t is bytes:
             self.blob(TAG_BYTES, obj, "bytes")
         elif t is list or t is tuple:
-            self.count(TAG_LIST if t is list else TAG_TUPLE, len(obj), "a " + t.__name__)
+            try:
+                append(TAG_U32.pack(TAG_LIST if t is list else TAG_TUPLE, len(obj)))
+            except struct.error:
+                raise EncodeError(X_U32 % ("a " + t.__name__, len(obj), "items")) from None
+            value = self.value
             for item in obj:
-                self.value(item, depth + 1)
+                value(item, depth + 1)
         elif t is dict:
-            self.count(TAG_DICT, len(obj), "a dict")
-            for key, value in obj.items():
-                self.value(key, depth + 1)
-                self.value(value, depth + 1)
+            try:
+                append(TAG_U32.pack(TAG_DICT, len(obj)))
+            except struct.error:
+                raise EncodeError(X_U32 % ("a dict", len(obj), "items")) from None
+            value = self.value
+            for key, item in obj.items():
+                value(key, depth + 1)
+                value(item, depth + 1)
         elif t is np.ndarray:
             if not self.array(obj, depth):
                 self.pickled(obj)
@@ -166,29 +179,25 @@ class _Encoder:
         self.parts.append(TAG_U32.pack(tag, len(raw)))
         self.parts.append(raw)
 
-    def count(self, tag, n, what):
-        if n > U32_MAX:
-            raise EncodeError(X_U32 % (what, n, "items"))
-        self.parts.append(TAG_U32.pack(tag, n))
-
     def dtype(self, value, depth):
-        # A dtype value holds strs, ints, lists and tuples only.
-        if depth > MAX_DEPTH:
-            raise EncodeError(X_DEEP)
-        if type(value) is str:
-            self.blob(TAG_STR, value.encode(), "a str")
+        """Write a dtype_header value: its bytes, or a descr (strs, ints,
+        lists and tuples only)."""
+        if type(value) is bytes:
+            if depth > MAX_DEPTH:
+                raise EncodeError(X_DEEP)
+            self.parts.append(value)
         else:
             self.value(value, depth)
 
     def array(self, arr, depth):
         """Write an ndarray; False (nothing written) when it has no native
         form (a dtype outside the grammar, or of item size 0)."""
-        dtype = arr.dtype
-        value = dtype_value(dtype)
-        if value is None or dtype.itemsize == 0:
+        entry = array_dtype_header(arr.dtype)
+        if entry is None:
             return False
-        if array_bad_code_points(arr):
-            raise EncodeError(X_CODE_POINT % dtype)
+        value, text = entry
+        if text and array_bad_code_points(arr):
+            raise EncodeError(X_CODE_POINT % arr.dtype)
         flags = arr.flags
         if flags.c_contiguous:
             order = ORDER_C
@@ -233,7 +242,7 @@ class _Encoder:
         # asarray: an empty str_/bytes_ scalar has dtype '<U0'/'|S0' but
         # tobytes() gives one (zero) character; the array form agrees.
         scalar = np.asarray(obj)
-        value = dtype_value(scalar.dtype)
+        value = dtype_header(scalar.dtype)
         if value is None:
             return False
         if array_bad_code_points(scalar):
@@ -434,11 +443,15 @@ class _Decoder:
         if tag == TAG_FLOAT:
             return F64.unpack_from(header, self.take(8, "a float"))[0]
         if tag == TAG_LIST or tag == TAG_TUPLE:
-            count = self.items("a sequence count", "sequence", 1)
+            count = self.u32("a sequence count")
+            if count > len(header) - self.pos:  # each item takes a byte at least
+                raise count_error("sequence", count, 1, self.pos, len(header) - self.pos)
             items = [self.value(depth + 1) for _ in range(count)]
             return items if tag == TAG_LIST else tuple(items)
         if tag == TAG_DICT:
-            count = self.items("a dict count", "dict", 2)
+            count = self.u32("a dict count")
+            if 2 * count > len(header) - self.pos:  # a key and an item
+                raise count_error("dict", count, 2, self.pos, len(header) - self.pos)
             out = {}
             for _ in range(count):
                 key_at = self.pos
@@ -523,11 +536,14 @@ class _Decoder:
         order = self.header[self.take(1, "an array's order")]
         if order != ORDER_C and order != ORDER_F:
             raise MessageFormatError(E_ORDER % (at, chr(order)))
-        if dtype.itemsize == 0:
+        itemsize = dtype.itemsize
+        if itemsize == 0:
             raise MessageFormatError(E_ITEMSIZE0 % (at, dtype))
-        if math.prod(dim for dim in shape if dim) * dtype.itemsize > MAX_ARRAY_BYTES:
+        nbytes = math.prod(shape) * itemsize
+        if nbytes > MAX_ARRAY_BYTES or not nbytes and math.prod(
+                [dim for dim in shape if dim]) * itemsize > MAX_ARRAY_BYTES:
             raise MessageFormatError(E_TOO_BIG % (at, _shape_text(shape), dtype))
-        return shape, order, math.prod(shape) * dtype.itemsize
+        return shape, order, nbytes
 
     def inline_array(self, depth):
         at = self.pos - 1
