@@ -66,14 +66,12 @@ def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any
     fields. ValueError for an unknown ``kind``; ``struct.error`` for a
     ``task_id`` outside [0, 2**64).
 
-    Copy accounting: when ``stats`` is not None, the number of payload bytes
-    this call copied is added to its int attribute ``copied_bytes`` once the
-    message is encoded (not when encoding fails): the ``nbytes`` of every
-    inline array (copied into the header once, in C order when it was not
-    contiguous) and of every frame array that was neither C- nor
-    F-contiguous (made C-contiguous). Header bytes (tags, dtypes, shapes,
-    other values) and pickled data are not counted; a C- or F-contiguous
-    array of at least ``INLINE_LIMIT`` bytes counts 0.
+    Copy accounting (docs/protocol.md, "Decoding: views, copies,
+    alignment"): when ``stats`` is not None, the payload bytes this call
+    copied are added to its int attribute ``copied_bytes`` once the message
+    is encoded: the ``nbytes`` of every inline array and of every frame
+    array that was neither C- nor F-contiguous; never header bytes or
+    pickled data.
     """
     if kind not in KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
@@ -325,13 +323,11 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     :class:`~zmq_cluster.exceptions.MessageFormatError`; nothing is
     allocated beyond what the frames' sizes justify.
 
-    Copy accounting: when ``stats`` is not None, the number of payload bytes
-    this call copied is added to its int attribute ``copied_bytes`` once the
-    message is decoded (not when it is rejected): the ``nbytes`` of every
-    array that was copied rather than viewed (inline arrays; frame arrays
-    that were small, misaligned or in a read-only frame). Header bytes and
-    pickled values (in-band or out-of-band) are not counted; an array that
-    is a view on its frame counts 0.
+    Copy accounting (as for ``encode``): the ``nbytes`` of every array that
+    was copied rather than viewed (inline arrays; frame arrays that were
+    small, misaligned or in a read-only frame) are added to
+    ``stats.copied_bytes`` once the message is decoded, not when it is
+    rejected.
     """
     if not frames:
         raise MessageFormatError(E_EMPTY)
@@ -413,16 +409,6 @@ class _Decoder:
 
     def u32(self, what):
         return U32.unpack_from(self.header, self.take(4, what))[0]
-
-    def items(self, field, what, per_item):
-        """A u32 count (``field``) of ``what`` items, each at least
-        ``per_item`` bytes long: every allocation it leads to is bounded by
-        the header's size."""
-        count = self.u32(field)
-        left = len(self.header) - self.pos
-        if count * per_item > left:
-            raise count_error(what, count, per_item, self.pos, left)
-        return count
 
     def value(self, depth):
         if depth > MAX_DEPTH:
@@ -604,7 +590,9 @@ class _Decoder:
         n = self.u32("a pickle length")
         start = self.take(n, "pickle data")
         data = self.header[start:start + n]
-        count = self.items("a pickle buffer count", "pickle buffer", 4)
+        count = self.u32("a pickle buffer count")
+        if 4 * count > len(self.header) - self.pos:  # a u32 frame index each
+            raise count_error("pickle buffer", count, 4, self.pos, len(self.header) - self.pos)
         buffers = [self.frame("pickle at offset %d" % at) for _ in range(count)]
         if not self.load:
             self.deferred += 1
