@@ -108,7 +108,10 @@ def connect(args: argparse.Namespace, ctx: zmq.Context) -> None:
     monitor = sock.get_monitor_socket()
     sock.connect(args.connect)
     if args.send is not None:
-        sock.send(args.send.encode())
+        try:  # not blocking: a refused handshake leaves no pipe to queue on
+            sock.send(args.send.encode(), zmq.DONTWAIT)
+        except zmq.Again:
+            emit(event="unsent")
     curve = "client" if (args.keys or args.secret_key) else None
     received = []
 
