@@ -10,7 +10,8 @@ if it is either a ``zmq.Socket`` or a :class:`FutureSocket`.
 
 from .devices import LaunchForwarderDevice, LaunchStreamerDevice
 from .exceptions import (
-    MessageFormatError, ReceiverTimeoutException, RemoteError, WorkerException,
+    EncodeError, MessageFormatError, ReceiverTimeoutException, RemoteError, RemoteTraceback,
+    WorkerException,
 )
 from .framing import FASTPATH
 from .local import LocalCluster
@@ -33,6 +34,7 @@ __all__ = [
     "ClusterRequest",
     "ClusterResult",
     "Connect",
+    "EncodeError",
     "FASTPATH",
     "FutureSocket",
     "InitSocket",
@@ -43,6 +45,7 @@ __all__ = [
     "MessageFormatError",
     "ReceiverTimeoutException",
     "RemoteError",
+    "RemoteTraceback",
     "Scheduler",
     "Sink",
     "SocketTypeToString",

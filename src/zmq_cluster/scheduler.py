@@ -33,7 +33,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import schedproto as sp
+from .functions import function_key
 from .liveness import FdMap, heartbeat_options
+from .trust import EndpointKind, classify_endpoint, is_private_ipc, sender_may_pickle
 from .taskcodec import task_failure
 
 __all__ = ["Scheduler", "is_local_address"]
@@ -59,13 +61,8 @@ _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _
 
 
 def is_local_address(address: str) -> bool:
-    """Whether ``address`` is ipc://, inproc:// or loopback tcp://."""
-    if address.startswith(("ipc://", "inproc://")):
-        return True
-    if address.startswith("tcp://"):
-        host = address[6:].rsplit(":", 1)[0].strip("[]")
-        return host == "localhost" or host.startswith("127.") or host == "::1"
-    return False
+    """Whether ``address`` reaches only this host (ipc, inproc, loopback tcp)."""
+    return classify_endpoint(address) is not EndpointKind.NETWORK
 
 
 class _Worker:
@@ -107,7 +104,10 @@ class Scheduler:
     ``heartbeat_timeout`` (seconds): a worker whose connection carries no
     ZMTP heartbeat for that long is declared dead. ``trusted``: whether
     peers may send pickled functions and arguments (forwarded to workers as
-    a per-task flag); None trusts local addresses (ipc, loopback) only.
+    a per-task flag). None decides per connection, at its HELLO, by
+    :func:`zmq_cluster.trust.sender_may_pickle`: loopback peers, and ipc
+    peers when the socket's directory is private (as LocalCluster's), are
+    trusted; network peers are not (CURVE-authenticated ones will be).
     ``socket_options``: extra options for the ROUTER socket (e.g. CURVE).
     ``run()`` serves until a SHUTDOWN message, :meth:`stop`, or SIGTERM.
     """
@@ -118,7 +118,7 @@ class Scheduler:
                  context: Optional[zmq.Context] = None) -> None:
         self.listen = listen
         self.heartbeat_timeout = float(heartbeat_timeout)
-        self.trusted = is_local_address(listen) if trusted is None else bool(trusted)
+        self.trusted = trusted
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -130,6 +130,7 @@ class Scheduler:
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._router.bind(listen)
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._private_ipc = is_private_ipc(self.address)
 
         self._running = False
         self._stopping = None     # deadline once told to shut down
@@ -269,7 +270,7 @@ class Scheduler:
             old = self._fdmap.hello(fd, rid)
             if old is not None:
                 self._gone(old, "its descriptor was reused")
-        trusted = self.trusted
+        trusted = self._trust(frames[2])
         role = hello.get("role")
         now = time.monotonic()
         if role == sp.ROLE_WORKER:
@@ -295,9 +296,18 @@ class Scheduler:
             if client is None:
                 raise sp.ProtocolError("submit connection for unknown client")
             self._peers[rid] = ("submit", client)
+            # Tasks arrive on this connection: both must be trusted.
+            client.trusted = client.trusted and trusted
         else:
             self._fdmap.forget(rid)
             raise sp.ProtocolError("HELLO with role %r" % (role,))
+
+    def _trust(self, frame):
+        """Whether the sender of ``frame`` may send pickles (see __init__)."""
+        if self.trusted is not None:
+            return bool(self.trusted)
+        return sender_may_pickle(frame, private_ipc=self._private_ipc,
+                                 inproc=self.address.startswith("inproc://"))
 
     def _tasks(self, client, frames, count):
         table = frames[2].bytes
@@ -348,9 +358,12 @@ class Scheduler:
             self._active.append(client)
 
     def _func(self, frames):
-        key, _module, _qualname, _pickled = sp.parse_body(frames[2].bytes)
+        key, module, qualname, pickled = sp.parse_body(frames[2].bytes)
         if type(key) is not int:
             raise sp.ProtocolError("FUNC key is not an int")
+        if key != function_key((module, qualname, pickled)):
+            # Keys are content hashes: a blob cannot claim another's key.
+            raise sp.ProtocolError("FUNC key does not match its function")
         self._funcs.setdefault(key, [frames[1], frames[2]])
 
     def _cancel(self, client, ids):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import zmq_cluster as zc
-from zmq_cluster.taskcodec import RemoteTraceback
+from zmq_cluster import RemoteTraceback
 
 RESULT_TIMEOUT = 30
 
@@ -53,13 +53,11 @@ def raise_custom(x):
     raise CustomError(x, "custom")
 
 
-class Unpicklable(Exception):
-    def __reduce__(self):
-        raise TypeError("no pickling me")
-
-
 def raise_unpicklable(x):
-    raise Unpicklable("nope %s" % x)
+    class Unimportable(Exception):  # no importable name: cannot be rebuilt
+        pass
+
+    raise Unimportable("nope %s" % x)
 
 
 def pid_of(_):
@@ -201,7 +199,7 @@ def test_unpicklable_exception_becomes_worker_exception(pool):
     with pytest.raises(zc.WorkerException) as info:
         pool.submit(raise_unpicklable, 1).result(RESULT_TIMEOUT)
     exc = info.value
-    assert exc.type_name.endswith("Unpicklable")
+    assert exc.type_name.endswith("Unimportable")
     assert exc.message == "nope 1"
     assert "raise_unpicklable" in exc.remote_traceback
     assert exc.worker_exception is not None

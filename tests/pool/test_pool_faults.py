@@ -15,7 +15,7 @@ import pytest
 
 import zmq_cluster as zc
 
-from conftest import scheduler_counters, wait_gone, worker_holding_tasks
+from pool_helpers import scheduler_counters, wait_gone, worker_holding_tasks
 
 RESULT_TIMEOUT = 60
 

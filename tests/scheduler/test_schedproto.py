@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from zmq_cluster import framing, schedproto as sp
-from zmq_cluster.protocol import KIND_COMMAND
+from zmq_cluster.protocol import KIND_COMMAND, KIND_REQUEST
 from zmq_cluster.taskcodec import encode_task
 
 
@@ -25,9 +25,14 @@ def test_bodies_are_native_only():
                                                                        "credit": 4}
     with pytest.raises(TypeError):
         sp.body(np.zeros(10000))  # would need a buffer frame
-    pickled = framing.encode({1, 2}, KIND_COMMAND)[0]  # a set is pickled
-    with pytest.raises(sp.ProtocolError, match="pickle"):
-        sp.parse_body(pickled)
+    with pytest.raises(TypeError):
+        sp.body({1, 2})  # a set would need pickle: bodies never carry it
+    pickled = bytearray(framing.encode({1, 2}, KIND_REQUEST)[0])
+    pickled[3] = KIND_COMMAND  # the same body, claiming to be a control body
+    with pytest.raises(sp.ProtocolError):
+        sp.parse_body(bytes(pickled))
+    with pytest.raises(sp.ProtocolError, match="kind"):
+        sp.parse_body(framing.encode(1, KIND_REQUEST)[0])
     with pytest.raises(sp.ProtocolError):
         sp.parse_body(b"garbage")
 

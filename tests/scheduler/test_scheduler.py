@@ -10,11 +10,12 @@ import zmq
 
 import zmq_cluster as zc
 from zmq_cluster import schedproto as sp
+from zmq_cluster.functions import function_key
 from zmq_cluster.process import python_command, spawn
 from zmq_cluster.taskcodec import decode_result, encode_result, encode_task
 
 WAIT_MS = 5000
-KEY = 0x1234
+KEY = function_key(("builtins", "abs", None))
 
 
 def recv(sock, timeout=WAIT_MS):
@@ -184,6 +185,20 @@ def test_bad_messages_are_counted_and_service_goes_on(ctx, scheduler):
     assert scheduler.counters["bad_task_id"] == 1
 
 
+def test_function_key_must_match_its_blob(ctx, scheduler):
+    rx, tx, no = client(ctx, scheduler)
+    forged = function_key(("os", "system", None))
+    tx.send_multipart([sp.ctl(sp.FUNC), sp.body((forged, "builtins", "abs", None))])
+    tid = (no << 40) | 1
+    entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, forged, 0), encode_task(0, [1], tid))
+    tx.send_multipart([sp.ctl(sp.TASKS, 1), entry])
+    (mtype, count, _), frames = recv(rx)      # failed: the forged FUNC was refused
+    ((fields, start, end, _),) = sp.split_table(frames[0], 1, sp.RESULT_ENTRY, 0)
+    values, errors = decode_result([frames[0][start + sp.RESULT_ENTRY.size:end]], True)
+    assert values is None and "no function" in str(errors[0][1])
+    assert scheduler.counters["malformed"] == 1
+
+
 def test_unknown_function_fails_the_task(ctx, scheduler):
     rx, tx, no = client(ctx, scheduler)
     tid = (no << 40) | 1
@@ -192,7 +207,7 @@ def test_unknown_function_fails_the_task(ctx, scheduler):
     (mtype, count, _), frames = recv(rx)
     ((fields, start, end, _),) = sp.split_table(frames[0], 1, sp.RESULT_ENTRY, 0)
     values, errors = decode_result([frames[0][start + sp.RESULT_ENTRY.size:end]], True)
-    assert values is None and "no function" in errors[0][2]
+    assert values is None and errors[0][0] == -1 and "no function" in str(errors[0][1])
 
 
 def test_untrusted_scheduler_flags_tasks_untrusted(ctx, ipc_url):

@@ -1,5 +1,5 @@
 """Helpers of the pool tests: waiting for processes to end (pidfd, no
-sleeps), busy-CPU stress for the timing-sensitive tests."""
+sleeps) and asking the scheduler who holds tasks."""
 
 import os
 import select
