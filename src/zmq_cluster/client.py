@@ -222,27 +222,10 @@ class SchedulerClient:
         table = frames[1].bytes
         data = frames[2:]
         sinks = self._sinks
-        unpack = sp.RESULT_ENTRY.unpack_from
-        size = sp.RESULT_ENTRY.size
-        n = len(table)
-        off = first = 0
         touched = None
         last = None
-        for _ in range(count):
-            if off + size > n:
-                raise sp.ProtocolError("result table truncated")
-            tid, inline, nfr, _, _ = unpack(table, off)
-            end = off + size + inline
-            if end > n or not (inline or nfr) or first + nfr > len(data):
-                raise sp.ProtocolError("bad result table entry")
-            if inline:
-                msg = [table[off + size:end]]
-                if nfr:
-                    msg.extend(data[first:first + nfr])
-            else:
-                msg = list(data[first:first + nfr])
-            off = end
-            first += nfr
+        for fields, msg in sp.walk(table, count, sp.RESULT_ENTRY, data):
+            tid = fields[0]
             sink = sinks.pop(tid, None)
             if sink is None:
                 self.unmatched_results += 1  # cancelled, or its caller gave up
@@ -301,7 +284,7 @@ class SchedulerClient:
             s = getattr(self, sock, None)
             if s is not None:
                 s.close(linger=0)
-        # Only BYE/CANCEL can be queued here by now; a gone scheduler must
-        # not hold up the close.
-        self._tx.close(linger=0 if (self._shutting_down or self.lost) else 200)
+        # What is still queued (BYE, CANCEL, SHUTDOWN) gets a moment to
+        # leave; a scheduler known to be gone must not hold up the close.
+        self._tx.close(linger=0 if self.lost else 500)
         self._ctx.term()

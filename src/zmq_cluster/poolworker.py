@@ -163,31 +163,8 @@ class PoolWorker:
                 table = frames[1].bytes
                 data = frames[2:]
                 trusted = bool(flags & sp.FLAG_TRUSTED)
-                tasks = []
-                append = tasks.append
-                unpack = sp.TASK_ENTRY.unpack_from
-                size = sp.TASK_ENTRY.size
-                n = len(table)
-                off = first = 0
-                for _ in range(count):
-                    if off + size > n:
-                        raise sp.ProtocolError("task table truncated")
-                    tid, key, timeout, inline, nfr = unpack(table, off)
-                    end = off + size + inline
-                    if end > n or not (inline or nfr) or first + nfr > len(data):
-                        raise sp.ProtocolError("bad task table entry")
-                    if inline:
-                        msg = [table[off + size:end]]
-                        if nfr:
-                            msg.extend(data[first:first + nfr])
-                    else:
-                        msg = list(data[first:first + nfr])
-                    append((tid, key, timeout, msg, trusted))
-                    off = end
-                    first += nfr
-                if off != n or first != len(data):
-                    raise sp.ProtocolError("stray bytes or frames after a task table")
-                self._queue.extend(tasks)
+                self._queue.extend([(f[0], f[1], f[2], msg, trusted)
+                                    for f, msg in sp.walk(table, count, sp.TASK_ENTRY, data)])
             elif mtype == sp.FUNC:
                 key, module, qualname, pickled = sp.parse_body(frames[1].bytes)
                 self._functions.add(key, (module, qualname, pickled))

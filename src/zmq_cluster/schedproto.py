@@ -124,49 +124,55 @@ def message(mtype, obj=None, count=0, flags=0):
     return [ctl(mtype, count, flags), body(obj)]
 
 
-def split_table(table, count, entry, nframes_total):
-    """Walk a batch table: a list of ``(fields, start, end, first_frame)``
-    per entry, ``table[start:end]`` being the entry with its inline header
-    and ``first_frame`` the index (among the data frames) of its first frame.
+def walk(table, count, entry, data):
+    """The entries of a batch table with their messages: a list of
+    ``(fields, message)``, ``fields`` the entry's fixed fields and
+    ``message`` its wire-format frames (the header, inline or a frame of
+    ``data``, then its buffer frames from ``data``). Raises ProtocolError,
+    having used nothing, when the table and the frames disagree.
 
-    Raises ProtocolError when the table and the frames do not agree.
+    (The scheduler walks tables itself: it keeps offsets, not messages.)
     """
     out = []
-    size = entry.size
+    append = out.append
     unpack = entry.unpack_from
-    off = 0
-    frame = 0
+    size = entry.size
+    inline_at, nframes_at = _INLINE_AT[entry], _NFRAMES_AT[entry]
     n = len(table)
+    ndata = len(data)
+    off = first = 0
     for _ in range(count):
         if off + size > n:
             raise ProtocolError("batch table truncated at entry %d" % len(out))
         fields = unpack(table, off)
-        end = off + size + fields[INLINE_LEN[entry]]
+        inline = fields[inline_at]
+        nfr = fields[nframes_at]
+        end = off + size + inline
         if end > n:
-            raise ProtocolError("inline header overruns the batch table")
-        nfr = fields[NFRAMES[entry]]
-        if fields[INLINE_LEN[entry]] == 0 and nfr == 0:
+            raise ProtocolError("an inline header overruns the batch table")
+        if not (inline or nfr):
             raise ProtocolError("entry %d has no header" % len(out))
-        out.append((fields, off, end, frame))
+        if first + nfr > ndata:
+            raise ProtocolError("the batch table names more frames than arrived")
+        if inline:
+            msg = [table[off + size:end]]
+            if nfr:
+                msg.extend(data[first:first + nfr])
+        else:
+            msg = list(data[first:first + nfr])
+        append((fields, msg))
         off = end
-        frame += nfr
+        first += nfr
     if off != n:
         raise ProtocolError("%d stray bytes after the batch table" % (n - off))
-    if frame != nframes_total:
-        raise ProtocolError("batch table names %d data frames, %d arrived" % (frame, nframes_total))
+    if first != ndata:
+        raise ProtocolError("%d data frames the batch table does not name" % (ndata - first))
     return out
 
 
-INLINE_LEN = {TASK_ENTRY: 3, RESULT_ENTRY: 1}
-NFRAMES = {TASK_ENTRY: 4, RESULT_ENTRY: 2}
-
-
-def entry_message(entry_bytes, inline_len, frames):
-    """The wire-format frames of one entry: its header (inline or first
-    frame), then its buffer frames."""
-    if inline_len:
-        return [entry_bytes[len(entry_bytes) - inline_len:]] + list(frames)
-    return list(frames)
+#: Where inline_len and n_frames sit among each entry struct's fields.
+_INLINE_AT = {TASK_ENTRY: 3, RESULT_ENTRY: 1}
+_NFRAMES_AT = {TASK_ENTRY: 4, RESULT_ENTRY: 2}
 
 
 def pack_entry(struct_, fields_head, msg_frames, fields_tail=()):

@@ -50,31 +50,33 @@ def test_table_splits_into_entries_with_their_frames():
     big = np.arange(1 << 14, dtype=np.float64)  # 128 KiB: a buffer frame
     table, frames = _batch([1, big, "x"])
     assert len(frames) == 1  # small headers inline, one array frame
-    entries = sp.split_table(table, 3, sp.TASK_ENTRY, len(frames))
-    assert [e[0][0] for e in entries] == [1, 2, 3]
-    assert [e[0][4] for e in entries] == [0, 1, 0]
-    (fields, start, end, first) = entries[1]
-    msg = sp.entry_message(table[start:end], fields[3], frames[first:first + fields[4]])
-    assert len(msg) == 2 and msg[1] is frames[0]
+    entries = sp.walk(table, 3, sp.TASK_ENTRY, frames)
+    assert [fields[0] for fields, _ in entries] == [1, 2, 3]
+    assert [fields[4] for fields, _ in entries] == [0, 1, 0]
+    fields, msg = entries[1]
+    assert len(msg) == 2 and msg[1] is frames[0]  # the frame itself, not a copy
+    kind, tid, (mode, items) = framing.decode(msg)
+    assert tid == 2 and items[0] is not big and (items[0] == big).all()
 
 
 def test_large_header_travels_as_a_frame():
     table, frames = _batch(["y" * (sp.INLINE_HEADER_MAX + 10)])
-    ((fields, start, end, first),) = sp.split_table(table, 1, sp.TASK_ENTRY, len(frames))
-    assert fields[3] == 0 and fields[4] == 1 and end - start == sp.TASK_ENTRY.size
+    ((fields, msg),) = sp.walk(table, 1, sp.TASK_ENTRY, frames)
+    assert fields[3] == 0 and fields[4] == 1 and len(table) == sp.TASK_ENTRY.size
+    assert msg == frames
 
 
 @pytest.mark.parametrize("damage", ["truncate", "extra", "frames", "count"])
 def test_inconsistent_tables_are_rejected(damage):
     table, frames = _batch([1, 2])
-    count, nframes = 2, len(frames)
+    count = 2
     if damage == "truncate":
         table = table[:-3]
     elif damage == "extra":
         table += b"\0"
     elif damage == "frames":
-        nframes += 1
+        frames = frames + [b"stray"]
     else:
         count = 3
     with pytest.raises(sp.ProtocolError):
-        sp.split_table(table, count, sp.TASK_ENTRY, nframes)
+        sp.walk(table, count, sp.TASK_ENTRY, frames)

@@ -87,7 +87,7 @@ def send_tasks(tx, no, values):
 
 
 def task_ids(frames, count):
-    return [f[0] for f, *_ in sp.split_table(frames[0], count, sp.TASK_ENTRY, len(frames) - 1)]
+    return [f[0] for f, _ in sp.walk(frames[0], count, sp.TASK_ENTRY, frames[1:])]
 
 
 def send_results(sock, ids, credit=2):
@@ -103,9 +103,8 @@ def result_ids(rx):
     (mtype, count, _), frames = recv(rx)
     assert mtype == sp.RESULTS
     out = []
-    for (tid, inline, nfr, _, _), start, end, first in sp.split_table(
-            frames[0], count, sp.RESULT_ENTRY, len(frames) - 1):
-        values, errors = decode_result(sp.entry_message(frames[0][start:end], inline, []), True)
+    for (tid, *_), msg in sp.walk(frames[0], count, sp.RESULT_ENTRY, frames[1:]):
+        values, errors = decode_result(msg, True)
         assert values == [tid] and errors is None
         out.append(tid)
     return out
@@ -193,8 +192,8 @@ def test_function_key_must_match_its_blob(ctx, scheduler):
     entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, forged, 0), encode_task(0, [1], tid))
     tx.send_multipart([sp.ctl(sp.TASKS, 1), entry])
     (mtype, count, _), frames = recv(rx)      # failed: the forged FUNC was refused
-    ((fields, start, end, _),) = sp.split_table(frames[0], 1, sp.RESULT_ENTRY, 0)
-    values, errors = decode_result([frames[0][start + sp.RESULT_ENTRY.size:end]], True)
+    ((_, msg),) = sp.walk(frames[0], 1, sp.RESULT_ENTRY, [])
+    values, errors = decode_result(msg, True)
     assert values is None and "no function" in str(errors[0][1])
     assert scheduler.counters["malformed"] == 1
 
@@ -205,8 +204,8 @@ def test_unknown_function_fails_the_task(ctx, scheduler):
     entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, 999, 0), encode_task(0, [1], tid))
     tx.send_multipart([sp.ctl(sp.TASKS, 1), entry])
     (mtype, count, _), frames = recv(rx)
-    ((fields, start, end, _),) = sp.split_table(frames[0], 1, sp.RESULT_ENTRY, 0)
-    values, errors = decode_result([frames[0][start + sp.RESULT_ENTRY.size:end]], True)
+    ((_, msg),) = sp.walk(frames[0], 1, sp.RESULT_ENTRY, [])
+    values, errors = decode_result(msg, True)
     assert values is None and errors[0][0] == -1 and "no function" in str(errors[0][1])
 
 
@@ -243,7 +242,12 @@ def test_standalone_scheduler_with_run_worker_processes(ipc_url):
             assert {w["pid"] for w in pool.stats()} == {p.pid for p in procs}
             pool._client.send_shutdown()
         t.join(10)
-        assert not t.is_alive(), "the scheduler did not stop"
+        if t.is_alive():
+            import traceback
+            frame = sys._current_frames()[t.ident]
+            stack = "".join(traceback.format_stack(frame))
+            pytest.fail("the scheduler did not stop: %s workers=%d stopping=%r\n%s" % (
+                dict(s.counters), len(s._workers), s._stopping, stack))
         codes = [p.wait(10) for p in procs]
         assert codes == [0, 0], "workers exited with %s" % codes
     finally:
