@@ -204,11 +204,13 @@ class Scheduler:
     def _send(self, rid, frames):
         """Send to a peer: False (and the peer declared gone) when its
         connection no longer exists."""
+        # Never block: with ROUTER_MANDATORY and no high-water mark, a pipe
+        # that cannot take a message is one libzmq is tearing down.
         try:
-            self._router.send_multipart([rid] + frames, copy=False)
+            self._router.send_multipart([rid] + frames, zmq.DONTWAIT, copy=False)
             return True
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 self._gone(rid, "unreachable")
                 return False
             raise
