@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -57,7 +57,7 @@ def _send_encoded(socket: zmq.Socket, frames: list[Any], flags: int,
             stats.messages_sent += 1
         return None
     socket.send(frames[0], flags | _SNDMORE)
-    events = None
+    events: list[Any] | None = None
     copied = 0
     for i in range(1, last + 1):
         buf = frames[i]
@@ -124,7 +124,7 @@ def decode_message(frames: Frames, allow_pickle: bool = True, alignment: int | N
 
 def _waiting(socket: zmq.Socket) -> bool:
     """Whether a message can be read from ``socket`` without blocking."""
-    return bool(socket.getsockopt(_EVENTS) & _POLLIN)
+    return bool(cast(int, socket.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def _poller(sockets: Sequence[zmq.Socket]) -> zmq.Poller:
@@ -221,7 +221,8 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
             task_id = header[1] if header is not None else 0
         else:
             result = handle(kind, task_id, request)
-        frames = request = None  # the request's frames can go before the send
+        frames = []  # the request's frames can go before the send
+        request = None
         if result is not None:
             _send_result(results, result, task_id, on_unsendable, stats)
             result = None

@@ -54,7 +54,7 @@ def send_command(context: zmq.Context, command_sender: SocketLike, command: Any,
         send_message(socket, command, KIND_COMMAND)
         return seen
     finally:
-        socket.close(linger=timeout)
+        socket.close(linger=int(timeout))
 
 
 def _await_subscribers(socket: zmq.Socket, wanted: int, timeout: float) -> int:

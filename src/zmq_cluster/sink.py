@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import reprlib
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import zmq
 
@@ -19,6 +19,8 @@ from .wire import sink_next
 __all__ = ["BasicSink", "Sink"]
 
 log = logging.getLogger("zmq_cluster")
+
+_S = TypeVar("_S", bound="BasicSink")
 
 
 class BasicSink:
@@ -92,7 +94,7 @@ class BasicSink:
         close_owned(self._commands, self.command_receiver)
         self._results = self._commands = None
 
-    def __enter__(self) -> BasicSink:
+    def __enter__(self: _S) -> _S:
         self.Setup()
         return self
 
@@ -119,6 +121,7 @@ class BasicSink:
             self.Setup()
         wait = timeout_ms(self.receiver_timeout if timeout is None else timeout)
         results, commands = self._results, self._commands
+        assert results is not None
         on_command, on_malformed = self._on_command, self._on_malformed
         allow_pickle, alignment = self.allow_pickle, self.array_alignment
         received = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import zmq
 
@@ -129,7 +129,7 @@ def InitSocket(context: zmq.Context, connect_or_socket: SocketLike, type: int | 
         if type is not None and connect_or_socket.type != type:
             raise ValueError("expected a %s socket, got a %s socket"
                              % (SocketTypeToString(type),
-                                SocketTypeToString(connect_or_socket.type)))
+                                SocketTypeToString(cast(int, connect_or_socket.type))))
         return connect_or_socket
     raise TypeError("expected a FutureSocket or a zmq.Socket, got %s"
                     % builtins.type(connect_or_socket).__name__)

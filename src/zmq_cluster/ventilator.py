@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -22,6 +22,8 @@ __all__ = ["BasicVentilator", "Ventilator"]
 _PEER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 #: Pending trackers kept before the first pruning of finished ones.
 _PRUNE_MIN = 64
+
+_V = TypeVar("_V", bound="BasicVentilator")
 
 
 class BasicVentilator:
@@ -103,7 +105,7 @@ class BasicVentilator:
         close_owned(self._socket, self.request_sender, linger=None)
         self._socket = self._monitor = None
 
-    def __enter__(self) -> BasicVentilator:
+    def __enter__(self: _V) -> _V:
         self.Setup()
         return self
 
@@ -157,6 +159,7 @@ class BasicVentilator:
         """
         if self._socket is None:
             self.Setup()
+        assert self._socket is not None
         return send_requests(self._socket, requests, self._task_ids, self._track, self)
 
     def _track(self, tracker: zmq.MessageTracker) -> None:

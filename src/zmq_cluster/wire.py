@@ -7,10 +7,14 @@ and the same bytes on the wire; ``zmq_cluster._wire_common`` states their
 contract and holds what both share (``STOP``, ``peek_header``...).
 """
 
+from typing import TYPE_CHECKING
+
 from ._compat import NO_EXTENSIONS
 from ._wire_common import STOP, is_command, peek_header, timeout_ms
 
-if NO_EXTENSIONS:
+# Type checkers read the pure twin: the compiled one has the same signatures
+# (the contract in _wire_common), so no stub repeats them.
+if TYPE_CHECKING or NO_EXTENSIONS:
     from ._wire_py import (
         decode_message, recv_any, recv_message, run_worker, send_frames, send_message,
         send_requests, sink_next,

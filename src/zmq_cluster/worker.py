@@ -8,7 +8,7 @@ import reprlib
 import socket as _socket
 import time
 import traceback
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import zmq
 
@@ -27,6 +27,8 @@ log = logging.getLogger("zmq_cluster")
 
 #: How long a stopping worker waits for its queued results to leave (ms).
 RESULT_LINGER_MS = 5000
+
+_W = TypeVar("_W", bound="BasicWorker")
 
 
 class BasicWorker:
@@ -110,7 +112,7 @@ class BasicWorker:
         close_owned(self._commands, self.command_receiver)
         self._requests = self._results = self._commands = None
 
-    def __enter__(self) -> BasicWorker:
+    def __enter__(self: _W) -> _W:
         self.Setup()
         return self
 
@@ -125,6 +127,7 @@ class BasicWorker:
         """
         if self._requests is None:
             self.Setup()
+        assert self._requests is not None and self._results is not None
         try:
             run_worker(self._requests, self._results, self._commands,
                        handle=self._handle, on_command=self._on_command,
