@@ -11,6 +11,18 @@ cdef int _items(zmq_pollitem_t* items, object first, object second) except -1:
     return n + 1
 
 
+cdef bint _command(list frames, object on_command, object on_malformed,
+                   object stats) except -1:
+    """A message from the command channel (never unpickled): whether
+    ``on_command`` asks to stop."""
+    try:
+        kind, _, command = _decode_frames(frames, False, None, stats)
+    except _MFE as exc:
+        on_malformed(_COMMAND, exc)
+        return False
+    return bool(on_command(kind, command))
+
+
 cdef int _send_result(object results, object result, object task_id, object on_unsendable,
                       object stats) except -1:
     cdef void* handle = _handle(results)
@@ -48,14 +60,9 @@ def run_worker(requests, results, commands, *, handle, on_command, on_malformed,
         frames = _frames(&p)
         if stats is not None:
             stats.messages_received += 1
-        if which != request_index:  # a command
-            try:
-                kind, _, command = _decode_frames(frames, False, None, stats)
-            except _MFE as exc:
-                on_malformed(_COMMAND, exc)
-            else:
-                if on_command(kind, command):
-                    return
+        if which != request_index:
+            if _command(frames, on_command, on_malformed, stats):
+                return
             continue
         try:
             kind, task_id, request = _decode_frames(frames, allow_pickle, alignment, stats)
@@ -89,14 +96,9 @@ def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
         frames = _frames(&p)
         if stats is not None:
             stats.messages_received += 1
-        if which != result_index:  # a command
-            try:
-                kind, _, command = _decode_frames(frames, False, None, stats)
-            except _MFE as exc:
-                on_malformed(_COMMAND, exc)
-            else:
-                if on_command(kind, command):
-                    return _STOP
+        if which != result_index:
+            if _command(frames, on_command, on_malformed, stats):
+                return _STOP
         else:
             try:
                 return _decode_frames(frames, allow_pickle, alignment, stats)[2]

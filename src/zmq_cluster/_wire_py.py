@@ -177,6 +177,19 @@ def recv_any(sockets: Sequence[zmq.Socket], timeout_ms: int = -1, first: int = 0
 
 # ------------------------------------------------------------------- loops
 
+def _command(frames: Frames, on_command: Callable[[int, Any], bool],
+             on_malformed: Callable[[str, MessageFormatError], object],
+             stats: RecvStats | None) -> bool:
+    """A message from the command channel (never unpickled): whether
+    ``on_command`` asks to stop."""
+    try:
+        kind, _, command = decode_message(frames, False, None, stats)
+    except MessageFormatError as exc:
+        on_malformed(COMMAND, exc)
+        return False
+    return bool(on_command(kind, command))
+
+
 def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket | None, *,
                handle: Callable[[int, int, Any], object],
                on_command: Callable[[int, Any], bool],
@@ -205,13 +218,8 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
         if stats is not None:
             stats.messages_received += 1
         if which != request_index:
-            try:
-                kind, _, command = decode_message(frames, False, None, stats)
-            except MessageFormatError as exc:
-                on_malformed(COMMAND, exc)
-            else:
-                if on_command(kind, command):
-                    return
+            if _command(frames, on_command, on_malformed, stats):
+                return
             continue
         try:
             kind, task_id, request = decode_message(frames, allow_pickle, alignment, stats)
@@ -256,13 +264,8 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
         if stats is not None:
             stats.messages_received += 1
         if which != result_index:
-            try:
-                kind, _, command = decode_message(frames, False, None, stats)
-            except MessageFormatError as exc:
-                on_malformed(COMMAND, exc)
-            else:
-                if on_command(kind, command):
-                    return STOP
+            if _command(frames, on_command, on_malformed, stats):
+                return STOP
             continue
         try:
             return decode_message(frames, allow_pickle, alignment, stats)[2]
