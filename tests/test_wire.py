@@ -252,6 +252,8 @@ def test_send_frames_passes_a_message_on_unchanged(wire, ctx, router_dealer):
         wire.send_frames(relay, [b"a", memoryview(b"b"), np.zeros(COPY_THRESHOLD, np.uint8)])
         assert out.poll(WAIT_MS)
         assert [len(f) for f in out.recv_multipart()] == [1, 1, COPY_THRESHOLD]
+        with pytest.raises(ValueError):
+            wire.send_frames(relay, [])
     finally:
         relay.close(0)
         out.close(0)

@@ -299,6 +299,8 @@ def send_frames(socket, frames, int flags=0, stats=None):
     """Send raw frames as one message (see ``_wire_common``)."""
     cdef void* handle = _handle(socket)
     cdef Py_ssize_t i, last = len(frames) - 1
+    if last < 0:
+        raise ValueError("a message has at least one frame")
     for i in range(last + 1):
         _send_raw(handle, frames[i], flags | libzmq.ZMQ_SNDMORE if i < last else flags)
     if stats is not None:

@@ -86,6 +86,8 @@ def _send_encoded(socket: zmq.Socket, frames: list[Any], flags: int,
 def send_frames(socket: zmq.Socket, frames: Sequence[Any], flags: int = 0,
                 stats: SendStats | None = None) -> None:
     """Send raw frames as one message (see ``_wire_common``)."""
+    if not frames:
+        raise ValueError("a message has at least one frame")
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         more = flags | _SNDMORE if i < last else flags
