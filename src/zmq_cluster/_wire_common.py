@@ -52,8 +52,9 @@ Primitives
     referenced (a received ``zmq.Frame`` is passed on without a copy).
 
 ``stats`` is None or an object with int attributes: sends add one to
-``messages_sent`` per message and the bytes of the buffer frames they copy
-to ``copied_bytes``; receives (``recv_message``, ``recv_any``) add one to
+``messages_sent`` per message (``send_message`` also adds the bytes of the
+buffer frames it copies to ``copied_bytes``; ``send_frames`` counts no
+bytes); receives (``recv_message``, ``recv_any``) add one to
 ``messages_received`` per message, malformed ones included; encode and
 decode add the payload bytes they copy to ``copied_bytes``. A call only
 touches the attributes of its direction (a ventilator needs no
