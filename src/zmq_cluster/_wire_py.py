@@ -26,12 +26,12 @@ from .protocol import COPY_THRESHOLD, KIND_REQUEST, KIND_RESULT
 __all__ = ["send_message", "recv_message", "recv_any", "decode_message", "send_frames",
            "run_worker", "sink_next", "send_requests"]
 
-Frames = list[Any]  # bytes first, then zmq.Frame
+#: A received message's frames (zmq.Frame, or bytes where recv_any says so).
+Frames = list[Any]
 
 _Frame = zmq.Frame
 _MessageTracker = zmq.MessageTracker
 _SNDMORE = zmq.SNDMORE
-_NOBLOCK = zmq.NOBLOCK
 _POLLIN = zmq.POLLIN
 _EVENTS = zmq.EVENTS
 
