@@ -166,14 +166,19 @@ def make_extensions():
                      include_path=[os.path.dirname(os.path.dirname(zmq.__file__))])
 
 
+#: Run-time requirements besides pyzmq: tomli reads the config file on
+#: Pythons older than 3.11 (later ones have tomllib).
+COMMON_REQUIRES = ["numpy", 'tomli; python_version < "3.11"']
+
+
 def install_requires():
     if NO_EXTENSIONS:
-        return ["pyzmq", "numpy"]
+        return ["pyzmq"] + COMMON_REQUIRES
     import zmq
 
     # The extension links pyzmq's bundled libzmq by its hashed file name and
     # cimports zmq.Frame's layout: both belong to this exact pyzmq release.
-    return ["pyzmq==%s" % zmq.__version__, "numpy"]
+    return ["pyzmq==%s" % zmq.__version__] + COMMON_REQUIRES
 
 
 if NO_EXTENSIONS:

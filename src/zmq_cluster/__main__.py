@@ -1,0 +1,7 @@
+"""``python -m zmq_cluster``: the ``zmq-cluster`` command line."""
+
+import sys
+
+from .cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""What the subcommands share: errors with exit statuses, the parser class,
+the options several subcommands take, and turning them into settings.
+
+Option groups (each adds its flags with help text; every default is None so
+that :func:`settings` can tell "not given" from a value, as
+:func:`zmq_cluster.config.merge` needs):
+
+* :func:`common_options`: ``--config FILE``, on every subcommand;
+* :func:`add_server_key_options`: ``--secret-key``, ``--authorized-keys``,
+  ``--keys`` (the scheduler), resolved by :func:`server_security_from`;
+* :func:`add_client_key_options`: ``--secret-key``, ``--scheduler-key``,
+  ``--keys`` (workers and the commands that talk to a scheduler), resolved
+  by :func:`client_security_from`;
+* :func:`add_locate_options`: ``--connect``, ``--scheduler-file``,
+  resolved by :func:`locate_scheduler`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping, NoReturn, Optional, Sequence
+
+from ..config import Config, merge, read_scheduler_file
+from ..security import ClientSecurity, ServerSecurity, client_security, server_security
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "ArgumentParser",
+    "CommandError",
+    "SchedulerLocation",
+    "UsageError",
+    "add_client_key_options",
+    "add_locate_options",
+    "add_server_key_options",
+    "client_security_from",
+    "common_options",
+    "error_line",
+    "locate_scheduler",
+    "one_line",
+    "say",
+    "server_security_from",
+    "settings",
+]
+
+#: Exit statuses.
+EXIT_OK = 0
+EXIT_FAILURE = 1   #: a runtime failure (unreachable scheduler, refusal to listen...)
+EXIT_USAGE = 2     #: a usage error or an invalid config
+
+
+class CommandError(Exception):
+    """A failure to report in one line and exit with ``status``."""
+
+    status = EXIT_FAILURE
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class UsageError(CommandError):
+    """Options that cannot work together or are missing (exit status 2)."""
+
+    status = EXIT_USAGE
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, reporting a usage error in one line (with a
+    pointer to ``--help``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, "%s: error: %s (see %s --help)\n"
+                  % (self.prog, message, self.prog))
+
+
+def common_options() -> ArgumentParser:
+    """The parent parser of every subcommand: ``--config FILE``."""
+    parent = ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--config", metavar="FILE", default=None,
+        help="TOML config file (default: $ZMQ_CLUSTER_CONFIG if set). Its keys are the long"
+             " options with _ for - (listen, connect, scheduler_file, workers, imports,"
+             " heartbeat_timeout, insecure, secret_key, scheduler_key, authorized_keys,"
+             " keys); options given on the command line override it, and relative paths in"
+             " it are relative to its own directory")
+    return parent
+
+
+def add_server_key_options(parser: argparse.ArgumentParser) -> None:
+    """The scheduler's CURVE options."""
+    group = parser.add_argument_group("CURVE security (see `zmq-cluster keygen`)")
+    group.add_argument(
+        "--secret-key", metavar="FILE", default=None,
+        help="the scheduler's secret key file (DIR/scheduler.key_secret from keygen): encrypt"
+             " every connection and admit only the keys in --authorized-keys")
+    group.add_argument(
+        "--authorized-keys", metavar="DIR", default=None,
+        help="directory of the public key files (*.key) of the clients and workers to admit"
+             " (DIR/authorized from keygen); every other peer is refused at the handshake")
+    group.add_argument(
+        "--keys", metavar="DIR", default=None,
+        help="a keygen directory: shorthand for --secret-key DIR/scheduler.key_secret"
+             " --authorized-keys DIR/authorized")
+
+
+def add_client_key_options(parser: argparse.ArgumentParser) -> None:
+    """The CURVE options of everything that connects to a scheduler."""
+    group = parser.add_argument_group("CURVE security (see `zmq-cluster keygen`)")
+    group.add_argument(
+        "--secret-key", metavar="FILE", default=None,
+        help="this side's secret key file (DIR/client.key_secret from keygen), whose public"
+             " key the scheduler must have in its authorized keys")
+    group.add_argument(
+        "--scheduler-key", metavar="FILE", default=None,
+        help="the scheduler's public key file (DIR/scheduler.key from keygen); may be left out"
+             " when the scheduler file records the key")
+    group.add_argument(
+        "--keys", metavar="DIR", default=None,
+        help="a keygen directory: shorthand for --secret-key DIR/client.key_secret"
+             " --scheduler-key DIR/scheduler.key")
+
+
+def add_locate_options(parser: argparse.ArgumentParser) -> None:
+    """Where the scheduler is: ``--connect`` or ``--scheduler-file``."""
+    group = parser.add_argument_group("finding the scheduler (one of these, or the config)")
+    group.add_argument(
+        "--connect", metavar="ADDRESS", default=None,
+        help="the scheduler's address, such as tcp://head:5555")
+    group.add_argument(
+        "--scheduler-file", metavar="PATH", default=None,
+        help="the JSON file the scheduler wrote (--scheduler-file of `zmq-cluster scheduler`),"
+             " on a filesystem both hosts see")
+
+
+def settings(args: argparse.Namespace, config: Config,
+             defaults: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The subcommand's settings: its parsed options over the config file
+    over ``defaults`` (:func:`zmq_cluster.config.merge`); ``args.config``
+    and ``args.run`` are left out."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "run", "command")}
+    return merge(defaults or {}, config, flags)
+
+
+def server_security_from(values: Mapping[str, Any]) -> Optional[ServerSecurity]:
+    """The scheduler's :class:`ServerSecurity` from merged settings
+    (``secret_key``, ``authorized_keys``, ``keys``), or None for none."""
+    return server_security(secret_key=values.get("secret_key"),
+                           authorized_keys=values.get("authorized_keys"),
+                           keys=values.get("keys"))
+
+
+@dataclass(frozen=True)
+class SchedulerLocation:
+    """Where a scheduler listens, and its public key if a scheduler file
+    recorded one (Z85 text)."""
+
+    address: str
+    public_key: Optional[str] = None
+
+
+def locate_scheduler(values: Mapping[str, Any], *,
+                     wait: float = 0.0) -> SchedulerLocation:
+    """The scheduler's address from merged settings: ``connect``, else the
+    ``scheduler_file`` (waiting up to ``wait`` seconds for it to appear).
+
+    Raises :class:`UsageError` when neither or both are set,
+    :class:`zmq_cluster.config.SchedulerFileError` for a missing or bad
+    scheduler file.
+    """
+    connect, path = values.get("connect"), values.get("scheduler_file")
+    if connect is not None and path is not None:
+        raise UsageError("give --connect or --scheduler-file, not both")
+    if connect is not None:
+        return SchedulerLocation(str(connect))
+    if path is None:
+        raise UsageError("say where the scheduler is: --connect ADDRESS or --scheduler-file"
+                         " PATH (or connect / scheduler_file in the config)")
+    found = read_scheduler_file(path, timeout=wait)
+    return SchedulerLocation(found.address, found.public_key)
+
+
+def client_security_from(values: Mapping[str, Any],
+                         location: Optional[SchedulerLocation] = None,
+                         ) -> Optional[ClientSecurity]:
+    """A client's :class:`ClientSecurity` from merged settings
+    (``secret_key``, ``scheduler_key``, ``keys``) and the scheduler's public
+    key from its scheduler file, if ``location`` has one; None for none.
+
+    Raises :class:`UsageError` when the scheduler file records a public key
+    (the scheduler uses CURVE) but no key of this side's is given: the
+    connection could only fail at the handshake.
+    """
+    security = client_security(secret_key=values.get("secret_key"),
+                               scheduler_key=values.get("scheduler_key"),
+                               keys=values.get("keys"),
+                               scheduler_public_key=location.public_key if location else None)
+    if security is None and location is not None and location.public_key is not None:
+        raise UsageError("the scheduler uses CURVE (its scheduler file records its public key):"
+                         " give --keys DIR or --secret-key FILE")
+    return security
+
+
+def say(text: str) -> None:
+    """Print a line for the user (stdout)."""
+    print(text, flush=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def error_line(prog: str, message: str) -> None:
+    """Report an error on stderr in one line."""
+    sys.stderr.write("%s: error: %s\n" % (prog, message))
+
