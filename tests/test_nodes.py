@@ -14,7 +14,7 @@ import zmq
 
 import zmq_cluster as zc
 from zmq_cluster import _framing_py
-from zmq_cluster.exceptions import MessageFormatError
+from zmq_cluster.exceptions import EncodeError, MessageFormatError
 from zmq_cluster.protocol import KIND_COMMAND, KIND_REQUEST, KIND_RESULT
 from zmq_cluster.wire import send_message
 
@@ -281,36 +281,118 @@ def test_request_metadata_that_cannot_travel_back_still_gets_a_fail_result(ctx, 
             buffer = pickle.PickleBuffer(bytearray(b"x" * 100))
             push.send_multipart(_encode(zc.ClusterRequest(3, buffer), KIND_REQUEST, 1))
             send_message(push, zc.ClusterRequest(4, "ok"), KIND_REQUEST, 2)
-            got = sorted(sink.Receive(2), key=lambda r: r.task_id)
+            push.send_multipart(_encode(zc.ClusterRequest("boom", buffer), KIND_REQUEST, 3))
+            got = sorted(sink.Receive(3), key=lambda r: r.task_id)
         assert errors == []
         assert (got[0].status, got[0].payload, got[0].request_metadata) == ("FAIL", None, None)
-        assert isinstance(got[0].exception, zc.RemoteError)
-        assert "could not be sent back" in str(got[0].exception)
-        assert "request metadata" in str(got[0].exception)
+        assert type(got[0].exception) is EncodeError  # rebuilt: this sink trusts the worker
+        assert "cannot encode memoryview" in str(got[0].exception)
+        assert "request metadata (memoryview) could not be sent" in str(got[0].exception)
         assert set(got[0].metadata) == {"host", "pid", "seconds"}
         assert (got[1].status, got[1].payload, got[1].request_metadata) == ("OK", 8, "ok")
+        # The handler raised, and its FAIL could not carry the metadata: the
+        # EncodeError names the handler's exception too.
+        assert (got[2].status, got[2].request_metadata) == ("FAIL", None)
+        assert type(got[2].exception) is EncodeError
+        assert "raised by the handler: builtins.KeyError: 'boom'" in str(got[2].exception)
     finally:
         push.close(0)
 
 
 class _ReturnsTooDeep(zc.BasicWorker):
     def HandleRequest(self, request):
-        obj = request
-        for _ in range(300):
-            obj = [obj]
-        return obj
+        return _nested(300, request)
 
 
-def test_output_nested_too_deep_reaches_the_caller_as_a_failure(ctx, urls):
+def _nested(depth, leaf=0):
+    obj = leaf
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+def test_output_nested_too_deep_comes_back_as_a_fail_naming_the_reason(ctx, urls):
+    """Checked before sending: the worker's result says why, rather than a
+    result every receiver rejects."""
     req, res, cmd = urls
-    with zc.Ventilator(ctx, _bound(req)) as vent, \
-            zc.Sink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
-            worker_thread(ctx, req, res, cmd, worker_class=_ReturnsTooDeep) as (worker, errors):
-        vent.Send([1, 2])
-        for _ in range(2):
-            with pytest.raises(zc.WorkerException):
+    push = ctx.socket(zmq.PUSH)
+    push.bind(req)
+    try:
+        with zc.BasicSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+                worker_thread(ctx, req, res, cmd, worker_class=_ReturnsTooDeep) as (w, errors):
+            send_message(push, zc.ClusterRequest(1, "m"), KIND_REQUEST, 1)
+            got = next(sink.Receive(1))
+            assert (got.task_id, got.status, got.request_metadata) == (1, "FAIL", "m")
+            assert type(got.exception) is EncodeError
+            assert "deeper than 256" in str(got.exception)
+            assert sink.malformed_messages == 0
+        assert errors == []
+    finally:
+        push.close(0)
+
+
+def test_a_request_at_the_depth_limit_is_answered(ctx, urls):
+    """A request nested exactly 256 levels deep is accepted; echoed, it
+    would be 257 levels: the worker answers with a FAIL instead."""
+    req, res, cmd = urls
+    push = ctx.socket(zmq.PUSH)
+    push.bind(req)
+    try:
+        with zc.Sink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+                worker_thread(ctx, req, res, cmd, worker_class=zc.BasicWorker):
+            frames = _encode(_nested(256), KIND_REQUEST, 3)   # 256 lists, the int inside
+            push.send_multipart(frames)
+            with pytest.raises(zc.WorkerException) as info:
                 next(sink.Receive(1))
-    assert errors == []
+            assert info.value.type_name == "zmq_cluster.exceptions.EncodeError"
+            assert "deeper than 256" in info.value.message
+    finally:
+        push.close(0)
+
+
+class _NoPickleSink(zc.Sink):
+    allow_pickle = False
+
+
+class _Unsendable(DoublingWorker):
+    def HandleRequest(self, request):
+        if request == "unsendable":
+            return lambda: None
+        return super().HandleRequest(request)
+
+
+def test_failures_reach_a_sink_that_does_not_allow_pickle(ctx, urls):
+    """Exceptions travel natively: a sink that trusts no pickle still gets
+    every FAIL, as a RemoteError carrying type, message and traceback."""
+    req, res, cmd = urls
+    push = ctx.socket(zmq.PUSH)
+    push.bind(req)
+    try:
+        with _NoPickleSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+                worker_thread(ctx, req, res, cmd, worker_class=_Unsendable) as (w, errors):
+            send_message(push, zc.ClusterRequest("boom", "m"), KIND_REQUEST, 1)
+            send_message(push, zc.ClusterRequest("unsendable", "m"), KIND_REQUEST, 2)
+            push.send_multipart(_encode(1, KIND_REQUEST, 3)[:1] + [b"unreferenced"])
+            send_message(push, zc.ClusterRequest(21, "m"), KIND_REQUEST, 4)
+            failures = []
+            for _ in range(3):
+                with pytest.raises(zc.WorkerException) as info:
+                    next(sink.Receive(1))
+                failures.append(info.value)
+            assert list(sink.Receive(1)) == [42]
+            assert sink.malformed_messages == 0
+        assert errors == []
+    finally:
+        push.close(0)
+    by_type = {f.type_name: f for f in failures}
+    assert set(by_type) == {"builtins.KeyError", "zmq_cluster.exceptions.EncodeError",
+                            "zmq_cluster.exceptions.MessageFormatError"}
+    for failure in failures:
+        assert type(failure.worker_exception) is zc.RemoteError
+    assert by_type["builtins.KeyError"].message == "'boom'"
+    assert "in HandleRequest" in by_type["builtins.KeyError"].remote_traceback
+    assert "cannot encode function" in by_type["zmq_cluster.exceptions.EncodeError"].message
+    assert "buffer frames" in by_type["zmq_cluster.exceptions.MessageFormatError"].message
 
 
 # ------------------------------------------------- counters, setup, monitor

@@ -101,15 +101,19 @@ class _RaisesUnpicklable(zc.BasicWorker):
         raise _Unpicklable("odd")
 
 
-def test_unpicklable_worker_exception_arrives_as_remote_error(ctx, urls):
+def test_unpicklable_worker_exception_arrives_rebuilt(ctx, urls):
+    """Exceptions travel natively (never pickled): one pickle refuses is
+    rebuilt as its own type, with the worker's traceback."""
     req, res, cmd = urls
     with zc.Ventilator(ctx, _bound(req)) as vent, zc.Sink(ctx, _bound(res)) as sink, \
             worker_thread(ctx, req, res, cmd, worker_class=_RaisesUnpicklable):
         vent.Send([1])
         with pytest.raises(zc.WorkerException) as info:
             next(sink.Receive(1, timeout=WAIT_MS))
-    assert isinstance(info.value.worker_exception, zc.RemoteError)
-    assert "_Unpicklable('odd')" in str(info.value.worker_exception)
+    got = info.value.worker_exception
+    assert type(got) is _Unpicklable and got.args == ("odd",)
+    assert "in HandleRequest" in got.remote_traceback
+    assert info.value.type_name.endswith("._Unpicklable") and info.value.message == "odd"
 
 
 def test_ventilator_metadata_length_mismatch(ctx, urls):

@@ -10,7 +10,8 @@ if it is either a ``zmq.Socket`` or a :class:`FutureSocket`.
 
 from .devices import LaunchForwarderDevice, LaunchStreamerDevice
 from .exceptions import (
-    MessageFormatError, ReceiverTimeoutException, RemoteError, WorkerException,
+    EncodeError, MessageFormatError, ReceiverTimeoutException, RemoteError, RemoteTraceback,
+    WorkerException,
 )
 from .framing import FASTPATH
 from .messages import ClusterRequest, ClusterResult
@@ -28,6 +29,7 @@ __all__ = [
     "ClusterRequest",
     "ClusterResult",
     "Connect",
+    "EncodeError",
     "FASTPATH",
     "FutureSocket",
     "InitSocket",
@@ -37,6 +39,7 @@ __all__ = [
     "MessageFormatError",
     "ReceiverTimeoutException",
     "RemoteError",
+    "RemoteTraceback",
     "Sink",
     "SocketTypeToString",
     "Ventilator",

@@ -1,47 +1,52 @@
-"""Pure-Python twin of the message framing (see docs/protocol.md).
+"""Pure-Python twin of the message framing: the reference implementation of
+docs/protocol.md, and the one place the contract of ``encode`` and
+``decode`` is written down.
 
 ``encode`` turns a payload into the frames of one multipart message;
 ``decode`` turns the frames back into the payload. The compiled twin,
 ``zmq_cluster._fastpath.framing``, has the same functions with the same
-behaviour and writes the same bytes; ``zmq_cluster.framing`` picks one.
+behaviour, the same error texts and the same bytes; ``zmq_cluster.framing``
+picks one. Helpers both twins need live in ``_framing_common``.
 """
 
 import math
 import pickle
 import struct
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .exceptions import MessageFormatError
+from ._framing_common import (
+    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE,
+    E_ITEMSIZE0, E_KIND, E_MAGIC, E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS,
+    E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG,
+    E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32,
+    X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, aligned_empty, array_bad_code_points,
+    array_dtype_header, as_buffer, bad_code_points, count_error, dtype_header,
+    exception_fields, exception_value, frame_buffer, read_dtype, truncated,
+)
+from .exceptions import EncodeError, MessageFormatError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KINDS, MAGIC,
-    MAX_DEPTH, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES,
-    TAG_COMPLEX, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST,
-    TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_STR, TAG_TRUE, TAG_TUPLE,
-    VERSION,
+    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS,
+    MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
+    TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY,
+    TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_STR,
+    TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
 )
 
 __all__ = ["encode", "decode", "frame_buffer"]
-
-_U8 = struct.Struct("<B")
-_U32 = struct.Struct("<I")
-_I64 = struct.Struct("<q")
-_U64 = struct.Struct("<Q")
-_F64 = struct.Struct("<d")
-_C128 = struct.Struct("<dd")
-_TAG_U32 = struct.Struct("<BI")
-_ARRAY_HEAD = struct.Struct("<BI")
 
 _NONE = bytes([TAG_NONE])
 _TRUE = bytes([TAG_TRUE])
 _FALSE = bytes([TAG_FALSE])
 _INLINE = bytes([TAG_INLINE_ARRAY])
+_ARRAY_HEAD = TAG_U32
 
 
 # --------------------------------------------------------------------- encode
 
-def encode(obj, kind, task_id=0, stats=None):
+def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any]:
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     Returns a list whose first item is the header frame (``bytes``) and whose
@@ -50,171 +55,250 @@ def encode(obj, kind, task_id=0, stats=None):
     frame is a view of the array's memory) or per out-of-band pickle buffer.
     Smaller arrays are copied into the header frame (tag ``'A'``), so a
     message of small values is a single frame. ``task_id`` (an int in
-    [0, 2**64)) goes in the header; 0 means "none".
+    [0, 2**64)) goes in the header; 0 means "none". Exceptions travel
+    natively (tag ``'E'``); values with no native form are pickled, except
+    in a COMMAND message.
 
-    Copy accounting: when ``stats`` is not None, the number of payload bytes
-    this call copied is added to its int attribute ``copied_bytes`` once the
-    message is encoded (not when encoding fails): the ``nbytes`` of every
-    inline array (copied into the header once, in C order when it was not
-    contiguous) and of every frame array that was neither C- nor
-    F-contiguous (made C-contiguous). Header bytes (tags, dtypes, shapes,
-    other values) and pickled data are not counted; a C- or F-contiguous
-    array of at least ``INLINE_LIMIT`` bytes counts 0.
+    Raises :class:`~zmq_cluster.exceptions.EncodeError` (a TypeError) for a
+    value no receiver would accept: one that needs pickle and that pickle
+    cannot handle (or any that needs pickle in a COMMAND message), values
+    nested deeper than ``MAX_DEPTH``, a length or count beyond the u32
+    fields. ValueError for an unknown ``kind``; ``struct.error`` for a
+    ``task_id`` outside [0, 2**64).
+
+    Copy accounting (docs/protocol.md, "Decoding: views, copies,
+    alignment"): when ``stats`` is not None, the payload bytes this call
+    copied are added to its int attribute ``copied_bytes`` once the message
+    is encoded: the ``nbytes`` of every inline array and of every frame
+    array that was neither C- nor F-contiguous; never header bytes or
+    pickled data.
     """
     if kind not in KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
-    parts = [b""]
-    buffers = []
-    copied = [0]
-    _encode_value(obj, parts, buffers, copied)
+    encoder = _Encoder(kind == KIND_COMMAND)
+    encoder.value(obj, 0)
+    buffers = encoder.buffers
+    if len(buffers) > U32_MAX:
+        raise EncodeError(X_U32 % ("a message", len(buffers), "buffer frames"))
+    parts = encoder.parts
     parts[0] = HEADER.pack(MAGIC, VERSION, kind, len(buffers), task_id)
     frames = [b"".join(parts)] + buffers
     if stats is not None:
-        stats.copied_bytes += copied[0]
+        stats.copied_bytes += encoder.copied
     return frames
 
 
-def _encode_value(obj, parts, buffers, copied):
-    # Exact type checks: a subclass (a bool is not an int here, a user's dict
-    # subclass is not a dict) must round-trip as itself, so it is pickled.
-    append = parts.append
-    t = type(obj)
-    if obj is None:
-        append(_NONE)
-    elif obj is True:
-        append(_TRUE)
-    elif obj is False:
-        append(_FALSE)
-    elif t is int:
-        if INT64_MIN <= obj <= INT64_MAX:
-            append(b"i" + _I64.pack(obj))
-        else:
-            raw = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
-            append(_TAG_U32.pack(TAG_BIGINT, len(raw)))
+class _Encoder:
+    """Appends the header body's pieces to ``parts``, buffer frames to
+    ``buffers``; ``native_only``: raise EncodeError instead of pickling."""
+
+    __slots__ = ("parts", "buffers", "copied", "native_only", "in_command")
+
+    def __init__(self, in_command):
+        self.parts = [b""]  # item 0 becomes the fixed header
+        self.buffers = []
+        self.copied = 0
+        self.native_only = in_command
+        self.in_command = in_command
+
+    def value(self, obj, depth):
+        # Exact type checks: a subclass (a bool is not an int here, a user's
+        # dict subclass is not a dict) must round-trip as itself, so it is
+        # pickled (or, for an exception, sent as one).
+        if depth > MAX_DEPTH:
+            raise EncodeError(X_DEEP)
+        append = self.parts.append
+        t = type(obj)
+        if obj is None:
+            append(_NONE)
+        elif obj is True:
+            append(_TRUE)
+        elif obj is False:
+            append(_FALSE)
+        elif t is int:
+            if INT64_MIN <= obj <= INT64_MAX:
+                append(b"i" + I64.pack(obj))
+            else:
+                raw = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
+                self.blob(TAG_BIGINT, raw, "a big int")
+        elif t is float:
+            append(b"d" + F64.pack(obj))
+        elif t is str:
+            raw = obj.encode("utf-8", "surrogatepass")
+            try:  # (the hot types test the u32 limit the cheap way: struct's)
+                append(TAG_U32.pack(TAG_STR, len(raw)))
+            except struct.error:
+                raise EncodeError(X_U32 % ("a str", len(raw), "bytes")) from None
             append(raw)
-    elif t is float:
-        append(b"d" + _F64.pack(obj))
-    elif t is str:
-        raw = obj.encode("utf-8", "surrogatepass")
-        append(_TAG_U32.pack(TAG_STR, len(raw)))
-        append(raw)
-    elif t is bytes:
-        append(_TAG_U32.pack(TAG_BYTES, len(obj)))
-        append(obj)
-    elif t is list or t is tuple:
-        append(_TAG_U32.pack(TAG_LIST if t is list else TAG_TUPLE, len(obj)))
-        for item in obj:
-            _encode_value(item, parts, buffers, copied)
-    elif t is dict:
-        append(_TAG_U32.pack(TAG_DICT, len(obj)))
-        for key, value in obj.items():
-            _encode_value(key, parts, buffers, copied)
-            _encode_value(value, parts, buffers, copied)
-    elif t is np.ndarray and not obj.dtype.hasobject:
-        _encode_array(obj, parts, buffers, copied)
-    elif t is ClusterRequest:
-        append(b"R")
-        _encode_value(obj.payload, parts, buffers, copied)
-        _encode_value(obj.metadata, parts, buffers, copied)
-    elif t is ClusterResult:
-        append(b"S")
-        _encode_value(obj.status, parts, buffers, copied)
-        _encode_value(obj.payload, parts, buffers, copied)
-        _encode_value(obj.request_metadata, parts, buffers, copied)
-        _encode_value(obj.metadata, parts, buffers, copied)
-        _encode_value(obj.exception, parts, buffers, copied)
-    elif t is complex:
-        append(b"j" + _C128.pack(obj.real, obj.imag))
-    elif isinstance(obj, np.generic) and t.__module__ == "numpy" and not obj.dtype.hasobject:
+        elif t is bytes:
+            self.blob(TAG_BYTES, obj, "bytes")
+        elif t is list or t is tuple:
+            try:
+                append(TAG_U32.pack(TAG_LIST if t is list else TAG_TUPLE, len(obj)))
+            except struct.error:
+                raise EncodeError(X_U32 % ("a " + t.__name__, len(obj), "items")) from None
+            value = self.value
+            for item in obj:
+                value(item, depth + 1)
+        elif t is dict:
+            try:
+                append(TAG_U32.pack(TAG_DICT, len(obj)))
+            except struct.error:
+                raise EncodeError(X_U32 % ("a dict", len(obj), "items")) from None
+            value = self.value
+            for key, item in obj.items():
+                value(key, depth + 1)
+                value(item, depth + 1)
+        elif t is np.ndarray:
+            if not self.array(obj, depth):
+                self.pickled(obj)
+        elif t is ClusterRequest:
+            append(b"R")
+            self.value(obj.payload, depth + 1)
+            self.value(obj.metadata, depth + 1)
+        elif t is ClusterResult:
+            append(b"S")
+            self.value(obj.status, depth + 1)
+            self.value(obj.payload, depth + 1)
+            self.value(obj.request_metadata, depth + 1)
+            self.value(obj.metadata, depth + 1)
+            self.value(obj.exception, depth + 1)
+        elif t is complex:
+            append(b"j" + C128.pack(obj.real, obj.imag))
+        elif isinstance(obj, BaseException):
+            self.exception(obj, depth)
+        elif not (isinstance(obj, np.generic) and t.__module__ == "numpy"
+                  and self.scalar(obj, depth)):
+            self.pickled(obj)  # no native form
+
+    def blob(self, tag, raw, what):
+        if len(raw) > U32_MAX:
+            raise EncodeError(X_U32 % (what, len(raw), "bytes"))
+        self.parts.append(TAG_U32.pack(tag, len(raw)))
+        self.parts.append(raw)
+
+    def dtype(self, value, depth):
+        """Write a dtype_header value: its bytes, or a descr (strs, ints,
+        lists and tuples only)."""
+        if type(value) is bytes:
+            if depth > MAX_DEPTH:
+                raise EncodeError(X_DEEP)
+            self.parts.append(value)
+        else:
+            self.value(value, depth)
+
+    def array(self, arr, depth):
+        """Write an ndarray; False (nothing written) when it has no native
+        form (a dtype outside the grammar, or of item size 0)."""
+        entry = array_dtype_header(arr.dtype)
+        if entry is None:
+            return False
+        value, text = entry
+        if text and array_bad_code_points(arr):
+            raise EncodeError(X_CODE_POINT % arr.dtype)
+        flags = arr.flags
+        if flags.c_contiguous:
+            order = ORDER_C
+        elif flags.f_contiguous:
+            order = ORDER_F
+        else:
+            order = 0  # neither: written in C order, from a copy
+        nbytes = arr.nbytes
+        parts = self.parts
+        shape = arr.shape
+        if nbytes < INLINE_LIMIT:
+            # Inline: the elements go into the header, straight from the
+            # array's memory (one copy, in C order when it is not contiguous).
+            parts.append(_INLINE)
+            self.dtype(value, depth + 1)
+            parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
+            if order == ORDER_F:
+                parts.append(U8.pack(ORDER_F))
+                parts.append(arr.tobytes("F"))
+            else:
+                parts.append(U8.pack(ORDER_C))
+                parts.append(arr.tobytes("C"))
+            self.copied += nbytes
+            return True
+        if not order:
+            arr = np.ascontiguousarray(arr)
+            order = ORDER_C
+            self.copied += nbytes
+        # (A frame index past U32_MAX cannot happen alone: encode() refuses the
+        # frame count.)
+        parts.append(_ARRAY_HEAD.pack(TAG_ARRAY, len(self.buffers) & U32_MAX))
+        self.dtype(value, depth + 1)
+        parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
+        parts.append(U8.pack(order))
+        self.buffers.append(frame_buffer(arr))
+        return True
+
+    def scalar(self, obj, depth):
+        """Write a numpy scalar; False when its dtype has no native form."""
+        if obj.dtype.hasobject:
+            return False
         # asarray: an empty str_/bytes_ scalar has dtype '<U0'/'|S0' but
         # tobytes() gives one (zero) character; the array form agrees.
         scalar = np.asarray(obj)
+        value = dtype_header(scalar.dtype)
+        if value is None:
+            return False
+        if array_bad_code_points(scalar):
+            raise EncodeError(X_CODE_POINT % scalar.dtype)
         raw = scalar.tobytes()
-        append(b"g")
-        _encode_dtype(scalar.dtype, parts, buffers)
-        append(_U32.pack(len(raw)))
-        append(raw)
-    else:
-        _encode_pickle(obj, parts, buffers)
+        self.parts.append(b"g")
+        self.dtype(value, depth + 1)
+        self.parts.append(U32.pack(len(raw)))
+        self.parts.append(raw)
+        return True
 
-
-def _encode_dtype(dtype, parts, buffers):
-    # A dtype value holds strs, ints, lists and tuples only: nothing copied.
-    if dtype.fields is None:
-        _encode_value(dtype.str, parts, buffers, None)
-    else:
-        _encode_value(_dtype_descr(dtype), parts, buffers, None)
-
-
-def _dtype_descr(dtype):
-    # np.lib.format's descr keeps field order, byte order, padding and
-    # subarray shapes; it is the form .npy files use for the same job.
-    return np.lib.format.dtype_to_descr(dtype)
-
-
-def _encode_array(arr, parts, buffers, copied):
-    flags = arr.flags
-    if flags.c_contiguous:
-        order = ORDER_C
-    elif flags.f_contiguous:
-        order = ORDER_F
-    else:
-        order = 0  # neither: written in C order, from a copy
-    nbytes = arr.nbytes
-    if nbytes < INLINE_LIMIT:
-        # Inline: the elements go into the header, straight from the array's
-        # memory (one copy, in C order when the array is not contiguous).
-        parts.append(_INLINE)
-        _encode_dtype(arr.dtype, parts, buffers)
-        shape = arr.shape
-        parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
-        if order == ORDER_F:
-            parts.append(_U8.pack(ORDER_F))
-            parts.append(arr.tobytes("F"))
+    def exception(self, exc, depth):
+        module, qualname, args, message, tb = exception_fields(exc)
+        self.parts.append(b"E")
+        self.value(module, depth + 1)
+        self.value(qualname, depth + 1)
+        if args is None:
+            self.parts.append(_NONE)
         else:
-            parts.append(_U8.pack(ORDER_C))
-            parts.append(arr.tobytes("C"))
-        copied[0] += nbytes
-        return
-    if not order:
-        arr = np.ascontiguousarray(arr)
-        order = ORDER_C
-        copied[0] += nbytes
-    parts.append(_ARRAY_HEAD.pack(TAG_ARRAY, len(buffers)))
-    _encode_dtype(arr.dtype, parts, buffers)
-    shape = arr.shape
-    parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
-    parts.append(_U8.pack(order))
-    buffers.append(frame_buffer(arr))
+            # The args only when every one is native: else N, and the
+            # receiver builds the exception from its message.
+            mark = (len(self.parts), len(self.buffers), self.copied, self.native_only)
+            self.native_only = True
+            try:
+                self.value(list(args), depth + 1)
+            except EncodeError:
+                del self.parts[mark[0]:]
+                del self.buffers[mark[1]:]
+                self.copied = mark[2]
+                self.parts.append(_NONE)
+            finally:
+                self.native_only = mark[3]
+        self.value(message, depth + 1)
+        self.value(tb, depth + 1)
 
-
-def frame_buffer(arr):
-    """The bytes of a C- or Fortran-contiguous array as a flat uint8 array.
-
-    This is a view, never a copy; it exports the buffer protocol even for
-    dtypes that cannot (datetime64, structured), and keeps ``arr`` alive.
-    """
-    return arr.reshape(-1, order="A").view(np.uint8)
-
-
-def _encode_pickle(obj, parts, buffers):
-    out_of_band = []
-    try:
-        data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=out_of_band.append)
-    except Exception as exc:
-        raise TypeError("cannot encode %s object: %s" % (type(obj).__name__, exc)) from exc
-    parts.append(_TAG_U32.pack(TAG_PICKLE, len(data)))
-    parts.append(data)
-    parts.append(_U32.pack(len(out_of_band)))
-    for pickle_buffer in out_of_band:
-        parts.append(_U32.pack(len(buffers)))
-        buffers.append(pickle_buffer.raw())
+    def pickled(self, obj):
+        if self.native_only:
+            if self.in_command:
+                raise EncodeError(X_COMMAND % type(obj).__name__)
+            raise EncodeError(X_PICKLE % (type(obj).__name__, "it has no native encoding"))
+        out_of_band = []
+        try:
+            data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL,
+                                buffer_callback=out_of_band.append)
+        except Exception as exc:
+            raise EncodeError(X_PICKLE % (type(obj).__name__, exc)) from exc
+        self.blob(TAG_PICKLE, data, "a pickle")
+        self.parts.append(U32.pack(len(out_of_band)))
+        for pickle_buffer in out_of_band:
+            self.parts.append(U32.pack(len(self.buffers) & U32_MAX))
+            self.buffers.append(pickle_buffer.raw())
 
 
 # --------------------------------------------------------------------- decode
 
-def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
-           stats=None):
+def decode(frames: Sequence[Any], allow_pickle: bool = True,
+           copy_threshold: int = COPY_THRESHOLD, alignment: Optional[int] = None,
+           stats: Any = None) -> Tuple[int, int, Any]:
     """Decode the frames of one message: returns ``(kind, task_id, obj)``.
 
     ``frames`` are ``zmq.Frame`` objects, or anything with the buffer
@@ -225,53 +309,47 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     are always copied out of the header. An array view whose address is not
     a multiple of its dtype's alignment, or of ``alignment`` when that is
     given, is replaced by an aligned copy, so every decoded array is
-    aligned (copies too honour ``alignment``). Pickled values are refused
-    unless ``allow_pickle``. A message that breaks the format raises
-    :class:`MessageFormatError`.
+    aligned (copies too honour ``alignment``).
 
-    Copy accounting: when ``stats`` is not None, the number of payload bytes
-    this call copied is added to its int attribute ``copied_bytes`` once the
-    message is decoded (not when it is rejected): the ``nbytes`` of every
-    array that was copied rather than viewed (inline arrays; frame arrays
-    that were small, misaligned or in a read-only frame). Header bytes and
-    pickled values (in-band or out-of-band) are not counted; an array that
-    is a view on its frame counts 0.
+    ``allow_pickle`` says whether the sender is trusted: pickled values are
+    refused unless it is true, and exceptions (tag ``'E'``) are rebuilt as
+    their original type only when it is true (else they are
+    :class:`~zmq_cluster.exceptions.RemoteError`). A COMMAND message is
+    never trusted, and a pickle in one is refused. Pickles are loaded, and
+    exception types imported, only once the whole message has been checked:
+    a message rejected for any other reason runs none.
+
+    A message that breaks the format or its limits raises
+    :class:`~zmq_cluster.exceptions.MessageFormatError`; nothing is
+    allocated beyond what the frames' sizes justify.
+
+    Copy accounting (as for ``encode``): the ``nbytes`` of every array that
+    was copied rather than viewed (inline arrays; frame arrays that were
+    small, misaligned or in a read-only frame) are added to
+    ``stats.copied_bytes`` once the message is decoded, not when it is
+    rejected.
     """
     if not frames:
-        raise MessageFormatError("empty message: no header frame")
-    header = _as_buffer(frames[0])
+        raise MessageFormatError(E_EMPTY)
+    header = as_buffer(frames[0])
     if len(header) < HEADER_SIZE:
-        raise MessageFormatError(
-            "header frame is %d bytes, shorter than the %d-byte fixed header"
-            % (len(header), HEADER_SIZE))
+        raise MessageFormatError(E_SHORT % (len(header), HEADER_SIZE))
     magic, version, kind, nframes, task_id = HEADER.unpack_from(header, 0)
     if magic != MAGIC:
-        raise MessageFormatError("bad magic %r (expected %r): not a zmq_cluster message"
-                                 % (bytes(magic), MAGIC))
+        raise MessageFormatError(E_MAGIC % (bytes(magic), MAGIC))
     if version != VERSION:
-        raise MessageFormatError("unknown wire format version %d (this build reads %d)"
-                                 % (version, VERSION))
+        raise MessageFormatError(E_VERSION % (version, VERSION))
     if kind not in KINDS:
-        raise MessageFormatError("unknown message kind %d" % kind)
+        raise MessageFormatError(E_KIND % kind)
     if nframes != len(frames) - 1:
-        raise MessageFormatError("header announces %d buffer frames but %d arrived"
-                                 % (nframes, len(frames) - 1))
-    decoder = _Decoder(header, frames, allow_pickle, copy_threshold, alignment)
-    try:
-        obj = decoder.value(HEADER_SIZE, 0)
-    except MessageFormatError:
-        raise
-    except (ValueError, TypeError, OverflowError, MemoryError) as exc:
-        # numpy refusing what the header describes (too many dimensions, a
-        # size beyond its limits, ...): still the peer's fault, not ours.
-        raise MessageFormatError("malformed value in the header (at offset %d): %s: %s"
-                                 % (decoder.pos, type(exc).__name__, exc)) from None
-    if decoder.pos != len(header):
-        raise MessageFormatError("%d unexpected bytes after the value at offset %d of the header"
-                                 % (len(header) - decoder.pos, decoder.pos))
-    if decoder.used != nframes:
-        raise MessageFormatError("%d buffer frames are not referenced by the header"
-                                 % (nframes - decoder.used))
+        raise MessageFormatError(E_NFRAMES % (nframes, len(frames) - 1))
+    decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, False)
+    obj = decoder.body()
+    if decoder.deferred:
+        # The message holds pickles or exceptions to rebuild, and is valid:
+        # decode it again, loading them this time.
+        decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, True)
+        obj = decoder.body()
     if task_id and (type(obj) is ClusterRequest or type(obj) is ClusterResult):
         obj.task_id = task_id
     if stats is not None:
@@ -279,73 +357,96 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     return kind, task_id, obj
 
 
-def _as_buffer(frame):
-    buf = getattr(frame, "buffer", None)  # zmq.Frame
-    if buf is None:
-        buf = memoryview(frame)
-    return buf if buf.format == "B" else buf.cast("B")
+# Where a pickle is refused whatever allow_pickle says.
+_PICKLE_OK, _PICKLE_IN_COMMAND, _PICKLE_IN_ARGS = 0, 1, 2
 
 
 class _Decoder:
-    """Walks the header body; ``pos`` is the offset of the next byte."""
+    """Walks the header body; ``pos`` is the offset of the next byte.
 
-    def __init__(self, header, frames, allow_pickle, copy_threshold, alignment):
+    With ``load`` false, a pickle or an exception to rebuild is checked and
+    counted in ``deferred`` (and read as None); with ``load`` true it is
+    loaded or rebuilt.
+    """
+
+    def __init__(self, header, frames, kind, allow_pickle, copy_threshold, alignment, load):
         self.header = header
         self.frames = frames
         self.allow_pickle = allow_pickle
+        self.trusted = bool(allow_pickle) and kind != KIND_COMMAND
+        self.pickle_ban = _PICKLE_IN_COMMAND if kind == KIND_COMMAND else _PICKLE_OK
         self.copy_threshold = copy_threshold
         self.alignment = alignment
-        self.pos = 0
+        self.load = load
+        self.deferred = 0
+        self.pos = HEADER_SIZE
         self.used = 0
         self.copied = 0  # payload bytes copied, for decode's stats
 
+    def body(self):
+        """The header body's value, checked to the last byte and frame."""
+        try:
+            obj = self.value(0)
+        except MessageFormatError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            # numpy refusing what the header describes: still the peer's
+            # fault, not ours.
+            raise MessageFormatError(E_NUMPY % (self.pos, type(exc).__name__, exc)) from None
+        if self.pos != len(self.header):
+            raise MessageFormatError(E_TRAILING % (len(self.header) - self.pos, self.pos))
+        if self.used != len(self.frames) - 1:
+            raise MessageFormatError(E_UNREFERENCED % (len(self.frames) - 1 - self.used))
+        return obj
+
     def take(self, n, what):
         start = self.pos
-        end = start + n
-        if end > len(self.header):
-            raise MessageFormatError("header truncated: %s needs %d bytes at offset %d, "
-                                     "%d left" % (what, n, start, len(self.header) - start))
-        self.pos = end
+        left = len(self.header) - start
+        if n > left:
+            raise truncated(what, n, start, left)
+        self.pos = start + n
         return start
 
     def u32(self, what):
-        return _U32.unpack_from(self.header, self.take(4, what))[0]
+        return U32.unpack_from(self.header, self.take(4, what))[0]
 
-    def value(self, pos, depth):
+    def value(self, depth):
         if depth > MAX_DEPTH:
-            raise MessageFormatError("values nested deeper than %d levels" % MAX_DEPTH)
-        self.pos = pos
+            raise MessageFormatError(E_DEEP)
         header = self.header
         tag = header[self.take(1, "a value tag")]
         if tag == TAG_INT:
-            return _I64.unpack_from(header, self.take(8, "an int"))[0]
+            return I64.unpack_from(header, self.take(8, "an int"))[0]
         if tag == TAG_STR:
             n = self.u32("a str length")
             start = self.take(n, "a str")
             try:
                 return str(header[start:start + n], "utf-8", "surrogatepass")
             except UnicodeDecodeError as exc:
-                raise MessageFormatError("invalid UTF-8 in str at offset %d: %s"
-                                         % (start, exc)) from None
+                raise MessageFormatError(E_UTF8 % (start, exc)) from None
         if tag == TAG_NONE:
             return None
         if tag == TAG_FLOAT:
-            return _F64.unpack_from(header, self.take(8, "a float"))[0]
+            return F64.unpack_from(header, self.take(8, "a float"))[0]
         if tag == TAG_LIST or tag == TAG_TUPLE:
             count = self.u32("a sequence count")
-            items = [self.value(self.pos, depth + 1) for _ in range(count)]
+            if count > len(header) - self.pos:  # each item takes a byte at least
+                raise count_error("sequence", count, 1, self.pos, len(header) - self.pos)
+            items = [self.value(depth + 1) for _ in range(count)]
             return items if tag == TAG_LIST else tuple(items)
         if tag == TAG_DICT:
             count = self.u32("a dict count")
+            if 2 * count > len(header) - self.pos:  # a key and an item
+                raise count_error("dict", count, 2, self.pos, len(header) - self.pos)
             out = {}
             for _ in range(count):
                 key_at = self.pos
-                key = self.value(key_at, depth + 1)
-                value = self.value(self.pos, depth + 1)
+                key = self.value(depth + 1)
+                value = self.value(depth + 1)
                 try:
                     out[key] = value
                 except TypeError:
-                    raise MessageFormatError("unhashable dict key at offset %d" % key_at) from None
+                    raise MessageFormatError(E_UNHASHABLE % key_at) from None
             return out
         if tag == TAG_INLINE_ARRAY:
             return self.inline_array(depth)
@@ -360,127 +461,147 @@ class _Decoder:
             start = self.take(n, "bytes")
             return bytes(header[start:start + n])
         if tag == TAG_REQUEST:
-            payload = self.value(self.pos, depth + 1)
-            return ClusterRequest(payload, self.value(self.pos, depth + 1))
+            payload = self.value(depth + 1)
+            return ClusterRequest(payload, self.value(depth + 1))
         if tag == TAG_RESULT:
-            fields = [self.value(self.pos, depth + 1) for _ in range(5)]
+            fields = [self.value(depth + 1) for _ in range(5)]
             return ClusterResult(*fields)
         if tag == TAG_BIGINT:
             n = self.u32("a big int length")
             start = self.take(n, "a big int")
             return int.from_bytes(header[start:start + n], "little", signed=True)
         if tag == TAG_COMPLEX:
-            real, imag = _C128.unpack_from(header, self.take(16, "a complex"))
+            real, imag = C128.unpack_from(header, self.take(16, "a complex"))
             return complex(real, imag)
         if tag == TAG_SCALAR:
-            dtype = self.dtype(depth)
-            n = self.u32("a scalar length")
-            start = self.take(n, "a scalar")
-            if n == dtype.itemsize == 0:
-                return np.zeros((), dtype)[()]
-            if n != dtype.itemsize:
-                raise MessageFormatError("scalar of dtype %s has %d bytes, expected %d"
-                                         % (dtype, n, dtype.itemsize))
-            return np.frombuffer(header[start:start + n], dtype)[0]
+            return self.scalar(depth)
+        if tag == TAG_EXCEPTION:
+            return self.exception(depth)
         if tag == TAG_PICKLE:
             return self.pickled()
-        raise MessageFormatError("unknown value tag %r at offset %d" % (chr(tag), self.pos - 1))
+        raise MessageFormatError(E_TAG % (chr(tag), self.pos - 1))
 
     def frame(self, what):
         index = self.u32("a frame index")
         if index != self.used:
-            raise MessageFormatError("%s refers to buffer frame %d; frame %d was expected next"
-                                     % (what, index, self.used))
+            raise MessageFormatError(E_FRAME_ORDER % (what, index, self.used))
         if index >= len(self.frames) - 1:
-            raise MessageFormatError("%s refers to buffer frame %d of %d"
-                                     % (what, index, len(self.frames) - 1))
+            raise MessageFormatError(E_FRAME_RANGE % (what, index, len(self.frames) - 1))
         self.used += 1
-        return _as_buffer(self.frames[index + 1])
+        return as_buffer(self.frames[index + 1])
 
     def dtype(self, depth):
-        at = self.pos
-        descr = self.value(at, depth + 1)
-        try:
-            if type(descr) is str:
-                dtype = np.dtype(descr)
-            elif type(descr) is list:
-                dtype = np.lib.format.descr_to_dtype(descr)
-            else:
-                raise TypeError("a dtype is a str or a list, not %s" % type(descr).__name__)
-        except Exception as exc:
-            raise MessageFormatError("bad dtype %r at offset %d: %s" % (descr, at, exc)) from None
-        if dtype.hasobject:
-            raise MessageFormatError("dtype %s at offset %d holds Python objects" % (dtype, at))
+        dtype, self.pos = read_dtype(self.header, self.pos, depth + 1)
         return dtype
 
-    def shape_and_order(self, at):
-        """An array's ndim, shape and order fields: ``(shape, order byte)``."""
+    def scalar(self, depth):
+        at = self.pos - 1
+        dtype = self.dtype(depth)
+        n = self.u32("a scalar length")
+        start = self.take(n, "a scalar")
+        if n != dtype.itemsize:
+            raise MessageFormatError(E_SCALAR % (dtype, n, dtype.itemsize))
+        if n == 0:  # an empty str_, bytes_ or void: zeros, one item
+            return np.zeros((), dtype)[()]
+        data = self.header[start:start + n]
+        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(data, dtype):
+            raise MessageFormatError(E_CODE_POINT % ("scalar", at, dtype))
+        return np.frombuffer(data, dtype)[0]
+
+    # Arrays: where the bytes come from (the header, or a frame) is the only
+    # difference between the two forms; both read and check their fields
+    # with array_fields first.
+
+    def array_fields(self, at, dtype):
+        """An array's ndim, shape and order fields, checked against the
+        limits: ``(shape, order byte, nbytes)``."""
         ndim = self.header[self.take(1, "an array's ndim")]
+        if ndim > MAX_NDIM:
+            raise MessageFormatError(E_NDIM % (at, ndim))
         shape = struct.unpack_from("<%dQ" % ndim, self.header, self.take(8 * ndim, "a shape"))
         order = self.header[self.take(1, "an array's order")]
         if order != ORDER_C and order != ORDER_F:
-            raise MessageFormatError("array at offset %d has order %r, expected 'C' or 'F'"
-                                     % (at, chr(order)))
-        return shape, order
+            raise MessageFormatError(E_ORDER % (at, chr(order)))
+        itemsize = dtype.itemsize
+        if itemsize == 0:
+            raise MessageFormatError(E_ITEMSIZE0 % (at, dtype))
+        nbytes = math.prod(shape) * itemsize
+        if nbytes > MAX_ARRAY_BYTES or not nbytes and math.prod(
+                [dim for dim in shape if dim]) * itemsize > MAX_ARRAY_BYTES:
+            raise MessageFormatError(E_TOO_BIG % (at, _shape_text(shape), dtype))
+        return shape, order, nbytes
 
     def inline_array(self, depth):
         at = self.pos - 1
         dtype = self.dtype(depth)
-        shape, order = self.shape_and_order(at)
-        nbytes = math.prod(shape) * dtype.itemsize
+        shape, order, nbytes = self.array_fields(at, dtype)
         start = self.take(nbytes, "an inline array")
-        order = "F" if order == ORDER_F else "C"
+        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(
+                self.header[start:start + nbytes], dtype):
+            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
         self.copied += nbytes
-        if dtype.itemsize == 0:
-            return np.empty(shape, dtype, order=order)
-        flat = _aligned_empty(nbytes, self.alignment or dtype.alignment)
+        flat = aligned_empty(nbytes, self.alignment or dtype.alignment)
         flat[:] = self.header[start:start + nbytes]
-        return flat.view(dtype).reshape(shape, order=order)
+        return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
 
     def array(self, depth):
         at = self.pos - 1
         buf = self.frame("array at offset %d" % at)
         dtype = self.dtype(depth)
-        shape, order = self.shape_and_order(at)
-        nbytes = math.prod(shape) * dtype.itemsize
+        shape, order, nbytes = self.array_fields(at, dtype)
         if nbytes != buf.nbytes:
-            raise MessageFormatError(
-                "array at offset %d is %s %s (%d bytes) but its frame has %d bytes"
-                % (at, "x".join(map(str, shape)) or "scalar", dtype, nbytes, buf.nbytes))
-        order = "F" if order == ORDER_F else "C"
-        if dtype.itemsize == 0:
-            return np.empty(shape, dtype, order=order)
+            raise MessageFormatError(E_FRAME_SIZE % (at, _shape_text(shape), dtype, nbytes,
+                                                     buf.nbytes))
+        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(buf, dtype):
+            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
         flat = np.frombuffer(buf, np.uint8)
         align = self.alignment or dtype.alignment
         if (nbytes < self.copy_threshold or flat.ctypes.data % align
                 or not flat.flags.writeable):
             received = flat
-            flat = _aligned_empty(nbytes, align)
+            flat = aligned_empty(nbytes, align)
             flat[:] = received
             self.copied += nbytes
-        return flat.view(dtype).reshape(shape, order=order)
+        return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
+
+    def exception(self, depth):
+        at = self.pos - 1
+        module = self.value(depth + 1)
+        qualname = self.value(depth + 1)
+        ban, self.pickle_ban = self.pickle_ban, self.pickle_ban or _PICKLE_IN_ARGS
+        try:
+            args = self.value(depth + 1)
+        finally:
+            self.pickle_ban = ban
+        fields = (module, qualname, args, self.value(depth + 1), self.value(depth + 1))
+        if self.trusted and not self.load:
+            exception_value(fields, at, False)  # checks the fields; imports nothing
+            self.deferred += 1
+            return None
+        return exception_value(fields, at, self.trusted)
 
     def pickled(self):
         at = self.pos - 1
+        if self.pickle_ban:
+            raise MessageFormatError((E_PICKLE_COMMAND if self.pickle_ban == _PICKLE_IN_COMMAND
+                                      else E_PICKLE_ARGS) % at)
         if not self.allow_pickle:
-            raise MessageFormatError("pickled value at offset %d refused: pickle is not "
-                                     "allowed from this peer" % at)
+            raise MessageFormatError(E_PICKLE_REFUSED % at)
         n = self.u32("a pickle length")
         start = self.take(n, "pickle data")
         data = self.header[start:start + n]
         count = self.u32("a pickle buffer count")
+        if 4 * count > len(self.header) - self.pos:  # a u32 frame index each
+            raise count_error("pickle buffer", count, 4, self.pos, len(self.header) - self.pos)
         buffers = [self.frame("pickle at offset %d" % at) for _ in range(count)]
+        if not self.load:
+            self.deferred += 1
+            return None
         try:
             return pickle.loads(data, buffers=buffers)
         except Exception as exc:
-            raise MessageFormatError("pickled value at offset %d does not load: %s: %s"
-                                     % (at, type(exc).__name__, exc)) from None
+            raise MessageFormatError(E_PICKLE_LOAD % (at, type(exc).__name__, exc)) from None
 
 
-def _aligned_empty(nbytes, alignment):
-    """An uninitialised uint8 array of ``nbytes`` at a multiple of ``alignment``."""
-    if 16 % alignment == 0:  # numpy's allocator already gives 16
-        return np.empty(nbytes, np.uint8)
-    raw = np.empty(nbytes + alignment, np.uint8)
-    offset = -raw.ctypes.data % alignment
-    return raw[offset:offset + nbytes]
+def _shape_text(shape):
+    return "x".join(map(str, shape)) or "scalar"

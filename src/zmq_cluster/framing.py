@@ -2,13 +2,16 @@
 
 Both twins provide ``encode(obj, kind, task_id=0, stats=None) -> frames``
 and ``decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD,
-alignment=None, stats=None) -> (kind, task_id, obj)``; see ``_framing_py``
-for the contract and docs/protocol.md for the bytes.
+alignment=None, stats=None) -> (kind, task_id, obj)``, with the same
+behaviour, errors and bytes; ``_framing_py`` states the contract (and gives
+the types), docs/protocol.md the bytes.
 """
+
+from typing import TYPE_CHECKING
 
 from ._compat import NO_EXTENSIONS
 
-if NO_EXTENSIONS:
+if TYPE_CHECKING or NO_EXTENSIONS:
     from ._framing_py import decode, encode
     FASTPATH = False
 else:

@@ -43,6 +43,7 @@ TAG_SCALAR = ord("g")     # dtype value + u32 length + raw bytes
 TAG_REQUEST = ord("R")    # payload, metadata
 TAG_RESULT = ord("S")     # status, payload, request_metadata, metadata, exception
 TAG_PICKLE = ord("p")     # u32 length + pickle bytes, u32 count + u32 frames...
+TAG_EXCEPTION = ord("E")  # module, qualname, args (list or None), message, traceback
 
 ORDER_C = ord("C")
 ORDER_F = ord("F")
@@ -52,8 +53,33 @@ INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 
 #: Nesting depth past which a header body is rejected as malformed. It keeps
-#: a hostile peer from exhausting the decoder's stack.
+#: a hostile peer from exhausting the decoder's stack; encoders refuse (with
+#: EncodeError) to write what would decode deeper. See docs/protocol.md,
+#: "Limits".
 MAX_DEPTH = 256
+
+#: Largest value of a u32 field (a length, a count, a frame index).
+U32_MAX = 0xFFFFFFFF
+
+#: Most dimensions an array (or a structured field's subarray) may have:
+#: numpy's own limit (NPY_MAXDIMS).
+MAX_NDIM = 64
+
+#: Largest item size of a dtype, in bytes: numpy's own limit for 'S' and 'V'
+#: (a C int). A structured dtype's fields and subarrays add up to at most this.
+MAX_ITEMSIZE = (1 << 31) - 1
+
+#: Largest array, in bytes, counting only its non-zero dimensions (numpy's
+#: npy_intp limit, which it applies to empty arrays too).
+MAX_ARRAY_BYTES = (1 << 63) - 1
+
+#: Most fields one structured dtype may hold, counting the fields of nested
+#: structures and padding entries.
+MAX_DTYPE_FIELDS = 4096
+
+#: Most levels of structured dtypes nested in one another (a structure whose
+#: field is a structure has 2 levels).
+MAX_DTYPE_NESTING = 16
 
 #: Buffer frames at least this large are sent zero-copy (``copy=False``) and
 #: decoded as views on the received frame; smaller ones are copied, which is

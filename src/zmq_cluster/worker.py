@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import reprlib
 import socket as _socket
 import time
 import traceback
@@ -15,7 +14,7 @@ import zmq
 from . import framing
 from ._wire_common import is_command, timeout_ms
 from .commands import send_command
-from .exceptions import MessageFormatError, RemoteError
+from .exceptions import EncodeError, MessageFormatError, RemoteError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import KIND_RESULT
 from .sockets import InitSocket, SocketLike, close_owned
@@ -50,9 +49,9 @@ class BasicWorker:
     (``request_metadata``), the request's task id, and ``metadata =
     {"host", "pid", "seconds"}``: the node that ran it and the seconds the
     handler took. An output the wire format cannot carry (see
-    docs/protocol.md) is found before anything is sent and becomes a FAIL
-    result whose exception (a RemoteError) names the reason; that fallback
-    keeps only what encodes, so it always goes out.
+    docs/protocol.md, "Limits") is found before anything is sent and
+    becomes a FAIL result whose exception is the EncodeError naming the
+    reason; that fallback keeps only what encodes, so it always goes out.
 
     A message that breaks the wire format is logged (logger
     ``zmq_cluster``) and counted in ``malformed_messages``; if its header
@@ -170,34 +169,32 @@ class BasicWorker:
 
     def _on_unsendable(self, result: Any, exc: Exception) -> ClusterResult:
         """The FAIL result to send instead of ``result``, which could not be
-        encoded (``exc``). Built so that it always encodes: plain strs, the
-        request metadata only when it encodes on its own."""
+        encoded (``exc``, an EncodeError). Its exception is that EncodeError,
+        and it always encodes: the request metadata is kept only when it
+        encodes on its own, and the exception is replaced by one of plain
+        strs when it does not encode either."""
         request_metadata = getattr(result, "request_metadata", None)
-        dropped = ""
+        notes = []
         if request_metadata is not None and not _encodes(request_metadata):
+            notes.append("the request metadata (%s) could not be sent either, and was dropped"
+                         % type(request_metadata).__name__)
             request_metadata = None
-            dropped = " (its request metadata could not be sent either)"
         failed = getattr(result, "exception", None)
         if isinstance(failed, BaseException):
-            what = "the exception %s raised by the handler" % _safe_repr(failed)
-            try:
-                detail = "".join(traceback.format_exception(failed))
-            except Exception:
-                detail = ""
-        else:
-            what = "the handler's output (%s)" % type(getattr(result, "payload", None)).__name__
-            detail = ""
-        text = "%s could not be sent back: %s: %s%s" % (
-            what, type(exc).__name__, _safe_str(exc), dropped)
-        if detail:
-            text += "\n" + detail
-        log.warning("worker %s: %s", self._identity, text)
+            notes.insert(0, "it was raised by the handler: %s: %s"
+                         % (_type_name(failed), _safe_str(failed)))
+        error: BaseException = exc
+        if notes:
+            error = EncodeError("%s; %s" % (_safe_str(exc), "; ".join(notes)))
+            error.__cause__ = exc
+        if not _encodes(error):
+            error = RemoteError(_type_name(exc), _safe_str(error), _format(exc))
+        log.warning("worker %s: a result could not be sent back: %s", self._identity, error)
         metadata = getattr(result, "metadata", None)
         seconds = metadata.get("seconds") if type(metadata) is dict else None
         return ClusterResult(
             ClusterResult.STATUS_FAIL, None, request_metadata,
-            dict(self._identity, seconds=seconds if type(seconds) is float else 0.0),
-            RemoteError(text))
+            dict(self._identity, seconds=seconds if type(seconds) is float else 0.0), error)
 
     def HandleRequest(self, request: Any) -> Any:
         """Event handler for an incoming task request.
@@ -247,11 +244,16 @@ def _encodes(obj: object) -> bool:
     return True
 
 
-def _safe_repr(obj: object) -> str:
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return "%s.%s" % (cls.__module__, cls.__qualname__)
+
+
+def _format(exc: BaseException) -> str:
     try:
-        return reprlib.repr(obj)
+        return "".join(traceback.format_exception(exc))
     except Exception:
-        return "<%s whose repr() failed>" % type(obj).__name__
+        return ""
 
 
 def _safe_str(obj: object) -> str:

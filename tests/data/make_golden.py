@@ -37,14 +37,29 @@ KIND_NAMES = {REQUEST: "REQUEST", RESULT: "RESULT", COMMAND: "COMMAND"}
 #: random 32-bit prefix, then a counter starting at 1).
 EXAMPLE_TASK_ID = 0x1234567800000001
 
+#: The exception of the golden FAIL result, as a worker formats it.
+FAIL_MESSAGE = "negative input: -1"
+FAIL_TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "worker.py", line 12, in HandleRequest\n'
+    '    raise ValueError("negative input: %d" % request)\n'
+    "ValueError: negative input: -1\n")
+
 
 def cases():
     """The golden messages: a list of dicts with name, description, kind,
-    task_id and obj (a fresh object on every call). Needs zmq_cluster only
-    for ClusterRequest/ClusterResult."""
+    task_id, obj (a fresh object on every call) and, where a trusted
+    receiver decodes something else than obj, decoded. Needs zmq_cluster
+    only for its records and exceptions."""
+    from zmq_cluster.exceptions import RemoteError
     from zmq_cluster.messages import ClusterRequest, ClusterResult
 
     example_array = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    # What a trusted receiver makes of the exceptions below.
+    rebuilt = ValueError(FAIL_MESSAGE)
+    rebuilt.remote_traceback = FAIL_TRACEBACK
+    with_args = ValueError("bad input", 3)
+    with_args.remote_traceback = ""
     return [
         dict(name="request_int",
              description="A ClusterRequest whose payload is the int 7 and whose metadata "
@@ -114,6 +129,24 @@ def cases():
                          "(4096 bytes, tag 'a': buffer frame 0); metadata is None.",
              kind=REQUEST, task_id=7,
              obj=ClusterRequest([np.arange(511, dtype="<f8"), np.arange(512, dtype="<f8")])),
+        dict(name="result_fail_exception",
+             description="A FAIL result as a worker sends it when its handler raised "
+                         "ValueError('negative input: -1'): payload None, the request's "
+                         "metadata {'i': 3}, the worker's metadata, and the exception as an "
+                         "'E' value (no pickle): module 'builtins', qualname 'ValueError', "
+                         "args None (a receiver builds the exception from its message), the "
+                         "message, and the worker's traceback text.",
+             kind=RESULT, task_id=EXAMPLE_TASK_ID,
+             obj=ClusterResult("FAIL", None, {"i": 3},
+                               {"host": "node1", "pid": 4242, "seconds": 0.25},
+                               RemoteError("builtins.ValueError", FAIL_MESSAGE, FAIL_TRACEBACK)),
+             decoded=ClusterResult("FAIL", None, {"i": 3},
+                                   {"host": "node1", "pid": 4242, "seconds": 0.25}, rebuilt)),
+        dict(name="exception_with_args",
+             description="A bare exception value, ValueError('bad input', 3), never raised: "
+                         "module 'builtins', qualname 'ValueError', args ['bad input', 3] "
+                         "(native values), message \"('bad input', 3)\", traceback ''.",
+             kind=RESULT, task_id=8, obj=ValueError("bad input", 3), decoded=with_args),
         dict(name="command_worker_kill",
              description="The command that stops workers: the str 'CLUSTER_WORKER_KILL' as "
                          "a COMMAND message with task id 0.",
