@@ -1,6 +1,7 @@
 """Test helpers: workers in threads and processes that always get stopped."""
 
 import contextlib
+import importlib
 import multiprocessing
 import threading
 import time
@@ -8,8 +9,23 @@ import time
 import zmq
 
 import zmq_cluster as zc
+from zmq_cluster import _wire_py
+from zmq_cluster._compat import NO_EXTENSIONS
 
 WAIT_MS = 10000  # upper bound for any receive in a test
+
+#: The wire twins to call directly: the pure one always, the compiled one
+#: when the extension is in use (a missing extension fails the import).
+WIRE_TWINS = [_wire_py]
+if not NO_EXTENSIONS:
+    WIRE_TWINS.append(importlib.import_module("zmq_cluster._fastpath.wire"))
+
+
+class Stats:
+    """A ``stats`` object for the wire functions."""
+
+    def __init__(self):
+        self.copied_bytes = self.messages_sent = self.messages_received = 0
 
 
 class DoublingWorker(zc.BasicWorker):

@@ -1,86 +1,55 @@
-"""Pure-Python twin of the send/receive layer and of the nodes' hot loops.
+"""Pure-Python twin of the wire layer, on the pure-Python framing twin.
 
-The only place that turns frames into zmq calls, so the ventilator, sink and
-worker share one send path and one receive path. The compiled twin,
-``zmq_cluster._fastpath.wire``, has the same functions with the same
-behaviour and puts the same bytes on the wire; ``zmq_cluster.wire`` picks one.
-
-Functions:
-
-* ``send_message(socket, obj, kind, task_id=0, flags=0, stats=None)``: encode
-  ``obj`` and send it as one message. The header frame and buffer frames
-  below ``COPY_THRESHOLD`` bytes are copied into libzmq; larger buffer frames
-  are sent zero-copy, each with its own tracker. Returns one
-  ``zmq.MessageTracker`` over every zero-copy frame of the message (done once
-  libzmq has released them all), or None when nothing was sent zero-copy.
-* ``recv_message(socket, flags=0, allow_pickle=True, alignment=None,
-  stats=None)``: receive and decode one message: ``(kind, task_id, obj)``.
-* ``run_worker(worker)``: BasicWorker.Run's loop.
-* ``sink_next(sink, timeout)``: one step of BasicSink.Receive: the next
-  result, or :data:`STOP` when a kill command arrived.
-* ``send_requests(ventilator, requests)``: BasicVentilator.Send's loop.
-
-``stats``, when given, is an object with int attributes ``copied_bytes``,
-``messages_sent`` and ``messages_received`` (a node): ``send_message`` adds
-one to ``messages_sent`` per message and the bytes of every buffer frame it
-copies to ``copied_bytes``; ``recv_message`` adds one to
-``messages_received`` per message, malformed ones included; the framing adds
-the payload bytes that encode/decode copy. The
-header frame's copy into libzmq is not counted.
-
-The loops call back into small methods of the node for the semantic steps
-(checking a message's kind, running the handler and building the result,
-the unsendable-result fallback, malformed messages), so both twins share
-them.
+The contract (primitives, loops, ``stats``) is stated once, in
+``zmq_cluster._wire_common``; the compiled twin, ``zmq_cluster._fastpath.wire``,
+has the same functions with the same behaviour and bytes.
 """
 
+from __future__ import annotations
+
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import zmq
 
-from . import framing
+from ._framing_py import decode as _decode
+from ._framing_py import encode as _encode
+from ._wire_common import (
+    COMMAND, COMMAND_CHECK_EVERY, COMMAND_CHECK_MS, REQUEST, RESULT, STOP, RecvStats, SendStats,
+    Stats, peek_header,
+)
 from .exceptions import MessageFormatError, ReceiverTimeoutException
 from .messages import ClusterRequest
-from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, KIND_COMMAND, KIND_REQUEST, KIND_RESULT, MAGIC,
-    VERSION,
-)
+from .protocol import COPY_THRESHOLD, KIND_REQUEST, KIND_RESULT
 
-__all__ = ["send_message", "recv_message", "peek_header", "run_worker", "sink_next",
-           "send_requests", "STOP", "SKIP"]
+__all__ = ["send_message", "recv_message", "recv_any", "decode_message", "send_frames",
+           "run_worker", "sink_next", "send_requests"]
 
-#: While requests keep arriving, a worker looks at its command socket at
-#: least once per this many requests...
-COMMAND_CHECK_EVERY = 64
-#: ...and at least once per this many milliseconds. (It always sees commands
-#: when it waits for a request.)
-COMMAND_CHECK_MS = 10
+#: A received message's frames (zmq.Frame, or bytes where recv_any says so).
+Frames = list[Any]
 
-#: Returned by :func:`sink_next` when a kill command ends the sink's Receive.
-STOP = type("_Stop", (), {"__repr__": lambda self: "STOP", "__slots__": ()})()
-#: Returned by the nodes' checks for a message they dropped.
-SKIP = type("_Skip", (), {"__repr__": lambda self: "SKIP", "__slots__": ()})()
-
-
-_encode = framing.encode
-_decode = framing.decode
 _Frame = zmq.Frame
 _MessageTracker = zmq.MessageTracker
 _SNDMORE = zmq.SNDMORE
-_NOBLOCK = zmq.NOBLOCK
 _POLLIN = zmq.POLLIN
 _EVENTS = zmq.EVENTS
 
 
-def send_message(socket, obj, kind, task_id=0, flags=0, stats=None):
-    """Encode ``obj`` and send it as one multipart message.
+# ---------------------------------------------------------------- send/recv
 
-    Buffer frames of ``COPY_THRESHOLD`` bytes or more are handed to libzmq
-    without a copy: the caller must not change such an array until libzmq
-    has released it, which the returned tracker reports (``tracker.done``,
-    ``tracker.wait()``). Returns None when every frame was copied.
-    """
+def send_message(socket: zmq.Socket, obj: object, kind: int, task_id: int = 0,
+                 flags: int = 0, stats: SendStats | None = None, *,
+                 envelope: Sequence[Any] = ()) -> zmq.MessageTracker | None:
+    """Encode ``obj`` and send it as one message (see ``_wire_common``)."""
     frames = _encode(obj, kind, task_id, stats)
+    for part in envelope:
+        socket.send(part, flags | _SNDMORE)
+    return _send_encoded(socket, frames, flags, stats)
+
+
+def _send_encoded(socket: zmq.Socket, frames: list[Any], flags: int,
+                  stats: SendStats | None) -> zmq.MessageTracker | None:
     last = len(frames) - 1
     if last == 0:
         socket.send(frames[0], flags)
@@ -88,11 +57,11 @@ def send_message(socket, obj, kind, task_id=0, flags=0, stats=None):
             stats.messages_sent += 1
         return None
     socket.send(frames[0], flags | _SNDMORE)
-    events = None
+    events: list[Any] | None = None
     copied = 0
     for i in range(1, last + 1):
         buf = frames[i]
-        nbytes = buf.nbytes  # a flat uint8 array, or a pickle buffer's memoryview
+        nbytes = memoryview(buf).nbytes  # a flat uint8 array or a pickle buffer
         more = flags | _SNDMORE if i < last else flags
         if nbytes < COPY_THRESHOLD:
             socket.send(buf, more)  # copied
@@ -114,171 +83,210 @@ def send_message(socket, obj, kind, task_id=0, flags=0, stats=None):
     return None if events is None else _MessageTracker(*events)
 
 
-def recv_message(socket, flags=0, allow_pickle=True, alignment=None, stats=None):
-    """Receive one multipart message: returns ``(kind, task_id, obj)``.
+def send_frames(socket: zmq.Socket, frames: Sequence[Any], flags: int = 0,
+                stats: SendStats | None = None) -> None:
+    """Send raw frames as one message (see ``_wire_common``)."""
+    if not frames:
+        raise ValueError("a message has at least one frame")
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        more = flags | _SNDMORE if i < last else flags
+        if type(frame) is _Frame or memoryview(frame).nbytes >= COPY_THRESHOLD:
+            socket.send(frame, more, copy=False)
+        else:
+            socket.send(frame, more)
+    if stats is not None:
+        stats.messages_sent += 1
 
-    Raises :class:`~zmq_cluster.exceptions.MessageFormatError` for a message
-    that breaks the format, with ``exc.header`` set to ``(kind, task_id)``
-    when the fixed header was readable (else None). The message is consumed
-    either way, so the next call reads the next message.
-    """
-    frames = socket.recv_multipart(flags, copy=False)
+
+def _receive(socket: zmq.Socket, flags: int) -> Frames:
+    # Every frame a zmq.Frame: decode reads the header in place.
+    return socket.recv_multipart(flags, copy=False)
+
+
+def recv_message(socket: zmq.Socket, flags: int = 0, allow_pickle: bool = True,
+                 alignment: int | None = None,
+                 stats: RecvStats | None = None) -> tuple[int, int, Any]:
+    """Receive and decode one message (see ``_wire_common``)."""
+    frames = _receive(socket, flags)
     if stats is not None:
         stats.messages_received += 1
-    return _decode_frames(frames, allow_pickle, alignment, stats)
+    return decode_message(frames, allow_pickle, alignment, stats)
 
 
-def _decode_frames(frames, allow_pickle, alignment, stats):
+def decode_message(frames: Frames, allow_pickle: bool = True, alignment: int | None = None,
+                   stats: RecvStats | None = None) -> tuple[int, int, Any]:
+    """Decode received frames (see ``_wire_common``)."""
     try:
         return _decode(frames, allow_pickle, COPY_THRESHOLD, alignment, stats)
     except MessageFormatError as exc:
-        exc.header = peek_header(frames)
+        exc.header = peek_header(frames)  # type: ignore[attr-defined]
         raise
 
 
-def peek_header(frames):
-    """``(kind, task_id)`` from a message's fixed header, or None when even
-    that is unreadable."""
-    if not frames:
-        return None
-    header = frames[0].bytes if isinstance(frames[0], zmq.Frame) else bytes(frames[0])
-    if len(header) < HEADER_SIZE:
-        return None
-    magic, version, kind, _, task_id = HEADER.unpack_from(header)
-    if magic != MAGIC or version != VERSION:
-        return None
-    return kind, task_id
+def _waiting(socket: zmq.Socket) -> bool:
+    """Whether a message can be read from ``socket`` without blocking."""
+    return bool(cast(int, socket.getsockopt(_EVENTS)) & _POLLIN)
 
 
-def _timeout_ms(timeout):
-    """A poll timeout as zmq.Poller.poll reads it."""
-    if timeout is None or timeout < 0:
+def _poller(sockets: Sequence[zmq.Socket]) -> zmq.Poller:
+    poller = zmq.Poller()
+    for socket in sockets:
+        poller.register(socket, _POLLIN)
+    return poller
+
+
+def _wait_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_ms: int,
+              first: int) -> int:
+    """The index of a socket with a message waiting, or -1 after
+    ``timeout_ms``: ``sockets[first:]`` are looked at before any poll, all
+    of them after. ``poller`` (made when None) polls all ``sockets``."""
+    for i in range(first, len(sockets)):
+        if _waiting(sockets[i]):
+            return i
+    if timeout_ms == 0:
         return -1
-    return int(timeout)
+    if poller is None:
+        poller = _poller(sockets)
+    deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+    left = timeout_ms
+    while True:
+        ready = dict(poller.poll(left))
+        for i, socket in enumerate(sockets):
+            if socket in ready and _waiting(socket):
+                return i
+        if deadline is not None:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0:
+                return -1
+
+
+def recv_any(sockets: Sequence[zmq.Socket], timeout_ms: int = -1, first: int = 0,
+             stats: RecvStats | None = None) -> tuple[int, Frames] | None:
+    """Receive a whole message from whichever socket is ready (see
+    ``_wire_common``)."""
+    if not 0 <= first < len(sockets):
+        raise ValueError("first=%d is not an index of the %d sockets" % (first, len(sockets)))
+    which = _wait_any(sockets, None, timeout_ms, first)
+    if which < 0:
+        return None
+    frames = _receive(sockets[which], 0)
+    frames[0] = frames[0].bytes
+    if stats is not None:
+        stats.messages_received += 1
+    return which, frames
 
 
 # ------------------------------------------------------------------- loops
 
-def _waiting(socket):
-    """Whether a message can be read from ``socket`` without blocking."""
-    return socket.getsockopt(_EVENTS) & _POLLIN
+def _command(frames: Frames, on_command: Callable[[int, Any], bool],
+             on_malformed: Callable[[str, MessageFormatError], object],
+             stats: RecvStats | None) -> bool:
+    """A message from the command channel (never unpickled): whether
+    ``on_command`` asks to stop."""
+    try:
+        kind, _, command = decode_message(frames, False, None, stats)
+    except MessageFormatError as exc:
+        on_malformed(COMMAND, exc)
+        return False
+    return bool(on_command(kind, command))
 
 
-def run_worker(worker):
-    """BasicWorker.Run's loop, on the sockets its Setup made: serve requests
-    until HandleCommand returns True; ReceiverTimeoutException when neither a
-    request nor a command arrives within ``worker.receiver_timeout`` ms.
-
-    A message already waiting is read without polling; the loop polls (on
-    both sockets) only when no request is waiting. While requests keep
-    arriving, the command socket is looked at before the next request once
-    COMMAND_CHECK_EVERY requests or COMMAND_CHECK_MS ms have passed since it
-    was last looked at: an empty look costs libzmq two system calls.
-    """
-    requests, results, commands = worker._requests, worker._results, worker._commands
-    poller = zmq.Poller()
-    if commands is not None:
-        poller.register(commands, _POLLIN)
-    poller.register(requests, _POLLIN)
-    timeout = _timeout_ms(worker.receiver_timeout)
+def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket | None, *,
+               handle: Callable[[int, int, Any], object],
+               on_command: Callable[[int, Any], bool],
+               on_malformed: Callable[[str, MessageFormatError], object],
+               on_unsendable: Callable[[Any, Exception], object],
+               timeout_ms: int = -1, allow_pickle: bool = True, alignment: int | None = None,
+               stats: Stats | None = None) -> None:
+    """The worker's loop (see ``_wire_common``)."""
+    sockets = [requests] if commands is None else [commands, requests]
+    request_index = len(sockets) - 1
+    poller = _poller(sockets)
     since_check = 0
     checked_at = time.monotonic()
     while True:
-        command_ready = False
-        if commands is not None and (since_check >= COMMAND_CHECK_EVERY or
-                                     time.monotonic() - checked_at >= COMMAND_CHECK_MS / 1000):
+        first = request_index
+        if since_check >= COMMAND_CHECK_EVERY or (
+                time.monotonic() - checked_at >= COMMAND_CHECK_MS / 1000):
+            first = 0
             since_check = 0
             checked_at = time.monotonic()
-            command_ready = _waiting(commands)
         since_check += 1
-        request_ready = _waiting(requests)
-        if not (command_ready or request_ready):
-            ready = dict(poller.poll(timeout))
-            if not ready:
-                raise ReceiverTimeoutException(
-                    "no request or command within %s ms" % worker.receiver_timeout)
-            command_ready = commands in ready
-            request_ready = requests in ready
-        if command_ready:
-            try:
-                kind, _, command = recv_message(commands, 0, worker.allow_pickle, None, worker)
-            except MessageFormatError as exc:
-                worker._malformed("command", exc)
-            else:
-                if worker._command(kind, command):
-                    return
-        if request_ready:
-            try:
-                kind, task_id, request = recv_message(requests, 0, worker.allow_pickle,
-                                                      worker.array_alignment, worker)
-            except MessageFormatError as exc:
-                result = worker._malformed_request(exc)
-                task_id = exc.header[1] if exc.header is not None else 0
-            else:
-                result = worker._request(kind, request)
-            if result is not None:
-                _send_result(results, worker, result, task_id)
+        which = _wait_any(sockets, poller, timeout_ms, first)
+        if which < 0:
+            raise ReceiverTimeoutException("no request or command within %d ms" % timeout_ms)
+        frames = _receive(sockets[which], 0)
+        if stats is not None:
+            stats.messages_received += 1
+        if which != request_index:
+            if _command(frames, on_command, on_malformed, stats):
+                return
+            continue
+        try:
+            kind, task_id, request = decode_message(frames, allow_pickle, alignment, stats)
+        except MessageFormatError as exc:
+            result = on_malformed(REQUEST, exc)
+            header = exc.header  # type: ignore[attr-defined]
+            task_id = header[1] if header is not None else 0
+        else:
+            result = handle(kind, task_id, request)
+        frames = []  # the request's frames can go before the send
+        request = None
+        if result is not None:
+            _send_result(results, result, task_id, on_unsendable, stats)
+            result = None
 
 
-def _send_result(socket, worker, result, task_id):
+def _send_result(results: zmq.Socket, result: object, task_id: int,
+                 on_unsendable: Callable[[Any, Exception], object],
+                 stats: Stats | None) -> None:
     try:
-        send_message(socket, result, KIND_RESULT, task_id, 0, worker)
-    except TypeError as exc:  # the output or exception cannot be encoded
-        send_message(socket, worker._unsendable(result, exc), KIND_RESULT, task_id, 0, worker)
+        frames = _encode(result, KIND_RESULT, task_id, stats)
+    except Exception as exc:  # whatever stops encoding: nothing was sent
+        frames = _encode(on_unsendable(result, exc), KIND_RESULT, task_id, stats)
+    _send_encoded(results, frames, 0, stats)
 
 
-def sink_next(sink, timeout):
-    """One step of BasicSink.Receive: the next result on the sink's result
-    socket, or :data:`STOP` when a kill command arrives first (commands are
-    looked at first). Malformed messages are dropped (``sink._check``,
-    ``sink._malformed_message``) and the wait goes on. Raises
-    ReceiverTimeoutException when nothing arrives within ``timeout`` ms
-    (None waits for ever); a message already waiting is read without
-    polling.
-    """
-    results, commands = sink._results, sink._commands
-    wait = _timeout_ms(timeout)
-    poller = None
+def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
+              on_command: Callable[[int, Any], bool],
+              on_malformed: Callable[[str, MessageFormatError], object],
+              allow_pickle: bool = True, alignment: int | None = None,
+              stats: RecvStats | None = None) -> Any:
+    """One step of a sink: the next result, or STOP (see ``_wire_common``)."""
+    sockets = [results] if commands is None else [commands, results]
+    result_index = len(sockets) - 1
+    deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
+    left = timeout_ms
     while True:
-        command_ready = commands is not None and _waiting(commands)
-        result_ready = _waiting(results)
-        if not (command_ready or result_ready):
-            if poller is None:
-                poller = sink._poller
-            ready = dict(poller.poll(wait))
-            if not ready:
-                raise ReceiverTimeoutException("no result within %s ms" % timeout)
-            command_ready = commands in ready
-            result_ready = results in ready
-        if command_ready:
-            command = _read(sink, commands, KIND_COMMAND)
-            if command is not SKIP and sink._is_kill(command):
+        which = _wait_any(sockets, None, left, 0)
+        if which < 0:
+            raise ReceiverTimeoutException("no result within %d ms" % timeout_ms)
+        frames = _receive(sockets[which], 0)
+        if stats is not None:
+            stats.messages_received += 1
+        if which != result_index:
+            if _command(frames, on_command, on_malformed, stats):
                 return STOP
-        if result_ready:
-            result = _read(sink, results, KIND_RESULT)
-            if result is not SKIP:
-                return result
+            continue
+        try:
+            return decode_message(frames, allow_pickle, alignment, stats)[2]
+        except MessageFormatError as exc:
+            replacement = on_malformed(RESULT, exc)
+            if replacement is not None:
+                return replacement
+        if deadline is not None:
+            left = max(0, int((deadline - time.monotonic()) * 1000))
 
 
-def _read(sink, socket, expected_kind):
-    try:
-        kind, _, obj = recv_message(socket, 0, sink.allow_pickle, sink.array_alignment, sink)
-    except MessageFormatError as exc:
-        return sink._malformed_message(exc)
-    return sink._check(kind, obj, expected_kind)
-
-
-def send_requests(ventilator, requests):
-    """BasicVentilator.Send's loop: send each request with the next task id
-    (set on a ClusterRequest), keeping the trackers of zero-copy frames
-    (``ventilator._track``). Returns the number sent."""
-    socket = ventilator._socket
-    task_ids = ventilator._task_ids
-    track = ventilator._track
+def send_requests(socket: zmq.Socket, requests: Iterable[Any], task_ids: Iterator[int],
+                  track: Callable[[zmq.MessageTracker], object],
+                  stats: SendStats | None = None) -> int:
+    """Send every request with the next task id (see ``_wire_common``)."""
     sent = 0
     for request in requests:
         task_id = next(task_ids)
-        tracker = send_message(socket, request, KIND_REQUEST, task_id, 0, ventilator)
+        tracker = send_message(socket, request, KIND_REQUEST, task_id, 0, stats)
         if tracker is not None:
             track(tracker)
         if type(request) is ClusterRequest:

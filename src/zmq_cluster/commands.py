@@ -5,13 +5,16 @@ one command (e.g. a kill) to the subscribers that exist, using XPUB
 subscription notices as the handshake instead of sleeping.
 """
 
+from __future__ import annotations
+
 import time
+from typing import Any
 
 import zmq
 
 from .exceptions import ReceiverTimeoutException
 from .protocol import KIND_COMMAND
-from .sockets import InitSocket
+from .sockets import InitSocket, SocketLike
 from .wire import send_message
 
 __all__ = ["send_command", "SUBSCRIBER_WAIT_MS"]
@@ -20,8 +23,14 @@ __all__ = ["send_command", "SUBSCRIBER_WAIT_MS"]
 SUBSCRIBER_WAIT_MS = 5000
 
 
-def send_command(context, command_sender, command, num_subscribers=1, timeout=None):
+def send_command(context: zmq.Context, command_sender: SocketLike, command: Any,
+                 num_subscribers: int = 1, timeout: float | None = None) -> int | None:
     """Send ``command`` on the channel ``command_sender`` (socket-like).
+
+    A command is a native value (docs/protocol.md: a str, or lists, dicts,
+    numbers... of them), never pickled: one that would need pickle raises
+    TypeError before anything is sent, as receivers never load pickle from
+    the command channel.
 
     For a FutureSocket, an XPUB socket is made (with XPUB_VERBOSE, so every
     subscriber's subscription is seen), and the command is sent once
@@ -45,10 +54,10 @@ def send_command(context, command_sender, command, num_subscribers=1, timeout=No
         send_message(socket, command, KIND_COMMAND)
         return seen
     finally:
-        socket.close(linger=timeout)
+        socket.close(linger=int(timeout))
 
 
-def _await_subscribers(socket, wanted, timeout):
+def _await_subscribers(socket: zmq.Socket, wanted: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout / 1000.0
     seen = 0
     while seen < wanted:

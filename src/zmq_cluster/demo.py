@@ -8,6 +8,8 @@ array, checks every result, stops the workers with a kill command, and
 prints what it did and how fast.
 """
 
+from __future__ import annotations
+
 import argparse
 import multiprocessing
 import os
@@ -15,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Any, TextIO
 
 import numpy as np
 import zmq
@@ -25,11 +28,11 @@ import zmq_cluster as zc
 class SqrtWorker(zc.BasicWorker):
     """Returns the element-wise square root of the array it receives."""
 
-    def HandleRequest(self, request):
+    def HandleRequest(self, request: Any) -> Any:
         return np.sqrt(request)
 
 
-def _worker_main(request_url, result_url, command_url):
+def _worker_main(request_url: str, result_url: str, command_url: str) -> None:
     ctx = zmq.Context()
     try:
         SqrtWorker(ctx, zc.Connect(request_url), zc.Connect(result_url),
@@ -38,7 +41,8 @@ def _worker_main(request_url, result_url, command_url):
         ctx.destroy(linger=0)
 
 
-def run(workers=2, tasks=200, mib=1.0, out=sys.stdout):
+def run(workers: int = 2, tasks: int = 200, mib: float = 1.0,
+        out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo; returns a dict of what was measured."""
     tmp = tempfile.mkdtemp(prefix="zc-demo-")
     request_url, result_url, command_url = ("ipc://%s/%s" % (tmp, name)
@@ -88,7 +92,7 @@ def run(workers=2, tasks=200, mib=1.0, out=sys.stdout):
     return report
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zmq_cluster.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")

@@ -1,13 +1,18 @@
 """Devices: blocking relays between two channels, built on zmq.proxy."""
 
+from __future__ import annotations
+
+from typing import Any
+
 import zmq
 
-from .sockets import InitSocket, close_owned
+from .sockets import InitSocket, SocketLike, close_owned
 
 __all__ = ["LaunchStreamerDevice", "LaunchForwarderDevice"]
 
 
-def LaunchStreamerDevice(context, frontend_connect, backend_connect):
+def LaunchStreamerDevice(context: zmq.Context, frontend_connect: SocketLike,
+                         backend_connect: SocketLike) -> None:
     """Launch a ZeroMQ streamer device.
 
     Relays messages from a PULL frontend to a PUSH backend, so that many
@@ -21,7 +26,8 @@ def LaunchStreamerDevice(context, frontend_connect, backend_connect):
     _run_proxy(context, frontend_connect, zmq.PULL, {}, backend_connect, zmq.PUSH, {})
 
 
-def LaunchForwarderDevice(context, frontend_connect, backend_connect):
+def LaunchForwarderDevice(context: zmq.Context, frontend_connect: SocketLike,
+                          backend_connect: SocketLike) -> None:
     """Launch a ZeroMQ forwarder device.
 
     Relays messages from a subscriber frontend to a publisher backend, e.g.
@@ -40,8 +46,9 @@ def LaunchForwarderDevice(context, frontend_connect, backend_connect):
                {zmq.XPUB_VERBOSE: 1})
 
 
-def _run_proxy(context, frontend_connect, frontend_type, frontend_options, backend_connect,
-               backend_type, backend_options):
+def _run_proxy(context: zmq.Context, frontend_connect: SocketLike, frontend_type: int,
+               frontend_options: dict[int, Any], backend_connect: SocketLike,
+               backend_type: int, backend_options: dict[int, Any]) -> None:
     frontend = InitSocket(context, frontend_connect, frontend_type, options=frontend_options)
     try:
         backend = InitSocket(context, backend_connect, backend_type, options=backend_options)

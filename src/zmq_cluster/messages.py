@@ -1,5 +1,9 @@
 """The request and result records that travel between cluster nodes."""
 
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
 
 class ClusterRequest:
     """A cluster request, corresponding to the input value of a callback.
@@ -12,7 +16,11 @@ class ClusterRequest:
 
     __slots__ = ("payload", "metadata", "task_id")
 
-    def __init__(self, payload=None, metadata=None):
+    payload: Any
+    metadata: Any
+    task_id: int | None
+
+    def __init__(self, payload: Any = None, metadata: Any = None) -> None:
         #: Input values for the task.
         self.payload = payload
         #: Optional information associated with the request. This information
@@ -21,8 +29,7 @@ class ClusterRequest:
         #: Identity given by the sender (an int), or None before sending.
         self.task_id = None
 
-
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "ClusterRequest(payload=%r, metadata=%r)" % (self.payload, self.metadata)
 
 
@@ -36,14 +43,21 @@ class ClusterResult:
     """
 
     #: Indicates that the request was processed successfully.
-    STATUS_SUCCESS = "OK"
+    STATUS_SUCCESS: ClassVar[str] = "OK"
     #: Indicates that error occurred while processing request.
-    STATUS_FAIL = "FAIL"
+    STATUS_FAIL: ClassVar[str] = "FAIL"
 
     __slots__ = ("status", "payload", "request_metadata", "metadata", "exception", "task_id")
 
-    def __init__(self, status=None, payload=None, request_metadata=None, metadata=None,
-                 exception=None):
+    status: Any
+    payload: Any
+    request_metadata: Any
+    metadata: Any
+    exception: Any
+    task_id: int | None
+
+    def __init__(self, status: Any = None, payload: Any = None, request_metadata: Any = None,
+                 metadata: Any = None, exception: Any = None) -> None:
         #: Whether the input elements were processed successfully.
         self.status = status
         #: Output corresponding to task's input elements.
@@ -57,8 +71,7 @@ class ClusterResult:
         #: Id of the request this result answers, or None.
         self.task_id = None
 
-
-    def __repr__(self):
+    def __repr__(self) -> str:
         return ("ClusterResult(status=%r, payload=%r, request_metadata=%r, metadata=%r, "
                 "exception=%r)" % (self.status, self.payload, self.request_metadata,
                                    self.metadata, self.exception))

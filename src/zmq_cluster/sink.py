@@ -1,18 +1,26 @@
 """Sinks: collect results from worker nodes."""
 
+from __future__ import annotations
+
 import logging
+import reprlib
+from collections.abc import Iterator
+from typing import Any, ClassVar, TypeVar
 
 import zmq
 
+from ._wire_common import RESULT, STOP, is_command, timeout_ms
 from .commands import send_command
-from .exceptions import WorkerException
+from .exceptions import MessageFormatError, WorkerException
 from .messages import ClusterResult
-from .sockets import InitSocket, close_owned
-from .wire import SKIP, STOP, sink_next
+from .sockets import InitSocket, SocketLike, close_owned
+from .wire import sink_next
 
 __all__ = ["BasicSink", "Sink"]
 
 log = logging.getLogger("zmq_cluster")
+
+_S = TypeVar("_S", bound="BasicSink")
 
 
 class BasicSink:
@@ -22,67 +30,79 @@ class BasicSink:
     SUB socket subscribed to everything. ``receiver_timeout`` (ms) is the
     default wait per result for :meth:`Receive`; None waits for ever.
 
-    A message that breaks the wire format is logged, counted in
-    ``malformed_messages``, and skipped; the sink keeps serving.
+    A BasicSink is a pipe for any object: :meth:`Receive` yields the body of
+    every well-formed message on its channel as it was sent, whatever its
+    kind (the kind says how to decode a message, not whether the receiver
+    may see it): a worker's ClusterResult records, a Ventilator's
+    ClusterRequests, or whatever a BasicVentilator sent.
+
+    A message that breaks the wire format is logged (logger
+    ``zmq_cluster``) and counted in ``malformed_messages``. If its fixed
+    header was readable it is still one result for the caller: Receive
+    yields ``ClusterResult("FAIL", exception=<the MessageFormatError>)``
+    with the message's ``task_id``, so that nothing waits for it for ever;
+    otherwise (not a zmq_cluster message at all) it is dropped. The sink
+    keeps serving. A kill command (a str equal to :attr:`CMD_KILL`) on the
+    command channel ends Receive; other commands are ignored.
+
     ``allow_pickle`` (default True) can be set False to refuse pickled values
     from peers that are not trusted; ``array_alignment`` (default None: each
     dtype's own alignment) can be set to e.g. 64 to get every array at that
     alignment, copying those that the transport did not place there.
 
     Counters: ``messages_received`` (every message, commands and malformed
-    ones included), ``messages_sent`` (always 0) and ``copied_bytes``
-    (payload bytes copied on the way in: arrays below ``COPY_THRESHOLD``;
-    larger arrays are views on the received frames).
+    ones included), ``copied_bytes`` (payload bytes copied on the way in:
+    arrays below ``COPY_THRESHOLD``; larger arrays are views on the
+    received frames) and ``malformed_messages``.
     """
 
     #: Send this to the command socket to shut down the sink.
-    CMD_KILL = "CLUSTER_SINK_KILL"
+    CMD_KILL: ClassVar[str] = "CLUSTER_SINK_KILL"
 
     #: (socket-like, required) Constructor for the reader socket.
-    result_receiver = None
+    result_receiver: SocketLike | None = None
     #: (socket-like, optional) Constructor for the command socket.
-    command_receiver = None
+    command_receiver: SocketLike | None = None
 
-    allow_pickle = True
-    array_alignment = None
+    allow_pickle: bool = True
+    array_alignment: int | None = None
 
-    def __init__(self, context, result_receiver, command_receiver=None, receiver_timeout=None):
+    def __init__(self, context: zmq.Context, result_receiver: SocketLike,
+                 command_receiver: SocketLike | None = None,
+                 receiver_timeout: float | None = None) -> None:
         self.context = context
         self.result_receiver = result_receiver
         self.command_receiver = command_receiver
         self.receiver_timeout = receiver_timeout
         self.malformed_messages = 0
         self.copied_bytes = 0
-        self.messages_sent = 0
         self.messages_received = 0
-        self._results = None
-        self._commands = None
-        self._poller = None
+        self._results: zmq.Socket | None = None
+        self._commands: zmq.Socket | None = None
 
-    def Setup(self):
+    def Setup(self) -> None:
         """Initialize the sink: create (or adopt) and connect its sockets."""
+        assert self.result_receiver is not None, "a sink needs a result_receiver"
         self._results = InitSocket(self.context, self.result_receiver, zmq.PULL)
-        self._poller = zmq.Poller()
-        self._poller.register(self._results, zmq.POLLIN)
         if self.command_receiver is not None:
             self._commands = InitSocket(self.context, self.command_receiver, zmq.SUB,
                                         options={zmq.SUBSCRIBE: b""})
-            self._poller.register(self._commands, zmq.POLLIN)
 
-    def Shutdown(self):
+    def Shutdown(self) -> None:
         """Shutdown the sink: close the sockets it created."""
         close_owned(self._results, self.result_receiver)
         close_owned(self._commands, self.command_receiver)
-        self._results = self._commands = self._poller = None
+        self._results = self._commands = None
 
-    def __enter__(self):
+    def __enter__(self: _S) -> _S:
         self.Setup()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.Shutdown()
 
-    def Receive(self, num_results=None, timeout=None):
+    def Receive(self, num_results: int | None = None,
+                timeout: float | None = None) -> Iterator[Any]:
         """Get an iterator over the set of result objects.
 
         Results will be available on the iterator as they arrive at the
@@ -97,40 +117,41 @@ class BasicSink:
         :param int timeout: Time to wait for each result (in milliseconds).
         :rtype: iterator
         """
-        if self._poller is None:
+        if self._results is None:
             self.Setup()
-        if timeout is None:
-            timeout = self.receiver_timeout
+        wait = timeout_ms(self.receiver_timeout if timeout is None else timeout)
+        results, commands = self._results, self._commands
+        assert results is not None
+        on_command, on_malformed = self._on_command, self._on_malformed
+        allow_pickle, alignment = self.allow_pickle, self.array_alignment
         received = 0
         while num_results is None or received < num_results:
-            result = sink_next(self, timeout)  # zmq_cluster.wire: compiled or pure
+            result = sink_next(results, commands, wait, on_command, on_malformed, allow_pickle,
+                               alignment, self)
             if result is STOP:
                 return
             received += 1
             yield result
 
-    # The semantic steps of sink_next, shared by both of its twins.
+    # The callables sink_next is given (zmq_cluster._wire_common states their
+    # contract).
 
-    def _check(self, kind, obj, expected_kind):
-        """``obj`` when its kind is the channel's, else SKIP (dropped)."""
-        if kind != expected_kind:
-            self.malformed_messages += 1
-            log.warning("sink dropped a message of kind %d on a channel for kind %d",
-                        kind, expected_kind)
-            return SKIP
-        return obj
+    def _on_command(self, kind: int, command: Any) -> bool:
+        return is_command(command, self.CMD_KILL)
 
-    def _malformed_message(self, exc):
-        """A message broke the wire format: dropped (returns SKIP)."""
+    def _on_malformed(self, channel: str, exc: MessageFormatError) -> ClusterResult | None:
         self.malformed_messages += 1
-        log.warning("sink dropped a malformed message: %s", exc)
-        return SKIP
-
-    def _is_kill(self, command):
-        return command == self.CMD_KILL
+        log.warning("sink rejected a malformed %s: %s", channel, exc)
+        header = getattr(exc, "header", None)
+        if channel != RESULT or header is None:
+            return None
+        result = ClusterResult(ClusterResult.STATUS_FAIL, exception=exc)
+        result.task_id = header[1] or None
+        return result
 
     @staticmethod
-    def SendKillCommand(context, command_sender, num_subscribers=1, timeout=None):
+    def SendKillCommand(context: zmq.Context, command_sender: SocketLike,
+                        num_subscribers: int = 1, timeout: float | None = None) -> int | None:
         """Send the quit command to the sink.
 
         A running :meth:`Receive` on a sink subscribed to this channel ends.
@@ -146,16 +167,29 @@ class BasicSink:
 
 
 class Sink(BasicSink):
-    """A sink for task results on the cluster: unwraps ClusterResult records."""
+    """A sink for task results on the cluster: unwraps ClusterResult records.
 
-    def Receive(self, num_results=None, timeout=None, metadata=False):
+    The result rule (docs/protocol.md, "Results a sink cannot use"): a
+    ClusterResult whose status is the str ``"OK"`` yields its payload; one
+    whose status is ``"FAIL"`` raises WorkerException with the worker's
+    exception. Anything else (a body that is not a ClusterResult, a status
+    that is another value or not a str at all) is counted in
+    ``malformed_messages``, logged, and raised as a WorkerException whose
+    ``worker_exception`` is a MessageFormatError naming the problem. Each of
+    these counts as one of ``num_results``; after a WorkerException, the
+    results that follow can be read with another call to Receive.
+    """
+
+    def Receive(self, num_results: int | None = None, timeout: float | None = None,
+                metadata: bool = False) -> Iterator[Any]:
         """Get an iterator over the set of results sent to this sink.
 
         Yields each result's payload, or with ``metadata=True`` a tuple
         ``(payload, request_metadata, result_metadata)``. A result whose
         status is FAIL raises WorkerException, whose ``worker_exception`` is
-        the exception raised in the worker; results after it can still be
-        read with another call to Receive.
+        the exception raised in the worker; so does a result the sink cannot
+        use (see the class). Results after it can still be read with another
+        call to Receive.
 
         :param int num_results: Return after a fixed number of results have
            arrived.
@@ -164,13 +198,38 @@ class Sink(BasicSink):
            with each result.
         """
         for result in BasicSink.Receive(self, num_results, timeout):
-            if type(result) is not ClusterResult:
-                raise TypeError("Sink received a %s, not a ClusterResult; use BasicSink for "
-                                "raw results" % type(result).__name__)
-            if result.status == ClusterResult.STATUS_FAIL:
-                raise WorkerException(worker_exception=result.exception)
-            if metadata:
-                yield result.payload, result.request_metadata, result.metadata
+            if type(result) is ClusterResult:
+                status = result.status
+                if type(status) is str:
+                    if status == "OK":
+                        if metadata:
+                            yield result.payload, result.request_metadata, result.metadata
+                        else:
+                            yield result.payload
+                        continue
+                    if status == "FAIL":
+                        raise WorkerException(worker_exception=result.exception)
+                problem = "its status %s is neither 'OK' nor 'FAIL'" % _describe(status)
             else:
-                yield result.payload
+                problem = "it is %s, not a ClusterResult" % _describe(result)
+            raise self._unusable(result, problem)
 
+    def _unusable(self, result: Any, problem: str) -> WorkerException:
+        task_id = getattr(result, "task_id", None)
+        if type(task_id) is not int:
+            task_id = None
+        error = MessageFormatError("result%s cannot be used: %s" % (
+            "" if task_id is None else " of task %d" % task_id, problem))
+        self.malformed_messages += 1
+        log.warning("sink: %s", error)
+        return WorkerException(worker_exception=error)
+
+
+def _describe(obj: object) -> str:
+    """A short, safe description of a value a peer sent: its type and a
+    bounded repr."""
+    try:
+        text = reprlib.repr(obj)
+    except Exception:
+        text = "?"
+    return "%s %s" % (type(obj).__name__, text)

@@ -4,12 +4,16 @@ In this package a *socket-like* is either a ``zmq.Socket`` or a
 :class:`FutureSocket`; every API that takes a channel accepts both.
 """
 
+from __future__ import annotations
+
 import builtins
 import time
+from typing import Any, Union, cast
 
 import zmq
 
-__all__ = ["FutureSocket", "Connect", "InitSocket", "MakeSocket", "SocketTypeToString"]
+__all__ = ["FutureSocket", "Connect", "InitSocket", "MakeSocket", "SocketTypeToString",
+           "SocketLike"]
 
 
 class FutureSocket:
@@ -23,26 +27,27 @@ class FutureSocket:
 
     #: (str, required) The URL passed to the connect() and bind() methods of
     #: the created socket.
-    url = None
+    url: str | None = None
     #: (optional) The type of socket to create (a ``zmq`` socket type).
-    type = None
+    type: int | None = None
     #: (bool, optional) Whether this socket connects or binds.
-    bind = False
+    bind: bool = False
     #: (dict, optional) A dictionary of socket options (see
     #: ``zmq.Socket.setsockopt()``), applied before connecting/binding.
-    options = None
+    options: dict[int, Any] | None = None
     #: (float, optional) Seconds to wait before connecting/binding the socket.
-    pre_delay = None
+    pre_delay: float | None = None
     #: (float, optional) Seconds to wait after connecting/binding the socket.
-    post_delay = None
+    post_delay: float | None = None
 
-    def __init__(self, url=None, type=None, bind=False, options=None):
+    def __init__(self, url: str | None = None, type: int | None = None, bind: bool = False,
+                 options: dict[int, Any] | None = None) -> None:
         self.url = url
         self.type = type
         self.bind = bind
         self.options = options
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         parts = ["url=%r" % self.url]
         if self.type is not None:
             parts.append("type=%s" % SocketTypeToString(self.type))
@@ -51,8 +56,10 @@ class FutureSocket:
             parts.append("options=%r" % self.options)
         return "FutureSocket(%s)" % ", ".join(parts)
 
-    def MakeSocket(self, context, url=None, type=None, bind=None, options=None, pre_delay=None,
-                   post_delay=None):
+    def MakeSocket(self, context: zmq.Context, url: str | None = None, type: int | None = None,
+                   bind: bool | None = None, options: dict[int, Any] | None = None,
+                   pre_delay: float | None = None,
+                   post_delay: float | None = None) -> zmq.Socket:
         """Create the socket.
 
         Arguments take precedence over their corresponding object attributes;
@@ -71,7 +78,7 @@ class FutureSocket:
             raise ValueError("cannot make a socket: %r has no URL" % self)
         if type is None:
             raise ValueError("cannot make a socket: no socket type given for %r" % self)
-        socket = context.socket(type)
+        socket: zmq.Socket = context.socket(type)
         try:
             for option, value in merged.items():
                 if isinstance(value, str):
@@ -95,8 +102,12 @@ class FutureSocket:
 #: Alias of :class:`FutureSocket`.
 Connect = FutureSocket
 
+#: What every API that takes a channel accepts.
+SocketLike = Union[zmq.Socket, FutureSocket]
 
-def InitSocket(context, connect_or_socket, type=None, **kwargs):
+
+def InitSocket(context: zmq.Context, connect_or_socket: SocketLike, type: int | None = None,
+               **kwargs: Any) -> zmq.Socket:
     """Initialize a socket.
 
     :param zmq.Context context: The ZeroMQ context object with which to
@@ -118,19 +129,20 @@ def InitSocket(context, connect_or_socket, type=None, **kwargs):
         if type is not None and connect_or_socket.type != type:
             raise ValueError("expected a %s socket, got a %s socket"
                              % (SocketTypeToString(type),
-                                SocketTypeToString(connect_or_socket.type)))
+                                SocketTypeToString(cast(int, connect_or_socket.type))))
         return connect_or_socket
     raise TypeError("expected a FutureSocket or a zmq.Socket, got %s"
                     % builtins.type(connect_or_socket).__name__)
 
 
-def MakeSocket(context, url, type, bind=False, options=None):
+def MakeSocket(context: zmq.Context, url: str, type: int, bind: bool = False,
+               options: dict[int, Any] | None = None) -> zmq.Socket:
     """This is a shortcut for constructing a FutureSocket and calling its
     MakeSocket method."""
     return FutureSocket(url, type, bind=bind, options=options).MakeSocket(context)
 
 
-def SocketTypeToString(type):
+def SocketTypeToString(type: int) -> str:
     """Get a textual representation of a socket type ID, e.g. ``'PUSH'``.
 
     Raises ValueError for a number that is no ZeroMQ socket type.
@@ -141,8 +153,7 @@ def SocketTypeToString(type):
         raise ValueError("unknown socket type %r" % (type,)) from None
 
 
-
-def close_owned(socket, spec, linger=0):
+def close_owned(socket: zmq.Socket | None, spec: object, linger: int | None = 0) -> None:
     """Close ``socket`` if it was made from ``spec`` (a FutureSocket); a
     socket the caller passed in (``socket is spec``) stays open."""
     if socket is not None and socket is not spec:

@@ -1,15 +1,20 @@
 """Ventilators: push task requests to worker nodes."""
 
+from __future__ import annotations
+
 import itertools
 import random
 import time
+import uuid
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .exceptions import ReceiverTimeoutException
 from .messages import ClusterRequest
-from .sockets import InitSocket, close_owned
+from .sockets import InitSocket, SocketLike, close_owned
 from .wire import send_requests
 
 __all__ = ["BasicVentilator", "Ventilator"]
@@ -17,6 +22,8 @@ __all__ = ["BasicVentilator", "Ventilator"]
 _PEER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 #: Pending trackers kept before the first pruning of finished ones.
 _PRUNE_MIN = 64
+
+_V = TypeVar("_V", bound="BasicVentilator")
 
 
 class BasicVentilator:
@@ -27,6 +34,11 @@ class BasicVentilator:
     waited once, after the socket is made in :meth:`Setup`, so that workers
     started at the same time have connected before the first request goes
     out: otherwise the first worker to connect receives a queue's worth.
+
+    A BasicVentilator is a pipe for any object: each item given to
+    :meth:`Send` travels as it is, and a BasicSink reading the channel
+    yields exactly those objects (a worker's handler receives them as its
+    request; a Sink unwraps ClusterResults sent this way).
 
     Every request sent gets a task id, unique to this ventilator (a random
     32-bit prefix and a counter), which travels in the message header and
@@ -40,54 +52,67 @@ class BasicVentilator:
     and may be changed at once. Freeing is safe: the ventilator's messages
     keep their arrays alive.
 
-    Counters: ``messages_sent``, ``messages_received`` (always 0) and
-    ``copied_bytes`` (payload bytes copied on the way out: arrays below
-    ``COPY_THRESHOLD``).
+    Counters: ``messages_sent`` and ``copied_bytes`` (payload bytes copied
+    on the way out: arrays below ``COPY_THRESHOLD``).
     """
 
     #: (socket-like, required) Constructor for the writer socket.
-    request_sender = None
+    request_sender: SocketLike | None = None
 
-    def __init__(self, context, request_sender, worker_connect_delay=None):
+    def __init__(self, context: zmq.Context, request_sender: SocketLike,
+                 worker_connect_delay: float | None = None) -> None:
         self.context = context
         self.request_sender = request_sender
         self.worker_connect_delay = worker_connect_delay
-        self._socket = None
-        self._monitor = None
+        self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._peers = 0
         self._task_ids = itertools.count((random.getrandbits(32) << 32) + 1)
-        self._pending = []      # trackers of zero-copy messages not known to be sent
+        self._pending: list[zmq.MessageTracker] = []  # zero-copy sends not known to be done
         self._prune_at = _PRUNE_MIN
         self.copied_bytes = 0
         self.messages_sent = 0
-        self.messages_received = 0
 
-    def Setup(self):
+    def Setup(self) -> None:
         """Initialize the ventilator: create (or adopt) its socket, then wait
         ``worker_connect_delay`` seconds if that is set."""
-        self._socket = InitSocket(self.context, self.request_sender, zmq.PUSH)
-        self._monitor = self._socket.get_monitor_socket(_PEER_EVENTS)
+        assert self.request_sender is not None, "a ventilator needs a request_sender"
+        socket = InitSocket(self.context, self.request_sender, zmq.PUSH)
+        # A monitor address of our own: pyzmq's default one is named after
+        # the socket's fd and stays bound for a moment after a previous
+        # monitor of the same socket was disabled ("Address already in use").
+        address = "inproc://zmq_cluster.ventilator-monitor.%s" % uuid.uuid4().hex
+        socket.monitor(address, _PEER_EVENTS)
+        monitor = socket.context.socket(zmq.PAIR)
+        try:
+            monitor.connect(address)
+        except BaseException:
+            monitor.close(linger=0)
+            socket.disable_monitor()
+            close_owned(socket, self.request_sender)
+            raise
+        self._socket, self._monitor = socket, monitor
         self._peers = 0
         if self.worker_connect_delay:
             time.sleep(self.worker_connect_delay)
 
-    def Shutdown(self):
+    def Shutdown(self) -> None:
         """Shutdown the ventilator: close its socket (if it created it),
         letting queued requests go out first."""
-        if self._monitor is not None:
+        if self._monitor is not None and self._socket is not None:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
         close_owned(self._socket, self.request_sender, linger=None)
         self._socket = self._monitor = None
 
-    def __enter__(self):
+    def __enter__(self: _V) -> _V:
         self.Setup()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.Shutdown()
 
-    def WaitForWorkers(self, count, timeout=None):
+    def WaitForWorkers(self, count: int, timeout: float | None = None) -> int:
         """Wait until at least ``count`` peers (workers, or a streamer device)
         have completed the ZeroMQ handshake with this ventilator's socket.
 
@@ -97,32 +122,36 @@ class BasicVentilator:
         raises ReceiverTimeoutException if fewer than ``count`` connect within
         ``timeout`` ms (None waits for ever).
         """
-        if self._socket is None:
+        if self._monitor is None:
             self.Setup()
+        monitor = self._monitor
+        assert monitor is not None
         deadline = None if timeout is None else time.monotonic() + timeout / 1000.0
         while True:
             # Drain every queued event before judging the count, so that a
             # disconnect already reported is never missed.
-            while self._monitor.poll(0):
-                self._count_event(recv_monitor_message(self._monitor)["event"])
+            while monitor.poll(0):
+                self._count_event(recv_monitor_message(monitor)["event"])
             if self._peers >= count:
                 return self._peers
             wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._monitor.poll(wait):
+            if not monitor.poll(wait):
                 raise ReceiverTimeoutException("%d of %d workers connected within %s ms"
                                                % (self._peers, count, timeout))
 
-    def _count_event(self, event):
+    def _count_event(self, event: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._peers += 1
         elif event == zmq.EVENT_DISCONNECTED:
             self._peers = max(0, self._peers - 1)
 
-    def Send(self, requests):
+    def Send(self, requests: Iterable[Any]) -> int:
         """Send a set of task requests to the worker nodes.
 
         Each item is sent as it is (a ClusterRequest, or any payload, which a
-        worker then receives bare). Calls :meth:`Setup` first if needed.
+        worker then receives bare). Calls :meth:`Setup` first if needed. An
+        item the wire format cannot carry raises TypeError, with the items
+        before it sent.
 
         :param iterable requests: Task requests to send.
         :returns: The number of sent tasks.
@@ -130,9 +159,10 @@ class BasicVentilator:
         """
         if self._socket is None:
             self.Setup()
-        return send_requests(self, requests)  # zmq_cluster.wire: compiled or pure
+        assert self._socket is not None
+        return send_requests(self._socket, requests, self._task_ids, self._track, self)
 
-    def _track(self, tracker):
+    def _track(self, tracker: zmq.MessageTracker) -> None:
         """Keep the tracker of a message sent with zero-copy frames."""
         pending = self._pending
         pending.append(tracker)
@@ -141,7 +171,7 @@ class BasicVentilator:
             pending[:] = [t for t in pending if not t.done]
             self._prune_at = max(_PRUNE_MIN, 2 * len(pending))
 
-    def WaitSent(self, timeout=None):
+    def WaitSent(self, timeout: float | None = None) -> int:
         """Wait until libzmq has released every array sent zero-copy so far.
 
         After it returns, the arrays passed to :meth:`Send` may be changed
@@ -173,7 +203,7 @@ class Ventilator(BasicVentilator):
     """A ventilator for task requests on the cluster: wraps each callback
     argument in a ClusterRequest."""
 
-    def Send(self, requests, metadata=None):
+    def Send(self, requests: Iterable[Any], metadata: Iterable[Any] | None = None) -> int:
         """Send requests to worker nodes.
 
         :param iterable requests: Callback arguments.
@@ -184,8 +214,7 @@ class Ventilator(BasicVentilator):
         :returns: The number of sent tasks.
         """
         if metadata is None:
-            metadata = itertools.repeat(None)
-            pairs = zip(requests, metadata)
+            pairs: Iterable[tuple[Any, Any]] = zip(requests, itertools.repeat(None))
         else:
             pairs = zip(requests, metadata, strict=True)
         return BasicVentilator.Send(self, (ClusterRequest(payload, meta)

@@ -1,22 +1,34 @@
-"""Selects the send/receive twin: compiled unless ZMQ_CLUSTER_NO_EXTENSIONS is set.
+"""Selects the wire twin: compiled unless ZMQ_CLUSTER_NO_EXTENSIONS is set.
 
-Both twins provide ``send_message``, ``recv_message``, ``peek_header`` and
-the nodes' loops ``run_worker``, ``sink_next`` and ``send_requests``, with
-the same behaviour and the same bytes on the wire; see ``_wire_py`` for the
-contract.
+Both twins provide the primitives ``send_message``, ``recv_message``,
+``recv_any``, ``decode_message``, ``send_frames`` and the loops
+``run_worker``, ``sink_next``, ``send_requests``, with the same behaviour
+and the same bytes on the wire; ``zmq_cluster._wire_common`` states their
+contract and holds what both share (``STOP``, ``peek_header``...).
 """
 
-from ._compat import NO_EXTENSIONS
-from ._wire_py import SKIP, STOP, peek_header
+from typing import TYPE_CHECKING
 
-if NO_EXTENSIONS:
-    from ._wire_py import recv_message, run_worker, send_message, send_requests, sink_next
+from ._compat import NO_EXTENSIONS
+from ._wire_common import STOP, is_command, peek_header, timeout_ms
+
+# Type checkers read the pure twin: the compiled one has the same signatures
+# (the contract in _wire_common), so no stub repeats them.
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from ._wire_py import (
+        decode_message, recv_any, recv_message, run_worker, send_frames, send_message,
+        send_requests, sink_next,
+    )
     FASTPATH = False
 else:
     import zmq  # noqa: F401  (loads the libzmq the extension links against)
 
-    from ._fastpath.wire import recv_message, run_worker, send_message, send_requests, sink_next
+    from ._fastpath.wire import (
+        decode_message, recv_any, recv_message, run_worker, send_frames, send_message,
+        send_requests, sink_next,
+    )
     FASTPATH = True
 
-__all__ = ["send_message", "recv_message", "peek_header", "run_worker", "sink_next",
-           "send_requests", "STOP", "SKIP", "FASTPATH"]
+__all__ = ["send_message", "recv_message", "recv_any", "decode_message", "send_frames",
+           "run_worker", "sink_next", "send_requests", "STOP", "peek_header", "timeout_ms",
+           "is_command", "FASTPATH"]
