@@ -15,7 +15,7 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, cast
+from typing import Any, Dict, List
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -23,6 +23,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import schedproto as sp
 from .functions import describe, function_key
 from .liveness import heartbeat_options
+from .wire import recv_any
 
 __all__ = ["SchedulerClient", "SchedulerLost"]
 
@@ -181,40 +182,39 @@ class SchedulerClient:
     # ------------------------------------------------------------- receiving
 
     def _io_loop(self):
-        rx = self._rx
-        poller = zmq.Poller()
-        poller.register(rx, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
-        sinks = self._sinks
+        # Results first, then connection events, then the stop signal;
+        # waiting and receiving happen in zmq_cluster.wire (without the GIL
+        # in the compiled twin).
+        sockets = [self._rx, self._monitor, self._wake_rx]
         try:
             while True:
-                ready = dict(poller.poll())
-                if self._wake_rx in ready:
+                got = recv_any(sockets, -1)
+                if got is None:
+                    continue
+                which, frames = got
+                if which == 2:
                     return
-                if self._monitor in ready:
-                    while cast(int, self._monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                        event = parse_monitor_message(self._monitor.recv_multipart())
-                        if event["event"] == zmq.EVENT_DISCONNECTED:
-                            self._lose(SchedulerLost("lost the connection to the scheduler "
-                                                     "at %s" % self.address))
-                while cast(int, rx.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    frames = rx.recv_multipart(copy=False)
-                    try:
-                        mtype, count, _ = sp.parse_ctl(frames[0].bytes)
-                        if mtype == sp.RESULTS:
-                            self._results(frames, count)
-                        elif mtype == sp.STATS:
-                            reply = sp.parse_body(frames[1].bytes)
-                            waiter = self._stats_waiters.get(reply.get("id"))
-                            if waiter is not None:
-                                waiter[1] = reply
-                                waiter[0].set()
-                        elif mtype == sp.RESET:
-                            self._lose(SchedulerLost("the scheduler at %s dropped this client"
-                                                     % self.address))
-                    except (sp.ProtocolError, ValueError, TypeError) as exc:
-                        log.warning("pool dropped a message from the scheduler: %s", exc)
+                if which == 1:
+                    event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])
+                    if event["event"] == zmq.EVENT_DISCONNECTED:
+                        self._lose(SchedulerLost("lost the connection to the scheduler "
+                                                 "at %s" % self.address))
+                    continue
+                try:
+                    mtype, count, _ = sp.parse_ctl(frames[0])  # bytes (recv_any)
+                    if mtype == sp.RESULTS:
+                        self._results(frames, count)
+                    elif mtype == sp.STATS:
+                        reply = sp.parse_body(frames[1].bytes)
+                        waiter = self._stats_waiters.get(reply.get("id"))
+                        if waiter is not None:
+                            waiter[1] = reply
+                            waiter[0].set()
+                    elif mtype == sp.RESET:
+                        self._lose(SchedulerLost("the scheduler at %s dropped this client"
+                                                 % self.address))
+                except (sp.ProtocolError, ValueError, TypeError) as exc:
+                    log.warning("pool dropped a message from the scheduler: %s", exc)
         except zmq.ContextTerminated:
             return
 

@@ -29,9 +29,10 @@ import signal
 import socket as _socket
 import sys
 import time
-from typing import Any, Deque, Dict, List, Optional, cast
+from typing import Any, Deque, Dict, List, Optional
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import framing
 from . import schedproto as sp
@@ -39,6 +40,7 @@ from .functions import FunctionCache
 from .liveness import heartbeat_options
 from .protocol import KIND_REQUEST
 from .taskcodec import encode_result, run_items, task_failure
+from .wire import recv_any
 
 _decode = framing.decode
 _RESULT_ENTRY_PACK = sp.RESULT_ENTRY.pack
@@ -103,19 +105,25 @@ class PoolWorker:
         sock.connect(self.address)
         self._handshakes = 0
         self._hello()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        # Connection events first, then messages; waiting and receiving
+        # happen in zmq_cluster.wire (without the GIL in the compiled twin).
+        sockets = [monitor, sock]
         self._running = True
         queue = self._queue
         try:
             while self._running:
-                if not queue:
+                if queue:
+                    got = recv_any(sockets, 0)
+                else:
                     self._flush()
-                    poller.poll(1000)
-                self._read_monitor(monitor)
-                while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    self._handle(sock.recv_multipart(copy=False))
+                    got = recv_any(sockets, 1000)
+                while got is not None:
+                    which, frames = got
+                    if which == 0:
+                        self._monitor_event(frames)
+                    else:
+                        self._handle(frames)
+                    got = recv_any(sockets, 0)
                 if queue and self._running:
                     self._run_some()
                     self._flush()
@@ -144,21 +152,19 @@ class PoolWorker:
         self._out_entries, self._out_frames, self._out_seconds = [], [], 0.0
         self._out_bytes = 0
 
-    def _read_monitor(self, monitor):
-        from zmq.utils.monitor import parse_monitor_message
-        while cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            event = parse_monitor_message(monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_DISCONNECTED:
-                # Declared dead (or the scheduler went): what we hold runs elsewhere.
-                self._drop_held()
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshakes += 1
-                if self._handshakes > 1:
-                    self._hello()
+    def _monitor_event(self, frames):
+        event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            # Declared dead (or the scheduler went): what we hold runs elsewhere.
+            self._drop_held()
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._handshakes += 1
+            if self._handshakes > 1:
+                self._hello()
 
     def _handle(self, frames):
         try:
-            mtype, count, flags = sp.parse_ctl(frames[0].bytes)
+            mtype, count, flags = sp.parse_ctl(frames[0])  # bytes (recv_any)
             if mtype == sp.TASKS:
                 table = frames[1].bytes
                 data = frames[2:]

@@ -27,7 +27,7 @@ import signal
 import socket as _socket
 import sys
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple, cast
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -35,6 +35,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import schedproto as sp
 from .functions import function_key
 from .liveness import FdMap, heartbeat_options
+from .wire import recv_any
 from .trust import EndpointKind, classify_endpoint, is_private_ipc, sender_may_pickle
 from .taskcodec import task_failure
 
@@ -53,9 +54,6 @@ MAX_BATCH = 256
 #: A TASKS message is closed once it holds this many bytes (one large task
 #: per message), so a worker starts on the first while the next is in transit.
 MAX_BATCH_BYTES = 1 << 20
-
-_EVENTS = zmq.EVENTS
-_POLLIN = zmq.POLLIN
 
 _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
 
@@ -152,28 +150,30 @@ class Scheduler:
     def run(self) -> None:
         """Serve until stopped; closes the sockets on the way out."""
         self._running = True
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
         probe_every = max(0.05, self.heartbeat_timeout / 2)
         next_probe = time.monotonic() + probe_every
-        router = self._router
+        # The router first, then the monitor; waiting and receiving happen in
+        # zmq_cluster.wire (without the GIL in the compiled twin).
+        sockets = [self._router, self._monitor]
         try:
-            monitor = self._monitor
             handle = self._handle
-            recv = router.recv_multipart
             while self._running:
                 now = time.monotonic()
                 wait = next_probe - now
                 if self._timed:
                     wait = min(wait, self._next_deadline(now) - now)
-                for sock, _ in poller.poll(max(0, min(100, int(wait * 1000) + 1))):
-                    if sock is monitor:
-                        self._read_monitor()
+                got = recv_any(sockets, max(0, min(100, int(wait * 1000) + 1)))
                 n = 0
-                while n < DRAIN_BATCH and cast(int, router.getsockopt(_EVENTS)) & _POLLIN:
-                    handle(recv(copy=False))
+                while got is not None:
+                    which, frames = got
+                    if which == 0:
+                        handle(frames)
+                    else:
+                        self._monitor_event(frames)
                     n += 1
+                    if n >= DRAIN_BATCH:
+                        break
+                    got = recv_any(sockets, 0)
                 if self._active:
                     self._dispatch()
                 now = time.monotonic()
@@ -218,7 +218,7 @@ class Scheduler:
     # ------------------------------------------------------------ messages
 
     def _handle(self, frames):
-        rid = frames[0].bytes
+        rid = frames[0]  # bytes (recv_any)
         try:
             if len(frames) < 3:
                 raise sp.ProtocolError("%d frames" % len(frames))
@@ -587,13 +587,12 @@ class Scheduler:
 
     # ------------------------------------------------------------ liveness
 
-    def _read_monitor(self):
-        while cast(int, self._monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            event = parse_monitor_message(self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                rid = self._fdmap.disconnected(event["value"])
-                if rid is not None:
-                    self._gone(rid, "disconnected")
+    def _monitor_event(self, frames):
+        event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            rid = self._fdmap.disconnected(event["value"])
+            if rid is not None:
+                self._gone(rid, "disconnected")
 
     def _probe(self):
         probe = sp.message(sp.PROBE)
