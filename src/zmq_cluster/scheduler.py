@@ -36,7 +36,9 @@ from . import schedproto as sp
 from .functions import function_key
 from .liveness import FdMap, heartbeat_options
 from .wire import recv_any
-from .trust import EndpointKind, classify_endpoint, is_private_ipc, sender_may_pickle
+from .trust import (
+    EndpointKind, check_listen, classify_endpoint, is_private_ipc, sender_may_pickle,
+)
 from .taskcodec import task_failure
 
 __all__ = ["Scheduler", "is_local_address"]
@@ -126,6 +128,11 @@ class Scheduler:
         for opt, value in opts.items():
             self._router.setsockopt(opt, value)
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # The command line refuses this without --insecure (zmq_cluster.trust);
+        # from Python, say what it means.
+        warning = check_listen(listen, secure=bool(opts.get(zmq.CURVE_SERVER)), insecure=True)
+        if warning:
+            log.warning("%s", warning)
         self._router.bind(listen)
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._private_ipc = is_private_ipc(self.address)
