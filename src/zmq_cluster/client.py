@@ -15,7 +15,7 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message

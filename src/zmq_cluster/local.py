@@ -20,7 +20,6 @@ import time
 import weakref
 from typing import List, Optional
 
-from . import schedproto as sp
 from .client import SchedulerClient
 from .process import python_command, spawn
 

@@ -27,7 +27,6 @@ import math
 import os
 import signal
 import socket as _socket
-import sys
 import time
 from typing import Any, Deque, Dict, List, Optional
 

@@ -19,83 +19,37 @@ Run it with ``Scheduler(listen).run()`` or
 """
 
 import argparse
-import collections
 import gc
 import logging
 import os
 import signal
-import socket as _socket
-import sys
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import schedproto as sp
-from .functions import function_key
+from .ledger import Ledger, _Client, _Worker
 from .liveness import FdMap, heartbeat_options
-from .wire import recv_any
 from .trust import (
     EndpointKind, check_listen, classify_endpoint, is_private_ipc, sender_may_pickle,
 )
-from .taskcodec import task_failure
+from .wire import recv_any
 
 __all__ = ["Scheduler", "is_local_address"]
 
 log = logging.getLogger("zmq_cluster.scheduler")
 
-#: A task whose worker died while running it this many times fails.
-MAX_DEATHS = 3
 #: Messages read in a row before the scheduler dispatches.
 DRAIN_BATCH = 256
 #: How long a scheduler told to shut down waits for its workers to leave.
 SHUTDOWN_SECONDS = 2.0
-#: Tasks per TASKS message to one worker, at most.
-MAX_BATCH = 256
-#: A TASKS message is closed once it holds this many bytes (one large task
-#: per message), so a worker starts on the first while the next is in transit.
-MAX_BATCH_BYTES = 1 << 20
-
-_Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
 
 
 def is_local_address(address: str) -> bool:
     """Whether ``address`` reaches only this host (ipc, inproc, loopback tcp)."""
     return classify_endpoint(address) is not EndpointKind.NETWORK
-
-
-class _Worker:
-    __slots__ = ("rid", "no", "host", "pid", "trusted", "credit", "credit_bytes", "inhand",
-                 "inhand_bytes", "funcs", "tasks", "busy", "last_seen", "head_since")
-
-    def __init__(self, rid, no, hello, trusted, now):
-        self.rid = rid
-        self.no = no
-        self.host = str(hello.get("host", "?"))
-        self.pid = int(hello.get("pid", 0))
-        self.trusted = trusted
-        self.credit = max(1, int(hello.get("credit", 1)))
-        self.credit_bytes = max(1, int(hello.get("credit_bytes", 1 << 28)))
-        self.inhand = {}          # task id -> record, in dispatch (= run) order
-        self.inhand_bytes = 0
-        self.funcs = set()
-        self.tasks = 0
-        self.busy = 0.0
-        self.last_seen = now
-        self.head_since = now
-
-
-class _Client:
-    __slots__ = ("rid", "no", "trusted", "queue", "host", "pid")
-
-    def __init__(self, rid, no, hello, trusted):
-        self.rid = rid
-        self.no = no
-        self.trusted = trusted
-        self.queue = collections.deque()
-        self.host = str(hello.get("host", "?"))
-        self.pid = int(hello.get("pid", 0))
 
 
 class Scheduler:
@@ -140,17 +94,13 @@ class Scheduler:
         self._running = False
         self._stopping = None     # deadline once told to shut down
         self._peers: Dict[bytes, Tuple[str, Any]] = {}  # routing id -> (role, peer)
-        self._workers: Dict[bytes, _Worker] = {}
-        self._clients: Dict[int, _Client] = {}        # by client number
-        self._active: Deque[_Client] = collections.deque()  # clients with queued tasks
-        self._ledger: Dict[int, list] = {}           # task id -> record
-        self._funcs: Dict[int, list] = {}            # fn key -> FUNC message frames
         self._fdmap = FdMap()
         self._stats_waiting: List[tuple] = []  # STATS requests waiting for enough workers
-        self._timed = 0           # tasks in workers' hands that have a timeout
         self._next_client = 1
         self._next_worker = 1
-        self.counters: "collections.Counter[str]" = collections.Counter()
+        self.ledger = Ledger(self._send)
+        #: Counts of what happened (malformed messages, late results...).
+        self.counters = self.ledger.counters
 
     # ---------------------------------------------------------------- loop
 
@@ -162,13 +112,14 @@ class Scheduler:
         # The router first, then the monitor; waiting and receiving happen in
         # zmq_cluster.wire (without the GIL in the compiled twin).
         sockets = [self._router, self._monitor]
+        ledger = self.ledger
         try:
             handle = self._handle
             while self._running:
                 now = time.monotonic()
                 wait = next_probe - now
-                if self._timed:
-                    wait = min(wait, self._next_deadline(now) - now)
+                if ledger.timed:
+                    wait = min(wait, ledger.next_deadline(now) - now)
                 got = recv_any(sockets, max(0, min(100, int(wait * 1000) + 1)))
                 n = 0
                 while got is not None:
@@ -181,15 +132,19 @@ class Scheduler:
                     if n >= DRAIN_BATCH:
                         break
                     got = recv_any(sockets, 0)
-                if self._active:
-                    self._dispatch()
+                if ledger.active:
+                    ledger.dispatch()
                 now = time.monotonic()
                 if now >= next_probe:
                     self._probe()
                     next_probe = now + probe_every
-                if self._timed:
-                    self._check_timeouts(now)
-                if self._stopping is not None and (not self._workers or now > self._stopping):
+                if ledger.timed:
+                    for worker in ledger.timed_out(now):
+                        # The worker cannot answer while the task holds it;
+                        # it ends itself (SIGALRM) and a nanny replaces it.
+                        self._send(worker.rid, sp.message(sp.STOP))
+                        self._gone(worker.rid, "task timed out")
+                if self._stopping is not None and (not ledger.workers or now > self._stopping):
                     break
         finally:
             self.close()
@@ -238,13 +193,13 @@ class Scheduler:
                 if mtype != sp.BYE:
                     self._send(rid, sp.message(sp.RESET))
             elif mtype == sp.RESULTS and peer[0] == "worker":
-                self._results(peer[1], frames, count, flags)
+                self.ledger.results(peer[1], frames, count, flags)
             elif mtype == sp.TASKS and peer[0] in ("submit", "client"):
-                self._tasks(peer[1], frames, count)
+                self.ledger.add_tasks(peer[1], frames, count)
             elif mtype == sp.FUNC and peer[0] in ("submit", "client"):
-                self._func(frames)
-            elif mtype == sp.CANCEL:
-                self._cancel(peer[1], sp.parse_body(frames[2].bytes))
+                self.ledger.add_function(frames)
+            elif mtype == sp.CANCEL and peer[0] in ("submit", "client"):
+                self.ledger.cancel(peer[1], sp.parse_body(frames[2].bytes))
             elif mtype == sp.STATS:
                 self._stats(peer[1], sp.parse_body(frames[2].bytes))
             elif mtype == sp.BYE:
@@ -286,22 +241,22 @@ class Scheduler:
             worker = _Worker(rid, self._next_worker, hello, trusted, now)
             self._next_worker += 1
             self._peers[rid] = ("worker", worker)
-            self._workers[rid] = worker
+            self.ledger.workers[rid] = worker
             self._send(rid, sp.message(sp.WELCOME, {"worker_no": worker.no}))
             log.info("worker %d joined (%s pid %d)", worker.no, worker.host, worker.pid)
             waiting, self._stats_waiting = self._stats_waiting, []
             for client, request in waiting:
-                if self._clients.get(client.no) is client:
+                if self.ledger.clients.get(client.no) is client:
                     self._stats(client, request)
         elif role == sp.ROLE_CLIENT:
             client = _Client(rid, self._next_client, hello, trusted)
             self._next_client += 1
-            self._clients[client.no] = client
+            self.ledger.clients[client.no] = client
             self._peers[rid] = ("client", client)
             self._send(rid, sp.message(sp.WELCOME, {"client_no": client.no,
-                                                    "workers": len(self._workers)}))
+                                                    "workers": len(self.ledger.workers)}))
         elif role == sp.ROLE_SUBMIT:
-            client = self._clients.get(hello.get("client_no"))
+            client = self.ledger.clients.get(hello.get("client_no"))
             if client is None:
                 raise sp.ProtocolError("submit connection for unknown client")
             self._peers[rid] = ("submit", client)
@@ -318,279 +273,26 @@ class Scheduler:
         return sender_may_pickle(frame, private_ipc=self._private_ipc,
                                  inproc=self.address.startswith("inproc://"))
 
-    def _tasks(self, client, frames, count):
-        table = frames[2].bytes
-        data = frames[3:]
-        ledger = self._ledger
-        queue = client.queue
-        prefix = client.no
-        funcs = self._funcs
-        unpack = sp.TASK_ENTRY.unpack_from
-        size = sp.TASK_ENTRY.size
-        n = len(table)
-        off = first = 0
-        for _ in range(count):
-            if off + size > n:
-                raise sp.ProtocolError("batch table truncated")
-            tid, key, timeout, inline, nfr = unpack(table, off)
-            end = off + size + inline
-            if end > n or not (inline or nfr):
-                raise sp.ProtocolError("bad batch table entry")
-            if nfr:
-                fr = data[first:first + nfr]
-                if len(fr) != nfr:
-                    raise sp.ProtocolError("batch table names more frames than arrived")
-                nbytes = end - off
-                for f in fr:
-                    nbytes += len(f)
-                first += nfr
-            else:
-                fr = ()
-                nbytes = end - off
-            entry = table[off:end]
-            off = end
-            if tid >> 40 != prefix or tid in ledger:
-                self.counters["bad_task_id"] += 1
-                log.warning("scheduler rejected task id %x from client %d", tid, prefix)
-                continue
-            rec = [False, tid, key, timeout, entry, inline, fr, nbytes, client, None, 0]
-            if key not in funcs:
-                self._fail(rec, LookupError("the scheduler has no function %016x" % key))
-                continue
-            ledger[tid] = rec
-            queue.append(rec)
-        if off != n or first != len(data):
-            log.warning("scheduler: stray bytes or frames after a batch table from client %d",
-                        prefix)
-            self.counters["malformed"] += 1
-        if queue and client not in self._active:
-            self._active.append(client)
-
-    def _func(self, frames):
-        key, module, qualname, pickled = sp.parse_body(frames[2].bytes)
-        if type(key) is not int:
-            raise sp.ProtocolError("FUNC key is not an int")
-        if key != function_key((module, qualname, pickled)):
-            # Keys are content hashes: a blob cannot claim another's key.
-            raise sp.ProtocolError("FUNC key does not match its function")
-        self._funcs.setdefault(key, [frames[1], frames[2]])
-
-    def _cancel(self, client, ids):
-        if ids is None:
-            for rec in client.queue:
-                rec[_Q] = True
-                self._ledger.pop(rec[_TID], None)
-            client.queue.clear()
-            return
-        for tid in ids:
-            rec = self._ledger.get(tid)
-            if rec is not None and rec[_WORKER] is None and rec[_CLIENT] is client:
-                rec[_Q] = True
-                del self._ledger[tid]
-
     def _stats(self, client, request):
         if type(request) is not dict:
             raise sp.ProtocolError("STATS body is not a dict")
-        if len(self._workers) < request.get("wait_workers", 0):
+        ledger = self.ledger
+        if len(ledger.workers) < request.get("wait_workers", 0):
             self._stats_waiting.append((client, request))
             return
-        now = time.monotonic()
-        workers = [{"host": w.host, "pid": w.pid, "tasks": w.tasks,
-                    "mean_task_seconds": (w.busy / w.tasks) if w.tasks else 0.0,
-                    "state": "busy" if w.inhand else "idle",
-                    "last_seen": now - w.last_seen, "in_hand": len(w.inhand),
-                    "credit": w.credit, "worker_no": w.no}
-                   for w in self._workers.values()]
-        queued = sum(len(c.queue) for c in self._clients.values())
-        running = sum(len(w.inhand) for w in self._workers.values())
+        workers = ledger.worker_stats(time.monotonic())
+        queued = sum(len(c.queue) for c in ledger.clients.values())
+        running = sum(len(w.inhand) for w in ledger.workers.values())
         self._send(client.rid, sp.message(sp.STATS, {
             "id": request.get("id"), "workers": workers, "queued": queued, "running": running,
             "counters": dict(self.counters)}))
 
-    def _results(self, worker, frames, count, credit):
-        table = frames[2].bytes
-        data = frames[3:]
-        counters = self.counters
-        counters["result_batches"] += 1
-        counters["results"] += count
-        ledger = self._ledger
-        inhand = worker.inhand
-        if credit:
-            worker.credit = credit
-        forward = []
-        first_client = None
-        regroup = False
-        unpack = sp.RESULT_ENTRY.unpack_from
-        size = sp.RESULT_ENTRY.size
-        n = len(table)
-        off = first = 0
-        parsed = []
-        for _ in range(count):  # check the whole table before using any of it
-            if off + size > n:
-                raise sp.ProtocolError("result table truncated")
-            fields = unpack(table, off)
-            end = off + size + fields[1]
-            nfr = fields[2]
-            if end > n or not (fields[1] or nfr) or first + nfr > len(data):
-                raise sp.ProtocolError("bad result table entry")
-            parsed.append((fields, off, end, first))
-            off = end
-            first += nfr
-        if off != n or first != len(data):
-            raise sp.ProtocolError("stray bytes or frames after a result table")
-        tasks = 0
-        busy = 0.0
-        for (tid, _, nfr, items, seconds), start, end, first in parsed:
-            rec = ledger.get(tid)
-            if rec is None or rec[_WORKER] is not worker:
-                counters["late_results"] += 1
-                regroup = True
-                continue
-            del ledger[tid]
-            del inhand[tid]
-            worker.inhand_bytes -= rec[_NBYTES]
-            if rec[_TIMEOUT]:
-                self._timed -= 1
-            tasks += items
-            busy += seconds
-            client = rec[_CLIENT]
-            if first_client is None:
-                first_client = client
-            elif client is not first_client:
-                regroup = True
-            forward.append((client, start, end, first, nfr))
-        worker.tasks += tasks
-        worker.busy += busy
-        worker.head_since = time.monotonic()
-        if not forward:
-            return
-        clients = self._clients
-        if not regroup:
-            # The common case: the batch goes to one client as it came.
-            if clients.get(first_client.no) is first_client:
-                self._send(first_client.rid, [frames[1], frames[2]] + list(data))
-            return
-        groups = {}
-        for client, start, end, first, nfr in forward:
-            g = groups.get(client)
-            if g is None:
-                groups[client] = g = ([], [])
-            g[0].append(table[start:end])
-            g[1].extend(data[first:first + nfr])
-        for client, (ents, frs) in groups.items():
-            if clients.get(client.no) is client:
-                self._send(client.rid, [sp.ctl(sp.RESULTS, len(ents)), b"".join(ents)] + frs)
-
-    def _fail(self, rec, exc):
-        """Answer a task with a failure made here (every item fails)."""
-        client = rec[_CLIENT]
-        self._ledger.pop(rec[_TID], None)
-        if self._clients.get(client.no) is not client:
-            return
-        frames = task_failure(exc, rec[_TID])
-        entry, data = sp.pack_entry(sp.RESULT_ENTRY, (rec[_TID],), frames, (0, 0.0))
-        self._send(client.rid, [sp.ctl(sp.RESULTS, 1), entry] + list(data))
-
     def _shutdown(self):
         """Stop every worker, then leave once they have gone (at most
         SHUTDOWN_SECONDS later)."""
-        for worker in list(self._workers.values()):
+        for worker in list(self.ledger.workers.values()):
             self._send(worker.rid, sp.message(sp.STOP))
         self._stopping = time.monotonic() + SHUTDOWN_SECONDS
-
-    # ------------------------------------------------------------ dispatch
-
-    def _dispatch(self):
-        """Hand queued tasks to workers with credit: in passes, each worker
-        taking at most its share of what is queued, so that tasks whose
-        duration is not known yet are spread rather than piled on the first
-        worker; clients take turns."""
-        active = self._active
-        while active:
-            ready = [w for w in self._workers.values()
-                     if w.credit > len(w.inhand)
-                     and (not w.inhand or w.inhand_bytes < w.credit_bytes)]
-            if not ready:
-                return
-            queued = 0
-            for client in active:
-                queued += len(client.queue)
-            share = max(1, -(-queued // len(ready)))
-            progress = False
-            for worker in ready:
-                if not active:
-                    break
-                client = active[0]
-                queue = client.queue
-                batch = []
-                room = worker.credit_bytes - worker.inhand_bytes
-                n = min(worker.credit - len(worker.inhand), share, MAX_BATCH)
-                size = 0
-                while queue and len(batch) < n and size < MAX_BATCH_BYTES:
-                    rec = queue[0]
-                    if rec[_Q]:
-                        queue.popleft()
-                        continue
-                    if batch and rec[_NBYTES] > room:
-                        break
-                    queue.popleft()
-                    room -= rec[_NBYTES]
-                    size += rec[_NBYTES]
-                    batch.append(rec)
-                active.rotate(-1)
-                if not queue:
-                    active.remove(client)
-                if batch:
-                    progress = True
-                    self._send_batch(worker, client, batch)
-            if not progress:
-                return
-
-    def _send_batch(self, worker, client, batch):
-        now = time.monotonic()
-        if not worker.inhand:
-            worker.head_since = now
-        funcs = worker.funcs
-        missing = {rec[_KEY] for rec in batch} - funcs
-        for key in missing:  # each function once per worker, before its first task
-            if not self._send(worker.rid, list(self._funcs[key])):
-                self._requeue(batch)
-                return False
-            funcs.add(key)
-        entries = []
-        frames = []
-        inhand = worker.inhand
-        nbytes = 0
-        for rec in batch:
-            entries.append(rec[_ENTRY])
-            if rec[_FRAMES]:
-                frames.extend(rec[_FRAMES])
-            rec[_WORKER] = worker
-            inhand[rec[_TID]] = rec
-            nbytes += rec[_NBYTES]
-            if rec[_TIMEOUT]:
-                self._timed += 1
-        worker.inhand_bytes += nbytes
-        flags = sp.FLAG_TRUSTED if client.trusted else 0
-        counters = self.counters
-        counters["task_batches"] += 1
-        counters["tasks"] += len(batch)
-        if not self._send(worker.rid, [sp.ctl(sp.TASKS, len(batch), flags),
-                                       b"".join(entries)] + frames):
-            return False  # _gone re-queued the batch with the worker's other tasks
-        return True
-
-    def _requeue(self, recs):
-        """Put tasks back at the front of their clients' queues, in order."""
-        for rec in reversed(recs):
-            rec[_WORKER] = None
-            client = rec[_CLIENT]
-            if self._clients.get(client.no) is not client or rec[_Q]:
-                self._ledger.pop(rec[_TID], None)
-                continue
-            client.queue.appendleft(rec)
-            if client not in self._active:
-                self._active.append(client)
 
     # ------------------------------------------------------------ liveness
 
@@ -615,60 +317,13 @@ class Scheduler:
             return
         role, obj = peer
         if role == "worker":
-            del self._workers[rid]
-            log.info("worker %d (%s pid %d) gone: %s; %d tasks to re-dispatch",
-                     obj.no, obj.host, obj.pid, why, len(obj.inhand))
-            self.counters["workers_lost"] += 1
-            recs = list(obj.inhand.values())
-            obj.inhand.clear()
-            self._timed -= sum(1 for rec in recs if rec[_TIMEOUT])
-            if recs:
-                head = recs[0]
-                elapsed = time.monotonic() - obj.head_since
-                if head[_TIMEOUT] and elapsed >= 0.9 * head[_TIMEOUT] / 1000:
-                    recs.pop(0)
-                    self._fail(head, TimeoutError("task ran for more than %g s"
-                                                  % (head[_TIMEOUT] / 1000)))
-                else:
-                    head[_DEATHS] += 1
-                    if head[_DEATHS] >= MAX_DEATHS:
-                        recs.pop(0)
-                        self._fail(head, RuntimeError(
-                            "the worker running this task died %d times (last: %s pid %d)"
-                            % (head[_DEATHS], obj.host, obj.pid)))
-            self.counters["redispatched"] += len(recs)
-            self._requeue(recs)
+            self.ledger.worker_gone(obj, why)
         elif role == "client":
-            if self._clients.get(obj.no) is obj:
-                del self._clients[obj.no]
-            for rec in obj.queue:
-                self._ledger.pop(rec[_TID], None)
-            obj.queue.clear()
-            if obj in self._active:
-                self._active.remove(obj)
+            self.ledger.client_gone(obj)
             for other, (r, o) in list(self._peers.items()):
                 if r == "submit" and o is obj:
                     self._peers.pop(other)
                     self._fdmap.forget(other)
-
-    def _next_deadline(self, now):
-        deadline = now + 1.0
-        for w in self._workers.values():
-            if w.inhand:
-                head = next(iter(w.inhand.values()))
-                if head[_TIMEOUT]:
-                    deadline = min(deadline, w.head_since + head[_TIMEOUT] / 1000)
-        return deadline
-
-    def _check_timeouts(self, now):
-        for w in list(self._workers.values()):
-            if w.inhand:
-                head = next(iter(w.inhand.values()))
-                if head[_TIMEOUT] and now - w.head_since >= head[_TIMEOUT] / 1000:
-                    # The worker cannot answer while the task holds it; it ends
-                    # itself (SIGALRM), and its tasks run elsewhere meanwhile.
-                    self._send(w.rid, sp.message(sp.STOP))
-                    self._gone(w.rid, "task timed out")
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import zmq
 import zmq_cluster as zc
 from zmq_cluster import schedproto as sp
 from zmq_cluster.functions import function_key
-from zmq_cluster.process import python_command, spawn
+from zmq_cluster.process import spawn
 from zmq_cluster.taskcodec import decode_result, encode_result, encode_task
 
 WAIT_MS = 5000
