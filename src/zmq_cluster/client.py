@@ -269,9 +269,10 @@ class SchedulerClient:
             return
         self._closed = True
         try:
+            # BYE goes on the submit connection only, after whatever was sent
+            # there: the two connections are not ordered with each other.
             with self._lock:
                 self._tx.send_multipart(sp.message(sp.BYE))
-            self._rx.send_multipart(sp.message(sp.BYE))
             self._wake_tx.send(b"")
         except zmq.ZMQError:
             pass

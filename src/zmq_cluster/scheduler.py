@@ -203,7 +203,9 @@ class Scheduler:
             elif mtype == sp.STATS:
                 self._stats(peer[1], sp.parse_body(frames[2].bytes))
             elif mtype == sp.BYE:
-                self._gone(rid, "said BYE")
+                # A client says BYE on its submit connection, after what it
+                # sent there (CANCEL, SHUTDOWN): the whole client leaves.
+                self._gone(peer[1].rid if peer[0] == "submit" else rid, "said BYE")
             elif mtype == sp.SHUTDOWN and peer[0] in ("submit", "client"):
                 self._shutdown()
             else:
@@ -316,6 +318,7 @@ class Scheduler:
         if peer is None:
             return
         role, obj = peer
+        self.counters["%s gone: %s" % (role, why)] += 1
         if role == "worker":
             self.ledger.worker_gone(obj, why)
         elif role == "client":

@@ -247,7 +247,7 @@ def test_standalone_scheduler_with_run_worker_processes(ipc_url):
             frame = sys._current_frames()[t.ident]
             stack = "".join(traceback.format_stack(frame))
             pytest.fail("the scheduler did not stop: %s workers=%d stopping=%r\n%s" % (
-                dict(s.counters), len(s._workers), s._stopping, stack))
+                dict(s.counters), len(s.ledger.workers), s._stopping, stack))
         codes = [p.wait(10) for p in procs]
         assert codes == [0, 0], "workers exited with %s" % codes
     finally:
@@ -257,3 +257,17 @@ def test_standalone_scheduler_with_run_worker_processes(ipc_url):
                 p.kill()
             p.wait()
             p.stdin.close()
+
+
+def test_bye_on_the_submit_connection_ends_the_client(ctx, scheduler):
+    """A client's two connections are not ordered with each other, so it says
+    BYE on the one that carried its last messages (SHUTDOWN, CANCEL)."""
+    rx, tx, no = client(ctx, scheduler)
+    tx.send_multipart(sp.message(sp.BYE))
+    send_tasks(tx, no, [1])                       # after BYE: from nobody
+    (mtype, _, _), _ = recv(tx)
+    assert mtype == sp.RESET
+    rx.send_multipart(sp.message(sp.STATS, {"id": 1}))
+    (mtype, _, _), _ = recv(rx)
+    assert mtype == sp.RESET                      # the result connection went too
+    assert scheduler.counters["client gone: said BYE"] == 1
