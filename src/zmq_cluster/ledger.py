@@ -91,28 +91,27 @@ class Ledger:
         self.counters: "collections.Counter[str]" = collections.Counter()
 
     def add_tasks(self, client, frames, count):
-        """A TASKS message from ``client``: each task its own record, queued."""
+        """A TASKS message from ``client``: each task its own record, queued.
+        The whole table is checked before any of it is used (ProtocolError)."""
         table = frames[2].bytes
         data = frames[3:]
-        ledger = self.records
-        queue = client.queue
-        prefix = client.no
-        funcs = self.funcs
+        ndata = len(data)
         unpack = sp.TASK_ENTRY.unpack_from
         size = sp.TASK_ENTRY.size
         n = len(table)
         off = first = 0
+        recs = []
         for _ in range(count):
             if off + size > n:
-                raise sp.ProtocolError("batch table truncated")
+                raise sp.ProtocolError("batch table truncated at entry %d" % len(recs))
             tid, key, timeout, inline, nfr = unpack(table, off)
             end = off + size + inline
             if end > n or not (inline or nfr):
-                raise sp.ProtocolError("bad batch table entry")
+                raise sp.ProtocolError("bad batch table entry %d" % len(recs))
             if nfr:
+                if first + nfr > ndata:
+                    raise sp.ProtocolError("the batch table names more frames than arrived")
                 fr = data[first:first + nfr]
-                if len(fr) != nfr:
-                    raise sp.ProtocolError("batch table names more frames than arrived")
                 nbytes = end - off
                 for f in fr:
                     nbytes += len(f)
@@ -120,22 +119,29 @@ class Ledger:
             else:
                 fr = ()
                 nbytes = end - off
-            entry = table[off:end]
+            recs.append([False, tid, key, timeout, table[off:end], inline, fr, nbytes, client,
+                         None, 0])
             off = end
+        if off != n:
+            raise sp.ProtocolError("%d stray bytes after the batch table" % (n - off))
+        if first != ndata:
+            raise sp.ProtocolError("%d data frames the batch table does not name"
+                                   % (ndata - first))
+        ledger = self.records
+        queue = client.queue
+        prefix = client.no
+        funcs = self.funcs
+        for rec in recs:
+            tid = rec[_TID]
             if tid >> 40 != prefix or tid in ledger:
                 self.counters["bad_task_id"] += 1
                 log.warning("scheduler rejected task id %x from client %d", tid, prefix)
                 continue
-            rec = [False, tid, key, timeout, entry, inline, fr, nbytes, client, None, 0]
-            if key not in funcs:
-                self.fail(rec, LookupError("the scheduler has no function %016x" % key))
+            if rec[_KEY] not in funcs:
+                self.fail(rec, LookupError("the scheduler has no function %016x" % rec[_KEY]))
                 continue
             ledger[tid] = rec
             queue.append(rec)
-        if off != n or first != len(data):
-            log.warning("scheduler: stray bytes or frames after a batch table from client %d",
-                        prefix)
-            self.counters["malformed"] += 1
         if queue and client not in self.active:
             self.active.append(client)
 

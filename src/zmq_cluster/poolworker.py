@@ -45,7 +45,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import framing
 from . import schedproto as sp
 from .exceptions import MessageFormatError
-from .functions import FunctionCache, FunctionUnavailable
+from .functions import FunctionCache, FunctionUnavailable, function_key
 from .liveness import heartbeat_options
 from .protocol import KIND_REQUEST
 from .security import ClientSecurity
@@ -90,7 +90,9 @@ class PoolWorker:
     ``exit_code`` after :meth:`run`: ``schedproto.EXIT_STOPPED`` (0) when the
     scheduler said STOP, ``EXIT_RESTART`` when it asked for a restart
     (``zmq-cluster restart-workers``); a nanny replaces the latter only.
-    ``counters``: messages rejected (``malformed``) and pickles refused.
+    ``counters``: messages rejected (``malformed``), tasks refused
+    unexecuted (``tasks_refused``: undecodable, an unknown function, a
+    pickle from the untrusted) and among them ``pickle_refused``.
     """
 
     def __init__(self, address: str, *, heartbeat_timeout: float = 10.0,
@@ -221,6 +223,8 @@ class PoolWorker:
                         or not (qualname is None or type(qualname) is str)
                         or not (pickled is None or type(pickled) is bytes)):
                     raise sp.ProtocolError("FUNC body of the wrong types")
+                if key != function_key((module, qualname, pickled)):
+                    raise sp.ProtocolError("FUNC key does not match its function")
                 self._functions.add(key, (module, qualname, pickled))
             elif mtype == sp.RESET:
                 self._drop_held()
@@ -277,8 +281,11 @@ class PoolWorker:
                 result = encode_result(values, errors, tid)
             except (MessageFormatError, FunctionUnavailable) as exc:
                 # Refused unexecuted (a pickle from the untrusted, a message
-                # that does not decode): the task fails saying why.
-                self.counters["pickle_refused" if "pickle" in str(exc) else "malformed"] += 1
+                # that does not decode, a function it cannot have): the task
+                # fails saying why.
+                self.counters["tasks_refused"] += 1
+                if "pickle" in str(exc):
+                    self.counters["pickle_refused"] += 1
                 log.warning("worker %d refused task %x: %s", os.getpid(), tid, exc)
                 result = task_failure(exc, tid)
             except Exception as exc:
