@@ -108,6 +108,15 @@ def test_cluster_by_hand_with_keys(tmp_path, keys):
             assert pool.trusted
             assert pool.map(square, range(50), chunksize=4) == [x * x for x in range(50)]
             assert pool.submit(lambda: 7).result(30) == 7   # pickled: CURVE is trusted
+        # The same from a config file: the scheduler file gives the address
+        # and the scheduler's key, the config the client keys.
+        config = tmp_path / "zc.toml"
+        config.write_text('scheduler_file = "scheduler.json"\nkeys = "keys"\n')
+        with zc.ClusterPool(config=config) as pool:
+            assert pool.trusted and pool.map(square, [2, 3]) == [4, 9]
+        config.write_text('scheduler_file = "scheduler.json"\n')
+        with pytest.raises(ValueError, match="uses CURVE"):
+            zc.ClusterPool(config=config)
 
         result = run("status", *where)
         assert result.returncode == 0, result.stderr

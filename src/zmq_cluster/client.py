@@ -69,6 +69,9 @@ class SchedulerClient:
                 sock.setsockopt(opt, value)
             if security is not None:
                 security.apply(sock)
+        # Nothing is read from the submit connection (only a RESET may come):
+        # bound what a scheduler can queue there.
+        self._tx.setsockopt(zmq.RCVHWM, 64)
         self._monitor = self._rx.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self._handshake_failure = None
         self._wake_addr = "inproc://zc-client-%x" % id(self)

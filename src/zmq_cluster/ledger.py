@@ -35,8 +35,8 @@ MAX_BATCH = 256
 MAX_BATCH_BYTES = 1 << 20
 #: Functions the scheduler keeps, at most (count, and bytes of their FUNC
 #: messages); a FUNC beyond either is refused and its tasks fail.
-MAX_FUNCTIONS = 4096
-MAX_FUNCTION_BYTES = 1 << 30
+MAX_FUNCTIONS = sp.MAX_FUNCTIONS
+MAX_FUNCTION_BYTES = sp.MAX_FUNCTION_BYTES
 
 _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
 

@@ -225,6 +225,8 @@ class PoolWorker:
                     raise sp.ProtocolError("FUNC body of the wrong types")
                 if key != function_key((module, qualname, pickled)):
                     raise sp.ProtocolError("FUNC key does not match its function")
+                if key not in self._functions and len(self._functions) >= sp.MAX_FUNCTIONS:
+                    raise sp.ProtocolError("more than %d functions" % sp.MAX_FUNCTIONS)
                 self._functions.add(key, (module, qualname, pickled))
             elif mtype == sp.RESET:
                 self._drop_held()

@@ -40,6 +40,11 @@ TASK_ENTRY = struct.Struct("<QQIII")
 #: task_id, inline_len, n_frames, items, seconds
 RESULT_ENTRY = struct.Struct("<QIIId")
 
+#: Functions a scheduler keeps (and so sends a worker), at most: their
+#: count, and the bytes of their FUNC messages.
+MAX_FUNCTIONS = 4096
+MAX_FUNCTION_BYTES = 1 << 30
+
 #: A task's or result's header frame up to this size travels inside the
 #: batch table (copied once); a larger one is a frame of its own.
 INLINE_HEADER_MAX = 65536

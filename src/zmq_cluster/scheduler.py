@@ -289,6 +289,11 @@ class Scheduler:
         except zmq.ZMQError:
             fd = None  # inproc: a peer in this process, which lives as long as we do
         if fd is not None:
+            # Connection events first: libzmq queues a connection's
+            # DISCONNECTED before it closes the descriptor, so one that this
+            # HELLO's descriptor number was reused from is in the monitor's
+            # pipe already, but the loop reads the router first.
+            self._drain_monitor()
             old = self._fdmap.hello(fd, rid)
             if old is not None:
                 self._gone(old, "its descriptor was reused")
@@ -403,6 +408,14 @@ class Scheduler:
             rid = self._fdmap.disconnected(event["value"])
             if rid is not None:
                 self._gone(rid, "disconnected")
+
+    def _drain_monitor(self):
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._monitor_event(frames)
 
     def _probe(self):
         probe = sp.message(sp.PROBE)
