@@ -15,7 +15,6 @@ and {"event": "done", ...} last.
 import argparse
 import collections
 import json
-import pickle
 import socket
 import sys
 

@@ -17,7 +17,7 @@ from zmq_cluster.taskcodec import decode_result, encode_result, encode_task
 
 from test_scheduler_fuzz import (
     ABS_FUNC, ABS_KEY, MAX_RSS_GROWTH, MESSAGES, SEED, VALID_EVERY, WAIT_MS, Gen, _body_ok,
-    _func_ok, _max_rss, _parses, _walks, rejections,  # noqa: F401 (a fixture)
+    _func_ok, _max_rss, _parses, _walks,
 )
 
 pytestmark = pytest.mark.timeout(600)

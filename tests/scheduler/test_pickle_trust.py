@@ -93,7 +93,7 @@ def test_pickled_arguments_and_functions_from_untrusted_submitters_never_run(
     with zc.ClusterPool(scheduler.address) as pool:
         pool._client.stats(timeout=10, wait_workers=1)
         # A pickled argument: refused before anything runs.
-        with pytest.raises(Exception, match="pickle") as info:
+        with pytest.raises(Exception, match="pickle"):
             pool.submit(abs, Evil(target)).result(10)
         assert not target.exists()
         # A function pickled by value (a lambda that would write the file).

@@ -1,0 +1,27 @@
+"""Fixtures of the scheduler tests."""
+
+import collections
+import logging
+
+import pytest
+
+
+class Counting(logging.Handler):
+    """Counts the warnings that reject a malformed message, by logger."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.counts = collections.Counter()
+
+    def emit(self, record):
+        if "rejected a malformed message" in record.getMessage():
+            self.counts[record.name] += 1
+
+
+@pytest.fixture
+def rejections():
+    handler = Counting()
+    logger = logging.getLogger("zmq_cluster")
+    logger.addHandler(handler)
+    yield handler.counts
+    logger.removeHandler(handler)
