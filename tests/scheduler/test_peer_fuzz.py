@@ -20,6 +20,8 @@ from test_scheduler_fuzz import (
     _func_ok, _max_rss, _parses, _walks,
 )
 
+from rejection_log import rejections  # noqa: E402,F401 (a fixture)
+
 pytestmark = pytest.mark.timeout(600)
 
 VALID_BASE = 1 << 62

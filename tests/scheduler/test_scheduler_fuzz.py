@@ -42,6 +42,8 @@ WAIT_MS = 10000
 ABS_KEY = function_key(("builtins", "abs", None))
 ABS_FUNC = [sp.ctl(sp.FUNC), sp.body((ABS_KEY, "builtins", "abs", None))]
 
+from rejection_log import rejections  # noqa: E402,F401 (a fixture)
+
 pytestmark = pytest.mark.timeout(600)
 
 

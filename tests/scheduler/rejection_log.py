@@ -1,4 +1,6 @@
-"""Fixtures of the scheduler tests."""
+"""The `rejections` fixture of the fuzz tests: counts, by logger, the
+warnings that reject a malformed message. (Not a conftest.py: tests import
+the top-level conftest by that name.)"""
 
 import collections
 import logging
