@@ -277,7 +277,8 @@ class SchedulerClient:
                         waiters = (self._stats_waiters if mtype == sp.STATS
                                    else self._control_waiters)
                         rid = reply.get("id")
-                        waiter = waiters.get(rid) if type(rid) is int else None
+                        # Popped: a disconnect right after cannot overwrite it.
+                        waiter = waiters.pop(rid, None) if type(rid) is int else None
                         if waiter is not None:
                             waiter[1] = reply
                             waiter[0].set()
@@ -329,8 +330,9 @@ class SchedulerClient:
         for sink in {s for _, s in sinks}:
             sink.wake()
         for waiter in list(self._stats_waiters.values()) + list(self._control_waiters.values()):
-            waiter[1] = exc
-            waiter[0].set()
+            if not waiter[0].is_set():
+                waiter[1] = exc
+                waiter[0].set()
 
     # ------------------------------------------------------------- closing
 

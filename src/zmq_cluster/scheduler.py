@@ -196,11 +196,14 @@ class Scheduler:
         self._close_partial()
 
     def _close_partial(self):
+        # Told to shut down, what is queued (the answer to the stop, the
+        # workers' STOPs) gets a moment to leave; otherwise nothing waits.
+        linger = int(SHUTDOWN_SECONDS * 1000) if getattr(self, "_stopping", None) else 0
         for name in ("_monitor", "_router"):
             sock = getattr(self, name, None)
             if sock is not None:
                 try:
-                    sock.close(linger=0)
+                    sock.close(linger=linger if name == "_router" else 0)
                 except zmq.ZMQError:
                     pass
         # The ZAP handler goes only after the CURVE socket is closed: libzmq
