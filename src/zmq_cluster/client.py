@@ -6,8 +6,14 @@ result to whoever waits for it, and the *submit* connection (role "submit"),
 on which any thread sends task batches under a lock, without waking the I/O
 thread. Functions are sent once (FUNC) before the first batch that names
 them.
+
+Trust: results may be unpickled (``deliver(tid, frames, trusted)``) only
+when the connection to the scheduler is trusted (CURVE, loopback, or ipc
+in a private directory: decided from the WELCOME's frame) and the scheduler
+says the worker that made them is (``FLAG_TRUSTED``).
 """
 
+import collections
 import itertools
 import logging
 import os
@@ -23,6 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import schedproto as sp
 from .functions import describe, function_key
 from .liveness import heartbeat_options
+from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any
 
 __all__ = ["SchedulerClient", "SchedulerLost"]
@@ -37,13 +44,20 @@ class SchedulerLost(ConnectionError):
     """The scheduler went away (or dropped this client): pending tasks fail."""
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
 class SchedulerClient:
     """Connects to the scheduler at ``address`` and waits for its WELCOME
-    (at most ``connect_timeout`` seconds: TimeoutError)."""
+    (at most ``connect_timeout`` seconds: TimeoutError, saying so when the
+    CURVE handshake was refused). ``security``: a
+    :class:`~zmq_cluster.security.ClientSecurity` for a CURVE scheduler."""
 
     def __init__(self, address, *, heartbeat_timeout=10.0, socket_options=None,
-                 connect_timeout=30.0):
+                 connect_timeout=30.0, security=None):
         self.address = address
+        self.security = security
         self._ctx = zmq.Context()
         opts: Dict[Any, Any] = {zmq.LINGER: 0, zmq.SNDHWM: 0, zmq.RCVHWM: 0}
         opts.update(heartbeat_options(heartbeat_timeout))
@@ -53,7 +67,13 @@ class SchedulerClient:
         for sock in (self._rx, self._tx):
             for opt, value in opts.items():
                 sock.setsockopt(opt, value)
-        self._monitor = self._rx.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            if security is not None:
+                security.apply(sock)
+        # Nothing is read from the submit connection (only a RESET may come):
+        # bound what a scheduler can queue there.
+        self._tx.setsockopt(zmq.RCVHWM, 64)
+        self._monitor = self._rx.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
+        self._handshake_failure = None
         self._wake_addr = "inproc://zc-client-%x" % id(self)
         self._wake_rx = self._ctx.socket(zmq.PAIR)
         self._wake_rx.bind(self._wake_addr)
@@ -64,11 +84,15 @@ class SchedulerClient:
         self._lock = threading.Lock()  # the submit socket, function keys
         self._fn_keys = OrderedDict()
         self._fn_sent = set()
+        self._control_waiters = {}    # request id -> [event, reply]
         self._closed = False
         self._shutting_down = False
         self.lost = None
+        self.trusted = False
         #: Results that arrived for no waiting task (cancelled ones).
         self.unmatched_results = 0
+        #: Messages from the scheduler rejected as malformed, by reason.
+        self.counters: "collections.Counter[str]" = collections.Counter()
         try:
             self._rx.connect(address)
             self._rx.send_multipart(sp.message(sp.HELLO, {
@@ -89,15 +113,46 @@ class SchedulerClient:
 
     def _await_welcome(self, timeout):
         deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self._rx, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._rx.poll(int(left * 1000) + 1):
-                raise TimeoutError("no scheduler answered at %s within %g s"
-                                   % (self.address, timeout))
-            frames = self._rx.recv_multipart()
-            mtype, _, _ = sp.parse_ctl(frames[0])
-            if mtype == sp.WELCOME:
-                return sp.parse_body(frames[1])
+            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if not ready:
+                why = ""
+                if self._handshake_failure is not None:
+                    why = (": the CURVE handshake failed (%s); check the keys (this side's"
+                           " public key must be among the scheduler's authorized keys, and"
+                           " the scheduler key must be the scheduler's)"
+                           % self._handshake_failure)
+                raise TimeoutError("no scheduler answered at %s within %g s%s"
+                                   % (self.address, timeout, why))
+            if self._monitor in ready:
+                event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+                if event & _HANDSHAKE_FAILED:
+                    self._handshake_failure = {
+                        zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the scheduler refused this key",
+                        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the two sides' security differs",
+                    }.get(event, "no detail")
+                continue
+            frames = self._rx.recv_multipart(copy=False)
+            try:
+                mtype, _, _ = sp.parse_ctl(frames[0].bytes)
+                if mtype != sp.WELCOME:
+                    continue
+                welcome = sp.parse_body(frames[1].bytes)
+                if type(welcome) is not dict or type(welcome.get("client_no")) is not int:
+                    raise sp.ProtocolError("a WELCOME of the wrong form")
+            except (sp.ProtocolError, IndexError) as exc:
+                self.counters["malformed"] += 1
+                log.warning("pool rejected a malformed message from the scheduler: %s", exc)
+                continue
+            self.trusted = sender_may_pickle(
+                frames[1], curve="client" if self.security is not None else None,
+                private_ipc=is_private_ipc(self.address),
+                inproc=self.address.startswith("inproc://"))
+            return welcome
 
     # ------------------------------------------------------------- sending
 
@@ -162,19 +217,29 @@ class SchedulerClient:
     def stats(self, timeout=10.0, wait_workers=0):
         """The scheduler's STATS reply (a dict); with ``wait_workers`` the
         scheduler answers once that many workers are registered."""
+        return self._request(self._stats_waiters, sp.STATS, {"wait_workers": wait_workers},
+                             timeout)
+
+    def control(self, op, timeout=10.0):
+        """Ask the scheduler for a CONTROL operation (``schedproto.OP_*``):
+        its reply, a dict with ``ok``, ``workers`` (how many were told) and,
+        when refused, ``error``."""
+        return self._request(self._control_waiters, sp.CONTROL, {"op": op}, timeout)
+
+    def _request(self, waiters, mtype, body, timeout):
         if self.lost is not None:
             raise self.lost
         rid = next(self._ids)
         waiter = [threading.Event(), None]
-        self._stats_waiters[rid] = waiter
+        waiters[rid] = waiter
         try:
             with self._lock:
-                self._tx.send_multipart(sp.message(sp.STATS, {"id": rid,
-                                                               "wait_workers": wait_workers}))
+                self._tx.send_multipart(sp.message(mtype, dict(body, id=rid)))
             if not waiter[0].wait(timeout):
-                raise TimeoutError("the scheduler did not answer STATS within %g s" % timeout)
+                raise TimeoutError("the scheduler did not answer %s within %g s"
+                                   % (sp.TYPE_NAMES[mtype], timeout))
         finally:
-            self._stats_waiters.pop(rid, None)
+            waiters.pop(rid, None)
         if isinstance(waiter[1], BaseException):
             raise waiter[1]
         return waiter[1]
@@ -201,36 +266,49 @@ class SchedulerClient:
                                                  "at %s" % self.address))
                     continue
                 try:
-                    mtype, count, _ = sp.parse_ctl(frames[0])  # bytes (recv_any)
+                    mtype, count, flags = sp.parse_ctl(frames[0])  # bytes (recv_any)
                     if mtype == sp.RESULTS:
-                        self._results(frames, count)
-                    elif mtype == sp.STATS:
+                        self._results(frames, count, flags)
+                    elif mtype in (sp.STATS, sp.CONTROL):
                         reply = sp.parse_body(frames[1].bytes)
-                        waiter = self._stats_waiters.get(reply.get("id"))
+                        if type(reply) is not dict:
+                            raise sp.ProtocolError("a %s reply that is not a dict"
+                                                   % sp.TYPE_NAMES[mtype])
+                        waiters = (self._stats_waiters if mtype == sp.STATS
+                                   else self._control_waiters)
+                        rid = reply.get("id")
+                        # Popped: a disconnect right after cannot overwrite it.
+                        waiter = waiters.pop(rid, None) if type(rid) is int else None
                         if waiter is not None:
                             waiter[1] = reply
                             waiter[0].set()
                     elif mtype == sp.RESET:
                         self._lose(SchedulerLost("the scheduler at %s dropped this client"
                                                  % self.address))
-                except (sp.ProtocolError, ValueError, TypeError) as exc:
-                    log.warning("pool dropped a message from the scheduler: %s", exc)
+                    elif mtype not in (sp.PROBE, sp.WELCOME):
+                        raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])
+                except Exception as exc:  # whatever arrives, the I/O thread goes on
+                    self.counters["malformed"] += 1
+                    log.warning("pool rejected a malformed message from the scheduler: %s",
+                                exc if isinstance(exc, sp.ProtocolError)
+                                else "%s: %s" % (type(exc).__name__, exc))
         except zmq.ContextTerminated:
             return
 
-    def _results(self, frames, count):
+    def _results(self, frames, count, flags):
         table = frames[1].bytes
         data = frames[2:]
         sinks = self._sinks
         touched = None
         last = None
+        trusted = self.trusted and bool(flags & sp.FLAG_TRUSTED)
         for fields, msg in sp.walk(table, count, sp.RESULT_ENTRY, data):
             tid = fields[0]
             sink = sinks.pop(tid, None)
             if sink is None:
                 self.unmatched_results += 1  # cancelled, or its caller gave up
                 continue
-            sink.deliver(tid, msg)
+            sink.deliver(tid, msg, trusted)
             if sink is not last:
                 if touched is None:
                     touched = set()
@@ -251,9 +329,10 @@ class SchedulerClient:
             sink.fail(exc)
         for sink in {s for _, s in sinks}:
             sink.wake()
-        for waiter in list(self._stats_waiters.values()):
-            waiter[1] = exc
-            waiter[0].set()
+        for waiter in list(self._stats_waiters.values()) + list(self._control_waiters.values()):
+            if not waiter[0].is_set():
+                waiter[1] = exc
+                waiter[0].set()
 
     # ------------------------------------------------------------- closing
 

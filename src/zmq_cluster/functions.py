@@ -150,6 +150,9 @@ class FunctionCache:
     def __contains__(self, key):
         return key in self._blobs
 
+    def __len__(self):
+        return len(self._blobs)
+
     def add(self, key, blob):
         self._blobs[key] = blob
 

@@ -33,13 +33,17 @@ MAX_BATCH = 256
 #: A TASKS message is closed once it holds this many bytes (one large task
 #: per message), so a worker starts on the first while the next is in transit.
 MAX_BATCH_BYTES = 1 << 20
+#: Functions the scheduler keeps, at most (count, and bytes of their FUNC
+#: messages); a FUNC beyond either is refused and its tasks fail.
+MAX_FUNCTIONS = sp.MAX_FUNCTIONS
+MAX_FUNCTION_BYTES = sp.MAX_FUNCTION_BYTES
 
 _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
 
 
 class _Worker:
     __slots__ = ("rid", "no", "host", "pid", "trusted", "credit", "credit_bytes", "inhand",
-                 "inhand_bytes", "funcs", "tasks", "busy", "last_seen", "head_since")
+                 "inhand_bytes", "funcs", "tasks", "busy", "last_seen", "head_since", "born")
 
     def __init__(self, rid, no, hello, trusted, now):
         self.rid = rid
@@ -47,6 +51,8 @@ class _Worker:
         self.host = str(hello.get("host", "?"))
         self.pid = int(hello.get("pid", 0))
         self.trusted = trusted
+        # When the worker process started, on this clock (it says how long ago).
+        self.born = now - float(hello.get("uptime", 0.0))
         self.credit = max(1, int(hello.get("credit", 1)))
         self.credit_bytes = max(1, int(hello.get("credit_bytes", 1 << 28)))
         self.inhand = {}          # task id -> record, in dispatch (= run) order
@@ -80,32 +86,32 @@ class Ledger:
         self.active: Deque[_Client] = collections.deque()  # clients with queued tasks
         self.records: Dict[int, list] = {}            # task id -> record
         self.funcs: Dict[int, list] = {}              # fn key -> FUNC message frames
+        self.funcs_bytes = 0
         self.timed = 0   # tasks in workers' hands that have a timeout
         self.counters: "collections.Counter[str]" = collections.Counter()
 
     def add_tasks(self, client, frames, count):
-        """A TASKS message from ``client``: each task its own record, queued."""
+        """A TASKS message from ``client``: each task its own record, queued.
+        The whole table is checked before any of it is used (ProtocolError)."""
         table = frames[2].bytes
         data = frames[3:]
-        ledger = self.records
-        queue = client.queue
-        prefix = client.no
-        funcs = self.funcs
+        ndata = len(data)
         unpack = sp.TASK_ENTRY.unpack_from
         size = sp.TASK_ENTRY.size
         n = len(table)
         off = first = 0
+        recs = []
         for _ in range(count):
             if off + size > n:
-                raise sp.ProtocolError("batch table truncated")
+                raise sp.ProtocolError("batch table truncated at entry %d" % len(recs))
             tid, key, timeout, inline, nfr = unpack(table, off)
             end = off + size + inline
             if end > n or not (inline or nfr):
-                raise sp.ProtocolError("bad batch table entry")
+                raise sp.ProtocolError("bad batch table entry %d" % len(recs))
             if nfr:
+                if first + nfr > ndata:
+                    raise sp.ProtocolError("the batch table names more frames than arrived")
                 fr = data[first:first + nfr]
-                if len(fr) != nfr:
-                    raise sp.ProtocolError("batch table names more frames than arrived")
                 nbytes = end - off
                 for f in fr:
                     nbytes += len(f)
@@ -113,22 +119,29 @@ class Ledger:
             else:
                 fr = ()
                 nbytes = end - off
-            entry = table[off:end]
+            recs.append([False, tid, key, timeout, table[off:end], inline, fr, nbytes, client,
+                         None, 0])
             off = end
+        if off != n:
+            raise sp.ProtocolError("%d stray bytes after the batch table" % (n - off))
+        if first != ndata:
+            raise sp.ProtocolError("%d data frames the batch table does not name"
+                                   % (ndata - first))
+        ledger = self.records
+        queue = client.queue
+        prefix = client.no
+        funcs = self.funcs
+        for rec in recs:
+            tid = rec[_TID]
             if tid >> 40 != prefix or tid in ledger:
                 self.counters["bad_task_id"] += 1
                 log.warning("scheduler rejected task id %x from client %d", tid, prefix)
                 continue
-            rec = [False, tid, key, timeout, entry, inline, fr, nbytes, client, None, 0]
-            if key not in funcs:
-                self.fail(rec, LookupError("the scheduler has no function %016x" % key))
+            if rec[_KEY] not in funcs:
+                self.fail(rec, LookupError("the scheduler has no function %016x" % rec[_KEY]))
                 continue
             ledger[tid] = rec
             queue.append(rec)
-        if off != n or first != len(data):
-            log.warning("scheduler: stray bytes or frames after a batch table from client %d",
-                        prefix)
-            self.counters["malformed"] += 1
         if queue and client not in self.active:
             self.active.append(client)
 
@@ -140,7 +153,15 @@ class Ledger:
         if key != function_key((module, qualname, pickled)):
             # Keys are content hashes: a blob cannot claim another's key.
             raise sp.ProtocolError("FUNC key does not match its function")
-        self.funcs.setdefault(key, [frames[1], frames[2]])
+        if key in self.funcs:
+            return
+        size = len(frames[2])
+        if len(self.funcs) >= MAX_FUNCTIONS or self.funcs_bytes + size > MAX_FUNCTION_BYTES:
+            self.counters["functions_refused"] += 1
+            raise sp.ProtocolError("the scheduler holds %d functions (%d bytes): no room for"
+                                   " another" % (len(self.funcs), self.funcs_bytes))
+        self.funcs[key] = [frames[1], frames[2]]
+        self.funcs_bytes += size
 
     def cancel(self, client, ids):
         """Drop queued tasks of ``client`` (all of them when ``ids`` is None)."""
@@ -162,7 +183,9 @@ class Ledger:
                  "mean_task_seconds": (w.busy / w.tasks) if w.tasks else 0.0,
                  "state": "busy" if w.inhand else "idle",
                  "last_seen": now - w.last_seen, "in_hand": len(w.inhand),
-                 "credit": w.credit, "worker_no": w.no}
+                 "credit": w.credit, "worker_no": w.no, "uptime": now - w.born,
+                 "task_age": (now - w.head_since) if w.inhand else None,
+                 "trusted": w.trusted}
                 for w in self.workers.values()]
 
     def results(self, worker, frames, count, credit):
@@ -211,7 +234,8 @@ class Ledger:
             if rec[_TIMEOUT]:
                 self.timed -= 1
             tasks += items
-            busy += seconds
+            if 0.0 <= seconds < 1e9:  # a worker's clock, not a number to trust blindly
+                busy += seconds
             client = rec[_CLIENT]
             if first_client is None:
                 first_client = client
@@ -224,10 +248,13 @@ class Ledger:
         if not forward:
             return
         clients = self.clients
+        # The client may unpickle these results only if their worker is trusted.
+        flags = sp.FLAG_TRUSTED if worker.trusted else 0
         if not regroup:
             # The common case: the batch goes to one client as it came.
             if clients.get(first_client.no) is first_client:
-                self.send(first_client.rid, [frames[1], frames[2]] + list(data))
+                self.send(first_client.rid, [sp.ctl(sp.RESULTS, count, flags), frames[2]]
+                          + list(data))
             return
         groups = {}
         for client, start, end, first, nfr in forward:
@@ -238,7 +265,8 @@ class Ledger:
             g[1].extend(data[first:first + nfr])
         for client, (ents, frs) in groups.items():
             if clients.get(client.no) is client:
-                self.send(client.rid, [sp.ctl(sp.RESULTS, len(ents)), b"".join(ents)] + frs)
+                self.send(client.rid, [sp.ctl(sp.RESULTS, len(ents), flags), b"".join(ents)]
+                          + frs)
 
     def fail(self, rec, exc):
         """Answer a task with a failure made here (every item fails)."""
@@ -248,7 +276,8 @@ class Ledger:
             return
         frames = task_failure(exc, rec[_TID])
         entry, data = sp.pack_entry(sp.RESULT_ENTRY, (rec[_TID],), frames, (0, 0.0))
-        self.send(client.rid, [sp.ctl(sp.RESULTS, 1), entry] + list(data))
+        # Made here, of native values only: trusted.
+        self.send(client.rid, [sp.ctl(sp.RESULTS, 1, sp.FLAG_TRUSTED), entry] + list(data))
 
     def dispatch(self):
         """Hand queued tasks to workers with credit: in passes, each worker

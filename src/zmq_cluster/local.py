@@ -2,7 +2,8 @@
 
 The scheduler and each worker run as ``python -m zmq_cluster.<module>``
 subprocesses that die with this process (see :mod:`zmq_cluster.process`).
-The cluster is their nanny: a supervisor thread waits on the workers'
+The cluster is their nanny (:class:`zmq_cluster.supervisor.Supervisor`, the
+same one ``zmq-cluster worker`` runs): a thread waits on the workers'
 process descriptors (pidfd) and starts a new worker for each one that dies
 (killed, crashed, or ended by its task timeout).
 """
@@ -12,7 +13,6 @@ import logging
 import os
 import select
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from .client import SchedulerClient
 from .process import python_command, spawn
+from .supervisor import Supervisor
 
 __all__ = ["LocalCluster"]
 
@@ -62,21 +63,15 @@ class LocalCluster:
         os.chmod(self._dir, 0o700)
         self._closed = False
         self._lock = threading.Lock()
-        self.workers: List[subprocess.Popen] = []  # live worker processes
-        self.restarts = 0
         self.scheduler: Optional[subprocess.Popen] = None
         self.address = ""
         self._control: Optional[SchedulerClient] = None
-        self._wake_r, self._wake_w = os.pipe()
+        self._nanny = Supervisor(self._worker_command, self.n_workers)
         _LIVE.add(self)
         try:
             self._start_scheduler(start_timeout)
             self._control = SchedulerClient(self.address, heartbeat_timeout=heartbeat_timeout,
                                             connect_timeout=start_timeout)
-            for _ in range(self.n_workers):
-                self.workers.append(self._start_worker())
-            self._nanny = threading.Thread(target=self._supervise, name="zmq-cluster-nanny",
-                                           daemon=True)
             self._nanny.start()
             self.wait_for_workers(self.n_workers, start_timeout)
         except BaseException:
@@ -111,10 +106,20 @@ class LocalCluster:
             if w is not None:
                 os.close(w)
 
-    def _start_worker(self):
-        return spawn(python_command("zmq_cluster._start", "worker", "--connect", self.address,
-                                    "--heartbeat-timeout", self.heartbeat_timeout,
-                                    "--log-level", self.log_level))
+    def _worker_command(self):
+        return python_command("zmq_cluster._start", "worker", "--connect", self.address,
+                              "--heartbeat-timeout", self.heartbeat_timeout,
+                              "--log-level", self.log_level)
+
+    @property
+    def workers(self) -> List[subprocess.Popen]:
+        """The live worker processes."""
+        return list(self._nanny.processes)
+
+    @property
+    def restarts(self) -> int:
+        """How many workers were started to replace one that died."""
+        return self._nanny.restarts
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> int:
         """Wait until at least ``n`` workers are registered with the
@@ -126,41 +131,7 @@ class LocalCluster:
 
     def worker_pids(self) -> List[int]:
         """The pids of the worker processes this cluster started and that run."""
-        with self._lock:
-            return [p.pid for p in self.workers if p.poll() is None]
-
-    def _supervise(self):
-        fds = {}
-        while not self._closed:
-            with self._lock:
-                for p in self.workers:
-                    if p.pid not in {q.pid for q in fds.values()}:
-                        try:
-                            fds[os.pidfd_open(p.pid)] = p
-                        except ProcessLookupError:
-                            fds[os.open("/dev/null", os.O_RDONLY)] = p  # already gone
-            ready, _, _ = select.select([self._wake_r] + list(fds), [], [])
-            if self._closed:
-                break
-            for fd in ready:
-                if fd == self._wake_r:
-                    continue
-                p = fds.pop(fd)
-                os.close(fd)
-                code = p.wait()
-                with self._lock:
-                    if self._closed:
-                        break
-                    if p in self.workers:
-                        self.workers.remove(p)
-                    log.warning("worker pid %d exited with status %s; starting another",
-                                p.pid, code)
-                    self.restarts += 1
-                    if p.stdin is not None:
-                        p.stdin.close()
-                    self.workers.append(self._start_worker())
-        for fd in fds:
-            os.close(fd)
+        return self._nanny.pids()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers and the scheduler and remove the private directory."""
@@ -169,38 +140,17 @@ class LocalCluster:
                 return
             self._closed = True
         _LIVE.discard(self)
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-        nanny = getattr(self, "_nanny", None)
-        if nanny is not None:
-            nanny.join(timeout)
+        self._nanny.halt()
         if self._control is not None:
             try:
                 self._control.send_shutdown()
             except Exception:
                 pass
-        procs = list(self.workers) + ([self.scheduler] if self.scheduler else [])
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            try:
-                p.wait(max(0.01, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-            p.wait()
-            if p.stdin is not None:
-                p.stdin.close()
+        procs = list(self._nanny.processes) + ([self.scheduler] if self.scheduler else [])
+        self._nanny.reap(procs, timeout)
         if self._control is not None:
             self._control.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._nanny.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":

@@ -11,6 +11,8 @@ consumer), so ``imap`` over an endless generator runs in bounded memory.
 import collections
 import concurrent.futures
 import itertools
+import logging
+import os
 import sys
 import threading
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional,
@@ -21,6 +23,7 @@ from .client import SchedulerClient
 from . import framing
 from .protocol import KIND_REQUEST, KIND_RESULT
 from .schedproto import INLINE_HEADER_MAX
+from .config import Config
 from .taskcodec import decode_result, encode_task, rebuild_error
 
 if TYPE_CHECKING:
@@ -33,6 +36,8 @@ _decode = framing.decode
 _TASK_ENTRY_PACK = sp.TASK_ENTRY.pack
 
 __all__ = ["ClusterPool"]
+
+log = logging.getLogger("zmq_cluster.pool")
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 #: Tasks per batch a stream sends at once, at most.
@@ -67,6 +72,20 @@ class _Future(concurrent.futures.Future):
         return True
 
 
+def _allow(setting, trusted):
+    """Whether a result may be unpickled: the pool's ``allow_pickle`` when
+    set, else the trust of the result's path (connection and worker)."""
+    return trusted if setting is None else setting
+
+
+def _refused(pool, tid, exc):
+    """A result that does not decode (a pickle from an untrusted worker, a
+    malformed message): logged and counted; it fails its items."""
+    reason = "pickle_refused" if "pickle" in str(exc) else "malformed_results"
+    pool._client.counters[reason] += 1
+    log.warning("pool refused the result of task %x: %s", tid, exc)
+
+
 class _FutureSink:
     __slots__ = ("future", "allow_pickle", "pool")
 
@@ -75,14 +94,16 @@ class _FutureSink:
         self.allow_pickle = allow_pickle
         self.pool = pool
 
-    def deliver(self, tid, frames):
+    def deliver(self, tid, frames, trusted=False):
+        allow = _allow(self.allow_pickle, trusted)
         try:
-            values, errors = decode_result(frames, self.allow_pickle)
+            values, errors = decode_result(frames, allow)
         except Exception as exc:
+            _refused(self.pool, tid, exc)
             ok, outcome = False, exc
         else:
             if errors:
-                ok, outcome = False, rebuild_error(errors[0], self.allow_pickle)
+                ok, outcome = False, rebuild_error(errors[0], allow)
             else:
                 ok, outcome = True, values[0]
         if self.future.set_running_or_notify_cancel():
@@ -152,11 +173,11 @@ class _Stream:
             yield chunk
 
     # called by the I/O thread
-    def deliver(self, tid, frames):
-        self._arrived.append((tid, frames))
+    def deliver(self, tid, frames, trusted=False):
+        self._arrived.append((tid, frames, trusted))
 
     def fail(self, exc):
-        self._arrived.append((None, exc))
+        self._arrived.append((None, exc, False))
 
     def wake(self):
         with self._cond:
@@ -320,14 +341,14 @@ class _Stream:
     def _take(self):
         """Move arrived results into the ready queue (in order if ordered)."""
         arrived = self._arrived
-        allow = self._allow_pickle
+        setting = self._allow_pickle
         meta = self._meta
         ordered = self._ordered
         ready_append = self._ready.append
         done = 0
         try:
             while arrived:
-                tid, frames = arrived.popleft()
+                tid, frames, trusted = arrived.popleft()
                 if tid is None:  # the connection is lost: every pending chunk fails
                     for t in list(meta):
                         n = meta[t][1]
@@ -339,12 +360,14 @@ class _Stream:
                 done += 1
                 n = info[1]
                 errs = None
+                allow = trusted if setting is None else setting
                 try:
                     kind, _, body = _decode(frames, allow)
                     values, errors = body
                     if kind != KIND_RESULT:
                         raise ValueError("a message of kind %d as a result" % kind)
                 except Exception as exc:
+                    _refused(self._pool, tid, exc)
                     values, errs = [None] * n, {i: exc for i in range(n)}
                 else:
                     if values is None and errors:  # the whole task failed (the scheduler said)
@@ -393,6 +416,41 @@ class _Stream:
         self._finish()
 
 
+_EMPTY_CONFIG = Config()
+
+
+def _resolve(cluster, config, given):
+    """The scheduler's address (None: start a LocalCluster), the client's
+    security and the settings, from ``cluster``, a config file and the
+    arguments given (None: not given)."""
+    from .config import merge, read_config, read_scheduler_file
+    from .security import client_security
+    values = merge({"heartbeat_timeout": 10.0},
+                   read_config(config) if config is not None else _EMPTY_CONFIG, given)
+    public_key = None
+    if cluster is None:
+        if values.get("connect") is not None and values.get("scheduler_file") is not None:
+            raise ValueError("config file %s gives both connect and scheduler_file" % config)
+        if values.get("connect") is not None:
+            address = values["connect"]
+        elif values.get("scheduler_file") is not None:
+            found = read_scheduler_file(values["scheduler_file"])
+            address, public_key = found.address, found.public_key
+        else:
+            address = None
+    else:
+        address = cluster if isinstance(cluster, str) else cluster.address
+        if not address:
+            raise ValueError("the cluster has no address (is it closed?)")
+    security = client_security(secret_key=values.get("secret_key"),
+                               scheduler_key=values.get("scheduler_key"),
+                               keys=values.get("keys"), scheduler_public_key=public_key)
+    if security is None and public_key is not None:
+        raise ValueError("the scheduler uses CURVE (its scheduler file records its public key):"
+                         " give keys= or secret_key=")
+    return address, security, values
+
+
 class ClusterPool:
     """A pool of workers behind a scheduler, used like multiprocessing.Pool.
 
@@ -403,44 +461,71 @@ class ClusterPool:
     ``task_timeout``: seconds after which a running task (a chunk) is
     abandoned, its worker replaced, and the task fails with TimeoutError.
     ``allow_pickle``: whether results may be unpickled here (exceptions
-    rebuilt as their own type, pickled return values); None allows it for a
-    local scheduler (ipc, loopback). ``max_ahead``/``max_ahead_bytes``: how
+    rebuilt as their own type, pickled return values). None (the default)
+    follows the pickle rule of :mod:`zmq_cluster.trust`: results are
+    unpickled only when this pool's connection to the scheduler is
+    authenticated (CURVE) or local (loopback, ipc in a private directory)
+    *and* the scheduler says the worker that made them is too; elsewhere a
+    pickled result is refused unexecuted (logged, counted, and the items
+    fail saying why). ``max_ahead``/``max_ahead_bytes``: how
     far a map/imap reads its input ahead of the consumer (items, bytes of
     encoded arguments). ``socket_options``: extra options for the sockets to
-    the scheduler (e.g. CURVE keys).
+    the scheduler.
+
+    **Many machines.** ``secret_key`` (this side's secret key file, e.g.
+    ``DIR/client.key_secret``) and ``scheduler_key`` (the scheduler's public
+    key file), or ``keys`` (a ``zmq-cluster keygen`` directory, standing for
+    both), connect to a CURVE scheduler. ``config``: a TOML config file (as
+    the command line's ``--config``): its ``connect`` or ``scheduler_file``
+    says where the scheduler is when ``cluster`` is None, its
+    ``secret_key``/``scheduler_key``/``keys`` and ``heartbeat_timeout``
+    serve when not given here. A scheduler file that records the
+    scheduler's public key makes ``scheduler_key`` unnecessary.
     """
 
     def __init__(self, cluster: "LocalCluster | str | None" = None, *,
                  task_timeout: Optional[float] = None, allow_pickle: Optional[bool] = None,
                  max_ahead: int = 4096, max_ahead_bytes: int = 256 << 20,
-                 heartbeat_timeout: float = 10.0,
+                 heartbeat_timeout: Optional[float] = None,
                  socket_options: Optional[Dict[int, Any]] = None,
-                 connect_timeout: float = 30.0) -> None:
-        from .scheduler import is_local_address
+                 connect_timeout: float = 30.0,
+                 config: "str | os.PathLike[str] | None" = None,
+                 secret_key: "str | os.PathLike[str] | None" = None,
+                 scheduler_key: "str | os.PathLike[str] | None" = None,
+                 keys: "str | os.PathLike[str] | None" = None) -> None:
         self._own_cluster = None
-        if cluster is None:
+        address, security, settings = _resolve(cluster, config, dict(
+            secret_key=secret_key, scheduler_key=scheduler_key, keys=keys,
+            heartbeat_timeout=heartbeat_timeout))
+        if address is None:
             from .local import LocalCluster
             cluster = self._own_cluster = LocalCluster()
-        address = cluster if isinstance(cluster, str) else cluster.address
-        assert address is not None
+            address = cluster.address
         self.address = address
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
         self._timeout_ms = 0 if task_timeout is None else max(1, int(task_timeout * 1000))
-        self._allow_pickle = is_local_address(address) if allow_pickle is None else allow_pickle
+        self._allow_pickle = allow_pickle
         self._max_ahead = max(1, int(max_ahead))
         self._max_ahead_bytes = max(1, int(max_ahead_bytes))
         self._state = _RUN
         self._pending = 0
         self._cond = threading.Condition()
         try:
-            self._client = SchedulerClient(address, heartbeat_timeout=heartbeat_timeout,
+            self._client = SchedulerClient(address,
+                                           heartbeat_timeout=settings["heartbeat_timeout"],
                                            socket_options=socket_options,
-                                           connect_timeout=connect_timeout)
+                                           connect_timeout=connect_timeout, security=security)
         except BaseException:
             if self._own_cluster is not None:
                 self._own_cluster.close()
             raise
+
+    @property
+    def trusted(self) -> bool:
+        """Whether this pool's connection to the scheduler is authenticated
+        or local (results of trusted workers may then be unpickled)."""
+        return self._client.trusted
 
     # ---------------------------------------------------------------- state
 

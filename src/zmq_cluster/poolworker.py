@@ -16,17 +16,26 @@ worker forgets the tasks it held (they run elsewhere) and, once reconnected,
 says HELLO again. A task given a timeout runs under an interval timer whose
 SIGALRM (default action: end the process) stops a hung task even while it
 holds the GIL; the scheduler has already failed it with TimeoutError and a
-supervisor (LocalCluster) starts a new worker.
+supervisor (LocalCluster, ``zmq-cluster worker``) starts a new worker.
+
+Trust: the worker unpickles a task's arguments, or loads a function pickled
+by value, only when the scheduler says the task's submitter is trusted
+(``FLAG_TRUSTED``) *and* its own connection to the scheduler is: CURVE
+(``security``), loopback, or ipc in a private directory. Otherwise a
+pickled argument or function is refused unexecuted: the task fails with the
+reason, which is also logged and counted (``counters["pickle_refused"]``).
 """
 
 import argparse
 import collections
 import gc
+import importlib
 import logging
 import math
 import os
 import signal
 import socket as _socket
+import sys
 import time
 from typing import Any, Deque, Dict, List, Optional
 
@@ -35,11 +44,17 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import framing
 from . import schedproto as sp
-from .functions import FunctionCache
+from .exceptions import MessageFormatError
+from .functions import FunctionCache, FunctionUnavailable, function_key
 from .liveness import heartbeat_options
 from .protocol import KIND_REQUEST
+from .security import ClientSecurity
 from .taskcodec import encode_result, run_items, task_failure
+from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any
+
+#: When this process started (HELLO says how long ago, for `zmq-cluster status`).
+_STARTED = time.monotonic()
 
 _decode = framing.decode
 _RESULT_ENTRY_PACK = sp.RESULT_ENTRY.pack
@@ -66,19 +81,35 @@ ALARM_GRACE = 0.2
 class PoolWorker:
     """A worker of the scheduler at ``address``.
 
+    ``security``: a :class:`~zmq_cluster.security.ClientSecurity` (this
+    worker's key pair and the scheduler's public key) for a CURVE scheduler.
     ``credit_bytes``: bytes of task arguments the worker is ready to hold
     (at least one task is always accepted). ``socket_options``: extra
-    options for the DEALER socket (e.g. CURVE keys).
+    options for the DEALER socket.
+
+    ``exit_code`` after :meth:`run`: ``schedproto.EXIT_STOPPED`` (0) when the
+    scheduler said STOP, ``EXIT_RESTART`` when it asked for a restart
+    (``zmq-cluster restart-workers``); a nanny replaces the latter only.
+    ``counters``: messages rejected (``malformed``), tasks refused
+    unexecuted (``tasks_refused``: undecodable, an unknown function, a
+    pickle from the untrusted) and among them ``pickle_refused``.
     """
 
     def __init__(self, address: str, *, heartbeat_timeout: float = 10.0,
                  credit_bytes: int = 256 << 20,
+                 security: Optional[ClientSecurity] = None,
                  socket_options: Optional[Dict[int, Any]] = None,
                  context: Optional[zmq.Context] = None) -> None:
         self.address = address
         self.heartbeat_timeout = heartbeat_timeout
         self.credit_bytes = int(credit_bytes)
+        self.security = security
         self.socket_options = dict(socket_options or {})
+        self.exit_code = sp.EXIT_STOPPED
+        self.counters: "collections.Counter[str]" = collections.Counter()
+        self._trust_args = dict(curve="client" if security is not None else None,
+                                private_ipc=is_private_ipc(address),
+                                inproc=address.startswith("inproc://"))
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._functions = FunctionCache()
@@ -89,7 +120,7 @@ class PoolWorker:
         self._out_seconds = 0.0
         self._out_bytes = 0
         self._credit = INITIAL_CREDIT
-        self._running = False
+        self._running = True   # until stop() or STOP, even one before run()
         self.tasks_done = 0
 
     def run(self) -> None:
@@ -100,14 +131,17 @@ class PoolWorker:
         opts.update(self.socket_options)
         for opt, value in opts.items():
             sock.setsockopt(opt, value)
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        if self.security is not None:
+            self.security.apply(sock)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
+        self._failed_handshakes = 0
         sock.connect(self.address)
         self._handshakes = 0
         self._hello()
         # Connection events first, then messages; waiting and receiving
         # happen in zmq_cluster.wire (without the GIL in the compiled twin).
         sockets = [monitor, sock]
-        self._running = True
         queue = self._queue
         try:
             while self._running:
@@ -144,7 +178,8 @@ class PoolWorker:
     def _hello(self):
         self._send(sp.message(sp.HELLO, {
             "role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
-            "credit": self._credit, "credit_bytes": self.credit_bytes}))
+            "credit": self._credit, "credit_bytes": self.credit_bytes,
+            "uptime": time.monotonic() - _STARTED}))
 
     def _drop_held(self):
         self._queue.clear()
@@ -153,7 +188,14 @@ class PoolWorker:
 
     def _monitor_event(self, frames):
         event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])["event"]
-        if event == zmq.EVENT_DISCONNECTED:
+        if event & _HANDSHAKE_FAILED:
+            # libzmq retries by itself; say why once, then now and then.
+            self._failed_handshakes += 1
+            if self._failed_handshakes in (1, 10, 100) or self._failed_handshakes % 1000 == 0:
+                log.error("worker %d: the handshake with the scheduler at %s failed (%s, %d"
+                          " times): %s", os.getpid(), self.address, zmq.Event(event).name,
+                          self._failed_handshakes, _HANDSHAKE_HINT)
+        elif event == zmq.EVENT_DISCONNECTED:
             # Declared dead (or the scheduler went): what we hold runs elsewhere.
             self._drop_held()
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -167,23 +209,42 @@ class PoolWorker:
             if mtype == sp.TASKS:
                 table = frames[1].bytes
                 data = frames[2:]
-                trusted = bool(flags & sp.FLAG_TRUSTED)
+                # The submitter (the scheduler says) and this connection.
+                trusted = bool(flags & sp.FLAG_TRUSTED) and sender_may_pickle(
+                    frames[1], **self._trust_args)
                 self._queue.extend([(f[0], f[1], f[2], msg, trusted)
                                     for f, msg in sp.walk(table, count, sp.TASK_ENTRY, data)])
             elif mtype == sp.FUNC:
-                key, module, qualname, pickled = sp.parse_body(frames[1].bytes)
+                body = sp.parse_body(frames[1].bytes)
+                if type(body) is not tuple or len(body) != 4:
+                    raise sp.ProtocolError("FUNC body of the wrong form")
+                key, module, qualname, pickled = body
+                if (type(key) is not int or not (module is None or type(module) is str)
+                        or not (qualname is None or type(qualname) is str)
+                        or not (pickled is None or type(pickled) is bytes)):
+                    raise sp.ProtocolError("FUNC body of the wrong types")
+                if key != function_key((module, qualname, pickled)):
+                    raise sp.ProtocolError("FUNC key does not match its function")
+                if key not in self._functions and len(self._functions) >= sp.MAX_FUNCTIONS:
+                    raise sp.ProtocolError("more than %d functions" % sp.MAX_FUNCTIONS)
                 self._functions.add(key, (module, qualname, pickled))
             elif mtype == sp.RESET:
                 self._drop_held()
                 self._hello()
             elif mtype == sp.STOP:
+                body = sp.parse_body(frames[1].bytes)
+                if type(body) is dict and body.get("restart") is True:
+                    self.exit_code = sp.EXIT_RESTART
                 self._running = False
             elif mtype in (sp.WELCOME, sp.PROBE):
                 pass
             else:
                 raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])
-        except (sp.ProtocolError, ValueError, TypeError) as exc:
-            log.warning("worker %d dropped a message: %s", os.getpid(), exc)
+        except Exception as exc:  # whatever arrives, the worker goes on
+            self.counters["malformed"] += 1
+            log.warning("worker %d rejected a malformed message: %s", os.getpid(),
+                        exc if isinstance(exc, sp.ProtocolError)
+                        else "%s: %s" % (type(exc).__name__, exc))
 
     def _run_some(self):
         """Run tasks from the queue until it is empty or the results held
@@ -220,6 +281,15 @@ class PoolWorker:
                 else:
                     values, errors = run_items(last_fn, mode, items)
                 result = encode_result(values, errors, tid)
+            except (MessageFormatError, FunctionUnavailable) as exc:
+                # Refused unexecuted (a pickle from the untrusted, a message
+                # that does not decode, a function it cannot have): the task
+                # fails saying why.
+                self.counters["tasks_refused"] += 1
+                if "pickle" in str(exc):
+                    self.counters["pickle_refused"] += 1
+                log.warning("worker %d refused task %x: %s", os.getpid(), tid, exc)
+                result = task_failure(exc, tid)
             except Exception as exc:
                 result = task_failure(exc, tid)
             seconds = perf_counter() - start
@@ -255,25 +325,57 @@ class PoolWorker:
         self._send([sp.ctl(sp.RESULTS, len(entries), self._credit), b"".join(entries)] + frames)
 
 
-def run_worker(address: str, **options: Any) -> None:
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_HANDSHAKE_HINT = ("check the CURVE keys: this side's public key must be in the scheduler's"
+                   " authorized keys, and --scheduler-key must be the scheduler's public key"
+                   " (a scheduler without keys refuses clients that have them, and the reverse)")
+
+#: A worker stopped by SIGTERM exits with this status (128 + SIGTERM): a
+#: nanny that did not send it replaces the worker.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def run_worker(address: str, **options: Any) -> int:
     """Run a pool worker for the scheduler at ``address`` in this process
-    until the scheduler stops it. Options as for :class:`PoolWorker`."""
-    PoolWorker(address, **options).run()
+    until the scheduler stops it; returns its exit code (see
+    :class:`PoolWorker`). Options as for :class:`PoolWorker`."""
+    worker = PoolWorker(address, **options)
+    worker.run()
+    return worker.exit_code
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m zmq_cluster._start worker")
     parser.add_argument("--connect", required=True)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    parser.add_argument("--secret-key", default=None, help="this worker's secret key file")
+    parser.add_argument("--server-key", default=None, help="the scheduler's public key, Z85")
+    parser.add_argument("--import", dest="imports", action="append", default=[])
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     from .process import die_with_parent
     die_with_parent()
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(message)s")
-    worker = PoolWorker(args.connect, heartbeat_timeout=args.heartbeat_timeout)
+    security = None
+    if args.secret_key:
+        from .security import load_secret_key
+        pair = load_secret_key(args.secret_key)
+        security = ClientSecurity(pair.public, pair.secret, args.server_key.encode("ascii"))
+    for name in args.imports:
+        importlib.import_module(name)
+    worker = PoolWorker(args.connect, heartbeat_timeout=args.heartbeat_timeout,
+                        security=security)
     gc.freeze()  # the loop's per-task objects are short-lived: collect rarely
     gc.set_threshold(50_000, 50, 100)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    terminated = []
+
+    def on_sigterm(*_):
+        terminated.append(True)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     worker.run()
-    return 0
+    sys.stdout.flush()
+    return EXIT_TERMINATED if terminated else worker.exit_code
 

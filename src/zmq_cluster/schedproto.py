@@ -40,6 +40,11 @@ TASK_ENTRY = struct.Struct("<QQIII")
 #: task_id, inline_len, n_frames, items, seconds
 RESULT_ENTRY = struct.Struct("<QIIId")
 
+#: Functions a scheduler keeps (and so sends a worker), at most: their
+#: count, and the bytes of their FUNC messages.
+MAX_FUNCTIONS = 4096
+MAX_FUNCTION_BYTES = 1 << 30
+
 #: A task's or result's header frame up to this size travels inside the
 #: batch table (copied once); a larger one is a frame of its own.
 INLINE_HEADER_MAX = 65536
@@ -57,14 +62,31 @@ RESET = 9      # scheduler -> peer: you are not registered (any more): say HELLO
 PROBE = 10     # scheduler -> worker: liveness backstop; ignored
 BYE = 11       # peer -> scheduler: leaving
 SHUTDOWN = 12  # client -> scheduler: stop the workers, then the scheduler
+CONTROL = 13   # client -> scheduler (body: {"id", "op"}); scheduler -> client (body: reply)
 
 TYPE_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", TASKS: "TASKS", RESULTS: "RESULTS",
               FUNC: "FUNC", CANCEL: "CANCEL", STATS: "STATS", STOP: "STOP",
-              RESET: "RESET", PROBE: "PROBE", BYE: "BYE", SHUTDOWN: "SHUTDOWN"}
+              RESET: "RESET", PROBE: "PROBE", BYE: "BYE", SHUTDOWN: "SHUTDOWN",
+              CONTROL: "CONTROL"}
 
 #: TASKS flags bit (scheduler -> worker): the submitter is trusted, so the
-#: worker may unpickle the tasks' arguments and functions.
+#: worker may unpickle the tasks' arguments and functions. RESULTS flags bit
+#: (scheduler -> client): the worker that made the results is trusted, so
+#: the client may unpickle them. Either side also needs its own connection
+#: to the scheduler to be trusted (authenticated or local).
 FLAG_TRUSTED = 1
+
+#: CONTROL operations (the command line's stop, stop --workers-only and
+#: restart-workers).
+OP_STOP = "stop"                      # stop the workers, then the scheduler
+OP_STOP_WORKERS = "stop-workers"      # stop the workers (and their nannies)
+OP_RESTART_WORKERS = "restart-workers"  # each worker finishes its task, exits, is replaced
+CONTROL_OPS = (OP_STOP, OP_STOP_WORKERS, OP_RESTART_WORKERS)
+
+#: A worker's exit status when the scheduler told it to stop (its nanny does
+#: not replace it, and stops too), and when told to restart (replaced).
+EXIT_STOPPED = 0
+EXIT_RESTART = 75
 
 #: Peer roles in HELLO.
 ROLE_WORKER = "worker"

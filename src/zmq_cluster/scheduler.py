@@ -32,8 +32,10 @@ from zmq.utils.monitor import parse_monitor_message
 from . import schedproto as sp
 from .ledger import Ledger, _Client, _Worker
 from .liveness import FdMap, heartbeat_options
+from .security import CurveAuthenticator, ServerSecurity, authenticator_for
 from .trust import (
-    EndpointKind, check_listen, classify_endpoint, is_private_ipc, sender_may_pickle,
+    EndpointKind, check_listen, classify_endpoint, describe_peer, is_private_ipc,
+    sender_may_pickle,
 )
 from .wire import recv_any
 
@@ -45,6 +47,10 @@ log = logging.getLogger("zmq_cluster.scheduler")
 DRAIN_BATCH = 256
 #: How long a scheduler told to shut down waits for its workers to leave.
 SHUTDOWN_SECONDS = 2.0
+#: STATS requests a client may have waiting for workers to join, at most.
+MAX_STATS_WAITING = 16
+#: Bounds on what a HELLO may announce.
+MAX_HELLO_CREDIT = 1 << 20
 
 
 def is_local_address(address: str) -> bool:
@@ -55,43 +61,75 @@ def is_local_address(address: str) -> bool:
 class Scheduler:
     """A scheduler listening on ``listen`` (``tcp://host:port``, ``ipc://path``).
 
+    ``security``: a :class:`~zmq_cluster.security.ServerSecurity` (the
+    scheduler's key pair and the directory of public keys it admits): every
+    connection is encrypted (CURVE) and a ZAP handler on the scheduler's
+    context admits only the authorized keys, refusing others at the
+    handshake. **Secure by default on a network**: listening on a
+    non-loopback TCP address (``0.0.0.0``, ``*``, any address outside
+    127.0.0.0/8 and ::1) without ``security`` raises
+    :class:`~zmq_cluster.trust.InsecureListenError`, from Python as from the
+    command line, unless ``insecure=True`` (then a warning is logged:
+    anyone who can reach the port can run any importable function). ipc://
+    and loopback addresses need no keys.
+
     ``heartbeat_timeout`` (seconds): a worker whose connection carries no
     ZMTP heartbeat for that long is declared dead. ``trusted``: whether
-    peers may send pickled functions and arguments (forwarded to workers as
-    a per-task flag). None decides per connection, at its HELLO, by
-    :func:`zmq_cluster.trust.sender_may_pickle`: loopback peers, and ipc
-    peers when the socket's directory is private (as LocalCluster's), are
-    trusted; network peers are not (CURVE-authenticated ones will be).
-    ``socket_options``: extra options for the ROUTER socket (e.g. CURVE).
+    peers may send pickled functions and arguments (forwarded to workers and
+    clients as a per-batch flag). None (the default) decides per connection,
+    at its HELLO, by :func:`zmq_cluster.trust.sender_may_pickle`:
+    CURVE-authenticated peers, loopback peers, and ipc peers when the
+    socket's directory is private (as LocalCluster's) are trusted; other
+    network peers are not (``--insecure`` included).
+    ``socket_options``: extra options for the ROUTER socket.
     ``run()`` serves until a SHUTDOWN message, :meth:`stop`, or SIGTERM.
     """
 
     def __init__(self, listen: str, *, heartbeat_timeout: float = 10.0,
+                 security: Optional[ServerSecurity] = None, insecure: bool = False,
                  trusted: Optional[bool] = None,
                  socket_options: Optional[Dict[int, Any]] = None,
                  context: Optional[zmq.Context] = None) -> None:
         self.listen = listen
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.trusted = trusted
-        self._ctx = context or zmq.Context()
-        self._own_ctx = context is None
-        self._router = self._ctx.socket(zmq.ROUTER)
+        self.security = security
         opts: Dict[Any, Any] = {zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 0, zmq.RCVHWM: 0, zmq.LINGER: 0}
         opts.update(heartbeat_options(self.heartbeat_timeout))
         opts.update(socket_options or {})
-        for opt, value in opts.items():
-            self._router.setsockopt(opt, value)
-        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        # The command line refuses this without --insecure (zmq_cluster.trust);
-        # from Python, say what it means.
-        warning = check_listen(listen, secure=bool(opts.get(zmq.CURVE_SERVER)), insecure=True)
+        if opts.get(zmq.CURVE_SERVER) and security is None:
+            raise ValueError("CURVE keys go in security=ServerSecurity(...) (which also starts"
+                             " the ZAP handler that admits only authorized keys), not in"
+                             " socket_options")
+        # Refuse (or warn) before anything is made: zmq_cluster.trust's rule.
+        warning = check_listen(listen, secure=security is not None, insecure=insecure)
         if warning:
             log.warning("%s", warning)
-        self._router.bind(listen)
+        self._ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self._auth: Optional[CurveAuthenticator] = None
+        self._own_auth = False
+        try:
+            if security is not None:
+                self._auth = authenticator_for(self._ctx)
+                if self._auth is None:
+                    self._auth = security.start_authenticator(self._ctx)
+                    self._own_auth = True
+            self._router = self._ctx.socket(zmq.ROUTER)
+            for opt, value in opts.items():
+                self._router.setsockopt(opt, value)
+            if security is not None:
+                security.apply(self._router)
+            self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._router.bind(listen)
+        except BaseException:
+            self._close_partial()
+            raise
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._private_ipc = is_private_ipc(self.address)
+        self._curve = "server" if security is not None else None
 
-        self._running = False
+        self._running = True      # until stop()
         self._stopping = None     # deadline once told to shut down
         self._peers: Dict[bytes, Tuple[str, Any]] = {}  # routing id -> (role, peer)
         self._fdmap = FdMap()
@@ -105,8 +143,8 @@ class Scheduler:
     # ---------------------------------------------------------------- loop
 
     def run(self) -> None:
-        """Serve until stopped; closes the sockets on the way out."""
-        self._running = True
+        """Serve until stopped; closes the sockets on the way out. A
+        :meth:`stop` that came before ``run()`` makes it return at once."""
         probe_every = max(0.05, self.heartbeat_timeout / 2)
         next_probe = time.monotonic() + probe_every
         # The router first, then the monitor; waiting and receiving happen in
@@ -155,12 +193,25 @@ class Scheduler:
 
     def close(self) -> None:
         """Close the sockets (run() does this when it returns)."""
-        for sock in (self._monitor, self._router):
-            try:
-                sock.close(linger=0)
-            except zmq.ZMQError:
-                pass
-        if self._own_ctx:
+        self._close_partial()
+
+    def _close_partial(self):
+        # Told to shut down, what is queued (the answer to the stop, the
+        # workers' STOPs) gets a moment to leave; otherwise nothing waits.
+        linger = int(SHUTDOWN_SECONDS * 1000) if getattr(self, "_stopping", None) else 0
+        for name in ("_monitor", "_router"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                try:
+                    sock.close(linger=linger if name == "_router" else 0)
+                except zmq.ZMQError:
+                    pass
+        # The ZAP handler goes only after the CURVE socket is closed: libzmq
+        # admits every client on a context without one.
+        if self._auth is not None and self._own_auth:
+            self._auth.stop()
+            self._own_auth = False
+        if self._own_ctx and not self._ctx.closed:
             self._ctx.term()
 
     def _send(self, rid, frames):
@@ -207,14 +258,21 @@ class Scheduler:
                 # sent there (CANCEL, SHUTDOWN): the whole client leaves.
                 self._gone(peer[1].rid if peer[0] == "submit" else rid, "said BYE")
             elif mtype == sp.SHUTDOWN and peer[0] in ("submit", "client"):
+                if not peer[1].trusted:
+                    raise sp.ProtocolError("SHUTDOWN from an untrusted client")
                 self._shutdown()
+            elif mtype == sp.CONTROL and peer[0] in ("submit", "client"):
+                self._control(peer[1], sp.parse_body(frames[2].bytes))
             else:
                 raise sp.ProtocolError("%s from a %s" % (sp.TYPE_NAMES[mtype], peer[0]))
             if peer is not None and peer[0] == "worker":
                 peer[1].last_seen = time.monotonic()
-        except (sp.ProtocolError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # whatever a peer sends, the scheduler goes on
             self.counters["malformed"] += 1
-            log.warning("scheduler dropped a message from %r: %s", rid, exc)
+            why = str(exc) if isinstance(exc, sp.ProtocolError) else "%s: %s" % (
+                type(exc).__name__, exc)
+            log.warning("scheduler rejected a malformed message from %s: %s",
+                        _who(frames, rid), why)
             peer = self._peers.get(rid)
             if peer is not None and peer[0] == "worker":
                 # Its tasks would wait for results that cannot be read:
@@ -226,6 +284,7 @@ class Scheduler:
         hello = sp.parse_body(frames[2].bytes)
         if type(hello) is not dict:
             raise sp.ProtocolError("HELLO body is not a dict")
+        _check_hello(hello)
         if rid in self._peers:
             self._gone(rid, "said HELLO again")
         try:
@@ -233,10 +292,17 @@ class Scheduler:
         except zmq.ZMQError:
             fd = None  # inproc: a peer in this process, which lives as long as we do
         if fd is not None:
+            # Connection events first: libzmq queues a connection's
+            # DISCONNECTED before it closes the descriptor, so one that this
+            # HELLO's descriptor number was reused from is in the monitor's
+            # pipe already, but the loop reads the router first.
+            self._drain_monitor()
             old = self._fdmap.hello(fd, rid)
             if old is not None:
                 self._gone(old, "its descriptor was reused")
         trusted = self._trust(frames[2])
+        if not trusted and self.counters["untrusted_peers"] < 1 << 62:
+            self.counters["untrusted_peers"] += 1
         role = hello.get("role")
         now = time.monotonic()
         if role == sp.ROLE_WORKER:
@@ -272,22 +338,63 @@ class Scheduler:
         """Whether the sender of ``frame`` may send pickles (see __init__)."""
         if self.trusted is not None:
             return bool(self.trusted)
-        return sender_may_pickle(frame, private_ipc=self._private_ipc,
+        return sender_may_pickle(frame, curve=self._curve, private_ipc=self._private_ipc,
                                  inproc=self.address.startswith("inproc://"))
 
     def _stats(self, client, request):
         if type(request) is not dict:
             raise sp.ProtocolError("STATS body is not a dict")
         ledger = self.ledger
-        if len(ledger.workers) < request.get("wait_workers", 0):
+        wait = request.get("wait_workers", 0)
+        rid = request.get("id")
+        if type(wait) is not int or (rid is not None and type(rid) is not int):
+            raise sp.ProtocolError("STATS request of the wrong form")
+        if len(ledger.workers) < wait:
+            mine = [w for w in self._stats_waiting if w[0] is client]
+            if len(mine) >= MAX_STATS_WAITING:
+                raise sp.ProtocolError("more than %d STATS requests waiting" % MAX_STATS_WAITING)
             self._stats_waiting.append((client, request))
             return
         workers = ledger.worker_stats(time.monotonic())
         queued = sum(len(c.queue) for c in ledger.clients.values())
         running = sum(len(w.inhand) for w in ledger.workers.values())
+        counters = dict(self.counters)
+        if self._auth is not None:
+            counters["curve_accepted"] = self._auth.accepted
+            counters["curve_refused"] = self._auth.refused
         self._send(client.rid, sp.message(sp.STATS, {
-            "id": request.get("id"), "workers": workers, "queued": queued, "running": running,
-            "counters": dict(self.counters)}))
+            "id": rid, "workers": workers, "queued": queued, "running": running,
+            "clients": len(ledger.clients), "counters": counters,
+            "secure": self.security is not None}))
+
+    def _control(self, client, request):
+        """A CONTROL request (the command line's stop, stop --workers-only,
+        restart-workers): answered at once with the number of workers told."""
+        if type(request) is not dict or request.get("op") not in sp.CONTROL_OPS:
+            raise sp.ProtocolError("CONTROL request of the wrong form")
+        op = request["op"]
+        reply = {"id": request.get("id") if type(request.get("id")) is int else None,
+                 "op": op, "workers": len(self.ledger.workers)}
+        if not client.trusted:
+            # Stopping the cluster is for its owners: authenticated or local.
+            self.counters["control_refused"] += 1
+            log.warning("scheduler refused %r from untrusted client %d (%s pid %d)",
+                        op, client.no, client.host, client.pid)
+            reply.update(ok=False, error="only an authenticated (CURVE) or local client may %s;"
+                         " connect with keys, or from the scheduler's host through"
+                         " 127.0.0.1" % op.replace("-", " "))
+            self._send(client.rid, sp.message(sp.CONTROL, reply))
+            return
+        reply["ok"] = True
+        log.info("scheduler: %s (asked by client %d, %s pid %d)", op, client.no, client.host,
+                 client.pid)
+        self._send(client.rid, sp.message(sp.CONTROL, reply))
+        if op == sp.OP_STOP:
+            self._shutdown()
+        else:
+            stop = sp.message(sp.STOP, {"restart": op == sp.OP_RESTART_WORKERS})
+            for worker in list(self.ledger.workers.values()):
+                self._send(worker.rid, stop)
 
     def _shutdown(self):
         """Stop every worker, then leave once they have gone (at most
@@ -304,6 +411,14 @@ class Scheduler:
             rid = self._fdmap.disconnected(event["value"])
             if rid is not None:
                 self._gone(rid, "disconnected")
+
+    def _drain_monitor(self):
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._monitor_event(frames)
 
     def _probe(self):
         probe = sp.message(sp.PROBE)
@@ -327,6 +442,31 @@ class Scheduler:
                 if r == "submit" and o is obj:
                     self._peers.pop(other)
                     self._fdmap.forget(other)
+
+
+def _who(frames, rid):
+    """The sender of a message, for a log line."""
+    for frame in frames[1:]:
+        if isinstance(frame, zmq.Frame):
+            return "%s (routing id %s)" % (describe_peer(frame), rid.hex())
+    return "routing id %s" % rid.hex()
+
+
+def _check_hello(hello):
+    """ProtocolError unless the HELLO's fields have their types and ranges."""
+    for key, kind in (("host", str), ("role", str)):
+        if key in hello and type(hello[key]) is not kind:
+            raise sp.ProtocolError("HELLO %r is not a %s" % (key, kind.__name__))
+    for key, low, high in (("pid", 0, 1 << 62), ("credit", 1, MAX_HELLO_CREDIT),
+                           ("credit_bytes", 1, 1 << 62), ("client_no", 1, 1 << 23),
+                           ("uptime", 0, 1 << 40)):
+        value = hello.get(key)
+        if value is None:
+            continue
+        if key == "uptime" and type(value) is float:
+            value = int(value) if value == value and abs(value) < 1 << 40 else -1
+        if type(value) is not int or not low <= value <= high:
+            raise sp.ProtocolError("HELLO %r out of range: %r" % (key, value))
 
 
 def main(argv=None):

@@ -12,15 +12,22 @@ that :func:`settings` can tell "not given" from a value, as
   ``--keys`` (workers and the commands that talk to a scheduler), resolved
   by :func:`client_security_from`;
 * :func:`add_locate_options`: ``--connect``, ``--scheduler-file``,
-  resolved by :func:`locate_scheduler`.
+  resolved by :func:`locate_scheduler`;
+* :func:`add_timeout_option`: ``--timeout SECONDS``, and
+  :func:`connect_client`, which finds the scheduler, connects with the keys
+  and waits for its answer within that time (exit 1 otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import math
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Iterator, Mapping, NoReturn, Optional
 
 from ..config import Config, merge, read_scheduler_file
 from ..security import ClientSecurity, ServerSecurity, client_security, server_security
@@ -203,6 +210,87 @@ def client_security_from(values: Mapping[str, Any],
         raise UsageError("the scheduler uses CURVE (its scheduler file records its public key):"
                          " give --keys DIR or --secret-key FILE")
     return security
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("must be a number > 0, not %r" % text)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an integer: %r" % text) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, not %r" % text)
+    return value
+
+
+#: How long status, stop and restart-workers wait for the scheduler by default.
+DEFAULT_TIMEOUT = 5.0
+
+
+def add_timeout_option(parser: argparse.ArgumentParser) -> None:
+    """``--timeout SECONDS``: how long to wait for the scheduler's answer."""
+    parser.add_argument(
+        "--timeout", metavar="SECONDS", type=positive_float, default=None,
+        help="wait at most this long for the scheduler's answer, then fail with exit status 1"
+             " (default %g)" % DEFAULT_TIMEOUT)
+
+
+def add_log_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--log-level``."""
+    parser.add_argument(
+        "--log-level", metavar="LEVEL", default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="what to log on stderr: DEBUG, INFO, WARNING or ERROR (default %s)" % default)
+
+
+def setup_logging(level: str, who: str) -> None:
+    """Log lines on stderr, each saying who wrote it."""
+    logging.basicConfig(level=level, format="%%(asctime)s %s %%(message)s" % who,
+                        stream=sys.stderr)
+
+
+@contextlib.contextmanager
+def connect_client(values: Mapping[str, Any]) -> Iterator[tuple]:
+    """A connected :class:`~zmq_cluster.client.SchedulerClient` and the
+    seconds left of ``values["timeout"]``: ``with connect_client(values) as
+    (client, left): reply = client.stats(timeout=left())``. Raises
+    :class:`CommandError` (exit 1, one line) when the scheduler does not
+    answer in time."""
+    from ..client import SchedulerClient
+    timeout = values.get("timeout") or DEFAULT_TIMEOUT
+    deadline = time.monotonic() + timeout
+    location = locate_scheduler(values)
+    security = client_security_from(values, location)
+    # The client's own log lines would repeat the one-line error.
+    logging.getLogger("zmq_cluster.pool").setLevel(logging.CRITICAL)
+    try:
+        client = SchedulerClient(location.address, security=security, connect_timeout=timeout)
+    except TimeoutError as exc:
+        raise CommandError(one_line(exc)) from None
+
+    def left() -> float:
+        return max(0.001, deadline - time.monotonic())
+
+    try:
+        yield client, left
+    except TimeoutError:
+        raise CommandError("the scheduler at %s did not answer within %g s"
+                           % (location.address, timeout)) from None
+    except ConnectionError as exc:
+        raise CommandError(one_line(exc)) from None
+    finally:
+        client.close()
 
 
 def say(text: str) -> None:

@@ -32,7 +32,7 @@ from .. import __version__
 from ..config import ConfigError, SchedulerFileError, read_config
 from ..security import KeyFileError, KeyOptionsError, SecurityError
 from ..trust import InsecureListenError
-from . import keygen
+from . import keygen, local, restart_workers, scheduler, status, stop, worker
 from .common import (
     EXIT_FAILURE, EXIT_USAGE, ArgumentParser, CommandError, common_options, error_line,
     one_line,
@@ -41,7 +41,8 @@ from .common import (
 PROG = "zmq-cluster"
 
 #: The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[ModuleType, ...] = (keygen,)
+SUBCOMMANDS: tuple[ModuleType, ...] = (scheduler, worker, status, stop, restart_workers,
+                                        local, keygen)
 
 _USAGE_ERRORS = (ConfigError, KeyFileError, KeyOptionsError)
 _RUNTIME_ERRORS = (SecurityError, InsecureListenError, SchedulerFileError, OSError)

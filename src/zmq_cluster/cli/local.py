@@ -1,0 +1,58 @@
+"""``zmq-cluster local -n N``: a LocalCluster in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from ..config import Config, write_scheduler_file
+from .common import EXIT_OK, positive_float, positive_int, say, settings
+
+NAME = "local"
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]",
+               common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        NAME, parents=[common], help="run a scheduler and workers on this host, for trying out",
+        description=(
+            "Start a LocalCluster (a scheduler and N worker processes on this host) and print"
+            " its address, which ClusterPool(ADDRESS) in another process of yours connects to;"
+            " it runs until Ctrl-C or SIGTERM, which stop everything cleanly."))
+    parser.add_argument(
+        "-n", "--workers", metavar="N", type=positive_int, default=None,
+        help="how many worker processes (default: the number of cores)")
+    parser.add_argument(
+        "--transport", choices=["ipc", "tcp"], default="ipc",
+        help="ipc: a socket in a private directory (this user only; the default); tcp: a free"
+             " port on 127.0.0.1 (this host only)")
+    parser.add_argument(
+        "--heartbeat-timeout", metavar="SECONDS", type=positive_float, default=None,
+        help="a worker silent this long is declared dead and replaced (default 10)")
+    parser.add_argument(
+        "--scheduler-file", metavar="PATH", default=None,
+        help="also write the address to this JSON file (as `zmq-cluster scheduler` does)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from ..local import LocalCluster
+
+    values = settings(args, config, {"workers": None, "heartbeat_timeout": 10.0})
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with LocalCluster(values["workers"], transport=values["transport"],
+                      heartbeat_timeout=values["heartbeat_timeout"]) as cluster:
+        if values.get("scheduler_file") is not None:
+            write_scheduler_file(values["scheduler_file"], cluster.address)
+        say(cluster.address)
+        say("a LocalCluster of %d workers (pids %s) is listening at the address above;"
+            " Ctrl-C stops it" % (cluster.n_workers, " ".join(map(str, cluster.worker_pids()))))
+        while not stop.wait(3600):
+            pass
+        say("stopping")
+    say("stopped")
+    return EXIT_OK

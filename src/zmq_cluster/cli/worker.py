@@ -1,0 +1,108 @@
+"""``zmq-cluster worker``: N worker processes under a nanny, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+from ..config import Config
+from ..process import python_command
+from ..supervisor import Supervisor
+from .common import (
+    EXIT_OK, CommandError, add_client_key_options, add_locate_options, add_log_option,
+    client_security_from, locate_scheduler, one_line, positive_float, positive_int, say,
+    settings, setup_logging,
+)
+
+NAME = "worker"
+
+#: How long a worker host waits for the scheduler file to appear (a worker
+#: started by srun beside its scheduler may look before it is written).
+SCHEDULER_FILE_WAIT = 60.0
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]",
+               common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        NAME, parents=[common], help="run worker processes for a scheduler",
+        description=(
+            "Start N worker processes for the scheduler and supervise them in the foreground"
+            " (a nanny): a worker that dies is replaced; on SIGTERM or Ctrl-C every worker"
+            " finishes its task and exits, then the nanny exits. `zmq-cluster stop` and"
+            " `stop --workers-only` end the workers and this command;"
+            " `zmq-cluster restart-workers` replaces each worker after its task."))
+    add_locate_options(parser)
+    parser.add_argument(
+        "-n", "--workers", metavar="N", type=positive_int, default=None,
+        help="how many worker processes to run (default: the number of cores)")
+    parser.add_argument(
+        "--import", dest="imports", metavar="MODULE", action="append", default=None,
+        help="import MODULE in every worker at start (repeatable): functions of it then run by"
+             " reference, and its import cost is paid once")
+    parser.add_argument(
+        "--heartbeat-timeout", metavar="SECONDS", type=positive_float, default=None,
+        help="declare the scheduler gone after this long without a heartbeat, and reconnect"
+             " (default 10; use the scheduler's)")
+    add_client_key_options(parser)
+    add_log_option(parser, "WARNING")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    values = settings(args, config, {"workers": os.cpu_count() or 1, "imports": (),
+                                     "heartbeat_timeout": 10.0, "log_level": "WARNING"})
+    setup_logging("INFO" if values["log_level"] in ("DEBUG", "INFO") else "WARNING", "nanny")
+    location = locate_scheduler(values, wait=SCHEDULER_FILE_WAIT)
+    security = client_security_from(values, location)
+    imports = list(values["imports"] or ())
+    for name in imports:  # fail here, once, rather than in a restart loop
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise CommandError("cannot import %s: %s" % (name, one_line(exc))) from None
+    secret_key = None
+    if security is not None:
+        # The workers read the secret from its file; the scheduler's public
+        # key (perhaps from the scheduler file) travels on their command line.
+        from ..security import KeyPaths
+        secret_key = os.path.abspath(values.get("secret_key")
+                                     or KeyPaths(Path(values["keys"])).client_secret)
+
+    def command():
+        argv = ["--connect", location.address, "--heartbeat-timeout",
+                values["heartbeat_timeout"], "--log-level", values["log_level"]]
+        if security is not None:
+            argv += ["--secret-key", secret_key, "--server-key",
+                     security.server_key.decode("ascii")]
+        for name in imports:
+            argv += ["--import", name]
+        return python_command("zmq_cluster._start", "worker", *argv)
+
+    nanny = Supervisor(command, values["workers"], stop_with_workers=True)
+    stopping = threading.Event()   # a signal asked us to stop
+    finished = threading.Event()   # ... or the scheduler stopped the workers
+
+    def on_signal(*_):
+        stopping.set()
+        finished.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    nanny.start()
+    threading.Thread(target=lambda: (nanny.wait(), finished.set()), daemon=True).start()
+    try:
+        say("%d workers for the scheduler at %s (pids %s)%s" % (
+            values["workers"], location.address, " ".join(map(str, nanny.pids())),
+            ", CURVE" if security is not None else ""))
+        while not finished.wait(3600):
+            pass
+    finally:
+        nanny.terminate()
+        nanny.close()
+    say("workers stopped" + (" (the scheduler stopped them)" if not stopping.is_set() else ""))
+    return EXIT_OK
