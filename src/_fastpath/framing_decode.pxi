@@ -30,6 +30,8 @@ cdef struct Dec:
     int pickle_ban              # _PICKLE_*: where a pickle is refused anyway
     bint load                   # second pass: load pickles, rebuild exceptions
     Py_ssize_t deferred         # first pass: pickles and exceptions to load
+    bint top                    # a ClusterRequest body is read as (payload, metadata)...
+    bint unwrapped              # ... and was
 
 
 cdef object _frame_data(object frame, const unsigned char** ptr, Py_ssize_t* size,
@@ -123,7 +125,11 @@ cdef object _value(Dec* d, int depth):
         return PyBytes_FromStringAndSize(<char*>d.p + start, n)
     if code == C_REQUEST:
         payload = _value(d, depth + 1)
-        return _Request(payload, _value(d, depth + 1))
+        metadata = _value(d, depth + 1)
+        if depth == 0 and d.top:
+            d.unwrapped = True
+            return (payload, metadata)
+        return _Request(payload, metadata)
     if code == C_RESULT:
         status = _value(d, depth + 1)
         payload = _value(d, depth + 1)
@@ -261,21 +267,15 @@ cdef object _body(Dec* d):
     return obj
 
 
-def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
-           stats=None):
-    """Decode the frames of one message: returns ``(kind, task_id, obj)``.
-
-    The compiled twin of ``zmq_cluster._framing_py.decode``, whose docstring
-    states the contract (views and copies, alignment, trust, errors, copy
-    accounting).
-    """
-    cdef Dec d
+cdef object _start(Dec* d, object frames, object allow_pickle, object copy_threshold,
+                   object alignment, int* kind_out, uint64_t* task_id_out):
+    """Check the fixed header and set ``d`` up to read the body; returns the
+    object owning the header's bytes (the caller keeps it alive)."""
     cdef bint writeable
     cdef int overflow
     cdef long long value
     cdef Py_ssize_t nframes, arrived
     cdef unsigned char kind
-    cdef uint64_t task_id
     if not frames:
         raise _MFE(E_EMPTY)
     header = _frame_data(frames[0], &d.p, &d.n, &writeable)
@@ -292,7 +292,8 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     arrived = len(frames) - 1
     if nframes != arrived:
         raise _MFE(E_NFRAMES % (nframes, arrived))
-    task_id = zc_get_u64(d.p + 8)
+    kind_out[0] = kind
+    task_id_out[0] = zc_get_u64(d.p + 8)
 
     d.nframes = nframes
     d.frames = <PyObject*>frames
@@ -318,7 +319,18 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     d.trusted = kind != KIND_COMMAND and bool(allow_pickle)
     d.pickle_ban = _PICKLE_IN_COMMAND if kind == KIND_COMMAND else _PICKLE_OK
     d.load = False
+    d.top = False
+    d.unwrapped = False
+    return header
 
+
+cdef object _decode(object frames, object allow_pickle, object copy_threshold,
+                   object alignment, Py_ssize_t* copied):
+    """``decode`` without the stats: the payload bytes copied go to ``copied``."""
+    cdef Dec d
+    cdef int kind
+    cdef uint64_t task_id
+    header = _start(&d, frames, allow_pickle, copy_threshold, alignment, &kind, &task_id)
     obj = _body(&d)
     if d.deferred:
         # The message holds pickles or exceptions to rebuild, and is valid:
@@ -328,6 +340,20 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     task_id_obj = PyLong_FromUnsignedLongLong(task_id)
     if task_id and (type(obj) is _Request or type(obj) is _Result):
         obj.task_id = task_id_obj
-    if stats is not None:
-        stats.copied_bytes += d.copied
+    copied[0] += d.copied
     return kind, task_id_obj, obj
+
+
+def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
+           stats=None):
+    """Decode the frames of one message: returns ``(kind, task_id, obj)``.
+
+    The compiled twin of ``zmq_cluster._framing_py.decode``, whose docstring
+    states the contract (views and copies, alignment, trust, errors, copy
+    accounting).
+    """
+    cdef Py_ssize_t copied = 0
+    out = _decode(frames, allow_pickle, copy_threshold, alignment, &copied)
+    if stats is not None and copied:
+        stats.copied_bytes += copied
+    return out

@@ -165,11 +165,14 @@ cdef list _frames(Parts* p):
 
 
 cdef object _decode_frames(list frames, object allow_pickle, object alignment, object stats):
+    cdef Py_ssize_t copied = 0
     try:
-        return _decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, stats)
+        out = _F.decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, &copied)
     except _MFE as exc:
         exc.header = _peek_header(frames)
         raise
+    _add(stats, _COPIED, copied)
+    return out
 
 
 cdef void* _handle(object socket) except NULL:
@@ -242,10 +245,20 @@ cdef int _send_raw(void* handle, object part, int flags) except -1:
     return _send_frame(handle, _Frame(part, copy=False), flags)
 
 
+cdef object _encode_frames(object obj, object kind, object task_id, object stats):
+    cdef Py_ssize_t copied = 0
+    frames = _F.encode(obj, kind, task_id, &copied)
+    _add(stats, _COPIED, copied)
+    return frames
+
+
 cdef object _send(object socket, object obj, object kind, object task_id, int flags,
                   object stats, object envelope=None):
     cdef void* handle = _handle(socket)
-    cdef list frames = _encode(obj, kind, task_id, stats)
+    cdef list frames
+    if kind not in _KINDS:
+        raise ValueError("unknown message kind %r" % (kind,))
+    frames = _encode_frames(obj, kind, task_id, stats)
     if envelope:
         for part in envelope:
             _send_raw(handle, part, flags | libzmq.ZMQ_SNDMORE)
@@ -283,10 +296,8 @@ cdef object _send_encoded(void* handle, list frames, int flags, object stats):
             else:
                 events.append(frame.tracker_event)
             frame = None  # its own reference to the message goes
-    if stats is not None:
-        stats.messages_sent += 1
-        if copied:
-            stats.copied_bytes += copied
+    _add(stats, _SENT, 1)
+    _add(stats, _COPIED, copied)
     return None if events is None else _MessageTracker(*events)
 
 
@@ -303,8 +314,7 @@ def send_frames(socket, frames, int flags=0, stats=None):
         raise ValueError("a message has at least one frame")
     for i in range(last + 1):
         _send_raw(handle, frames[i], flags | libzmq.ZMQ_SNDMORE if i < last else flags)
-    if stats is not None:
-        stats.messages_sent += 1
+    _add(stats, _SENT, 1)
 
 
 # ---------------------------------------------------------------- receiving
@@ -326,8 +336,7 @@ cdef list _recv_frames(void* handle, int flags):
 def recv_message(socket, int flags=0, allow_pickle=True, alignment=None, stats=None):
     """Receive and decode one message (see ``_wire_common``)."""
     frames = _recv_frames(_handle(socket), flags)
-    if stats is not None:
-        stats.messages_received += 1
+    _add(stats, _RECEIVED, 1)
     return _decode_frames(frames, allow_pickle, alignment, stats)
 
 
@@ -361,6 +370,5 @@ def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None):
     if which == _TIMEOUT:
         return None
     frames = _frames(&p)
-    if stats is not None:
-        stats.messages_received += 1
+    _add(stats, _RECEIVED, 1)
     return which, frames

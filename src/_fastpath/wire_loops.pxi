@@ -23,20 +23,79 @@ cdef bint _command(list frames, object on_command, object on_malformed,
     return bool(on_command(kind, command))
 
 
-cdef int _send_result(object results, object result, object task_id, object on_unsendable,
+cdef int _send_result(void* handle, object result, object task_id, object on_unsendable,
                       object stats) except -1:
-    cdef void* handle = _handle(results)
     try:
-        frames = _encode(result, _KIND_RESULT, task_id, stats)
+        frames = _encode_frames(result, _KIND_RESULT, task_id, stats)
     except Exception as exc:  # whatever stops encoding: nothing was sent
-        frames = _encode(on_unsendable(result, exc), _KIND_RESULT, task_id, stats)
+        frames = _encode_frames(on_unsendable(result, exc), _KIND_RESULT, task_id, stats)
     _send_encoded(handle, frames, 0, stats)
     return 0
 
 
-def run_worker(requests, results, commands, *, handle, on_command, on_malformed,
+cdef inline double _seconds_since(long long start_ns) noexcept nogil:
+    return (_now_ns() - start_ns) / 1e9
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef int _serve_task(void* handle, list frames, object handle_task, object identity,
+                     object prefix, object on_malformed, object on_unsendable,
+                     object allow_pickle, object alignment, object stats) except -1:
+    """One request of run_worker's task mode: decode, run, answer."""
+    cdef Py_ssize_t copied = 0
+    cdef long long start
+    cdef double seconds
+    try:
+        _, task_id, payload, request_metadata = _F.decode_task(frames, allow_pickle, alignment,
+                                                              &copied)
+    except _MFE as exc:
+        exc.header = _peek_header(frames)
+        result = on_malformed(_REQUEST, exc)
+        if result is not None:
+            header = exc.header
+            _send_result(handle, result, header[1] if header is not None else 0,
+                         on_unsendable, stats)
+        return 0
+    _add(stats, _COPIED, copied)
+    frames = None  # the request's frames can go before the send
+    start = _now_ns()
+    try:
+        output = handle_task(payload)
+        payload = None
+    except Exception as exc:
+        result = _Result(_STATUS_FAIL, None, request_metadata, None, exc)
+    else:
+        if prefix is not None:
+            seconds = _seconds_since(start)
+            _add(stats, _HANDLED, 1)
+            copied = 0
+            try:
+                out = _F.encode_ok(output, request_metadata, prefix, seconds, task_id, &copied)
+            except Exception:
+                pass  # the general way below finds the same error, and answers it
+            else:
+                _add(stats, _COPIED, copied)
+                _send_encoded(handle, out, 0, stats)
+                return 0
+            result = _Result(_STATUS_OK, output, request_metadata)
+            result.metadata = dict(identity, seconds=seconds)
+            _send_result(handle, result, task_id, on_unsendable, stats)
+            return 0
+        result = _Result(_STATUS_OK, output, request_metadata)
+    result.metadata = dict(identity, seconds=_seconds_since(start))
+    _add(stats, _HANDLED, 1)
+    _send_result(handle, result, task_id, on_unsendable, stats)
+    return 0
+
+
+def run_worker(requests, results, commands, *, handle=None, on_command, on_malformed,
                on_unsendable, long timeout_ms=-1, allow_pickle=True, alignment=None,
-               stats=None):
+               stats=None, handle_task=None, result_metadata=None):
     """The worker's loop (see ``_wire_common``)."""
     cdef zmq_pollitem_t items[2]
     cdef Parts p
@@ -45,7 +104,13 @@ def run_worker(requests, results, commands, *, handle, on_command, on_malformed,
     cdef int which, start
     cdef int since_check = 0
     cdef long long checked_at = _now_ms()
-    _handle(results)
+    cdef void* out = _handle(results)
+    prefix = None
+    if handle_task is not None:
+        identity = {} if result_metadata is None else dict(result_metadata)
+        prefix = _F.metadata_prefix(identity)
+    elif handle is None:
+        raise TypeError("run_worker needs handle or handle_task")
     _parts_init(&p)
     while True:
         start = request_index
@@ -58,11 +123,16 @@ def run_worker(requests, results, commands, *, handle, on_command, on_malformed,
         if which == _TIMEOUT:
             raise _RTE("no request or command within %d ms" % timeout_ms)
         frames = _frames(&p)
-        if stats is not None:
-            stats.messages_received += 1
+        _add(stats, _RECEIVED, 1)
         if which != request_index:
             if _command(frames, on_command, on_malformed, stats):
                 return
+            continue
+        out = _handle(results)  # (closed meanwhile: raises)
+        if handle_task is not None:
+            _serve_task(out, frames, handle_task, identity, prefix, on_malformed,
+                        on_unsendable, allow_pickle, alignment, stats)
+            frames = None
             continue
         try:
             kind, task_id, request = _decode_frames(frames, allow_pickle, alignment, stats)
@@ -74,7 +144,7 @@ def run_worker(requests, results, commands, *, handle, on_command, on_malformed,
             result = handle(kind, task_id, request)
         frames = request = None  # the request's frames can go before the send
         if result is not None:
-            _send_result(results, result, task_id, on_unsendable, stats)
+            _send_result(out, result, task_id, on_unsendable, stats)
             result = None
 
 
@@ -94,8 +164,7 @@ def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
         if which == _TIMEOUT:
             raise _RTE("no result within %d ms" % timeout_ms)
         frames = _frames(&p)
-        if stats is not None:
-            stats.messages_received += 1
+        _add(stats, _RECEIVED, 1)
         if which != result_index:
             if _command(frames, on_command, on_malformed, stats):
                 return _STOP
@@ -110,10 +179,115 @@ def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
             wait = <long>max(0, deadline - _now_ms())
 
 
-def send_requests(socket, requests, task_ids, track, stats=None):
+cdef class receive_results:
+    """An iterator over a sink's results (see ``_wire_common``)."""
+
+    cdef object results, commands, on_command, on_malformed, unwrap
+    cdef object allow_pickle, alignment, stats
+    cdef long timeout_ms
+    cdef Py_ssize_t left        # results still to give; -1: no limit
+    cdef int mode
+    cdef bint done
+
+    def __init__(self, results, commands, num_results, long timeout_ms, on_command,
+                 on_malformed, allow_pickle=True, alignment=None, stats=None, *, unwrap=None,
+                 metadata=False):
+        _handle(results)
+        if commands is not None:
+            _handle(commands)
+        self.results, self.commands = results, commands
+        self.on_command, self.on_malformed, self.unwrap = on_command, on_malformed, unwrap
+        self.allow_pickle, self.alignment, self.stats = allow_pickle, alignment, stats
+        self.timeout_ms = timeout_ms
+        self.left = -1 if num_results is None else max(0, num_results)
+        self.mode = 0 if unwrap is None else (2 if metadata else 1)
+        self.done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.done or self.left == 0:
+            self.done = True
+            raise StopIteration
+        try:
+            item = self._next()
+        except BaseException:
+            self.done = True  # as a generator ends when it raises
+            raise
+        if item is _STOP:
+            self.done = True
+            raise StopIteration
+        return item
+
+    def close(self):
+        """End the iteration (as a generator's close does)."""
+        self.done = True
+
+    cdef object _next(self):
+        cdef zmq_pollitem_t items[2]
+        cdef Parts p
+        cdef int nitems = _items(items, self.commands, self.results)
+        cdef int result_index = nitems - 1
+        cdef int which
+        cdef long timeout_ms = self.timeout_ms
+        cdef long wait = timeout_ms
+        cdef long long deadline = _now_ms() + timeout_ms if timeout_ms > 0 else 0
+        cdef Py_ssize_t copied
+        cdef bint got
+        stats = self.stats
+        _parts_init(&p)
+        while True:
+            which = _wait(items, nitems, wait, &p, 0)
+            if which == _TIMEOUT:
+                raise _RTE("no result within %d ms" % timeout_ms)
+            frames = _frames(&p)
+            _add(stats, _RECEIVED, 1)
+            if which != result_index:
+                if _command(frames, self.on_command, self.on_malformed, stats):
+                    return _STOP
+            else:
+                if self.mode:
+                    copied = 0
+                    item = _F.decode_ok(frames, self.allow_pickle, self.alignment, self.mode,
+                                        &copied)
+                    if item is not _NOT_FAST:
+                        _add(stats, _COPIED, copied)
+                        self._took()
+                        return item
+                got = True
+                try:
+                    item = _decode_frames(frames, self.allow_pickle, self.alignment, stats)[2]
+                except _MFE as exc:
+                    item = self.on_malformed(_RESULT, exc)
+                    got = item is not None  # else not a result: the wait goes on
+                if got:
+                    self._took()
+                    return item if self.mode == 0 else self.unwrap(item)
+            if timeout_ms > 0:
+                wait = <long>max(0, deadline - _now_ms())
+
+    cdef inline void _took(self) noexcept:
+        if self.left > 0:
+            self.left -= 1
+
+
+def send_requests(socket, requests, task_ids, track, stats=None, *, pairs=False):
     """Send every request with the next task id (see ``_wire_common``)."""
-    cdef Py_ssize_t sent = 0
-    _handle(socket)
+    cdef Py_ssize_t sent = 0, copied
+    cdef void* handle = _handle(socket)
+    if pairs:
+        for payload, metadata in requests:
+            task_id = next(task_ids)
+            copied = 0
+            frames = _F.encode_request(payload, metadata, task_id, &copied)
+            _add(stats, _COPIED, copied)
+            handle = _handle(socket)
+            tracker = _send_encoded(handle, frames, 0, stats)
+            if tracker is not None:
+                track(tracker)
+            sent += 1
+        return sent
     for request in requests:
         task_id = next(task_ids)
         tracker = _send(socket, request, _KIND_REQUEST, task_id, 0, stats)

@@ -122,7 +122,8 @@ from typing import Any, Final, Protocol
 from .protocol import HEADER, HEADER_SIZE, MAGIC, VERSION
 
 __all__ = ["STOP", "COMMAND_CHECK_EVERY", "COMMAND_CHECK_MS", "REQUEST", "RESULT", "COMMAND",
-           "peek_header", "timeout_ms", "is_command", "Stats", "SendStats", "RecvStats"]
+           "peek_header", "timeout_ms", "is_command", "counter", "Stats", "SendStats",
+           "RecvStats"]
 
 #: While requests keep arriving, a worker looks at its command socket at
 #: least once per this many requests...
@@ -202,3 +203,16 @@ def is_command(obj: object, name: str) -> bool:
     if t is bytes:
         return obj == name.encode()
     return False
+
+
+def counter(name: str, doc: str) -> Any:
+    """A node's public counter ``name``, kept in the node's ``_counters``
+    (a ``Counters``, which the loops bump) and settable."""
+
+    def get(node: Any) -> int:
+        return int(getattr(node._counters, name))
+
+    def set_(node: Any, value: int) -> None:
+        setattr(node._counters, name, value)
+
+    return property(get, set_, doc=doc)

@@ -15,16 +15,18 @@ import zmq
 
 from ._framing_py import decode as _decode
 from ._framing_py import encode as _encode
+from ._framing_tasks import NOT_FAST, decode_ok, decode_task, encode_ok, encode_request
+from ._framing_tasks import metadata_prefix as _metadata_prefix
 from ._wire_common import (
     COMMAND, COMMAND_CHECK_EVERY, COMMAND_CHECK_MS, REQUEST, RESULT, STOP, RecvStats, SendStats,
     Stats, peek_header,
 )
 from .exceptions import MessageFormatError, ReceiverTimeoutException
-from .messages import ClusterRequest
+from .messages import ClusterRequest, ClusterResult
 from .protocol import COPY_THRESHOLD, KIND_REQUEST, KIND_RESULT
 
 __all__ = ["send_message", "recv_message", "recv_any", "decode_message", "send_frames",
-           "run_worker", "sink_next", "send_requests"]
+           "run_worker", "sink_next", "receive_results", "send_requests", "Counters"]
 
 #: A received message's frames (zmq.Frame, or bytes where recv_any says so).
 Frames = list[Any]
@@ -34,6 +36,27 @@ _MessageTracker = zmq.MessageTracker
 _SNDMORE = zmq.SNDMORE
 _POLLIN = zmq.POLLIN
 _EVENTS = zmq.EVENTS
+_perf_counter = time.perf_counter
+_OK = ClusterResult.STATUS_SUCCESS
+_FAIL = ClusterResult.STATUS_FAIL
+
+
+class Counters:
+    """A node's message counters, as the loops' ``stats`` (see
+    ``_wire_common``)."""
+
+    __slots__ = ("messages_sent", "messages_received", "copied_bytes", "requests_handled")
+
+    def __init__(self) -> None:
+        self.messages_sent = 0
+        self.messages_received = 0
+        self.copied_bytes = 0
+        self.requests_handled = 0
+
+    def __repr__(self) -> str:
+        return ("Counters(messages_sent=%d, messages_received=%d, copied_bytes=%d, "
+                "requests_handled=%d)" % (self.messages_sent, self.messages_received,
+                                          self.copied_bytes, self.requests_handled))
 
 
 # ---------------------------------------------------------------- send/recv
@@ -193,18 +216,25 @@ def _command(frames: Frames, on_command: Callable[[int, Any], bool],
 
 
 def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket | None, *,
-               handle: Callable[[int, int, Any], object],
+               handle: Callable[[int, int, Any], object] | None = None,
                on_command: Callable[[int, Any], bool],
                on_malformed: Callable[[str, MessageFormatError], object],
                on_unsendable: Callable[[Any, Exception], object],
                timeout_ms: int = -1, allow_pickle: bool = True, alignment: int | None = None,
-               stats: Stats | None = None) -> None:
+               stats: Stats | None = None,
+               handle_task: Callable[[Any], Any] | None = None,
+               result_metadata: dict[str, Any] | None = None) -> None:
     """The worker's loop (see ``_wire_common``)."""
     sockets = [requests] if commands is None else [commands, requests]
     request_index = len(sockets) - 1
     poller = _poller(sockets)
     since_check = 0
     checked_at = time.monotonic()
+    if handle_task is not None:
+        identity = {} if result_metadata is None else dict(result_metadata)
+        prefix = _metadata_prefix(identity)
+    elif handle is None:
+        raise TypeError("run_worker needs handle or handle_task")
     while True:
         first = request_index
         if since_check >= COMMAND_CHECK_EVERY or (
@@ -223,6 +253,11 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
             if _command(frames, on_command, on_malformed, stats):
                 return
             continue
+        if handle_task is not None:
+            _serve_task(results, frames, handle_task, identity, prefix, on_malformed,
+                        on_unsendable, allow_pickle, alignment, stats)
+            frames = []
+            continue
         try:
             kind, task_id, request = decode_message(frames, allow_pickle, alignment, stats)
         except MessageFormatError as exc:
@@ -230,12 +265,57 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
             header = exc.header  # type: ignore[attr-defined]
             task_id = header[1] if header is not None else 0
         else:
-            result = handle(kind, task_id, request)
+            result = handle(kind, task_id, request)  # type: ignore[misc]
         frames = []  # the request's frames can go before the send
         request = None
         if result is not None:
             _send_result(results, result, task_id, on_unsendable, stats)
             result = None
+
+
+def _serve_task(results: zmq.Socket, frames: Frames, handle_task: Callable[[Any], Any],
+                identity: dict[str, Any], prefix: bytes | None,
+                on_malformed: Callable[[str, MessageFormatError], object],
+                on_unsendable: Callable[[Any, Exception], object], allow_pickle: bool,
+                alignment: int | None, stats: Stats | None) -> None:
+    """One request of run_worker's task mode: decode, run, answer."""
+    try:
+        _, task_id, payload, request_metadata = decode_task(frames, allow_pickle, alignment,
+                                                            stats)
+    except MessageFormatError as exc:
+        exc.header = peek_header(frames)  # type: ignore[attr-defined]
+        result = on_malformed(REQUEST, exc)
+        if result is not None:
+            header = exc.header  # type: ignore[attr-defined]
+            _send_result(results, result, header[1] if header is not None else 0,
+                         on_unsendable, stats)
+        return
+    del frames[:]  # the request's frames can go before the send
+    start = _perf_counter()
+    try:
+        output = handle_task(payload)
+    except Exception as exc:
+        result = ClusterResult(_FAIL, None, request_metadata, None, exc)
+    else:
+        seconds = _perf_counter() - start
+        if stats is not None:
+            stats.requests_handled += 1
+        if prefix is not None:
+            try:
+                out = encode_ok(output, request_metadata, prefix, seconds, task_id, stats)
+            except Exception:
+                pass  # the general way below finds the same error, and answers it
+            else:
+                _send_encoded(results, out, 0, stats)
+                return
+        result = ClusterResult(_OK, output, request_metadata)
+        result.metadata = dict(identity, seconds=seconds)
+        _send_result(results, result, task_id, on_unsendable, stats)
+        return
+    result.metadata = dict(identity, seconds=_perf_counter() - start)
+    if stats is not None:
+        stats.requests_handled += 1
+    _send_result(results, result, task_id, on_unsendable, stats)
 
 
 def _send_result(results: zmq.Socket, result: object, task_id: int,
@@ -279,11 +359,80 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
             left = max(0, int((deadline - time.monotonic()) * 1000))
 
 
+def receive_results(results: zmq.Socket, commands: zmq.Socket | None,
+                    num_results: int | None, timeout_ms: int,
+                    on_command: Callable[[int, Any], bool],
+                    on_malformed: Callable[[str, MessageFormatError], object],
+                    allow_pickle: bool = True, alignment: int | None = None,
+                    stats: RecvStats | None = None, *,
+                    unwrap: Callable[[Any], Any] | None = None,
+                    metadata: bool = False) -> Iterator[Any]:
+    """An iterator over a sink's results (see ``_wire_common``)."""
+    sockets = [results] if commands is None else [commands, results]
+    for socket in sockets:
+        if not isinstance(socket, zmq.Socket):
+            raise TypeError("expected a zmq.Socket, got %s" % type(socket).__name__)
+    return _results(sockets, num_results, timeout_ms, on_command, on_malformed, allow_pickle,
+                    alignment, stats, unwrap, 0 if unwrap is None else (2 if metadata else 1))
+
+
+def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int,
+             on_command: Callable[[int, Any], bool],
+             on_malformed: Callable[[str, MessageFormatError], object],
+             allow_pickle: bool, alignment: int | None, stats: RecvStats | None,
+             unwrap: Callable[[Any], Any] | None, mode: int) -> Iterator[Any]:
+    result_index = len(sockets) - 1
+    poller = _poller(sockets)
+    left = -1 if num_results is None else max(0, num_results)
+    while left:
+        deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
+        wait = timeout_ms
+        while True:
+            which = _wait_any(sockets, poller, wait, 0)
+            if which < 0:
+                raise ReceiverTimeoutException("no result within %d ms" % timeout_ms)
+            frames = _receive(sockets[which], 0)
+            if stats is not None:
+                stats.messages_received += 1
+            if which != result_index:
+                if _command(frames, on_command, on_malformed, stats):
+                    return
+            else:
+                if mode:
+                    item = decode_ok(frames, allow_pickle, alignment, mode, stats)
+                    if item is not NOT_FAST:
+                        break
+                try:
+                    item = decode_message(frames, allow_pickle, alignment, stats)[2]
+                except MessageFormatError as exc:
+                    item = on_malformed(RESULT, exc)
+                    if item is not None:
+                        item = item if mode == 0 else unwrap(item)  # type: ignore[misc]
+                        break
+                else:
+                    item = item if mode == 0 else unwrap(item)  # type: ignore[misc]
+                    break
+            if deadline is not None:
+                wait = max(0, int((deadline - time.monotonic()) * 1000))
+        if left > 0:
+            left -= 1
+        yield item
+
+
 def send_requests(socket: zmq.Socket, requests: Iterable[Any], task_ids: Iterator[int],
                   track: Callable[[zmq.MessageTracker], object],
-                  stats: SendStats | None = None) -> int:
+                  stats: SendStats | None = None, *, pairs: bool = False) -> int:
     """Send every request with the next task id (see ``_wire_common``)."""
     sent = 0
+    if pairs:
+        for payload, metadata in requests:
+            task_id = next(task_ids)
+            tracker = _send_encoded(socket, encode_request(payload, metadata, task_id, stats),
+                                    0, stats)
+            if tracker is not None:
+                track(tracker)
+            sent += 1
+        return sent
     for request in requests:
         task_id = next(task_ids)
         tracker = send_message(socket, request, KIND_REQUEST, task_id, 0, stats)
