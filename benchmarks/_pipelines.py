@@ -91,14 +91,14 @@ def worker_raw(args):
         from_bytes, to_bytes = int.from_bytes, int.to_bytes
         while True:
             msg = recv()
-            if len(msg) == 8:
-                send(to_bytes(from_bytes(msg, "little", signed=True) + 1, 8, "little",
-                              signed=True))
-            elif pull.rcvmore:
+            if pull.rcvmore:
                 frame = recv(copy=False)
                 array = np.frombuffer(frame.buffer, dtype=np.float64)
                 send(msg, zmq.SNDMORE)
                 send(array, copy=False)
+            elif msg:
+                send(to_bytes(from_bytes(msg, "little", signed=True) + 1, 8, "little",
+                              signed=True))
             else:
                 break
     finally:
