@@ -11,15 +11,16 @@ compiled functions, these take ``stats`` (as ``encode``/``decode`` do).
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Optional, Sequence, Tuple
 
-from ._framing_common import F64, TAG_U32, as_buffer
+from ._framing_common import F64, I64, TAG_U32, U32, as_buffer
 from ._framing_py import _Decoder, _Encoder, _start, decode
 from .exceptions import MessageFormatError
 from .messages import ClusterResult
 from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, KIND_REQUEST, KIND_RESULT, MAGIC, TAG_DICT,
-    TAG_REQUEST, TAG_RESULT, TAG_STR, U32_MAX, VERSION,
+    COPY_THRESHOLD, HEADER, HEADER_SIZE, INT64_MAX, INT64_MIN, KIND_REQUEST, KIND_RESULT, KINDS,
+    MAGIC, TAG_DICT, TAG_REQUEST, TAG_RESULT, TAG_STR, U32_MAX, VERSION,
 )
 
 __all__ = ["NOT_FAST", "metadata_prefix", "encode_request", "encode_ok", "decode_task",
@@ -42,7 +43,92 @@ _REQUEST = bytes([TAG_REQUEST])
 _NONE = b"N"
 _FLOAT = b"d"
 _pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
 _pack_f64 = F64.pack
+_pack_i64 = I64.pack
+_pack_tag_u32 = TAG_U32.pack
+_unpack_i64 = I64.unpack_from
+_unpack_f64 = F64.unpack_from
+_unpack_u32 = U32.unpack_from
+_I, _D, _S, _N, _T, _F, _M = b"idsNTFm"
+#: Dict prefixes (see _skip_metadata) seen to decode, so known to be valid.
+_VALID_PREFIXES: dict[bytes, None] = {}
+_PREFIXES_MAX = 64
+
+
+class _Slow(Exception):
+    """Raised by the fast readers and writers: the general path decides."""
+
+
+# The fast readers handle the values small tasks are made of (None, bools,
+# int64s, floats, strs, and dicts of them, one level deep) and raise _Slow
+# (or IndexError, struct.error, UnicodeDecodeError) for anything else; their
+# callers then run the general decoder, which decides, so that both accept
+# and refuse exactly the same bytes and make the same values.
+
+def _small(h: bytes, pos: int, nested: bool = False) -> tuple[Any, int]:
+    tag = h[pos]
+    if tag == _I:
+        return _unpack_i64(h, pos + 1)[0], pos + 9
+    if tag == _N:
+        return None, pos + 1
+    if tag == _D:
+        return _unpack_f64(h, pos + 1)[0], pos + 9
+    if tag == _S:
+        end = pos + 5 + _unpack_u32(h, pos + 1)[0]
+        if end > len(h):
+            raise _Slow
+        return str(h[pos + 5:end], "utf-8", "surrogatepass"), end
+    if tag == _T:
+        return True, pos + 1
+    if tag == _F:
+        return False, pos + 1
+    if tag == _M and not nested:
+        count = _unpack_u32(h, pos + 1)[0]
+        pos += 5
+        if 2 * count > len(h) - pos:
+            raise _Slow
+        out = {}
+        for _ in range(count):
+            key, pos = _small(h, pos, True)
+            out[key], pos = _small(h, pos, True)
+        return out, pos
+    raise _Slow
+
+
+def _skip_metadata(h: bytes, pos: int) -> int:
+    """The end of the result metadata at ``pos`` (a worker's dict, ending
+    with a float), checked but not made: a dict prefix seen before is
+    known valid whatever the float."""
+    for prefix in _VALID_PREFIXES:
+        if h.startswith(prefix, pos):
+            end = pos + len(prefix)
+            if h[end] == _D:
+                return end + 9
+    value, end = _small(h, pos)
+    if type(value) is dict and value and h[end - 9] == _D and type(
+            value[next(reversed(value))]) is float:
+        if len(_VALID_PREFIXES) >= _PREFIXES_MAX:
+            _VALID_PREFIXES.clear()
+        _VALID_PREFIXES[h[pos:end - 9]] = None
+    return end
+
+
+def _small_bytes(obj: Any) -> bytes:
+    """The encoding of a small value, or _Slow."""
+    t = type(obj)
+    if t is int:
+        if INT64_MIN <= obj <= INT64_MAX:
+            return b"i" + _pack_i64(obj)
+    elif obj is None:
+        return _NONE
+    elif t is float:
+        return _FLOAT + _pack_f64(obj)
+    elif t is str:
+        raw = obj.encode("utf-8", "surrogatepass")
+        if len(raw) <= U32_MAX:
+            return _pack_tag_u32(TAG_STR, len(raw)) + raw
+    raise _Slow
 
 
 def _frames(encoder: _Encoder, kind: int, task_id: int, stats: Any) -> list:
@@ -56,6 +142,11 @@ def _frames(encoder: _Encoder, kind: int, task_id: int, stats: Any) -> list:
 
 def encode_request(payload: Any, metadata: Any, task_id: int = 0, stats: Any = None) -> list:
     """The frames of ``ClusterRequest(payload, metadata)`` as a REQUEST."""
+    try:
+        return [b"".join((_pack_header(MAGIC, VERSION, KIND_REQUEST, 0, task_id), _REQUEST,
+                          _small_bytes(payload), _small_bytes(metadata)))]
+    except _Slow:
+        pass
     encoder = _Encoder(False)
     encoder.parts.append(_REQUEST)
     encoder.value(payload, 1)
@@ -87,6 +178,12 @@ def encode_ok(output: Any, request_metadata: Any, prefix: bytes, seconds: float,
     """The frames of ``ClusterResult("OK", output, request_metadata,
     dict(identity, seconds=seconds))`` as a RESULT, ``prefix`` being
     ``metadata_prefix(identity)``."""
+    try:
+        return [b"".join((_pack_header(MAGIC, VERSION, KIND_RESULT, 0, task_id), _RESULT_OK,
+                          _small_bytes(output), _small_bytes(request_metadata), prefix,
+                          _FLOAT, _pack_f64(seconds), _NONE))]
+    except _Slow:
+        pass
     encoder = _Encoder(False)
     parts = encoder.parts
     parts.append(_RESULT_OK)
@@ -110,6 +207,21 @@ def decode_task(frames: Sequence[Any], allow_pickle: bool = True, alignment: Any
     """``(kind, task_id, payload, metadata)``: a ClusterRequest body's
     fields, any other body as the payload with metadata None. Raises as
     ``decode`` does."""
+    h = frames[0]
+    if len(frames) == 1 and type(h) is bytes:
+        try:
+            magic, version, kind, nframes, task_id = _unpack_header(h)
+            if magic == MAGIC and version == VERSION and kind in KINDS and not nframes:
+                if h[HEADER_SIZE] == TAG_REQUEST:
+                    payload, pos = _small(h, HEADER_SIZE + 1)
+                    metadata, pos = _small(h, pos)
+                else:
+                    payload, pos = _small(h, HEADER_SIZE)
+                    metadata = None
+                if pos == len(h):
+                    return kind, task_id, payload, metadata
+        except (_Slow, IndexError, struct.error, UnicodeDecodeError):
+            pass
     header, kind, task_id = _start(frames)
     decoder = _Decoder(header, frames, kind, allow_pickle, COPY_THRESHOLD, alignment, False)
     decoder.top = True
@@ -132,6 +244,25 @@ def decode_ok(frames: Sequence[Any], allow_pickle: bool = True, alignment: Any =
     """For a message whose body is a ClusterResult of status "OK", its
     payload (mode 1) or ``(payload, request_metadata, metadata)`` (mode 2);
     NOT_FAST for any other message, malformed ones included."""
+    h = frames[0]
+    if len(frames) == 1 and type(h) is bytes:
+        try:
+            magic, version, kind, nframes, _ = _unpack_header(h)
+            if (magic == MAGIC and version == VERSION and kind in KINDS and not nframes
+                    and h.startswith(_RESULT_OK, HEADER_SIZE)):
+                payload, pos = _small(h, HEADER_SIZE + 8)
+                if mode == 1:
+                    pos = _small(h, pos)[1]
+                    pos = _skip_metadata(h, pos)
+                    if h[pos] == _N and pos + 1 == len(h):
+                        return payload
+                else:
+                    request_metadata, pos = _small(h, pos)
+                    metadata, pos = _small(h, pos)
+                    if h[pos] == _N and pos + 1 == len(h):
+                        return payload, request_metadata, metadata
+        except (_Slow, IndexError, struct.error, UnicodeDecodeError):
+            pass
     copied = _Copied()
     try:
         if as_buffer(frames[0])[HEADER_SIZE:HEADER_SIZE + 8] != _RESULT_OK:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -35,7 +35,7 @@ _Frame = zmq.Frame
 _MessageTracker = zmq.MessageTracker
 _SNDMORE = zmq.SNDMORE
 _POLLIN = zmq.POLLIN
-_EVENTS = zmq.EVENTS
+_NOBLOCK = zmq.NOBLOCK
 _perf_counter = time.perf_counter
 _OK = ClusterResult.STATUS_SUCCESS
 _FAIL = ClusterResult.STATUS_FAIL
@@ -147,9 +147,20 @@ def decode_message(frames: Frames, allow_pickle: bool = True, alignment: int | N
         raise
 
 
-def _waiting(socket: zmq.Socket) -> bool:
-    """Whether a message can be read from ``socket`` without blocking."""
-    return bool(cast(int, socket.getsockopt(_EVENTS)) & _POLLIN)
+def _take(socket: zmq.Socket) -> Frames | None:
+    """The whole message waiting on ``socket``, or None when none is: its
+    first frame as bytes, the others as zmq.Frame (the received memory).
+    Trying to receive is cheaper than asking libzmq whether a message waits
+    (ZMQ_EVENTS costs it system calls)."""
+    try:
+        frame = socket.recv(_NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames: Frames = [frame.bytes]
+    while frame.more:
+        frame = socket.recv(0, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def _poller(sockets: Sequence[zmq.Socket]) -> zmq.Poller:
@@ -159,16 +170,18 @@ def _poller(sockets: Sequence[zmq.Socket]) -> zmq.Poller:
     return poller
 
 
-def _wait_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_ms: int,
-              first: int) -> int:
-    """The index of a socket with a message waiting, or -1 after
-    ``timeout_ms``: ``sockets[first:]`` are looked at before any poll, all
-    of them after. ``poller`` (made when None) polls all ``sockets``."""
+def _next_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_ms: int,
+              first: int) -> tuple[int, Frames | None]:
+    """``(index, frames)`` of a message received from any of ``sockets``,
+    or ``(-1, None)`` after ``timeout_ms``: ``sockets[first:]`` are tried
+    before any poll, all of them after. ``poller`` (made when None) polls
+    all ``sockets``."""
     for i in range(first, len(sockets)):
-        if _waiting(sockets[i]):
-            return i
+        frames = _take(sockets[i])
+        if frames is not None:
+            return i, frames
     if timeout_ms == 0:
-        return -1
+        return -1, None
     if poller is None:
         poller = _poller(sockets)
     deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
@@ -176,12 +189,14 @@ def _wait_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_
     while True:
         ready = dict(poller.poll(left))
         for i, socket in enumerate(sockets):
-            if socket in ready and _waiting(socket):
-                return i
+            if socket in ready:
+                frames = _take(socket)
+                if frames is not None:
+                    return i, frames
         if deadline is not None:
             left = int((deadline - time.monotonic()) * 1000)
             if left <= 0:
-                return -1
+                return -1, None
 
 
 def recv_any(sockets: Sequence[zmq.Socket], timeout_ms: int = -1, first: int = 0,
@@ -190,11 +205,9 @@ def recv_any(sockets: Sequence[zmq.Socket], timeout_ms: int = -1, first: int = 0
     ``_wire_common``)."""
     if not 0 <= first < len(sockets):
         raise ValueError("first=%d is not an index of the %d sockets" % (first, len(sockets)))
-    which = _wait_any(sockets, None, timeout_ms, first)
-    if which < 0:
+    which, frames = _next_any(sockets, None, timeout_ms, first)
+    if frames is None:
         return None
-    frames = _receive(sockets[which], 0)
-    frames[0] = frames[0].bytes
     if stats is not None:
         stats.messages_received += 1
     return which, frames
@@ -243,10 +256,9 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
             since_check = 0
             checked_at = time.monotonic()
         since_check += 1
-        which = _wait_any(sockets, poller, timeout_ms, first)
-        if which < 0:
+        which, frames = _next_any(sockets, poller, timeout_ms, first)
+        if frames is None:
             raise ReceiverTimeoutException("no request or command within %d ms" % timeout_ms)
-        frames = _receive(sockets[which], 0)
         if stats is not None:
             stats.messages_received += 1
         if which != request_index:
@@ -339,10 +351,9 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
     deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
     left = timeout_ms
     while True:
-        which = _wait_any(sockets, None, left, 0)
-        if which < 0:
+        which, frames = _next_any(sockets, None, left, 0)
+        if frames is None:
             raise ReceiverTimeoutException("no result within %d ms" % timeout_ms)
-        frames = _receive(sockets[which], 0)
         if stats is not None:
             stats.messages_received += 1
         if which != result_index:
@@ -388,10 +399,9 @@ def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int
         deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
         wait = timeout_ms
         while True:
-            which = _wait_any(sockets, poller, wait, 0)
-            if which < 0:
+            which, frames = _next_any(sockets, poller, wait, 0)
+            if frames is None:
                 raise ReceiverTimeoutException("no result within %d ms" % timeout_ms)
-            frames = _receive(sockets[which], 0)
             if stats is not None:
                 stats.messages_received += 1
             if which != result_index:
