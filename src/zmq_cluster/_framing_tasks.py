@@ -207,8 +207,8 @@ def decode_task(frames: Sequence[Any], allow_pickle: bool = True, alignment: Any
     """``(kind, task_id, payload, metadata)``: a ClusterRequest body's
     fields, any other body as the payload with metadata None. Raises as
     ``decode`` does."""
-    h = frames[0]
-    if len(frames) == 1 and type(h) is bytes:
+    h = frames[0] if len(frames) == 1 else None
+    if type(h) is bytes:
         try:
             magic, version, kind, nframes, task_id = _unpack_header(h)
             if magic == MAGIC and version == VERSION and kind in KINDS and not nframes:
@@ -244,8 +244,8 @@ def decode_ok(frames: Sequence[Any], allow_pickle: bool = True, alignment: Any =
     """For a message whose body is a ClusterResult of status "OK", its
     payload (mode 1) or ``(payload, request_metadata, metadata)`` (mode 2);
     NOT_FAST for any other message, malformed ones included."""
-    h = frames[0]
-    if len(frames) == 1 and type(h) is bytes:
+    h = frames[0] if len(frames) == 1 else None
+    if type(h) is bytes:
         try:
             magic, version, kind, nframes, _ = _unpack_header(h)
             if (magic == MAGIC and version == VERSION and kind in KINDS and not nframes
