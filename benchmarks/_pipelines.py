@@ -1,30 +1,34 @@
-"""The processes of the throughput suite: one driver and its workers per pipeline.
+"""The processes of the throughput suite: drivers and workers, and the entry
+point of every role (the free-running roles are in ``_freerun.py``).
 
-Run by ``benchmarks/conftest.py`` as scripts, never imported by pytest:
+Run by the harness (``_harness.py``) as scripts, never imported by pytest:
 
     python _pipelines.py driver --impl IMPL --transport T --dir D --ctl URL
     python _pipelines.py worker --impl IMPL --requests URL --results URL [--commands URL]
+    python _pipelines.py ventilator|sink|mp ...        (see _freerun.py)
 
 IMPL is one of
 
-* ``ours``   -- zmq_cluster: Ventilator -> BasicWorker (default identity
-  HandleRequest) -> Sink. The framing twin is whatever the process's
-  environment selects (``ZMQ_CLUSTER_NO_EXTENSIONS``), set by the harness;
-  ``--expect-fastpath`` makes a process refuse to run in the wrong mode.
+* ``ours``   -- zmq_cluster: Ventilator -> a BasicWorker whose HandleRequest
+  returns ``request + 1`` (an array as it is) -> Sink. The framing twin is
+  whatever the process's environment selects (``ZMQ_CLUSTER_NO_EXTENSIONS``),
+  set by the harness; ``--expect-fastpath`` makes a process refuse to run in
+  the wrong mode.
 * ``raw``    -- plain pyzmq, the ceiling for Python: PUSH -> PULL/PUSH -> PULL
-  of bytes frames; large arrays as multipart ``[header, array]`` with
-  ``copy=False`` and ``np.frombuffer`` on both hops.
-* ``pickle`` -- the original glimpse design: ``send_pyobj``/``recv_pyobj`` of
-  a request object and a result object (pickled each way).
-* ``mp``     -- ``multiprocessing.Pool.imap(identity, ..., chunksize=1)``
+  of 8-byte frames (an int64, sent back one higher); large arrays as
+  multipart ``[header, array]`` with ``copy=False`` and ``np.frombuffer`` on
+  both hops.
+* ``pickle`` -- the documented module's design: ``send_pyobj``/``recv_pyobj``
+  of a request object and a result object (pickled each way).
+* ``mp``     -- ``multiprocessing.Pool.imap(plus_one, ..., chunksize=1)``
   (the driver makes the pool; no worker processes of ours).
 
-The driver binds the data sockets and obeys JSON commands on a PAIR control
+A driver binds the data sockets and obeys JSON commands on a PAIR control
 socket (``--ctl``, bound by the harness): ``connect``, ``prepare``,
-``small``, ``large``, ``latency`` and ``stop``; every reply is a JSON object
-with ``ok`` (and ``error``, a traceback, when not ok). Every receive here is
-bounded: data receives by RECV_MS, control receives by IDLE_MS, after which
-an orphaned process exits on its own.
+``small`` (the windowed case), ``large``, ``latency`` and ``stop``; every
+reply is a JSON object with ``ok`` (and ``error``, a traceback, when not
+ok). Every receive here is bounded: data receives by RECV_MS, control
+receives by IDLE_MS, after which an orphaned process exits on its own.
 """
 
 import argparse
@@ -55,7 +59,10 @@ LARGE_WINDOW_BYTES = 256 << 20
 #: Every LARGE_STRIDE-th element of each large result is compared.
 LARGE_STRIDE = 4099
 
-_RAW_HEADER = struct.Struct("<Q")  # element count of a raw array message
+#: A raw array message's header: element count and item size (16 bytes, so
+#: that the worker tells it from an 8-byte small task by its length alone:
+#: pyzmq's ``rcvmore`` property costs over a microsecond a call).
+_RAW_HEADER = struct.Struct("<QQ")
 
 
 # ------------------------------------------------------------------- workers
@@ -65,7 +72,7 @@ def worker_ours(args):
 
     class Worker(zc.BasicWorker):
         def HandleRequest(self, request):
-            return plus_one(request)
+            return request + 1 if type(request) is int else request  # plus_one, inline
 
     ctx = zmq.Context()
     try:
@@ -77,9 +84,10 @@ def worker_ours(args):
 
 def worker_raw(args):
     """Plain pyzmq, as fast as it goes: an 8-byte frame is a small task and
-    goes back as the int64 one higher; a two-frame message is an array,
-    viewed with np.frombuffer on the received frame and sent back
-    zero-copy. An empty frame stops the worker."""
+    goes back as the int64 one higher; a 16-byte frame is an array's header,
+    followed by the array's frame, viewed with np.frombuffer and sent back
+    zero-copy. An empty frame stops the worker. (Told apart by length, not
+    by pyzmq's ``rcvmore``, which costs over a microsecond a call.)"""
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     push = ctx.socket(zmq.PUSH)
@@ -91,14 +99,14 @@ def worker_raw(args):
         from_bytes, to_bytes = int.from_bytes, int.to_bytes
         while True:
             msg = recv()
-            if pull.rcvmore:
+            if len(msg) == 8:
+                send(to_bytes(from_bytes(msg, "little", signed=True) + 1, 8, "little",
+                              signed=True))
+            elif msg:  # an array's header: its frame follows
                 frame = recv(copy=False)
                 array = np.frombuffer(frame.buffer, dtype=np.float64)
                 send(msg, zmq.SNDMORE)
                 send(array, copy=False)
-            elif msg:
-                send(to_bytes(from_bytes(msg, "little", signed=True) + 1, 8, "little",
-                              signed=True))
             else:
                 break
     finally:
@@ -289,7 +297,7 @@ class RawDriver(SocketDriver):
         return np.frombuffer(b"".join(results), "<i8").tolist()
 
     def large_payload(self, base):
-        return (_RAW_HEADER.pack(base.size), base)
+        return (_RAW_HEADER.pack(base.size, base.itemsize), base)
 
     def send(self, items):
         send = self.push.send
@@ -303,11 +311,11 @@ class RawDriver(SocketDriver):
         recv = self.pull.recv
         for _ in range(n):
             msg = recv()
-            if self.pull.rcvmore:
+            if len(msg) == 8:
+                yield msg
+            else:  # an array's header: its frame follows
                 frame = recv(copy=False)
                 yield np.frombuffer(frame.buffer, dtype=np.float64)
-            else:
-                yield msg
 
     def stop(self):
         for _ in range(self.workers):

@@ -215,6 +215,9 @@ def _init_codes():
 _init_codes()
 
 cdef dict _KINDS = KINDS
+cdef bint _KIND_OK[256]
+for _kind in range(256):
+    _KIND_OK[_kind] = _kind in KINDS
 cdef object _HEADER = HEADER
 cdef object _MAGIC = MAGIC
 cdef object _MFE = MessageFormatError

@@ -38,15 +38,15 @@ cdef object _frame_data(object frame, const unsigned char** ptr, Py_ssize_t* siz
                         bint* writeable):
     """Point at a frame's bytes; returns the object that owns them (keep it)."""
     cdef Py_buffer view
-    if isinstance(frame, Frame):
-        ptr[0] = <const unsigned char*>libzmq.zmq_msg_data(&(<Frame>frame).zmq_msg)
-        size[0] = <Py_ssize_t>libzmq.zmq_msg_size(&(<Frame>frame).zmq_msg)
-        writeable[0] = True  # pyzmq exports a Frame's memory writeable
-        return frame
     if type(frame) is bytes:
         ptr[0] = <const unsigned char*>PyBytes_AS_STRING(frame)
         size[0] = PyBytes_GET_SIZE(frame)
         writeable[0] = False
+        return frame
+    if isinstance(frame, Frame):
+        ptr[0] = <const unsigned char*>libzmq.zmq_msg_data(&(<Frame>frame).zmq_msg)
+        size[0] = <Py_ssize_t>libzmq.zmq_msg_size(&(<Frame>frame).zmq_msg)
+        writeable[0] = True  # pyzmq exports a Frame's memory writeable
         return frame
     buf = _as_buffer(frame)  # a memoryview of format "B", as in the pure twin
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
@@ -286,7 +286,7 @@ cdef object _start(Dec* d, object frames, object allow_pickle, object copy_thres
     if d.p[2] != V_VERSION:
         raise _MFE(E_VERSION % (d.p[2], VERSION))
     kind = d.p[3]
-    if kind not in _KINDS:
+    if not _KIND_OK[kind]:
         raise _MFE(E_KIND % kind)
     nframes = zc_get_u32(d.p + 4)
     arrived = len(frames) - 1

@@ -87,14 +87,16 @@ cdef inline long long _now_ms() noexcept nogil:
 
 
 cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
-                       Parts* p, int start) noexcept nogil:
+                       Parts* p, int start, long long* deadline) noexcept nogil:
     """The next message on any of ``items``: its index, _TIMEOUT, or
     _ERROR. Without polling, tries ``items[start:]`` in order (the first is
     read first when several are waiting); polls only when none of those has
     a message, and then tries them all, until ``timeout`` ms have passed
-    (-1: for ever)."""
+    (-1: for ever; 0: no poll). The clock is read only to poll:
+    ``*deadline`` (0 until then) is when the wait ends."""
     cdef int i, rc
-    cdef long long deadline = _now_ms() + timeout if timeout > 0 else 0
+    cdef long long now
+    cdef long wait = -1
     while True:
         for i in range(start, nitems):
             if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
@@ -103,15 +105,18 @@ cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
                 return _ERROR
         if timeout == 0:
             return _TIMEOUT
-        rc = libzmq.zmq_poll(items, nitems, timeout)
+        if timeout > 0:
+            now = _now_ms()
+            if deadline[0] == 0:
+                deadline[0] = now + timeout
+            wait = <long>max(0, deadline[0] - now)
+        rc = libzmq.zmq_poll(items, nitems, wait)
         if rc == 0:
             return _TIMEOUT
         if rc < 0:
             p.err = libzmq.zmq_errno()
             return _ERROR
-        start = 0
-        if timeout > 0:  # a wake-up with nothing to read goes on with the time left
-            timeout = <long>max(0, deadline - _now_ms())
+        start = 0  # a wake-up with nothing to read goes on with the time left
 
 
 cdef int _raise_errno(int err) except -1:
@@ -125,24 +130,19 @@ cdef int _raise_errno(int err) except -1:
 
 
 cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p,
-               int first) except? -10:
+               int first, long long* deadline) except? -10:
     """_next_message without the GIL, retrying on EINTR as pyzmq does (signal
-    handlers run; a timed poll goes on with the time left). Raises for other
-    errors; returns an index or _TIMEOUT."""
+    handlers run; a timed poll goes on with the time left, ``*deadline``
+    being kept). Raises for other errors; returns an index or _TIMEOUT."""
     cdef int which
-    cdef long long start = 0
     while True:
-        if timeout > 0:
-            start = _now_ms()
         with nogil:
-            which = _next_message(items, nitems, timeout, p, first)
+            which = _next_message(items, nitems, timeout, p, first, deadline)
         if which != _ERROR:
             return which
         if p.err != EINTR:
             _raise_errno(p.err)
         PyErr_CheckSignals()
-        if timeout > 0:
-            timeout = <long>max(0, timeout - (_now_ms() - start))
 
 
 cdef list _frames(Parts* p):
@@ -359,11 +359,12 @@ def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None):
         items = <zmq_pollitem_t*>malloc(n * sizeof(zmq_pollitem_t))
         if items == NULL:
             raise MemoryError()
+    cdef long long deadline = 0
     _parts_init(&p)
     try:
         for i in range(n):
             _item(&items[i], sockets[i])
-        which = _wait(items, <int>n, timeout_ms, &p, first)
+        which = _wait(items, <int>n, timeout_ms, &p, first, &deadline)
     finally:
         if items != stack:
             free(items)

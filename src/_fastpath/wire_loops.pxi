@@ -103,7 +103,7 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
     cdef int request_index = nitems - 1
     cdef int which, start
     cdef int since_check = 0
-    cdef long long checked_at = _now_ms()
+    cdef long long checked_at = _now_ms(), now, deadline
     cdef void* out = _handle(results)
     prefix = None
     if handle_task is not None:
@@ -114,12 +114,14 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
     _parts_init(&p)
     while True:
         start = request_index
-        if since_check >= _CHECK_EVERY or _now_ms() - checked_at >= _CHECK_MS:
+        now = _now_ms()
+        if since_check >= _CHECK_EVERY or now - checked_at >= _CHECK_MS:
             start = 0
             since_check = 0
-            checked_at = _now_ms()
+            checked_at = now
         since_check += 1
-        which = _wait(items, nitems, timeout_ms, &p, start)
+        deadline = 0
+        which = _wait(items, nitems, timeout_ms, &p, start, &deadline)
         if which == _TIMEOUT:
             raise _RTE("no request or command within %d ms" % timeout_ms)
         frames = _frames(&p)
@@ -156,11 +158,10 @@ def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
     cdef int nitems = _items(items, commands, results)
     cdef int result_index = nitems - 1
     cdef int which
-    cdef long wait = timeout_ms
-    cdef long long deadline = _now_ms() + timeout_ms if timeout_ms > 0 else 0
+    cdef long long deadline = 0
     _parts_init(&p)
     while True:
-        which = _wait(items, nitems, wait, &p, 0)
+        which = _wait(items, nitems, timeout_ms, &p, 0, &deadline)
         if which == _TIMEOUT:
             raise _RTE("no result within %d ms" % timeout_ms)
         frames = _frames(&p)
@@ -175,8 +176,8 @@ def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
                 replacement = on_malformed(_RESULT, exc)
                 if replacement is not None:
                     return replacement
-        if timeout_ms > 0:
-            wait = <long>max(0, deadline - _now_ms())
+        if timeout_ms > 0 and deadline == 0:  # (it came without a wait)
+            deadline = _now_ms() + timeout_ms
 
 
 cdef class receive_results:
@@ -231,14 +232,13 @@ cdef class receive_results:
         cdef int result_index = nitems - 1
         cdef int which
         cdef long timeout_ms = self.timeout_ms
-        cdef long wait = timeout_ms
-        cdef long long deadline = _now_ms() + timeout_ms if timeout_ms > 0 else 0
+        cdef long long deadline = 0
         cdef Py_ssize_t copied
         cdef bint got
         stats = self.stats
         _parts_init(&p)
         while True:
-            which = _wait(items, nitems, wait, &p, 0)
+            which = _wait(items, nitems, timeout_ms, &p, 0, &deadline)
             if which == _TIMEOUT:
                 raise _RTE("no result within %d ms" % timeout_ms)
             frames = _frames(&p)
@@ -264,8 +264,8 @@ cdef class receive_results:
                 if got:
                     self._took()
                     return item if self.mode == 0 else self.unwrap(item)
-            if timeout_ms > 0:
-                wait = <long>max(0, deadline - _now_ms())
+            if timeout_ms > 0 and deadline == 0:  # (it came without a wait)
+                deadline = _now_ms() + timeout_ms
 
     cdef inline void _took(self) noexcept:
         if self.left > 0:
