@@ -16,10 +16,12 @@
 #   x, or None when ``identity`` (a dict) cannot be written that way.
 # * encode_ok(output, request_metadata, prefix, seconds, task_id): the frames
 #   of ClusterResult("OK", output, request_metadata, dict(identity,
-#   seconds=seconds)) as a RESULT, ``prefix`` being metadata_prefix(identity).
-# * decode_task(frames, allow_pickle, alignment): ``(kind, task_id, payload,
-#   metadata)``: a ClusterRequest body's fields, any other body as the
-#   payload with metadata None. Raises as decode does.
+#   seconds=seconds)) as a RESULT, ``prefix`` being metadata_prefix(identity)
+#   (the task id a C integer here).
+# * decode_task(frames, allow_pickle, alignment): ``(payload, metadata)``,
+#   a ClusterRequest body's fields, any other body as the payload with
+#   metadata None; the kind and the task id go to ``*kind``, ``*task_id``.
+#   Raises as decode does.
 # * decode_ok(frames, allow_pickle, alignment, mode): for a message whose
 #   body is a ClusterResult of status "OK" (the str), its payload (mode 1) or
 #   ``(payload, request_metadata, metadata)`` (mode 2); for any other
@@ -36,9 +38,9 @@ ctypedef object (*encode_request_fn)(object payload, object metadata, object tas
                                      Py_ssize_t* copied)
 ctypedef object (*metadata_prefix_fn)(object identity)
 ctypedef object (*encode_ok_fn)(object output, object request_metadata, object prefix,
-                                double seconds, object task_id, Py_ssize_t* copied)
+                                double seconds, uint64_t task_id, Py_ssize_t* copied)
 ctypedef object (*decode_task_fn)(object frames, object allow_pickle, object alignment,
-                                  Py_ssize_t* copied)
+                                  Py_ssize_t* copied, int* kind, uint64_t* task_id)
 ctypedef object (*decode_ok_fn)(object frames, object allow_pickle, object alignment, int mode,
                                 Py_ssize_t* copied)
 

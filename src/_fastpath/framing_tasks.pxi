@@ -60,10 +60,11 @@ cdef object _metadata_prefix(object identity):
 
 
 cdef object _encode_ok(object output, object request_metadata, object prefix, double seconds,
-                       object task_id, Py_ssize_t* copied):
+                       uint64_t task_id, Py_ssize_t* copied):
     cdef unsigned char stack[_STACK_BYTES]
     cdef Writer w
     cdef unsigned char* p
+    cdef Py_ssize_t nbuf
     _writer(&w, stack, False)
     frames = [None]
     try:
@@ -75,7 +76,17 @@ cdef object _encode_ok(object output, object request_metadata, object prefix, do
         p[0] = T_FLOAT
         zc_put_u64(p + 1, zc_double_bits(seconds))
         p[9] = T_NONE  # the exception
-        _finish(&w, frames, _KIND_RESULT, task_id)
+        nbuf = len(frames) - 1
+        if nbuf > _U32_MAX:
+            raise _EncodeError(X_U32 % ("a message", nbuf, "buffer frames"))
+        p = w.data
+        p[0] = M0
+        p[1] = M1
+        p[2] = V_VERSION
+        p[3] = <unsigned char>KIND_RESULT
+        zc_put_u32(p + 4, <uint32_t>nbuf)
+        zc_put_u64(p + 8, task_id)
+        frames[0] = PyBytes_FromStringAndSize(<char*>w.data, w.len)
     finally:
         if w.heap:
             free(w.data)
@@ -84,24 +95,21 @@ cdef object _encode_ok(object output, object request_metadata, object prefix, do
 
 
 cdef object _decode_task(object frames, object allow_pickle, object alignment,
-                         Py_ssize_t* copied):
+                         Py_ssize_t* copied, int* kind, uint64_t* task_id):
     cdef Dec d
-    cdef int kind
-    cdef uint64_t task_id
-    header = _start(&d, frames, allow_pickle, _COPY_THRESHOLD, alignment, &kind, &task_id)
+    header = _start(&d, frames, allow_pickle, _COPY_THRESHOLD, alignment, kind, task_id)
     d.top = True
     obj = _body(&d)
     if d.deferred:
         d.load = True
         d.unwrapped = False
         obj = _body(&d)
-    task_id_obj = PyLong_FromUnsignedLongLong(task_id)
     copied[0] += d.copied
     if d.unwrapped:
-        return (kind, task_id_obj, (<tuple>obj)[0], (<tuple>obj)[1])
-    if task_id and type(obj) is _Result:
-        obj.task_id = task_id_obj
-    return (kind, task_id_obj, obj, None)
+        return obj
+    if task_id[0] and type(obj) is _Result:
+        obj.task_id = PyLong_FromUnsignedLongLong(task_id[0])
+    return (obj, None)
 
 
 cdef object _decode_ok(object frames, object allow_pickle, object alignment, int mode,
@@ -240,7 +248,7 @@ def encode_request(payload, metadata, task_id=0):
     return _encode_request(payload, metadata, task_id, &copied)
 
 
-def encode_ok(output, request_metadata, prefix, double seconds, task_id=0):
+def encode_ok(output, request_metadata, prefix, double seconds, uint64_t task_id=0):
     """The frames of an OK ClusterResult (see framing_api.pxi; for tests)."""
     cdef Py_ssize_t copied = 0
     return _encode_ok(output, request_metadata, prefix, seconds, task_id, &copied)
@@ -249,7 +257,10 @@ def encode_ok(output, request_metadata, prefix, double seconds, task_id=0):
 def decode_task(frames, allow_pickle=True, alignment=None):
     """``(kind, task_id, payload, metadata)`` (see framing_api.pxi; for tests)."""
     cdef Py_ssize_t copied = 0
-    return _decode_task(frames, allow_pickle, alignment, &copied)
+    cdef int kind = 0
+    cdef uint64_t task_id = 0
+    payload, metadata = _decode_task(frames, allow_pickle, alignment, &copied, &kind, &task_id)
+    return kind, task_id, payload, metadata
 
 
 def decode_ok(frames, allow_pickle=True, alignment=None, int mode=1):

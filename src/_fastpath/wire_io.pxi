@@ -86,6 +86,18 @@ cdef inline long long _now_ms() noexcept nogil:
     return <long long>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
+cdef int _try_parts(zmq_pollitem_t* items, int nitems, Parts* p, int start) noexcept nogil:
+    """A message from ``items[start:]`` without waiting: its index, _TIMEOUT
+    when none has one, or _ERROR."""
+    cdef int i
+    for i in range(start, nitems):
+        if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
+            return i
+        if p.err != EAGAIN:
+            return _ERROR
+    return _TIMEOUT
+
+
 cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
                        Parts* p, int start, long long* deadline) noexcept nogil:
     """The next message on any of ``items``: its index, _TIMEOUT, or
@@ -98,11 +110,10 @@ cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
     cdef long long now
     cdef long wait = -1
     while True:
-        for i in range(start, nitems):
-            if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
+        if start < nitems:
+            i = _try_parts(items, nitems, p, start)
+            if i != _TIMEOUT:
                 return i
-            if p.err != EAGAIN:
-                return _ERROR
         if timeout == 0:
             return _TIMEOUT
         if timeout > 0:
@@ -131,18 +142,29 @@ cdef int _raise_errno(int err) except -1:
 
 cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p,
                int first, long long* deadline) except? -10:
-    """_next_message without the GIL, retrying on EINTR as pyzmq does (signal
-    handlers run; a timed poll goes on with the time left, ``*deadline``
-    being kept). Raises for other errors; returns an index or _TIMEOUT."""
+    """_next_message, waiting without the GIL, retrying on EINTR as pyzmq
+    does (signal handlers run; a timed poll goes on with the time left,
+    ``*deadline`` being kept). Raises for other errors; returns an index or
+    _TIMEOUT."""
     cdef int which
+    # A message already waiting is taken holding the GIL (releasing it costs
+    # more than the take); the GIL goes only to wait.
+    which = _try_parts(items, nitems, p, first)
+    if which >= 0:
+        return which
+    if which == _TIMEOUT:
+        if timeout == 0:
+            return _TIMEOUT
+        first = nitems  # (all tried): straight to the poll
     while True:
+        if which == _ERROR:
+            if p.err != EINTR:
+                _raise_errno(p.err)
+            PyErr_CheckSignals()
         with nogil:
             which = _next_message(items, nitems, timeout, p, first, deadline)
         if which != _ERROR:
             return which
-        if p.err != EINTR:
-            _raise_errno(p.err)
-        PyErr_CheckSignals()
 
 
 cdef list _frames(Parts* p):
@@ -195,14 +217,23 @@ cdef inline void _item(zmq_pollitem_t* item, object socket) except *:
 # ---------------------------------------------------------------- sending
 
 cdef int _send_buf(void* handle, const void* data, size_t n, int flags) except -1:
-    """zmq_send (a copy) without the GIL, retrying on EINTR."""
+    """zmq_send (a copy), retrying on EINTR. A send that cannot block is
+    made holding the GIL (releasing it costs more than the send); one that
+    would block waits without it."""
     cdef int rc, err
+    rc = libzmq.zmq_send(handle, data, n, flags | libzmq.ZMQ_DONTWAIT)
+    if rc >= 0:
+        return 0
+    err = libzmq.zmq_errno()
+    if err == EAGAIN and flags & libzmq.ZMQ_DONTWAIT:
+        _raise_errno(err)
     while True:
-        with nogil:
-            rc = libzmq.zmq_send(handle, data, n, flags)
-        if rc >= 0:
-            return 0
-        err = libzmq.zmq_errno()
+        if err == EAGAIN or err == EINTR:
+            with nogil:
+                rc = libzmq.zmq_send(handle, data, n, flags)
+            if rc >= 0:
+                return 0
+            err = libzmq.zmq_errno()
         if err != EINTR:
             _raise_errno(err)
         PyErr_CheckSignals()
@@ -214,12 +245,17 @@ cdef int _send_frame(void* handle, Frame frame, int flags) except -1:
     cdef int rc, err
     libzmq.zmq_msg_init(&msg)
     libzmq.zmq_msg_copy(&msg, &frame.zmq_msg)
+    rc = libzmq.zmq_msg_send(&msg, handle, flags | libzmq.ZMQ_DONTWAIT)  # as _send_buf
+    if rc >= 0:
+        return 0
+    err = libzmq.zmq_errno()
     while True:
-        with nogil:
-            rc = libzmq.zmq_msg_send(&msg, handle, flags)
-        if rc >= 0:
-            return 0
-        err = libzmq.zmq_errno()
+        if err == EAGAIN and not flags & libzmq.ZMQ_DONTWAIT or err == EINTR:
+            with nogil:
+                rc = libzmq.zmq_msg_send(&msg, handle, flags)
+            if rc >= 0:
+                return 0
+            err = libzmq.zmq_errno()
         if err != EINTR:
             libzmq.zmq_msg_close(&msg)
             _raise_errno(err)

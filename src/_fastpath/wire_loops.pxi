@@ -50,9 +50,11 @@ cdef int _serve_task(void* handle, list frames, object handle_task, object ident
     cdef Py_ssize_t copied = 0
     cdef long long start
     cdef double seconds
+    cdef int kind = 0
+    cdef uint64_t task_id = 0
     try:
-        _, task_id, payload, request_metadata = _F.decode_task(frames, allow_pickle, alignment,
-                                                              &copied)
+        payload, request_metadata = _F.decode_task(frames, allow_pickle, alignment, &copied,
+                                                   &kind, &task_id)
     except _MFE as exc:
         exc.header = _peek_header(frames)
         result = on_malformed(_REQUEST, exc)
@@ -84,12 +86,13 @@ cdef int _serve_task(void* handle, list frames, object handle_task, object ident
                 return 0
             result = _Result(_STATUS_OK, output, request_metadata)
             result.metadata = dict(identity, seconds=seconds)
-            _send_result(handle, result, task_id, on_unsendable, stats)
+            _send_result(handle, result, PyLong_FromUnsignedLongLong(task_id), on_unsendable,
+                         stats)
             return 0
         result = _Result(_STATUS_OK, output, request_metadata)
     result.metadata = dict(identity, seconds=_seconds_since(start))
     _add(stats, _HANDLED, 1)
-    _send_result(handle, result, task_id, on_unsendable, stats)
+    _send_result(handle, result, PyLong_FromUnsignedLongLong(task_id), on_unsendable, stats)
     return 0
 
 
