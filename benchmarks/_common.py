@@ -23,6 +23,12 @@ CONNECT_MS = 60_000
 #: A raw small task: one int64, little-endian.
 RAW_INT = struct.Struct("<q")
 
+#: ZMQ_CLUSTER_BENCH_RAW_ECHO=1: the raw worker sends each small task back
+#: as it came (no + 1), the most plain pyzmq can save; the raw sink then
+#: checks for x instead of x + 1. For the measurement of that difference
+#: (benchmarks/README.md); the suite's raw does the + 1.
+RAW_ECHO = os.environ.get("ZMQ_CLUSTER_BENCH_RAW_ECHO", "") not in ("", "0")
+
 
 def plus_one(x):
     """The small task: ``x + 1`` for an int; anything else (a large array)

@@ -30,8 +30,8 @@ import numpy as np
 import zmq
 
 from _common import (
-    CONNECT_MS, RAW_INT, RECV_MS, Request, Result, bind, check_mode, check_plus_one,
-    handshake_monitor, now_ns, plus_one, serve, wait_handshakes,
+    CONNECT_MS, RAW_ECHO, RAW_INT, RECV_MS, Request, Result, bind, check_mode,
+    check_plus_one, handshake_monitor, now_ns, plus_one, serve, wait_handshakes,
 )
 
 
@@ -175,7 +175,7 @@ class RawSink(Sink):
         return [recv() for _ in range(n)]
 
     def values(self, values):
-        return np.frombuffer(b"".join(values), "<i8").tolist()
+        return (np.frombuffer(b"".join(values), "<i8") + RAW_ECHO).tolist()
 
 
 class PickleSink(Sink):

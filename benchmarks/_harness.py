@@ -50,8 +50,11 @@ def _base_env():
 
 def env_for(impl):
     env = _base_env()
+    env.pop("ZMQ_CLUSTER_BENCH_RAW_ECHO", None)
     if impl == "ours-py":
         env["ZMQ_CLUSTER_NO_EXTENSIONS"] = "1"
+    if impl == "raw-echo":
+        env["ZMQ_CLUSTER_BENCH_RAW_ECHO"] = "1"
     return env
 
 

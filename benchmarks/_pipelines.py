@@ -44,8 +44,8 @@ import numpy as np
 import zmq
 
 from _common import (
-    CONNECT_MS, IDLE_MS, RAW_INT, RECV_MS, Request, Result, bind, check_mode, check_plus_one,
-    handshake_monitor, plus_one, serve, wait_handshakes,
+    CONNECT_MS, IDLE_MS, RAW_ECHO, RAW_INT, RECV_MS, Request, Result, bind, check_mode,
+    check_plus_one, handshake_monitor, plus_one, serve, wait_handshakes,
 )
 
 #: Small tasks in flight at once in the windowed case, and how many are sent
@@ -97,11 +97,15 @@ def worker_raw(args):
         push.connect(args.results)
         recv, send = pull.recv, push.send
         from_bytes, to_bytes = int.from_bytes, int.to_bytes
+        echo = RAW_ECHO
         while True:
             msg = recv()
             if len(msg) == 8:
-                send(to_bytes(from_bytes(msg, "little", signed=True) + 1, 8, "little",
-                              signed=True))
+                if echo:
+                    send(msg)
+                else:
+                    send(to_bytes(from_bytes(msg, "little", signed=True) + 1, 8, "little",
+                                  signed=True))
             elif msg:  # an array's header: its frame follows
                 frame = recv(copy=False)
                 array = np.frombuffer(frame.buffer, dtype=np.float64)
@@ -294,7 +298,7 @@ class RawDriver(SocketDriver):
         return RAW_INT.pack(i)
 
     def small_values(self, results):
-        return np.frombuffer(b"".join(results), "<i8").tolist()
+        return (np.frombuffer(b"".join(results), "<i8") + RAW_ECHO).tolist()
 
     def large_payload(self, base):
         return (_RAW_HEADER.pack(base.size, base.itemsize), base)

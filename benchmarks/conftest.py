@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import HERE, ROOT, FreePipeline, Pipeline, probe  # noqa: E402
 
 #: Implementations, in the order the summary shows them.
-IMPLS = ("ours-fast", "ours-py", "raw", "pickle", "mp")
+IMPLS = ("ours-fast", "ours-py", "raw", "raw-echo", "pickle", "mp")
 
 
 # --------------------------------------------------------------- settings
@@ -281,7 +281,8 @@ def build_summary(records):
                 continue
             row = {"case": case, "transport": transport, "workers": workers, "mib": mib,
                    "mode": mode, "unit": {"large": "GB/s", "latency": "us"}.get(case, "tasks/s"),
-                   "ours": ours, "raw": get("raw", field), "pickle": get("pickle", field),
+                   "ours": ours, "raw": get("raw", field), "raw_echo": get("raw-echo", field),
+                   "pickle": get("pickle", field),
                    "mp": get("mp", field), "mp_chunked": get("mp-chunked", field),
                    "other_mode": get("ours-py" if mode == "ours-fast" else "ours-fast", field)}
             if case == "latency":
@@ -289,6 +290,7 @@ def build_summary(records):
                 row["raw_p99"] = get("raw", "p99_us")
                 row["pickle_p99"] = get("pickle", "p99_us")
             row["vs_raw"] = _ratio(ours, row["raw"])
+            row["vs_raw_echo"] = _ratio(ours, row["raw_echo"])
             row["vs_pickle"] = _ratio(ours, row["pickle"])
             row["vs_mp"] = _ratio(ours, row["mp"])
             row["vs_mp_chunked"] = _ratio(ours, row["mp_chunked"])
@@ -329,9 +331,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     missing = {k: v for k, v in (getattr(config, "_zc_modes", {}) or {}).items() if v}
     for impl, why in missing.items():
         write("%s not run: %s" % (impl, why))
-    header = "%-22s %-9s %9s %9s %9s %9s %9s %7s %7s %7s %7s %7s" % (
-        "case", "mode", "ours", "raw", "pickle", "mp", "mp-chunk", "/raw", "/pickle", "/mp",
-        "/mp-ch", "fast/py")
+    header = "%-22s %-9s %9s %9s %9s %9s %9s %9s %7s %7s %7s %7s %7s %7s" % (
+        "case", "mode", "ours", "raw", "raw-echo", "pickle", "mp", "mp-chunk", "/raw", "/r-echo",
+        "/pickle", "/mp", "/mp-ch", "fast/py")
     for case, title in (
             ("small", "small tasks, free-running: ventilator, workers and sink in their own "
                       "processes; tasks/s (ratios: ours/other, higher = ours faster)"),
@@ -347,16 +349,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         write(title)
         write(header)
         for r in sel:
-            write("%-22s %-9s %9s %9s %9s %9s %9s %7s %7s %7s %7s %7s" % (
+            write("%-22s %-9s %9s %9s %9s %9s %9s %9s %7s %7s %7s %7s %7s %7s" % (
                 _case_label(r), r["mode"], _fmt(r["ours"], r["unit"]), _fmt(r["raw"], r["unit"]),
-                _fmt(r["pickle"], r["unit"]), _fmt(r["mp"], r["unit"]),
-                _fmt(r["mp_chunked"], r["unit"]), _rfmt(r["vs_raw"]), _rfmt(r["vs_pickle"]),
+                _fmt(r["raw_echo"], r["unit"]), _fmt(r["pickle"], r["unit"]),
+                _fmt(r["mp"], r["unit"]), _fmt(r["mp_chunked"], r["unit"]),
+                _rfmt(r["vs_raw"]), _rfmt(r["vs_raw_echo"]), _rfmt(r["vs_pickle"]),
                 _rfmt(r["vs_mp"]), _rfmt(r["vs_mp_chunked"]), _rfmt(r["fast_vs_py"])))
         if case == "latency":
             write("p99 us: " + "; ".join("%s %s: ours %s raw %s pickle %s" % (
                 _case_label(r), r["mode"], _fmt(r["ours_p99"], "us"), _fmt(r["raw_p99"], "us"),
                 _fmt(r["pickle_p99"], "us")) for r in sel))
     write("")
+    write("raw: plain pyzmq whose worker does the + 1; raw-echo: the same sending each task "
+          "back unchanged (plain pyzmq's best)")
     write("mp: Pool.imap(chunksize=1), ours' chunk (one task per message); mp-chunk: "
           "chunksize = ceil(n / (4 x workers)), Pool.map's default (an extra row for context)")
     path = Path(config.getoption("--bench-summary", None) or ROOT / ".benchmarks" / "summary.json")

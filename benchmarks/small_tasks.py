@@ -19,7 +19,7 @@ import sys
 
 from _harness import FreePipeline, probe
 
-IMPLS = ("ours-fast", "ours-py", "raw", "pickle", "mp")
+IMPLS = ("ours-fast", "ours-py", "raw", "raw-echo", "pickle", "mp")
 
 
 def main(argv=None):

@@ -38,7 +38,7 @@ def _case(impl, transport, workers):
 
 SMALL = [_case(impl, transport, workers)
          for transport in ("ipc", "tcp") for workers in (1, 2)
-         for impl in OURS + ("raw", "pickle")]
+         for impl in OURS + ("raw", "raw-echo", "pickle")]
 SMALL += [_case("mp", None, workers) for workers in (1, 2)]
 
 WINDOWED = [_case(impl, "ipc", 1) for impl in OURS + ("raw", "pickle")]
