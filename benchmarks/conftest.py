@@ -55,7 +55,7 @@ class Settings:
             self.latency_n = 200
         else:
             self.rounds, self.warmup = 7, 1
-            self.free_rounds = 5          # after the pipeline's own warm-up
+            self.free_rounds = 7          # after the pipeline's own warm-up
             self.free_n = 100_000
             self.small_n = 20_000
             self.large_bytes = 512 << 20

@@ -45,13 +45,16 @@ cdef inline long long _now_ns() noexcept nogil:
 
 cdef int _serve_task(void* handle, list frames, object handle_task, object identity,
                      object prefix, object on_malformed, object on_unsendable,
-                     object allow_pickle, object alignment, object stats) except -1:
-    """One request of run_worker's task mode: decode, run, answer."""
+                     object allow_pickle, object alignment, object stats,
+                     long long* now_ms) except -1:
+    """One request of run_worker's task mode: decode, run, answer. Sets
+    ``*now_ms`` to the clock read when the handler returned (0: not read)."""
     cdef Py_ssize_t copied = 0
-    cdef long long start
+    cdef long long start, end
     cdef double seconds
     cdef int kind = 0
     cdef uint64_t task_id = 0
+    now_ms[0] = 0
     try:
         payload, request_metadata = _F.decode_task(frames, allow_pickle, alignment, &copied,
                                                    &kind, &task_id)
@@ -73,7 +76,9 @@ cdef int _serve_task(void* handle, list frames, object handle_task, object ident
         result = _Result(_STATUS_FAIL, None, request_metadata, None, exc)
     else:
         if prefix is not None:
-            seconds = _seconds_since(start)
+            end = _now_ns()
+            now_ms[0] = end // 1000000
+            seconds = (end - start) / 1e9
             _add(stats, _HANDLED, 1)
             copied = 0
             try:
@@ -106,7 +111,7 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
     cdef int request_index = nitems - 1
     cdef int which, start
     cdef int since_check = 0
-    cdef long long checked_at = _now_ms(), now, deadline
+    cdef long long checked_at = _now_ms(), now = 0, deadline
     cdef void* out = _handle(results)
     prefix = None
     if handle_task is not None:
@@ -117,12 +122,14 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
     _parts_init(&p)
     while True:
         start = request_index
-        now = _now_ms()
+        if now == 0:  # (else the last task's clock, read as its handler returned)
+            now = _now_ms()
         if since_check >= _CHECK_EVERY or now - checked_at >= _CHECK_MS:
             start = 0
             since_check = 0
             checked_at = now
         since_check += 1
+        now = 0
         deadline = 0
         which = _wait(items, nitems, timeout_ms, &p, start, &deadline)
         if which == _TIMEOUT:
@@ -136,7 +143,7 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
         out = _handle(results)  # (closed meanwhile: raises)
         if handle_task is not None:
             _serve_task(out, frames, handle_task, identity, prefix, on_malformed,
-                        on_unsendable, allow_pickle, alignment, stats)
+                        on_unsendable, allow_pickle, alignment, stats, &now)
             frames = None
             continue
         try:
