@@ -33,7 +33,7 @@ import pytest
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import HERE, ROOT, FreePipeline, Pipeline, probe  # noqa: E402
+from _harness import HERE, ROOT, Pipeline, probe  # noqa: E402
 
 #: Implementations, in the order the summary shows them.
 IMPLS = ("ours-fast", "ours-py", "raw", "raw-echo", "pickle", "mp")
@@ -114,13 +114,12 @@ class Pipelines:
         self.current = None
         atexit.register(self.close)
 
-    def get(self, impl, transport, workers, free=False):
-        key = (free, impl, transport, workers)
+    def get(self, impl, transport, workers):
+        key = (impl, transport, workers)
         if self.current is not None and (self.current[0] != key or self.current[1].closed):
             self.close()
         if self.current is None:
-            cls = FreePipeline if free else Pipeline
-            self.current = (key, cls(impl, transport, workers).start())
+            self.current = (key, Pipeline(impl, transport, workers).start())
         return self.current[1]
 
     def discard(self):
@@ -141,11 +140,12 @@ def pipelines():
 
 
 def pipeline_key(item):
+    """The pipeline a case uses, for cases that share one (None for the
+    free-running cases, which start their own)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     if "impl" not in params or "workers" not in params:
         return None
-    free = item.originalname == "test_small_tasks"
-    return free, params["impl"], params.get("transport"), params["workers"]
+    return params["impl"], params.get("transport"), params["workers"]
 
 
 def _named(config):
@@ -162,14 +162,14 @@ def pytest_collection_modifyitems(session, config, items):
     """Group the benchmark items by pipeline (stable otherwise), leaving any
     other items where they are. When the run did not name benchmarks/ (a
     bare ``pytest`` that wandered in), skip them: they take minutes."""
-    slots = [i for i, item in enumerate(items)
-             if item.path.parent == HERE and pipeline_key(item) is not None]
-    if slots and not _named(config):
+    mine = [i for i, item in enumerate(items) if item.path.parent == HERE]
+    if mine and not _named(config):
         skip = pytest.mark.skip(reason="benchmarks run only when named: "
                                        "python -m pytest benchmarks/ [--quick]")
-        for i in slots:
+        for i in mine:
             items[i].add_marker(skip)
         return
+    slots = [i for i in mine if pipeline_key(items[i]) is not None]
     ours = [items[i] for i in slots]
     first = {}
     for item in ours:
