@@ -30,6 +30,14 @@
 #   metadata's bytes as decode would, without making the objects; when it
 #   cannot be sure of them without decoding (a non-ASCII str, an array, a
 #   pickle...), it answers NOT_FAST too.
+#
+# The wire module's hot loops skip the Python objects of a one-frame message
+# with three variants: encode_ok_send sends a one-frame result with
+# ``send(handle, data, n, 0)`` straight from the encoder's buffer (and
+# returns None; a result with buffer frames comes back as frames to send);
+# decode_task_raw and decode_ok_raw read a one-frame message from memory
+# (``p``, ``n``: a received zmq_msg_t's, valid for the call), making a bytes
+# copy of it only if a slow path needs one.
 
 ctypedef object (*encode_fn)(object obj, object kind, object task_id, Py_ssize_t* copied)
 ctypedef object (*decode_fn)(object frames, object allow_pickle, object copy_threshold,
@@ -43,6 +51,15 @@ ctypedef object (*decode_task_fn)(object frames, object allow_pickle, object ali
                                   Py_ssize_t* copied, int* kind, uint64_t* task_id)
 ctypedef object (*decode_ok_fn)(object frames, object allow_pickle, object alignment, int mode,
                                 Py_ssize_t* copied)
+ctypedef int (*send_fn)(void* handle, const void* data, size_t n, int flags) except -1
+ctypedef object (*encode_ok_send_fn)(object output, object request_metadata, object prefix,
+                                     double seconds, uint64_t task_id, Py_ssize_t* copied,
+                                     void* handle, send_fn send)
+ctypedef object (*decode_task_raw_fn)(const unsigned char* p, Py_ssize_t n, object allow_pickle,
+                                      object alignment, Py_ssize_t* copied, int* kind,
+                                      uint64_t* task_id)
+ctypedef object (*decode_ok_raw_fn)(const unsigned char* p, Py_ssize_t n, object allow_pickle,
+                                    object alignment, int mode, Py_ssize_t* copied)
 
 ctypedef struct FramingAPI:
     Py_ssize_t size             # sizeof(FramingAPI): both modules built together
@@ -51,6 +68,9 @@ ctypedef struct FramingAPI:
     encode_request_fn encode_request
     metadata_prefix_fn metadata_prefix
     encode_ok_fn encode_ok
+    encode_ok_send_fn encode_ok_send
     decode_task_fn decode_task
+    decode_task_raw_fn decode_task_raw
     decode_ok_fn decode_ok
+    decode_ok_raw_fn decode_ok_raw
     PyObject* not_fast          # the NOT_FAST sentinel

@@ -17,7 +17,8 @@ cdef struct Dec:
     Py_ssize_t used             # buffer frames referenced so far
     Py_ssize_t nframes          # buffer frames in the message
     PyObject* frames            # the frames (borrowed: decode() holds them)
-    PyObject* header            # the object whose memory p points into
+    PyObject* header            # the object whose memory p points into, or NULL...
+    PyObject* lazy              # ... then a bytes copy made when needed (owned)
     PyObject* allow_pickle
     PyObject* copy_threshold
     PyObject* alignment
@@ -82,9 +83,25 @@ cdef inline Py_ssize_t _items(Dec* d, str field, str what, Py_ssize_t per_item) 
     return count
 
 
+cdef object _header_obj(Dec* d):
+    """The header as an object (a decode from raw memory makes a bytes copy
+    the first time a slow path needs one; _release drops it)."""
+    if d.header == NULL:
+        obj = PyBytes_FromStringAndSize(<char*>d.p, d.n)
+        Py_INCREF(obj)
+        d.lazy = <PyObject*>obj
+        d.header = d.lazy
+    return <object>d.header
+
+
+cdef inline void _release(Dec* d) noexcept:
+    Py_XDECREF(d.lazy)
+    d.lazy = NULL
+
+
 cdef object _header_slice(Dec* d, Py_ssize_t start, Py_ssize_t n):
     """``header[start:start + n]`` of the pure twin: a memoryview slice."""
-    return memoryview(<object>d.header)[start:start + n]
+    return memoryview(_header_obj(d))[start:start + n]
 
 
 cdef object _value(Dec* d, int depth):
@@ -272,13 +289,35 @@ cdef object _start(Dec* d, object frames, object allow_pickle, object copy_thres
     """Check the fixed header and set ``d`` up to read the body; returns the
     object owning the header's bytes (the caller keeps it alive)."""
     cdef bint writeable
-    cdef int overflow
-    cdef long long value
-    cdef Py_ssize_t nframes, arrived
-    cdef unsigned char kind
     if not frames:
         raise _MFE(E_EMPTY)
     header = _frame_data(frames[0], &d.p, &d.n, &writeable)
+    d.header = <PyObject*>header
+    d.frames = <PyObject*>frames
+    _start_at(d, len(frames) - 1, allow_pickle, copy_threshold, alignment, kind_out,
+              task_id_out)
+    return header
+
+
+cdef int _start_raw(Dec* d, const unsigned char* p, Py_ssize_t n, object allow_pickle,
+                    object alignment, int* kind_out, uint64_t* task_id_out) except -1:
+    """``_start`` for a one-frame message given as memory (``p``, ``n``),
+    which must outlive ``d``; the caller calls _release(d) at the end."""
+    d.p = p
+    d.n = n
+    d.header = NULL
+    d.frames = NULL  # (never read: the message has no buffer frames)
+    _start_at(d, 0, allow_pickle, _COPY_THRESHOLD, alignment, kind_out, task_id_out)
+    return 0
+
+
+cdef int _start_at(Dec* d, Py_ssize_t arrived, object allow_pickle, object copy_threshold,
+                   object alignment, int* kind_out, uint64_t* task_id_out) except -1:
+    cdef int overflow
+    cdef long long value
+    cdef Py_ssize_t nframes
+    cdef unsigned char kind
+    d.lazy = NULL
     if d.n < 16:
         raise _MFE(E_SHORT % (d.n, HEADER_SIZE))
     if d.p[0] != M0 or d.p[1] != M1:
@@ -289,15 +328,12 @@ cdef object _start(Dec* d, object frames, object allow_pickle, object copy_thres
     if not _KIND_OK[kind]:
         raise _MFE(E_KIND % kind)
     nframes = zc_get_u32(d.p + 4)
-    arrived = len(frames) - 1
     if nframes != arrived:
         raise _MFE(E_NFRAMES % (nframes, arrived))
     kind_out[0] = kind
     task_id_out[0] = zc_get_u64(d.p + 8)
 
     d.nframes = nframes
-    d.frames = <PyObject*>frames
-    d.header = <PyObject*>header
     d.allow_pickle = <PyObject*>allow_pickle
     d.copy_threshold = <PyObject*>copy_threshold
     d.alignment = <PyObject*>alignment
@@ -321,7 +357,7 @@ cdef object _start(Dec* d, object frames, object allow_pickle, object copy_thres
     d.load = False
     d.top = False
     d.unwrapped = False
-    return header
+    return 0
 
 
 cdef object _decode(object frames, object allow_pickle, object copy_threshold,

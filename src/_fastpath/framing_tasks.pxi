@@ -61,6 +61,13 @@ cdef object _metadata_prefix(object identity):
 
 cdef object _encode_ok(object output, object request_metadata, object prefix, double seconds,
                        uint64_t task_id, Py_ssize_t* copied):
+    return _encode_ok_send(output, request_metadata, prefix, seconds, task_id, copied, NULL,
+                           NULL)
+
+
+cdef object _encode_ok_send(object output, object request_metadata, object prefix,
+                            double seconds, uint64_t task_id, Py_ssize_t* copied,
+                            void* handle, send_fn send):
     cdef unsigned char stack[_STACK_BYTES]
     cdef Writer w
     cdef unsigned char* p
@@ -86,30 +93,49 @@ cdef object _encode_ok(object output, object request_metadata, object prefix, do
         p[3] = <unsigned char>KIND_RESULT
         zc_put_u32(p + 4, <uint32_t>nbuf)
         zc_put_u64(p + 8, task_id)
+        copied[0] += w.copied
+        if nbuf == 0 and send != NULL:
+            send(handle, w.data, w.len, 0)  # straight from the buffer
+            return None
         frames[0] = PyBytes_FromStringAndSize(<char*>w.data, w.len)
     finally:
         if w.heap:
             free(w.data)
-    copied[0] += w.copied
     return frames
+
+
+cdef object _task_body(Dec* d, uint64_t task_id, Py_ssize_t* copied):
+    d.top = True
+    obj = _body(d)
+    if d.deferred:
+        d.load = True
+        d.unwrapped = False
+        obj = _body(d)
+    copied[0] += d.copied
+    if d.unwrapped:
+        return obj
+    if task_id and type(obj) is _Result:
+        obj.task_id = PyLong_FromUnsignedLongLong(task_id)
+    return (obj, None)
 
 
 cdef object _decode_task(object frames, object allow_pickle, object alignment,
                          Py_ssize_t* copied, int* kind, uint64_t* task_id):
     cdef Dec d
     header = _start(&d, frames, allow_pickle, _COPY_THRESHOLD, alignment, kind, task_id)
-    d.top = True
-    obj = _body(&d)
-    if d.deferred:
-        d.load = True
-        d.unwrapped = False
-        obj = _body(&d)
-    copied[0] += d.copied
-    if d.unwrapped:
-        return obj
-    if task_id[0] and type(obj) is _Result:
-        obj.task_id = PyLong_FromUnsignedLongLong(task_id[0])
-    return (obj, None)
+    return _task_body(&d, task_id[0], copied)
+
+
+cdef object _decode_task_raw(const unsigned char* p, Py_ssize_t n, object allow_pickle,
+                             object alignment, Py_ssize_t* copied, int* kind,
+                             uint64_t* task_id):
+    cdef Dec d
+    d.lazy = NULL
+    try:
+        _start_raw(&d, p, n, allow_pickle, alignment, kind, task_id)
+        return _task_body(&d, task_id[0], copied)
+    finally:
+        _release(&d)
 
 
 cdef object _decode_ok(object frames, object allow_pickle, object alignment, int mode,
@@ -119,19 +145,42 @@ cdef object _decode_ok(object frames, object allow_pickle, object alignment, int
     cdef uint64_t task_id
     try:
         header = _start(&d, frames, allow_pickle, _COPY_THRESHOLD, alignment, &kind, &task_id)
+    except Exception:
+        return _NOT_FAST  # malformed: the full decoder says how
+    return _ok_body(&d, mode, copied)
+
+
+cdef object _decode_ok_raw(const unsigned char* p, Py_ssize_t n, object allow_pickle,
+                           object alignment, int mode, Py_ssize_t* copied):
+    cdef Dec d
+    cdef int kind
+    cdef uint64_t task_id
+    d.lazy = NULL
+    try:
+        try:
+            _start_raw(&d, p, n, allow_pickle, alignment, &kind, &task_id)
+        except Exception:
+            return _NOT_FAST
+        return _ok_body(&d, mode, copied)
+    finally:
+        _release(&d)
+
+
+cdef object _ok_body(Dec* d, int mode, Py_ssize_t* copied):
+    try:
         if d.n < 24 or memcmp(d.p + 16, PyBytes_AS_STRING(_RESULT_OK), 8) != 0:
             return _NOT_FAST
         d.pos = 24
         d.used = 0
         d.copied = 0
         d.deferred = 0
-        payload = _value(&d, 1)
+        payload = _value(d, 1)
         if mode == 1:
-            if not (_skip(&d, 1) and _skip(&d, 1)):
+            if not (_skip(d, 1) and _skip(d, 1)):
                 return _NOT_FAST
         else:
-            request_metadata = _value(&d, 1)
-            metadata = _value(&d, 1)
+            request_metadata = _value(d, 1)
+            metadata = _value(d, 1)
         if d.pos >= d.n or d.p[d.pos] != T_NONE:
             return _NOT_FAST  # an exception on an OK result: the full decoder's
         d.pos += 1
@@ -228,8 +277,11 @@ _api.decode = _decode
 _api.encode_request = _encode_request
 _api.metadata_prefix = _metadata_prefix
 _api.encode_ok = _encode_ok
+_api.encode_ok_send = _encode_ok_send
 _api.decode_task = _decode_task
+_api.decode_task_raw = _decode_task_raw
 _api.decode_ok = _decode_ok
+_api.decode_ok_raw = _decode_ok_raw
 _api.not_fast = <PyObject*>_NOT_FAST
 
 #: The FramingAPI struct, for the compiled wire module.

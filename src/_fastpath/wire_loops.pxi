@@ -50,14 +50,11 @@ cdef int _serve_task(void* handle, list frames, object handle_task, object ident
     """One request of run_worker's task mode: decode, run, answer. Sets
     ``*now_ms`` to the clock read when the handler returned (0: not read)."""
     cdef Py_ssize_t copied = 0
-    cdef long long start, end
-    cdef double seconds
     cdef int kind = 0
     cdef uint64_t task_id = 0
     now_ms[0] = 0
     try:
-        payload, request_metadata = _F.decode_task(frames, allow_pickle, alignment, &copied,
-                                                   &kind, &task_id)
+        fields = _F.decode_task(frames, allow_pickle, alignment, &copied, &kind, &task_id)
     except _MFE as exc:
         exc.header = _peek_header(frames)
         result = on_malformed(_REQUEST, exc)
@@ -66,8 +63,47 @@ cdef int _serve_task(void* handle, list frames, object handle_task, object ident
             _send_result(handle, result, header[1] if header is not None else 0,
                          on_unsendable, stats)
         return 0
-    _add(stats, _COPIED, copied)
     frames = None  # the request's frames can go before the send
+    _add(stats, _COPIED, copied)
+    return _run_task(handle, fields, task_id, handle_task, identity, prefix, on_unsendable,
+                     stats, now_ms)
+
+
+cdef int _serve_task_raw(void* handle, Parts* p, object handle_task, object identity,
+                         object prefix, object on_malformed, object on_unsendable,
+                         object allow_pickle, object alignment, object stats,
+                         long long* now_ms) except -1:
+    """_serve_task for a one-frame request still in ``p`` (closed here): read
+    from libzmq's memory, no frame objects made. A request that does not
+    decode goes the general way (the same decoder, so the same error)."""
+    cdef Py_ssize_t copied = 0
+    cdef int kind = 0
+    cdef uint64_t task_id = 0
+    try:
+        fields = _F.decode_task_raw(<const unsigned char*>libzmq.zmq_msg_data(&p.msgs[0]),
+                                    <Py_ssize_t>libzmq.zmq_msg_size(&p.msgs[0]),
+                                    allow_pickle, alignment, &copied, &kind, &task_id)
+    except Exception:
+        return _serve_task(handle, _frames(p), handle_task, identity, prefix, on_malformed,
+                           on_unsendable, allow_pickle, alignment, stats, now_ms)
+    finally:
+        if p.n:
+            _parts_close(p)
+    _add(stats, _COPIED, copied)
+    return _run_task(handle, fields, task_id, handle_task, identity, prefix, on_unsendable,
+                     stats, now_ms)
+
+
+cdef int _run_task(void* handle, tuple fields, uint64_t task_id, object handle_task,
+                   object identity, object prefix, object on_unsendable, object stats,
+                   long long* now_ms) except -1:
+    """Run the handler on a request's fields (payload, metadata), answer."""
+    cdef Py_ssize_t copied
+    cdef long long start, end
+    cdef double seconds
+    payload, request_metadata = fields
+    fields = None
+    now_ms[0] = 0
     start = _now_ns()
     try:
         output = handle_task(payload)
@@ -82,12 +118,18 @@ cdef int _serve_task(void* handle, list frames, object handle_task, object ident
             _add(stats, _HANDLED, 1)
             copied = 0
             try:
-                out = _F.encode_ok(output, request_metadata, prefix, seconds, task_id, &copied)
+                out = _F.encode_ok_send(output, request_metadata, prefix, seconds, task_id,
+                                        &copied, handle, _send_buf)
+            except _ZMQError:
+                raise
             except Exception:
                 pass  # the general way below finds the same error, and answers it
             else:
                 _add(stats, _COPIED, copied)
-                _send_encoded(handle, out, 0, stats)
+                if out is None:  # sent
+                    _add(stats, _SENT, 1)
+                else:
+                    _send_encoded(handle, out, 0, stats)
                 return 0
             result = _Result(_STATUS_OK, output, request_metadata)
             result.metadata = dict(identity, seconds=seconds)
@@ -134,18 +176,26 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
         which = _wait(items, nitems, timeout_ms, &p, start, &deadline)
         if which == _TIMEOUT:
             raise _RTE("no request or command within %d ms" % timeout_ms)
-        frames = _frames(&p)
         _add(stats, _RECEIVED, 1)
+        if which == request_index and handle_task is not None:
+            try:
+                out = _handle(results)  # (closed meanwhile: raises)
+            except BaseException:
+                _parts_close(&p)
+                raise
+            if p.n == 1:
+                _serve_task_raw(out, &p, handle_task, identity, prefix, on_malformed,
+                                on_unsendable, allow_pickle, alignment, stats, &now)
+            else:
+                _serve_task(out, _frames(&p), handle_task, identity, prefix, on_malformed,
+                            on_unsendable, allow_pickle, alignment, stats, &now)
+            continue
+        frames = _frames(&p)
         if which != request_index:
             if _command(frames, on_command, on_malformed, stats):
                 return
             continue
         out = _handle(results)  # (closed meanwhile: raises)
-        if handle_task is not None:
-            _serve_task(out, frames, handle_task, identity, prefix, on_malformed,
-                        on_unsendable, allow_pickle, alignment, stats, &now)
-            frames = None
-            continue
         try:
             kind, task_id, request = _decode_frames(frames, allow_pickle, alignment, stats)
         except _MFE as exc:
@@ -251,13 +301,29 @@ cdef class receive_results:
             which = _wait(items, nitems, timeout_ms, &p, 0, &deadline)
             if which == _TIMEOUT:
                 raise _RTE("no result within %d ms" % timeout_ms)
-            frames = _frames(&p)
             _add(stats, _RECEIVED, 1)
+            if which == result_index and self.mode and p.n == 1:
+                # A one-frame result, read in libzmq's memory.
+                copied = 0
+                try:
+                    item = _F.decode_ok_raw(
+                        <const unsigned char*>libzmq.zmq_msg_data(&p.msgs[0]),
+                        <Py_ssize_t>libzmq.zmq_msg_size(&p.msgs[0]), self.allow_pickle,
+                        self.alignment, self.mode, &copied)
+                except BaseException:
+                    _parts_close(&p)
+                    raise
+                if item is not _NOT_FAST:
+                    _parts_close(&p)
+                    _add(stats, _COPIED, copied)
+                    self._took()
+                    return item
+            frames = _frames(&p)
             if which != result_index:
                 if _command(frames, self.on_command, self.on_malformed, stats):
                     return _STOP
             else:
-                if self.mode:
+                if self.mode and len(frames) > 1:
                     copied = 0
                     item = _F.decode_ok(frames, self.allow_pickle, self.alignment, self.mode,
                                         &copied)
