@@ -363,3 +363,52 @@ def test_worker_results_from_the_task_mode_match_the_objects(ctx):
         assert _bytes(_framing_py.encode(result, KIND_RESULT, task_id)) == _bytes(
             _framing_py.encode(expected, KIND_RESULT, task_id))
     assert worker.requests_handled == 3 and not thread.is_alive()
+
+
+def test_loops_read_every_value_the_decoder_reads(wire, ctx):
+    """One-frame messages are read in libzmq's memory by the compiled loops:
+    values that need the decoder's slow paths (pickles, scalars, dtypes not
+    seen before, non-ASCII strs) come out as decode makes them."""
+    req_in, req_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    res_in, res_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    req_in.bind("inproc://values-req")
+    req_out.connect("inproc://values-req")
+    res_in.bind("inproc://values-res")
+    res_out.connect("inproc://values-res")
+    values = VALUES + [np.zeros(2, dtype=">c8"), np.zeros((), dtype=[("a", "<i2")]),
+                       np.datetime64("2020-01-01", "D"), {"\u00e9": 1.5}]
+    try:
+        for i, value in enumerate(values):
+            wire.send_message(req_out, zc.ClusterRequest(value, {"i": i}), KIND_REQUEST, i + 1)
+        wire.send_message(req_out, zc.ClusterRequest("stop"), KIND_REQUEST, 999)
+
+        def handle_task(payload):
+            if type(payload) is str and payload == "stop":
+                raise SystemExit
+            return payload
+
+        with pytest.raises(SystemExit):
+            wire.run_worker(req_in, res_out, None, on_command=lambda k, o: True,
+                            on_malformed=lambda c, e: pytest.fail("malformed: %s" % e),
+                            on_unsendable=lambda r, e: pytest.fail("unsendable: %s" % e),
+                            timeout_ms=WAIT_MS, handle_task=handle_task,
+                            result_metadata={"host": "h\u00f6st", "pid": 1})
+        # (a result whose metadata is not plain ASCII may be handed over)
+        it = wire.receive_results(res_in, None, len(values), WAIT_MS, lambda k, o: False,
+                                  lambda c, e: pytest.fail("malformed: %s" % e),
+                                  unwrap=lambda r: r.payload)
+        assert [repr(x) for x in it] == [repr(v) for v in values]
+        for i, value in enumerate(values):
+            wire.send_message(req_out, zc.ClusterResult("OK", value, i, {"\u00e9": i}),
+                              KIND_RESULT, 1)
+        it = wire.receive_results(req_in, None, len(values), WAIT_MS, lambda k, o: False,
+                                  lambda c, e: pytest.fail("malformed: %s" % e),
+                                  unwrap=lambda r: (r.payload, r.request_metadata,
+                                                    r.metadata),
+                                  metadata=True)
+        got = list(it)
+        assert [repr(x) for x in got] == [repr((v, i, {"\u00e9": i}))
+                                          for i, v in enumerate(values)]
+    finally:
+        for sock in (req_in, req_out, res_in, res_out):
+            sock.close(0)
