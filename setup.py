@@ -167,8 +167,10 @@ def make_extensions():
 
 
 #: Run-time requirements besides pyzmq: tomli reads the config file on
-#: Pythons older than 3.11 (later ones have tomllib).
-COMMON_REQUIRES = ["numpy", 'tomli; python_version < "3.11"']
+#: Pythons older than 3.11 (later ones have tomllib); cloudpickle sends
+#: functions by value (lambdas, closures, __main__); tqdm draws the pool's
+#: progress bars. See README, "Dependencies".
+COMMON_REQUIRES = ["numpy", 'tomli; python_version < "3.11"', "cloudpickle", "tqdm"]
 
 
 def install_requires():

@@ -14,7 +14,11 @@ from .exceptions import (
     WorkerException,
 )
 from .framing import FASTPATH
+from .local import LocalCluster
 from .messages import ClusterRequest, ClusterResult
+from .pool import ClusterPool
+from .poolworker import run_worker
+from .scheduler import Scheduler
 from .sink import BasicSink, Sink
 from .sockets import Connect, FutureSocket, InitSocket, MakeSocket, SocketTypeToString
 from .ventilator import BasicVentilator, Ventilator
@@ -26,6 +30,7 @@ __all__ = [
     "BasicSink",
     "BasicVentilator",
     "BasicWorker",
+    "ClusterPool",
     "ClusterRequest",
     "ClusterResult",
     "Connect",
@@ -35,13 +40,16 @@ __all__ = [
     "InitSocket",
     "LaunchForwarderDevice",
     "LaunchStreamerDevice",
+    "LocalCluster",
     "MakeSocket",
     "MessageFormatError",
     "ReceiverTimeoutException",
     "RemoteError",
     "RemoteTraceback",
+    "Scheduler",
     "Sink",
     "SocketTypeToString",
     "Ventilator",
     "WorkerException",
+    "run_worker",
 ]

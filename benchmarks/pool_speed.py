@@ -1,0 +1,377 @@
+"""ClusterPool on a LocalCluster, side by side with multiprocessing.Pool and a
+free-running raw pyzmq pipeline, in one run (medians of --rounds).
+
+    python benchmarks/pool_speed.py                 # full sizes (a few minutes)
+    python benchmarks/pool_speed.py --quick         # tiny sizes: checks nothing rotted
+    python benchmarks/pool_speed.py --only imap     # one case
+
+Cases, each with 1 and 2 workers (the raw pipeline and multiprocessing get
+the same number of worker processes):
+
+* map:  ``pool.map(inc, range(1_000_000), chunksize=256)`` against
+  ``multiprocessing.Pool(n).map`` with the same chunksize (tasks/s).
+* imap: ``pool.imap_unordered(inc, range(200_000), chunksize=1)`` against the
+  raw pipeline (a PUSH ventilator process sending 8-byte messages as fast as
+  its high-water mark lets it, n worker processes computing ``x + 1``, the
+  PULL sink in this process) and ``multiprocessing.Pool(n).imap(inc, ...,
+  chunksize=1)`` (tasks/s).
+* arrays: 64 MiB float64 arrays through ``pool.map(identity, arrays)``
+  against the raw pipeline with ``copy=False`` and ``np.frombuffer`` on every
+  hop (GB/s there and back).
+* latency: p50 of ``pool.submit(inc, 1).result()`` against a raw REQ/REP
+  round trip to a worker process (µs; lower is better).
+
+Nothing here asserts a timing; every batch's results are checked.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import zmq
+
+import zmq_cluster as zc
+
+U64 = struct.Struct("<Q")
+IDLE_MS = 600_000
+
+
+def inc(x):
+    return x + 1
+
+
+def identity(x):
+    return x
+
+
+# ------------------------------------------------------------ raw processes
+
+def raw_vent(push_url, workers):
+    """Ventilator: waits for its workers, then on "go N [mib]" sends N tasks
+    free-running (8-byte ints, or [header, array] zero-copy); "stop" stops
+    the workers."""
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    mon = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    push.bind(push_url)
+    seen = 0
+    while seen < workers:
+        if not mon.poll(60_000):
+            sys.exit("raw ventilator: workers did not connect")
+        mon.recv_multipart()
+        seen += 1
+    print("ready", flush=True)
+    arrays = {}
+    for line in sys.stdin:
+        words = line.split()
+        if words[0] == "stop":
+            for _ in range(workers):
+                push.send(b"")
+            break
+        n = int(words[1])
+        if len(words) > 2:
+            mib = int(words[2])
+            arr = arrays.get(mib)
+            if arr is None:
+                arr = arrays[mib] = np.arange(mib << 17, dtype=np.float64)
+            head = U64.pack(arr.size)
+            for _ in range(n):
+                push.send(head, zmq.SNDMORE)
+                push.send(arr, copy=False)
+        else:
+            send = push.send
+            pack = U64.pack
+            for i in range(n):
+                send(pack(i))
+    push.close(linger=5000)
+    mon.close()
+    ctx.term()
+
+
+def raw_worker(pull_url, push_url):
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    pull.rcvtimeo = IDLE_MS
+    pull.connect(pull_url)
+    push.connect(push_url)
+    recv, send, unpack, pack = pull.recv, push.send, U64.unpack, U64.pack
+    while True:
+        msg = recv()
+        if pull.rcvmore:
+            frame = recv(copy=False)
+            arr = np.frombuffer(frame.buffer, dtype=np.float64)
+            send(msg, zmq.SNDMORE)
+            send(arr, copy=False)
+        elif msg:
+            send(pack(unpack(msg)[0] + 1))
+        else:
+            break
+    pull.close(0)
+    push.close(linger=5000)
+    ctx.term()
+
+
+def raw_rep(url):
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.rcvtimeo = IDLE_MS
+    rep.connect(url)
+    while True:
+        msg = rep.recv()
+        if not msg:
+            rep.send(b"")
+            break
+        rep.send(U64.pack(U64.unpack(msg)[0] + 1))
+    rep.close(0)
+    ctx.term()
+
+
+class RawPipeline:
+    """Ventilator process -> n worker processes -> PULL sink here."""
+
+    def __init__(self, workers, tmp):
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.rcvtimeo = 60_000
+        sink_url = "ipc://%s/raw-sink" % tmp
+        vent_url = "ipc://%s/raw-vent" % tmp
+        mon = self.pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.pull.bind(sink_url)
+        me = os.path.abspath(__file__)
+        self.vent = subprocess.Popen([sys.executable, me, "raw-vent", vent_url, str(workers)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.workers = [subprocess.Popen([sys.executable, me, "raw-worker", vent_url, sink_url])
+                        for _ in range(workers)]
+        for _ in range(workers):
+            if not mon.poll(60_000):
+                raise TimeoutError("raw workers did not connect")
+            mon.recv_multipart()
+        mon.close()
+        if self.vent.stdout.readline().strip() != "ready":
+            raise RuntimeError("raw ventilator failed")
+        self.small(1000)
+
+    def small(self, n):
+        self.vent.stdin.write("go %d\n" % n)
+        self.vent.stdin.flush()
+        recv, unpack = self.pull.recv, U64.unpack
+        total = 0
+        for _ in range(n):
+            total += unpack(recv())[0]
+        assert total == n * (n + 1) // 2, "raw: wrong results"
+
+    def arrays(self, n, mib):
+        self.vent.stdin.write("go %d %d\n" % (n, mib))
+        self.vent.stdin.flush()
+        for _ in range(n):
+            head = self.pull.recv()
+            frame = self.pull.recv(copy=False)
+            arr = np.frombuffer(frame.buffer, dtype=np.float64)
+            assert arr.size == U64.unpack(head)[0] and arr[-1] == arr.size - 1
+
+    def close(self):
+        try:
+            self.vent.stdin.write("stop\n")
+            self.vent.stdin.close()
+            self.vent.wait(30)
+            for w in self.workers:
+                w.wait(30)
+        finally:
+            for p in [self.vent] + self.workers:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            self.pull.close(0)
+            self.ctx.term()
+
+
+def raw_latency(n, tmp):
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.rcvtimeo = 60_000
+    url = "ipc://%s/raw-rep" % tmp
+    req.bind(url)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "raw-rep", url])
+    try:
+        rtt = []
+        for i in range(n + 200):
+            start = time.perf_counter_ns()
+            req.send(U64.pack(i))
+            assert U64.unpack(req.recv())[0] == i + 1
+            if i >= 200:
+                rtt.append(time.perf_counter_ns() - start)
+        req.send(b"")
+        req.recv()
+        proc.wait(30)
+        return rtt
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        req.close(0)
+        ctx.term()
+
+
+# ------------------------------------------------------------------ timing
+
+def timed(fn, rounds):
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(args):
+    rows = []
+    sizes = dict(map_n=1_000_000, imap_n=200_000, arr_n=16, arr_mib=64, lat_n=3000)
+    if args.quick:
+        sizes = dict(map_n=20_000, imap_n=2_000, arr_n=2, arr_mib=4, lat_n=100)
+    rounds = 2 if args.quick else args.rounds
+    cases = args.only or ["map", "imap", "arrays", "latency"]
+    tmp = tempfile.mkdtemp(prefix="zc-bench-")
+    mp = multiprocessing.get_context("spawn")
+    for workers in args.workers:
+        with zc.LocalCluster(workers) as cluster, zc.ClusterPool(cluster) as pool:
+            pool.map(inc, range(1000))  # warm-up: functions and connections
+            if "map" in cases:
+                n = sizes["map_n"]
+                data = range(n)
+
+                def ours():
+                    out = pool.map(inc, data, chunksize=256)
+                    assert out[-1] == n and len(out) == n
+
+                with mp.Pool(workers) as mpool:
+                    mpool.map(inc, range(10_000), chunksize=256)
+
+                    def theirs():
+                        out = mpool.map(inc, data, chunksize=256)
+                        assert out[-1] == n and len(out) == n
+
+                    t_mp = timed(theirs, rounds)
+                t_ours = timed(ours, rounds)
+                rows.append(dict(case="map(inc, range(%d), chunksize=256)" % n, workers=workers,
+                                 ours=n / t_ours, mp=n / t_mp, unit="tasks/s",
+                                 ratio_mp=t_mp / t_ours))
+            if "imap" in cases:
+                n = sizes["imap_n"]
+
+                def ours():
+                    total = 0
+                    for v in pool.imap_unordered(inc, range(n), chunksize=1):
+                        total += v
+                    assert total == n * (n + 1) // 2
+
+                t_ours = timed(ours, rounds)
+                raw = RawPipeline(workers, tmp)
+                try:
+                    t_raw = timed(lambda: raw.small(n), rounds)
+                finally:
+                    raw.close()
+                with mp.Pool(workers) as mpool:
+                    mpool.map(inc, range(1000))
+
+                    def theirs():
+                        total = sum(mpool.imap(inc, range(n), chunksize=1))
+                        assert total == n * (n + 1) // 2
+
+                    t_mp = timed(theirs, rounds)
+                rows.append(dict(case="imap_unordered(inc, range(%d), chunksize=1)" % n,
+                                 workers=workers, ours=n / t_ours, raw=n / t_raw, mp=n / t_mp,
+                                 unit="tasks/s", ratio_raw=t_raw / t_ours,
+                                 ratio_mp=t_mp / t_ours))
+            if "arrays" in cases and workers == 1:
+                n, mib = sizes["arr_n"], sizes["arr_mib"]
+                arr = np.arange(mib << 17, dtype=np.float64)
+                arrays = [arr] * n
+
+                def ours():
+                    for out in pool.map(identity, arrays, chunksize=1):
+                        assert out.size == arr.size and out[-1] == arr.size - 1
+
+                pool.map(identity, arrays[:1])
+                t_ours = timed(ours, rounds)
+                raw = RawPipeline(workers, tmp)
+                try:
+                    raw.arrays(1, mib)
+                    t_raw = timed(lambda: raw.arrays(n, mib), rounds)
+                finally:
+                    raw.close()
+                gb = 2 * n * arr.nbytes / 1e9
+                rows.append(dict(case="%d MiB arrays, map(identity)" % mib, workers=workers,
+                                 ours=gb / t_ours, raw=gb / t_raw, unit="GB/s",
+                                 ratio_raw=t_raw / t_ours))
+            if "latency" in cases and workers == 1:
+                n = sizes["lat_n"]
+                rtt = []
+                for i in range(n + 200):
+                    start = time.perf_counter_ns()
+                    assert pool.submit(inc, i).result(60) == i + 1
+                    if i >= 200:
+                        rtt.append(time.perf_counter_ns() - start)
+                raw = raw_latency(n, tmp)
+                p50, r50 = statistics.median(rtt) / 1000, statistics.median(raw) / 1000
+                rows.append(dict(case="p50 submit(inc, 1).result()", workers=workers,
+                                 ours=p50, raw=r50, unit="µs", ratio_raw=p50 / r50,
+                                 p99_ours=sorted(rtt)[int(len(rtt) * .99)] / 1000,
+                                 p99_raw=sorted(raw)[int(len(raw) * .99)] / 1000))
+    os.rmdir(tmp) if not os.listdir(tmp) else None
+    return rows
+
+
+def table(rows):
+    lines = ["| case | workers | ours | raw | mp | unit | ours/raw | ours/mp |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        if v is None:
+            return "–"
+        return "%.3g" % v if v < 100 else "{:,.0f}".format(v).replace(",", " ")
+
+    for r in rows:
+        lines.append("| %s | %d | %s | %s | %s | %s | %s | %s |" % (
+            r["case"], r["workers"], f(r["ours"]), f(r.get("raw")), f(r.get("mp")), r["unit"],
+            ("%.2fx" % r["ratio_raw"]) if "ratio_raw" in r else "–",
+            ("%.2fx" % r["ratio_mp"]) if "ratio_mp" in r else "–"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "raw-vent":
+        return raw_vent(argv[1], int(argv[2]))
+    if argv and argv[0] == "raw-worker":
+        return raw_worker(argv[1], argv[2])
+    if argv and argv[0] == "raw-rep":
+        return raw_rep(argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--only", nargs="+", choices=["map", "imap", "arrays", "latency"])
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    print("ZMQ_CLUSTER FASTPATH=%s, %d rounds (medians), python %s, pyzmq %s / libzmq %s"
+          % (zc.FASTPATH, 2 if args.quick else args.rounds, sys.version.split()[0],
+             zmq.__version__, zmq.zmq_version()))
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

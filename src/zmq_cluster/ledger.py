@@ -1,0 +1,405 @@
+"""The scheduler's ledger: every task, where it is, and who gets it next.
+
+Plain bookkeeping with one socket-free contract: ``send(routing_id,
+frames) -> bool`` (False when the peer is gone, which the caller handles by
+calling :meth:`Ledger.worker_gone` or :meth:`Ledger.client_gone`). The
+:class:`~zmq_cluster.scheduler.Scheduler` owns the socket, the peers and
+liveness, and hands the ledger its messages.
+
+A record is a list ``[cancelled, task id, function key, timeout ms, table
+entry (with its inline header), inline length, data frames, bytes, client,
+worker or None, deaths]``. Each client has a queue; each worker holds its
+tasks in an insertion-ordered dict, which is the order it runs them, so the
+first is the running one, started at ``head_since``.
+"""
+
+import collections
+import logging
+import time
+from typing import Any, Callable, Deque, Dict, List
+
+from . import schedproto as sp
+from .functions import function_key
+from .taskcodec import task_failure
+
+__all__ = ["Ledger", "MAX_DEATHS"]
+
+log = logging.getLogger("zmq_cluster.scheduler")
+
+#: A task whose worker died while running it this many times fails.
+MAX_DEATHS = 3
+#: Tasks per TASKS message to one worker, at most.
+MAX_BATCH = 256
+#: A TASKS message is closed once it holds this many bytes (one large task
+#: per message), so a worker starts on the first while the next is in transit.
+MAX_BATCH_BYTES = 1 << 20
+
+_Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
+
+
+class _Worker:
+    __slots__ = ("rid", "no", "host", "pid", "trusted", "credit", "credit_bytes", "inhand",
+                 "inhand_bytes", "funcs", "tasks", "busy", "last_seen", "head_since")
+
+    def __init__(self, rid, no, hello, trusted, now):
+        self.rid = rid
+        self.no = no
+        self.host = str(hello.get("host", "?"))
+        self.pid = int(hello.get("pid", 0))
+        self.trusted = trusted
+        self.credit = max(1, int(hello.get("credit", 1)))
+        self.credit_bytes = max(1, int(hello.get("credit_bytes", 1 << 28)))
+        self.inhand = {}          # task id -> record, in dispatch (= run) order
+        self.inhand_bytes = 0
+        self.funcs = set()
+        self.tasks = 0
+        self.busy = 0.0
+        self.last_seen = now
+        self.head_since = now
+
+
+class _Client:
+    __slots__ = ("rid", "no", "trusted", "queue", "host", "pid")
+
+    def __init__(self, rid, no, hello, trusted):
+        self.rid = rid
+        self.no = no
+        self.trusted = trusted
+        self.queue = collections.deque()
+        self.host = str(hello.get("host", "?"))
+        self.pid = int(hello.get("pid", 0))
+
+
+class Ledger:
+    """Tasks, queues, credit and re-dispatch (see the module docstring)."""
+
+    def __init__(self, send: Callable[[bytes, List[Any]], bool]) -> None:
+        self.send = send
+        self.workers: Dict[bytes, _Worker] = {}       # by routing id
+        self.clients: Dict[int, _Client] = {}         # by client number
+        self.active: Deque[_Client] = collections.deque()  # clients with queued tasks
+        self.records: Dict[int, list] = {}            # task id -> record
+        self.funcs: Dict[int, list] = {}              # fn key -> FUNC message frames
+        self.timed = 0   # tasks in workers' hands that have a timeout
+        self.counters: "collections.Counter[str]" = collections.Counter()
+
+    def add_tasks(self, client, frames, count):
+        """A TASKS message from ``client``: each task its own record, queued."""
+        table = frames[2].bytes
+        data = frames[3:]
+        ledger = self.records
+        queue = client.queue
+        prefix = client.no
+        funcs = self.funcs
+        unpack = sp.TASK_ENTRY.unpack_from
+        size = sp.TASK_ENTRY.size
+        n = len(table)
+        off = first = 0
+        for _ in range(count):
+            if off + size > n:
+                raise sp.ProtocolError("batch table truncated")
+            tid, key, timeout, inline, nfr = unpack(table, off)
+            end = off + size + inline
+            if end > n or not (inline or nfr):
+                raise sp.ProtocolError("bad batch table entry")
+            if nfr:
+                fr = data[first:first + nfr]
+                if len(fr) != nfr:
+                    raise sp.ProtocolError("batch table names more frames than arrived")
+                nbytes = end - off
+                for f in fr:
+                    nbytes += len(f)
+                first += nfr
+            else:
+                fr = ()
+                nbytes = end - off
+            entry = table[off:end]
+            off = end
+            if tid >> 40 != prefix or tid in ledger:
+                self.counters["bad_task_id"] += 1
+                log.warning("scheduler rejected task id %x from client %d", tid, prefix)
+                continue
+            rec = [False, tid, key, timeout, entry, inline, fr, nbytes, client, None, 0]
+            if key not in funcs:
+                self.fail(rec, LookupError("the scheduler has no function %016x" % key))
+                continue
+            ledger[tid] = rec
+            queue.append(rec)
+        if off != n or first != len(data):
+            log.warning("scheduler: stray bytes or frames after a batch table from client %d",
+                        prefix)
+            self.counters["malformed"] += 1
+        if queue and client not in self.active:
+            self.active.append(client)
+
+    def add_function(self, frames):
+        """A FUNC message: kept (once per key) for the workers that need it."""
+        key, module, qualname, pickled = sp.parse_body(frames[2].bytes)
+        if type(key) is not int:
+            raise sp.ProtocolError("FUNC key is not an int")
+        if key != function_key((module, qualname, pickled)):
+            # Keys are content hashes: a blob cannot claim another's key.
+            raise sp.ProtocolError("FUNC key does not match its function")
+        self.funcs.setdefault(key, [frames[1], frames[2]])
+
+    def cancel(self, client, ids):
+        """Drop queued tasks of ``client`` (all of them when ``ids`` is None)."""
+        if ids is None:
+            for rec in client.queue:
+                rec[_Q] = True
+                self.records.pop(rec[_TID], None)
+            client.queue.clear()
+            return
+        for tid in ids:
+            rec = self.records.get(tid)
+            if rec is not None and rec[_WORKER] is None and rec[_CLIENT] is client:
+                rec[_Q] = True
+                del self.records[tid]
+
+    def worker_stats(self, now):
+        """One dict per worker, for STATS."""
+        return [{"host": w.host, "pid": w.pid, "tasks": w.tasks,
+                 "mean_task_seconds": (w.busy / w.tasks) if w.tasks else 0.0,
+                 "state": "busy" if w.inhand else "idle",
+                 "last_seen": now - w.last_seen, "in_hand": len(w.inhand),
+                 "credit": w.credit, "worker_no": w.no}
+                for w in self.workers.values()]
+
+    def results(self, worker, frames, count, credit):
+        """A RESULTS message from ``worker``: accept what it holds, forward."""
+        table = frames[2].bytes
+        data = frames[3:]
+        counters = self.counters
+        counters["result_batches"] += 1
+        counters["results"] += count
+        ledger = self.records
+        inhand = worker.inhand
+        if credit:
+            worker.credit = credit
+        forward = []
+        first_client = None
+        regroup = False
+        unpack = sp.RESULT_ENTRY.unpack_from
+        size = sp.RESULT_ENTRY.size
+        n = len(table)
+        off = first = 0
+        parsed = []
+        for _ in range(count):  # check the whole table before using any of it
+            if off + size > n:
+                raise sp.ProtocolError("result table truncated")
+            fields = unpack(table, off)
+            end = off + size + fields[1]
+            nfr = fields[2]
+            if end > n or not (fields[1] or nfr) or first + nfr > len(data):
+                raise sp.ProtocolError("bad result table entry")
+            parsed.append((fields, off, end, first))
+            off = end
+            first += nfr
+        if off != n or first != len(data):
+            raise sp.ProtocolError("stray bytes or frames after a result table")
+        tasks = 0
+        busy = 0.0
+        for (tid, _, nfr, items, seconds), start, end, first in parsed:
+            rec = ledger.get(tid)
+            if rec is None or rec[_WORKER] is not worker:
+                counters["late_results"] += 1
+                regroup = True
+                continue
+            del ledger[tid]
+            del inhand[tid]
+            worker.inhand_bytes -= rec[_NBYTES]
+            if rec[_TIMEOUT]:
+                self.timed -= 1
+            tasks += items
+            busy += seconds
+            client = rec[_CLIENT]
+            if first_client is None:
+                first_client = client
+            elif client is not first_client:
+                regroup = True
+            forward.append((client, start, end, first, nfr))
+        worker.tasks += tasks
+        worker.busy += busy
+        worker.head_since = time.monotonic()
+        if not forward:
+            return
+        clients = self.clients
+        if not regroup:
+            # The common case: the batch goes to one client as it came.
+            if clients.get(first_client.no) is first_client:
+                self.send(first_client.rid, [frames[1], frames[2]] + list(data))
+            return
+        groups = {}
+        for client, start, end, first, nfr in forward:
+            g = groups.get(client)
+            if g is None:
+                groups[client] = g = ([], [])
+            g[0].append(table[start:end])
+            g[1].extend(data[first:first + nfr])
+        for client, (ents, frs) in groups.items():
+            if clients.get(client.no) is client:
+                self.send(client.rid, [sp.ctl(sp.RESULTS, len(ents)), b"".join(ents)] + frs)
+
+    def fail(self, rec, exc):
+        """Answer a task with a failure made here (every item fails)."""
+        client = rec[_CLIENT]
+        self.records.pop(rec[_TID], None)
+        if self.clients.get(client.no) is not client:
+            return
+        frames = task_failure(exc, rec[_TID])
+        entry, data = sp.pack_entry(sp.RESULT_ENTRY, (rec[_TID],), frames, (0, 0.0))
+        self.send(client.rid, [sp.ctl(sp.RESULTS, 1), entry] + list(data))
+
+    def dispatch(self):
+        """Hand queued tasks to workers with credit: in passes, each worker
+        taking at most its share of what is queued, so that tasks whose
+        duration is not known yet are spread rather than piled on the first
+        worker; clients take turns."""
+        active = self.active
+        while active:
+            ready = [w for w in self.workers.values()
+                     if w.credit > len(w.inhand)
+                     and (not w.inhand or w.inhand_bytes < w.credit_bytes)]
+            if not ready:
+                return
+            queued = 0
+            for client in active:
+                queued += len(client.queue)
+            share = max(1, -(-queued // len(ready)))
+            progress = False
+            for worker in ready:
+                if not active:
+                    break
+                client = active[0]
+                queue = client.queue
+                batch = []
+                room = worker.credit_bytes - worker.inhand_bytes
+                n = min(worker.credit - len(worker.inhand), share, MAX_BATCH)
+                size = 0
+                while queue and len(batch) < n and size < MAX_BATCH_BYTES:
+                    rec = queue[0]
+                    if rec[_Q]:
+                        queue.popleft()
+                        continue
+                    if batch and rec[_NBYTES] > room:
+                        break
+                    queue.popleft()
+                    room -= rec[_NBYTES]
+                    size += rec[_NBYTES]
+                    batch.append(rec)
+                active.rotate(-1)
+                if not queue:
+                    active.remove(client)
+                if batch:
+                    progress = True
+                    self._send_batch(worker, client, batch)
+            if not progress:
+                return
+
+    def _send_batch(self, worker, client, batch):
+        now = time.monotonic()
+        if not worker.inhand:
+            worker.head_since = now
+        funcs = worker.funcs
+        missing = {rec[_KEY] for rec in batch} - funcs
+        for key in missing:  # each function once per worker, before its first task
+            if not self.send(worker.rid, list(self.funcs[key])):
+                self.requeue(batch)
+                return False
+            funcs.add(key)
+        entries = []
+        frames = []
+        inhand = worker.inhand
+        nbytes = 0
+        for rec in batch:
+            entries.append(rec[_ENTRY])
+            if rec[_FRAMES]:
+                frames.extend(rec[_FRAMES])
+            rec[_WORKER] = worker
+            inhand[rec[_TID]] = rec
+            nbytes += rec[_NBYTES]
+            if rec[_TIMEOUT]:
+                self.timed += 1
+        worker.inhand_bytes += nbytes
+        flags = sp.FLAG_TRUSTED if client.trusted else 0
+        counters = self.counters
+        counters["task_batches"] += 1
+        counters["tasks"] += len(batch)
+        if not self.send(worker.rid, [sp.ctl(sp.TASKS, len(batch), flags),
+                                       b"".join(entries)] + frames):
+            return False  # _gone re-queued the batch with the worker's other tasks
+        return True
+
+    def requeue(self, recs):
+        """Put tasks back at the front of their clients' queues, in order."""
+        for rec in reversed(recs):
+            rec[_WORKER] = None
+            client = rec[_CLIENT]
+            if self.clients.get(client.no) is not client or rec[_Q]:
+                self.records.pop(rec[_TID], None)
+                continue
+            client.queue.appendleft(rec)
+            if client not in self.active:
+                self.active.append(client)
+
+    # ------------------------------------------------------------ liveness
+
+    def worker_gone(self, worker, why):
+        """``worker`` left or was declared dead: what it held runs elsewhere
+        (its running task fails instead when it timed out, or when it has
+        now killed MAX_DEATHS workers)."""
+        self.workers.pop(worker.rid, None)
+        log.info("worker %d (%s pid %d) gone: %s; %d tasks to re-dispatch",
+                 worker.no, worker.host, worker.pid, why, len(worker.inhand))
+        self.counters["workers_lost"] += 1
+        recs = list(worker.inhand.values())
+        worker.inhand.clear()
+        self.timed -= sum(1 for rec in recs if rec[_TIMEOUT])
+        if recs:
+            head = recs[0]
+            elapsed = time.monotonic() - worker.head_since
+            if head[_TIMEOUT] and elapsed >= 0.9 * head[_TIMEOUT] / 1000:
+                recs.pop(0)
+                self.fail(head, TimeoutError("task ran for more than %g s"
+                                             % (head[_TIMEOUT] / 1000)))
+            else:
+                head[_DEATHS] += 1
+                if head[_DEATHS] >= MAX_DEATHS:
+                    recs.pop(0)
+                    self.fail(head, RuntimeError(
+                        "the worker running this task died %d times (last: %s pid %d)"
+                        % (head[_DEATHS], worker.host, worker.pid)))
+        self.counters["redispatched"] += len(recs)
+        self.requeue(recs)
+
+    def client_gone(self, client):
+        """``client`` left: its queued tasks go; results of its running
+        ones will be dropped."""
+        if self.clients.get(client.no) is client:
+            del self.clients[client.no]
+        for rec in client.queue:
+            self.records.pop(rec[_TID], None)
+        client.queue.clear()
+        if client in self.active:
+            self.active.remove(client)
+
+    def next_deadline(self, now):
+        """When the first running task with a timeout times out (at most 1 s on)."""
+        deadline = now + 1.0
+        for w in self.workers.values():
+            if w.inhand:
+                head = next(iter(w.inhand.values()))
+                if head[_TIMEOUT]:
+                    deadline = min(deadline, w.head_since + head[_TIMEOUT] / 1000)
+        return deadline
+
+    def timed_out(self, now):
+        """The workers whose running task has outlived its timeout."""
+        out = []
+        for w in self.workers.values():
+            if w.inhand:
+                head = next(iter(w.inhand.values()))
+                if head[_TIMEOUT] and now - w.head_since >= head[_TIMEOUT] / 1000:
+                    out.append(w)
+        return out
+

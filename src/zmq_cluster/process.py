@@ -1,0 +1,102 @@
+"""Child processes that die with their parent, started without fork-safety
+traps.
+
+The scheduler and the pool workers run as ``python -m zmq_cluster.<module>``
+subprocesses (not multiprocessing), so a user's script without a
+``__main__`` guard is safe. A child dies with its parent three ways:
+
+* ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, set by the child at start
+  (:func:`die_with_parent`): the kernel kills it when the thread that
+  started it ends, even if the child is stuck holding the GIL. So children
+  are started by :func:`spawn` from one daemon thread that lives as long as
+  the parent process, not from whichever thread the user happened to use;
+* a check of ``getppid()`` right after, for a parent that died before that;
+* its standard input is a pipe from the parent: a thread in the child exits
+  the process when it reads end-of-file (the parent is gone).
+
+Children start in their own session, so a Ctrl-C at the terminal reaches
+the parent only, which then stops them in order.
+"""
+
+import ctypes
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+
+__all__ = ["spawn", "die_with_parent", "python_command"]
+
+_PR_SET_PDEATHSIG = 1
+
+_requests: "queue.Queue[tuple]" = queue.Queue()
+_spawner: "threading.Thread | None" = None
+_spawner_lock = threading.Lock()
+
+
+def python_command(module, *args):
+    """``[python, -m, module, args...]``."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def _spawn_loop():
+    while True:
+        args, kwargs, reply = _requests.get()
+        try:
+            reply.put((True, subprocess.Popen(args, **kwargs)))
+        except BaseException as exc:  # handed to the caller
+            reply.put((False, exc))
+
+
+def spawn(args, *, env=None, pass_fds=(), stdout=None, stderr=None):
+    """Start ``args`` as a child that dies with this process: Popen from the
+    spawner thread, stdin a pipe the child watches, its own session."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawn_loop, name="zmq-cluster-spawner",
+                                        daemon=True)
+            _spawner.start()
+    env = dict(os.environ if env is None else env)
+    env["ZMQ_CLUSTER_PARENT_PID"] = str(os.getpid())
+    reply = queue.Queue()
+    _requests.put((args, dict(env=env, pass_fds=tuple(pass_fds), stdin=subprocess.PIPE,
+                              stdout=stdout, stderr=stderr, start_new_session=True,
+                              close_fds=True), reply))
+    ok, value = reply.get()
+    if not ok:
+        raise value
+    return value
+
+
+def die_with_parent():
+    """In a child started by :func:`spawn`: arrange to die with the parent.
+
+    Sets PR_SET_PDEATHSIG (Linux), exits at once if the parent is already
+    gone, and starts a thread that exits the process when stdin (a pipe
+    from the parent) reaches end-of-file. Does nothing in a process that was
+    not started by :func:`spawn`.
+    """
+    parent = os.environ.get("ZMQ_CLUSTER_PARENT_PID")
+    if not parent:
+        return
+    parent = int(parent)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the pipe below still works
+    if os.getppid() != parent:
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="zmq-cluster-parent-watch", daemon=True).start()

@@ -1,0 +1,189 @@
+"""The scheduler protocol: message types, batch tables and control bodies.
+
+Every peer of a scheduler (pool clients, pool workers) talks to its one
+ROUTER socket through a DEALER. A message is::
+
+    frame 0   control frame: struct CTL "<2sBBII": magic b"ZS", version,
+              message type, count, flags
+    frame 1   for TASKS and RESULTS: the batch table; for control messages:
+              a body encoded with zmq_cluster.framing (native values only,
+              decoded with allow_pickle=False)
+    frame 2.. for TASKS and RESULTS: the data frames of the batch's entries
+
+A batch table is ``count`` entries back to back. Each entry is a fixed
+struct (TASK_ENTRY or RESULT_ENTRY) followed by ``inline_len`` bytes: the
+task's (or result's) wire-format header frame (docs/protocol.md) when it is
+small, so that a batch of small tasks is a single frame. ``n_frames`` data
+frames of the message belong to the entry, in order: the header frame first
+when it is not inline (``inline_len == 0``), then its buffer frames. So the
+scheduler splits a batch, keeps each task as its own ledger entry and
+forwards its frames without decoding or copying them.
+
+Each task body is a REQUEST message (task id in its header) whose payload
+is ``(mode, items)``; its result is a RESULT message (same task id) whose
+payload is ``(values, errors)``: see :mod:`zmq_cluster.taskcodec`.
+"""
+
+import struct
+
+from . import framing
+from .protocol import KIND_COMMAND
+
+MAGIC = b"ZS"
+VERSION = 1
+
+CTL = struct.Struct("<2sBBII")
+CTL_SIZE = CTL.size
+
+#: task_id, fn_key, timeout_ms, inline_len, n_frames
+TASK_ENTRY = struct.Struct("<QQIII")
+#: task_id, inline_len, n_frames, items, seconds
+RESULT_ENTRY = struct.Struct("<QIIId")
+
+#: A task's or result's header frame up to this size travels inside the
+#: batch table (copied once); a larger one is a frame of its own.
+INLINE_HEADER_MAX = 65536
+
+# Message types.
+HELLO = 1      # peer -> scheduler: who I am (body: dict)
+WELCOME = 2    # scheduler -> peer: registered (body: dict)
+TASKS = 3      # client -> scheduler -> worker: a batch of tasks
+RESULTS = 4    # worker -> scheduler -> client: a batch of results
+FUNC = 5       # client -> scheduler -> worker: a function (body: tuple)
+CANCEL = 6     # client -> scheduler: drop queued tasks (body: list of ids, or None: all)
+STATS = 7      # client -> scheduler (body: request id); scheduler -> client (body: dict)
+STOP = 8       # scheduler -> worker: exit
+RESET = 9      # scheduler -> peer: you are not registered (any more): say HELLO again
+PROBE = 10     # scheduler -> worker: liveness backstop; ignored
+BYE = 11       # peer -> scheduler: leaving
+SHUTDOWN = 12  # client -> scheduler: stop the workers, then the scheduler
+
+TYPE_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", TASKS: "TASKS", RESULTS: "RESULTS",
+              FUNC: "FUNC", CANCEL: "CANCEL", STATS: "STATS", STOP: "STOP",
+              RESET: "RESET", PROBE: "PROBE", BYE: "BYE", SHUTDOWN: "SHUTDOWN"}
+
+#: TASKS flags bit (scheduler -> worker): the submitter is trusted, so the
+#: worker may unpickle the tasks' arguments and functions.
+FLAG_TRUSTED = 1
+
+#: Peer roles in HELLO.
+ROLE_WORKER = "worker"
+ROLE_CLIENT = "client"    # receives results
+ROLE_SUBMIT = "submit"    # sends tasks for a client (its "client_no")
+
+#: Task payload modes: f(x) per item, f(*args) per item, f(*args, **kwargs).
+MODE_MAP = 0
+MODE_STAR = 1
+MODE_CALL = 2
+
+
+class ProtocolError(ValueError):
+    """A scheduler-protocol message that cannot be used; the text says why."""
+
+
+def ctl(mtype, count=0, flags=0):
+    """The control frame of a message."""
+    return CTL.pack(MAGIC, VERSION, mtype, count, flags)
+
+
+def parse_ctl(frame):
+    """``(type, count, flags)`` of a control frame (bytes-like)."""
+    if len(frame) != CTL_SIZE:
+        raise ProtocolError("control frame of %d bytes, expected %d" % (len(frame), CTL_SIZE))
+    magic, version, mtype, count, flags = CTL.unpack(frame)
+    if magic != MAGIC:
+        raise ProtocolError("bad magic %r" % (magic,))
+    if version != VERSION:
+        raise ProtocolError("scheduler protocol version %d, expected %d" % (version, VERSION))
+    if mtype not in TYPE_NAMES:
+        raise ProtocolError("unknown message type %d" % mtype)
+    return mtype, count, flags
+
+
+def body(obj):
+    """A control body: ``obj`` (native values only) as one frame."""
+    frames = framing.encode(obj, KIND_COMMAND)
+    if len(frames) != 1:
+        raise TypeError("a control body must be a single frame")
+    return frames[0]
+
+
+def parse_body(frame):
+    """The value of a control body; ProtocolError when it is not one."""
+    try:
+        kind, _, obj = framing.decode([frame], allow_pickle=False)
+    except ValueError as exc:
+        raise ProtocolError("bad control body: %s" % exc) from None
+    if kind != KIND_COMMAND:
+        raise ProtocolError("control body of kind %d" % kind)
+    return obj
+
+
+def message(mtype, obj=None, count=0, flags=0):
+    """A control message: ``[ctl, body]``."""
+    return [ctl(mtype, count, flags), body(obj)]
+
+
+def walk(table, count, entry, data):
+    """The entries of a batch table with their messages: a list of
+    ``(fields, message)``, ``fields`` the entry's fixed fields and
+    ``message`` its wire-format frames (the header, inline or a frame of
+    ``data``, then its buffer frames from ``data``). Raises ProtocolError,
+    having used nothing, when the table and the frames disagree.
+
+    (The scheduler walks tables itself: it keeps offsets, not messages.)
+    """
+    out = []
+    append = out.append
+    unpack = entry.unpack_from
+    size = entry.size
+    inline_at, nframes_at = _INLINE_AT[entry], _NFRAMES_AT[entry]
+    n = len(table)
+    ndata = len(data)
+    off = first = 0
+    for _ in range(count):
+        if off + size > n:
+            raise ProtocolError("batch table truncated at entry %d" % len(out))
+        fields = unpack(table, off)
+        inline = fields[inline_at]
+        nfr = fields[nframes_at]
+        end = off + size + inline
+        if end > n:
+            raise ProtocolError("an inline header overruns the batch table")
+        if not (inline or nfr):
+            raise ProtocolError("entry %d has no header" % len(out))
+        if first + nfr > ndata:
+            raise ProtocolError("the batch table names more frames than arrived")
+        if inline:
+            msg = [table[off + size:end]]
+            if nfr:
+                msg.extend(data[first:first + nfr])
+        else:
+            msg = list(data[first:first + nfr])
+        append((fields, msg))
+        off = end
+        first += nfr
+    if off != n:
+        raise ProtocolError("%d stray bytes after the batch table" % (n - off))
+    if first != ndata:
+        raise ProtocolError("%d data frames the batch table does not name" % (ndata - first))
+    return out
+
+
+#: Where inline_len and n_frames sit among each entry struct's fields.
+_INLINE_AT = {TASK_ENTRY: 3, RESULT_ENTRY: 1}
+_NFRAMES_AT = {TASK_ENTRY: 4, RESULT_ENTRY: 2}
+
+
+def pack_entry(struct_, fields_head, msg_frames, fields_tail=()):
+    """One table entry for the wire-format message ``msg_frames``: the
+    entry bytes (fixed fields and inline header) and the data frames.
+
+    ``fields_head`` are the fields before (inline_len, n_frames), and
+    ``fields_tail`` those after them.
+    """
+    header = msg_frames[0]
+    if len(header) < INLINE_HEADER_MAX:
+        return (struct_.pack(*fields_head, len(header), len(msg_frames) - 1, *fields_tail)
+                + bytes(header)), msg_frames[1:]
+    return struct_.pack(*fields_head, 0, len(msg_frames), *fields_tail), msg_frames

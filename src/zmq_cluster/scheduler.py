@@ -1,0 +1,354 @@
+"""The scheduler: one ROUTER socket, a ledger of every task, credit, liveness
+and re-dispatch.
+
+Pool clients and pool workers connect to the scheduler's one listen address
+and say who they are in a HELLO (see :mod:`zmq_cluster.schedproto`). Clients
+send batches of tasks; the scheduler queues them per client and hands them
+to workers by credit: each worker says how many tasks (and bytes of
+arguments) it is ready to hold, and updates the count with every batch of
+results as its measured task time changes. The ledger records which worker
+holds each task and since when. When a worker's connection closes (killed,
+stopped past the heartbeat timeout, cut off), its tasks go back to the front
+of their queues and run elsewhere; a result from a worker that no longer
+holds the task (declared dead, then back) is dropped by task id, so each
+result reaches its client once. Argument and result frames pass through
+without being decoded or copied.
+
+Run it with ``Scheduler(listen).run()`` or
+``python -m zmq_cluster._start scheduler --listen ADDRESS``.
+"""
+
+import argparse
+import gc
+import logging
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from . import schedproto as sp
+from .ledger import Ledger, _Client, _Worker
+from .liveness import FdMap, heartbeat_options
+from .trust import (
+    EndpointKind, check_listen, classify_endpoint, is_private_ipc, sender_may_pickle,
+)
+from .wire import recv_any
+
+__all__ = ["Scheduler", "is_local_address"]
+
+log = logging.getLogger("zmq_cluster.scheduler")
+
+#: Messages read in a row before the scheduler dispatches.
+DRAIN_BATCH = 256
+#: How long a scheduler told to shut down waits for its workers to leave.
+SHUTDOWN_SECONDS = 2.0
+
+
+def is_local_address(address: str) -> bool:
+    """Whether ``address`` reaches only this host (ipc, inproc, loopback tcp)."""
+    return classify_endpoint(address) is not EndpointKind.NETWORK
+
+
+class Scheduler:
+    """A scheduler listening on ``listen`` (``tcp://host:port``, ``ipc://path``).
+
+    ``heartbeat_timeout`` (seconds): a worker whose connection carries no
+    ZMTP heartbeat for that long is declared dead. ``trusted``: whether
+    peers may send pickled functions and arguments (forwarded to workers as
+    a per-task flag). None decides per connection, at its HELLO, by
+    :func:`zmq_cluster.trust.sender_may_pickle`: loopback peers, and ipc
+    peers when the socket's directory is private (as LocalCluster's), are
+    trusted; network peers are not (CURVE-authenticated ones will be).
+    ``socket_options``: extra options for the ROUTER socket (e.g. CURVE).
+    ``run()`` serves until a SHUTDOWN message, :meth:`stop`, or SIGTERM.
+    """
+
+    def __init__(self, listen: str, *, heartbeat_timeout: float = 10.0,
+                 trusted: Optional[bool] = None,
+                 socket_options: Optional[Dict[int, Any]] = None,
+                 context: Optional[zmq.Context] = None) -> None:
+        self.listen = listen
+        self.heartbeat_timeout = float(heartbeat_timeout)
+        self.trusted = trusted
+        self._ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self._router = self._ctx.socket(zmq.ROUTER)
+        opts: Dict[Any, Any] = {zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 0, zmq.RCVHWM: 0, zmq.LINGER: 0}
+        opts.update(heartbeat_options(self.heartbeat_timeout))
+        opts.update(socket_options or {})
+        for opt, value in opts.items():
+            self._router.setsockopt(opt, value)
+        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # The command line refuses this without --insecure (zmq_cluster.trust);
+        # from Python, say what it means.
+        warning = check_listen(listen, secure=bool(opts.get(zmq.CURVE_SERVER)), insecure=True)
+        if warning:
+            log.warning("%s", warning)
+        self._router.bind(listen)
+        self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._private_ipc = is_private_ipc(self.address)
+
+        self._running = False
+        self._stopping = None     # deadline once told to shut down
+        self._peers: Dict[bytes, Tuple[str, Any]] = {}  # routing id -> (role, peer)
+        self._fdmap = FdMap()
+        self._stats_waiting: List[tuple] = []  # STATS requests waiting for enough workers
+        self._next_client = 1
+        self._next_worker = 1
+        self.ledger = Ledger(self._send)
+        #: Counts of what happened (malformed messages, late results...).
+        self.counters = self.ledger.counters
+
+    # ---------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        """Serve until stopped; closes the sockets on the way out."""
+        self._running = True
+        probe_every = max(0.05, self.heartbeat_timeout / 2)
+        next_probe = time.monotonic() + probe_every
+        # The router first, then the monitor; waiting and receiving happen in
+        # zmq_cluster.wire (without the GIL in the compiled twin).
+        sockets = [self._router, self._monitor]
+        ledger = self.ledger
+        try:
+            handle = self._handle
+            while self._running:
+                now = time.monotonic()
+                wait = next_probe - now
+                if ledger.timed:
+                    wait = min(wait, ledger.next_deadline(now) - now)
+                got = recv_any(sockets, max(0, min(100, int(wait * 1000) + 1)))
+                n = 0
+                while got is not None:
+                    which, frames = got
+                    if which == 0:
+                        handle(frames)
+                    else:
+                        self._monitor_event(frames)
+                    n += 1
+                    if n >= DRAIN_BATCH:
+                        break
+                    got = recv_any(sockets, 0)
+                if ledger.active:
+                    ledger.dispatch()
+                now = time.monotonic()
+                if now >= next_probe:
+                    self._probe()
+                    next_probe = now + probe_every
+                if ledger.timed:
+                    for worker in ledger.timed_out(now):
+                        # The worker cannot answer while the task holds it;
+                        # it ends itself (SIGALRM) and a nanny replaces it.
+                        self._send(worker.rid, sp.message(sp.STOP))
+                        self._gone(worker.rid, "task timed out")
+                if self._stopping is not None and (not ledger.workers or now > self._stopping):
+                    break
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return (from a signal handler or another thread)."""
+        self._running = False
+
+    def close(self) -> None:
+        """Close the sockets (run() does this when it returns)."""
+        for sock in (self._monitor, self._router):
+            try:
+                sock.close(linger=0)
+            except zmq.ZMQError:
+                pass
+        if self._own_ctx:
+            self._ctx.term()
+
+    def _send(self, rid, frames):
+        """Send to a peer: False (and the peer declared gone) when its
+        connection no longer exists."""
+        # Never block: with ROUTER_MANDATORY and no high-water mark, a pipe
+        # that cannot take a message is one libzmq is tearing down.
+        try:
+            self._router.send_multipart([rid] + frames, zmq.DONTWAIT, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                self._gone(rid, "unreachable")
+                return False
+            raise
+
+    # ------------------------------------------------------------ messages
+
+    def _handle(self, frames):
+        rid = frames[0]  # bytes (recv_any)
+        try:
+            if len(frames) < 3:
+                raise sp.ProtocolError("%d frames" % len(frames))
+            mtype, count, flags = sp.parse_ctl(frames[1].bytes)
+            peer = self._peers.get(rid)
+            if mtype == sp.HELLO:
+                self._hello(rid, frames)
+            elif peer is None:
+                self.counters["unknown_peer"] += 1
+                if mtype != sp.BYE:
+                    self._send(rid, sp.message(sp.RESET))
+            elif mtype == sp.RESULTS and peer[0] == "worker":
+                self.ledger.results(peer[1], frames, count, flags)
+            elif mtype == sp.TASKS and peer[0] in ("submit", "client"):
+                self.ledger.add_tasks(peer[1], frames, count)
+            elif mtype == sp.FUNC and peer[0] in ("submit", "client"):
+                self.ledger.add_function(frames)
+            elif mtype == sp.CANCEL and peer[0] in ("submit", "client"):
+                self.ledger.cancel(peer[1], sp.parse_body(frames[2].bytes))
+            elif mtype == sp.STATS:
+                self._stats(peer[1], sp.parse_body(frames[2].bytes))
+            elif mtype == sp.BYE:
+                # A client says BYE on its submit connection, after what it
+                # sent there (CANCEL, SHUTDOWN): the whole client leaves.
+                self._gone(peer[1].rid if peer[0] == "submit" else rid, "said BYE")
+            elif mtype == sp.SHUTDOWN and peer[0] in ("submit", "client"):
+                self._shutdown()
+            else:
+                raise sp.ProtocolError("%s from a %s" % (sp.TYPE_NAMES[mtype], peer[0]))
+            if peer is not None and peer[0] == "worker":
+                peer[1].last_seen = time.monotonic()
+        except (sp.ProtocolError, ValueError, TypeError, KeyError) as exc:
+            self.counters["malformed"] += 1
+            log.warning("scheduler dropped a message from %r: %s", rid, exc)
+            peer = self._peers.get(rid)
+            if peer is not None and peer[0] == "worker":
+                # Its tasks would wait for results that cannot be read:
+                # they run elsewhere, and the worker must say HELLO again.
+                self._send(rid, sp.message(sp.RESET))
+                self._gone(rid, "sent a malformed message")
+
+    def _hello(self, rid, frames):
+        hello = sp.parse_body(frames[2].bytes)
+        if type(hello) is not dict:
+            raise sp.ProtocolError("HELLO body is not a dict")
+        if rid in self._peers:
+            self._gone(rid, "said HELLO again")
+        try:
+            fd = frames[2].get(zmq.SRCFD)
+        except zmq.ZMQError:
+            fd = None  # inproc: a peer in this process, which lives as long as we do
+        if fd is not None:
+            old = self._fdmap.hello(fd, rid)
+            if old is not None:
+                self._gone(old, "its descriptor was reused")
+        trusted = self._trust(frames[2])
+        role = hello.get("role")
+        now = time.monotonic()
+        if role == sp.ROLE_WORKER:
+            worker = _Worker(rid, self._next_worker, hello, trusted, now)
+            self._next_worker += 1
+            self._peers[rid] = ("worker", worker)
+            self.ledger.workers[rid] = worker
+            self._send(rid, sp.message(sp.WELCOME, {"worker_no": worker.no}))
+            log.info("worker %d joined (%s pid %d)", worker.no, worker.host, worker.pid)
+            waiting, self._stats_waiting = self._stats_waiting, []
+            for client, request in waiting:
+                if self.ledger.clients.get(client.no) is client:
+                    self._stats(client, request)
+        elif role == sp.ROLE_CLIENT:
+            client = _Client(rid, self._next_client, hello, trusted)
+            self._next_client += 1
+            self.ledger.clients[client.no] = client
+            self._peers[rid] = ("client", client)
+            self._send(rid, sp.message(sp.WELCOME, {"client_no": client.no,
+                                                    "workers": len(self.ledger.workers)}))
+        elif role == sp.ROLE_SUBMIT:
+            client = self.ledger.clients.get(hello.get("client_no"))
+            if client is None:
+                raise sp.ProtocolError("submit connection for unknown client")
+            self._peers[rid] = ("submit", client)
+            # Tasks arrive on this connection: both must be trusted.
+            client.trusted = client.trusted and trusted
+        else:
+            self._fdmap.forget(rid)
+            raise sp.ProtocolError("HELLO with role %r" % (role,))
+
+    def _trust(self, frame):
+        """Whether the sender of ``frame`` may send pickles (see __init__)."""
+        if self.trusted is not None:
+            return bool(self.trusted)
+        return sender_may_pickle(frame, private_ipc=self._private_ipc,
+                                 inproc=self.address.startswith("inproc://"))
+
+    def _stats(self, client, request):
+        if type(request) is not dict:
+            raise sp.ProtocolError("STATS body is not a dict")
+        ledger = self.ledger
+        if len(ledger.workers) < request.get("wait_workers", 0):
+            self._stats_waiting.append((client, request))
+            return
+        workers = ledger.worker_stats(time.monotonic())
+        queued = sum(len(c.queue) for c in ledger.clients.values())
+        running = sum(len(w.inhand) for w in ledger.workers.values())
+        self._send(client.rid, sp.message(sp.STATS, {
+            "id": request.get("id"), "workers": workers, "queued": queued, "running": running,
+            "counters": dict(self.counters)}))
+
+    def _shutdown(self):
+        """Stop every worker, then leave once they have gone (at most
+        SHUTDOWN_SECONDS later)."""
+        for worker in list(self.ledger.workers.values()):
+            self._send(worker.rid, sp.message(sp.STOP))
+        self._stopping = time.monotonic() + SHUTDOWN_SECONDS
+
+    # ------------------------------------------------------------ liveness
+
+    def _monitor_event(self, frames):
+        event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            rid = self._fdmap.disconnected(event["value"])
+            if rid is not None:
+                self._gone(rid, "disconnected")
+
+    def _probe(self):
+        probe = sp.message(sp.PROBE)
+        for rid, (role, _) in list(self._peers.items()):
+            if role != "submit" and rid in self._peers:
+                self._send(rid, probe)
+
+    def _gone(self, rid, why):
+        """A peer left or was declared dead: re-dispatch what it held."""
+        peer = self._peers.pop(rid, None)
+        self._fdmap.forget(rid)
+        if peer is None:
+            return
+        role, obj = peer
+        self.counters["%s gone: %s" % (role, why)] += 1
+        if role == "worker":
+            self.ledger.worker_gone(obj, why)
+        elif role == "client":
+            self.ledger.client_gone(obj)
+            for other, (r, o) in list(self._peers.items()):
+                if r == "submit" and o is obj:
+                    self._peers.pop(other)
+                    self._fdmap.forget(other)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m zmq_cluster._start scheduler")
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="write the bound address and a newline to this descriptor")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    from .process import die_with_parent
+    die_with_parent()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s scheduler %(message)s")
+    scheduler = Scheduler(args.listen, heartbeat_timeout=args.heartbeat_timeout)
+    # Per-task records are short-lived containers: collect young objects
+    # rarely (there are no cycles to find on the hot path).
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, (scheduler.address + "\n").encode())
+        os.close(args.ready_fd)
+    scheduler.run()
+    return 0
+

@@ -1,0 +1,109 @@
+"""Task and result bodies of the pool, and the exceptions they carry.
+
+A task is a REQUEST message (docs/protocol.md) whose payload is
+``(mode, items)``: ``mode`` says how each item calls the function (MODE_MAP
+``f(x)``, MODE_STAR ``f(*x)``, MODE_CALL ``f(*args, **kwargs)`` with
+``x == (args, kwargs)``) and ``items`` is the chunk. Its result is a RESULT
+message with the same task id whose payload is ``(values, errors)``:
+``values`` has one entry per item (None where the item failed) and
+``errors`` is None or a list of ``(index, exception)``. Exceptions travel in
+the wire format's native form (type, args, message, traceback text), so a
+failure reaches a client that refuses pickle too: a trusting receiver gets
+the original type back, with the remote traceback as its ``__cause__``, any
+other a RemoteError.
+"""
+
+from . import framing
+from .exceptions import EncodeError, RemoteError, WorkerException
+from .protocol import KIND_REQUEST, KIND_RESULT
+from .schedproto import MODE_CALL, MODE_MAP, MODE_STAR
+
+__all__ = ["encode_task", "run_items", "encode_result", "task_failure",
+           "decode_result", "rebuild_error"]
+
+_encode = framing.encode
+_decode = framing.decode
+
+
+def encode_task(mode, items, task_id):
+    """The wire-format frames of one task (arrays as buffer frames)."""
+    return _encode((mode, items), KIND_REQUEST, task_id)
+
+
+def run_items(fn, mode, items):
+    """Run a chunk: ``(values, errors)`` as described above."""
+    if mode == MODE_MAP:
+        try:
+            return [fn(x) for x in items], None
+        except Exception:
+            pass  # redo item by item to find which failed
+    n = len(items)
+    values = [None] * n
+    errors = None
+    for i in range(n):
+        try:
+            x = items[i]
+            if mode == MODE_MAP:
+                values[i] = fn(x)
+            elif mode == MODE_STAR:
+                values[i] = fn(*x)
+            elif mode == MODE_CALL:
+                args, kwargs = x
+                values[i] = fn(*args, **kwargs)
+            else:
+                raise ValueError("unknown task mode %r" % (mode,))
+        except Exception as exc:
+            if errors is None:
+                errors = []
+            errors.append((i, exc))
+    return values, errors
+
+
+def task_failure(exc, task_id):
+    """The frames of a result in which every item of the task failed with
+    ``exc``: ``values`` is None and ``errors`` holds one entry, index -1
+    (the scheduler, which makes these, does not know the chunk's size)."""
+    return _encode((None, [(-1, exc)]), KIND_RESULT, task_id)
+
+
+def encode_result(values, errors, task_id):
+    """The frames of a result. A value that cannot be encoded turns into a
+    failure of its item, saying why."""
+    try:
+        return _encode((values, errors), KIND_RESULT, task_id)
+    except Exception:
+        pass
+    values = list(values)
+    errors = list(errors or ())
+    for i, v in enumerate(values):
+        try:
+            _encode(v, KIND_RESULT)
+        except Exception as exc:
+            values[i] = None
+            errors.append((i, EncodeError("the result of item %d could not be sent back: %s"
+                                          % (i, exc))))
+    errors.sort(key=lambda e: e[0])
+    return _encode((values, errors or None), KIND_RESULT, task_id)
+
+
+def decode_result(frames, allow_pickle):
+    """``(values, errors)`` of a result message."""
+    kind, _, body = _decode(frames, allow_pickle=allow_pickle)
+    if kind != KIND_RESULT or type(body) is not tuple or len(body) != 2:
+        raise ValueError("not a pool result")
+    return body
+
+
+def rebuild_error(error, allow_pickle=True):
+    """The exception to raise in the caller for one ``errors`` entry: the
+    original type when the decoder could rebuild it (it trusts the sender
+    and the type imports here), with the remote traceback as its
+    ``__cause__`` and ``remote_traceback``; else a WorkerException carrying
+    ``type_name``, ``message`` and ``remote_traceback`` (and the
+    RemoteError as ``worker_exception``)."""
+    exc = error[1]
+    if isinstance(exc, RemoteError):
+        return WorkerException(None, exc)
+    if isinstance(exc, BaseException):
+        return exc
+    return WorkerException("a failure of unknown form: %r" % (exc,))

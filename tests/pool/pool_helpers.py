@@ -1,0 +1,47 @@
+"""Helpers of the pool tests: waiting for processes to end (pidfd, no
+sleeps) and asking the scheduler who holds tasks."""
+
+import os
+import select
+import time
+
+import pytest
+
+
+def wait_gone(pids, timeout):
+    """Wait until every pid has exited (pidfd: no polling); the pids still
+    alive after ``timeout`` seconds."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select(list(fds), [], [], left)
+            for fd in ready:
+                os.close(fd)
+                fds.pop(fd)
+        return sorted(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def scheduler_counters(pool):
+    return pool._client.stats()["counters"]
+
+
+def worker_holding_tasks(pool, timeout=10.0):
+    """The pid of a worker that holds at least one task (STATS, bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for w in pool._client.stats()["workers"]:
+            if w["in_hand"] > 0:
+                return w["pid"]
+    pytest.fail("no worker holds a task")
