@@ -1,30 +1,34 @@
-"""The processes of the throughput suite: one driver and its workers per pipeline.
+"""The processes of the throughput suite: drivers and workers, and the entry
+point of every role (the free-running roles are in ``_freerun.py``).
 
-Run by ``benchmarks/conftest.py`` as scripts, never imported by pytest:
+Run by the harness (``_harness.py``) as scripts, never imported by pytest:
 
     python _pipelines.py driver --impl IMPL --transport T --dir D --ctl URL
     python _pipelines.py worker --impl IMPL --requests URL --results URL [--commands URL]
+    python _pipelines.py ventilator|sink|mp ...        (see _freerun.py)
 
 IMPL is one of
 
-* ``ours``   -- zmq_cluster: Ventilator -> BasicWorker (default identity
-  HandleRequest) -> Sink. The framing twin is whatever the process's
-  environment selects (``ZMQ_CLUSTER_NO_EXTENSIONS``), set by the harness;
-  ``--expect-fastpath`` makes a process refuse to run in the wrong mode.
+* ``ours``   -- zmq_cluster: Ventilator -> a BasicWorker whose HandleRequest
+  returns ``request + 1`` (an array as it is) -> Sink. The framing twin is
+  whatever the process's environment selects (``ZMQ_CLUSTER_NO_EXTENSIONS``),
+  set by the harness; ``--expect-fastpath`` makes a process refuse to run in
+  the wrong mode.
 * ``raw``    -- plain pyzmq, the ceiling for Python: PUSH -> PULL/PUSH -> PULL
-  of bytes frames; large arrays as multipart ``[header, array]`` with
-  ``copy=False`` and ``np.frombuffer`` on both hops.
-* ``pickle`` -- the original glimpse design: ``send_pyobj``/``recv_pyobj`` of
-  a request object and a result object (pickled each way).
-* ``mp``     -- ``multiprocessing.Pool.imap(identity, ..., chunksize=1)``
+  of 8-byte frames (an int64, sent back one higher); large arrays as
+  multipart ``[header, array]`` with ``copy=False`` and ``np.frombuffer`` on
+  both hops.
+* ``pickle`` -- the documented module's design: ``send_pyobj``/``recv_pyobj``
+  of a request object and a result object (pickled each way).
+* ``mp``     -- ``multiprocessing.Pool.imap(plus_one, ..., chunksize=1)``
   (the driver makes the pool; no worker processes of ours).
 
-The driver binds the data sockets and obeys JSON commands on a PAIR control
+A driver binds the data sockets and obeys JSON commands on a PAIR control
 socket (``--ctl``, bound by the harness): ``connect``, ``prepare``,
-``small``, ``large``, ``latency`` and ``stop``; every reply is a JSON object
-with ``ok`` (and ``error``, a traceback, when not ok). Every receive here is
-bounded: data receives by RECV_MS, control receives by IDLE_MS, after which
-an orphaned process exits on its own.
+``small`` (the windowed case), ``large``, ``latency`` and ``stop``; every
+reply is a JSON object with ``ok`` (and ``error``, a traceback, when not
+ok). Every receive here is bounded: data receives by RECV_MS, control
+receives by IDLE_MS, after which an orphaned process exits on its own.
 """
 
 import argparse
@@ -39,15 +43,15 @@ import traceback
 import numpy as np
 import zmq
 
-#: Bound on any one data receive (ms): a lost message fails the batch.
-RECV_MS = 60_000
-#: A process that hears nothing for this long (ms) assumes it was orphaned.
-IDLE_MS = 600_000
-#: How long the driver waits for workers to connect (ms).
-CONNECT_MS = 60_000
-#: Small tasks in flight at once, and how many are sent per refill. Below the
-#: sum of the default high-water marks (4 x 1000 messages between ventilator
-#: and sink), so a blocking send can never deadlock against an unread sink.
+from _common import (
+    CONNECT_MS, IDLE_MS, RAW_ECHO, RAW_INT, RECV_MS, Request, Result, bind, check_mode,
+    check_plus_one, handshake_monitor, plus_one, serve, wait_handshakes,
+)
+
+#: Small tasks in flight at once in the windowed case, and how many are sent
+#: per refill. Below the sum of the default high-water marks (4 x 1000
+#: messages between ventilator and sink), so a blocking send can never
+#: deadlock against an unread sink.
 SMALL_WINDOW = 1000
 SMALL_REFILL = 100
 #: Bytes of large arrays in flight at once (at least one array).
@@ -55,69 +59,35 @@ LARGE_WINDOW_BYTES = 256 << 20
 #: Every LARGE_STRIDE-th element of each large result is compared.
 LARGE_STRIDE = 4099
 
-_RAW_HEADER = struct.Struct("<Q")  # element count of a raw array message
-
-
-# ---------------------------------------------------------- the pickle design
-
-class Request:
-    """A task request of the original design (pickled whole)."""
-
-    def __init__(self, payload=None, metadata=None):
-        self.payload = payload
-        self.metadata = metadata
-
-
-class Result:
-    """A task result of the original design (pickled whole)."""
-
-    STATUS_SUCCESS = "OK"
-    STATUS_FAIL = "FAIL"
-
-    def __init__(self, status=None, payload=None, request_metadata=None, metadata=None,
-                 exception=None):
-        self.status = status
-        self.payload = payload
-        self.request_metadata = request_metadata
-        self.metadata = metadata
-        self.exception = exception
-
-
-def identity(x):
-    """The task of every pipeline."""
-    return x
-
-
-def _pool_pid(_):
-    return os.getpid()
+#: A raw array message's header: element count and item size (16 bytes, so
+#: that the worker tells it from an 8-byte small task by its length alone:
+#: pyzmq's ``rcvmore`` property costs over a microsecond a call).
+_RAW_HEADER = struct.Struct("<QQ")
 
 
 # ------------------------------------------------------------------- workers
 
-def _check_mode(expect):
-    """Import zmq_cluster and refuse to run in the wrong framing mode."""
-    import zmq_cluster as zc
-    if expect is not None and bool(zc.FASTPATH) != bool(expect):
-        sys.exit("zmq_cluster.FASTPATH is %s in pid %d, expected %s"
-                 % (zc.FASTPATH, os.getpid(), bool(expect)))
-    return zc
-
-
 def worker_ours(args):
-    zc = _check_mode(args.expect_fastpath)
+    zc = check_mode(args.expect_fastpath)
+
+    class Worker(zc.BasicWorker):
+        def HandleRequest(self, request):
+            return request + 1 if type(request) is int else request  # plus_one, inline
+
     ctx = zmq.Context()
     try:
-        # The default HandleRequest returns the payload: the identity task.
-        zc.BasicWorker(ctx, zc.Connect(args.requests), zc.Connect(args.results),
-                       zc.Connect(args.commands), receiver_timeout=IDLE_MS).Run()
+        Worker(ctx, zc.Connect(args.requests), zc.Connect(args.results),
+               zc.Connect(args.commands), receiver_timeout=IDLE_MS).Run()
     finally:
         ctx.destroy(linger=0)
 
 
 def worker_raw(args):
-    """Echo bytes frames; a two-frame message is an array, viewed with
-    np.frombuffer on the received frame and sent back zero-copy. An empty
-    frame stops the worker."""
+    """Plain pyzmq, as fast as it goes: an 8-byte frame is a small task and
+    goes back as the int64 one higher; a 16-byte frame is an array's header,
+    followed by the array's frame, viewed with np.frombuffer and sent back
+    zero-copy. An empty frame stops the worker. (Told apart by length, not
+    by pyzmq's ``rcvmore``, which costs over a microsecond a call.)"""
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     push = ctx.socket(zmq.PUSH)
@@ -126,15 +96,21 @@ def worker_raw(args):
         pull.connect(args.requests)
         push.connect(args.results)
         recv, send = pull.recv, push.send
+        from_bytes, to_bytes = int.from_bytes, int.to_bytes
+        echo = RAW_ECHO
         while True:
             msg = recv()
-            if pull.rcvmore:
+            if len(msg) == 8:
+                if echo:
+                    send(msg)
+                else:
+                    send(to_bytes(from_bytes(msg, "little", signed=True) + 1, 8, "little",
+                                  signed=True))
+            elif msg:  # an array's header: its frame follows
                 frame = recv(copy=False)
                 array = np.frombuffer(frame.buffer, dtype=np.float64)
                 send(msg, zmq.SNDMORE)
                 send(array, copy=False)
-            elif msg:
-                send(msg)
             else:
                 break
     finally:
@@ -144,8 +120,10 @@ def worker_raw(args):
 
 
 def worker_pickle(args):
-    """The original design's worker loop: unpickle a Request, run the task,
-    pickle a Result carrying the same metadata as ours. None stops it."""
+    """The documented module's worker loop: unpickle a Request, run the
+    task, pickle a Result carrying the same metadata as ours. None stops it.
+    (The documented worker also polls its command socket before every
+    request; this one does not, which only makes it faster.)"""
     identity_info = {"host": _socket.gethostname(), "pid": os.getpid()}
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -160,7 +138,7 @@ def worker_pickle(args):
                 break
             start = time.perf_counter()
             try:
-                result = Result(Result.STATUS_SUCCESS, identity(request.payload),
+                result = Result(Result.STATUS_SUCCESS, plus_one(request.payload),
                                 request.metadata)
             except Exception as exc:
                 result = Result(Result.STATUS_FAIL, None, request.metadata, exception=exc)
@@ -172,36 +150,11 @@ def worker_pickle(args):
         ctx.term()
 
 
+def _pool_pid(_):
+    return os.getpid()
+
+
 # ------------------------------------------------------------------- drivers
-
-def _bind(sock, transport, path):
-    if transport == "ipc":
-        url = "ipc://" + path
-        sock.bind(url)
-        return url
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    return "tcp://127.0.0.1:%d" % port
-
-
-def _wait_handshakes(sock, monitor, count, timeout_ms):
-    """Wait for ``count`` ZMTP handshakes on ``sock``, counted on ``monitor``
-    (made before the workers started, so that no event is missed); the
-    monitor is closed afterwards."""
-    from zmq.utils.monitor import recv_monitor_message
-    try:
-        deadline = time.monotonic() + timeout_ms / 1000
-        seen = 0
-        while seen < count:
-            left = int((deadline - time.monotonic()) * 1000)
-            if left <= 0 or not monitor.poll(left):
-                raise TimeoutError("%d of %d workers connected" % (seen, count))
-            if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                seen += 1
-        return seen
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
-
 
 class Driver:
     """Ventilator and sink of one pipeline; subclasses say how to send and
@@ -230,7 +183,7 @@ class Driver:
 
     # payloads ---------------------------------------------------------------
     def small_payload(self, i):
-        return np.array([float(i)])
+        return i
 
     def small_payloads(self, n):
         if n not in self.small:
@@ -238,7 +191,7 @@ class Driver:
         return self.small[n]
 
     def small_values(self, results):
-        return np.concatenate(results)
+        return results
 
     def prepare(self, mib):
         """Make the large array (outside the timed part) and send it through
@@ -275,9 +228,7 @@ class Driver:
     def run_small(self, n):
         payloads = self.small_payloads(n)
         results = list(self.pipeline(payloads, SMALL_WINDOW, SMALL_REFILL))
-        values = np.sort(self.small_values(results))
-        if len(results) != n or not np.array_equal(values, np.arange(n, dtype=np.float64)):
-            raise AssertionError("small tasks: results differ from requests")
+        check_plus_one(self.small_values(results), n)
 
     def run_large(self, n):
         base, sample = self.large
@@ -302,7 +253,7 @@ class Driver:
             for result in self.receive(1):
                 pass
             rtt.append(clock() - start)
-            if self.small_values([result])[0] != 7.0:
+            if self.small_values([result])[0] != 8:
                 raise AssertionError("latency: wrong result")
         return {"rtt_ns": rtt}
 
@@ -318,18 +269,18 @@ class SocketDriver(Driver):
         self.push = ctx.socket(zmq.PUSH)
         self.pull = ctx.socket(zmq.PULL)
         self.pull.rcvtimeo = RECV_MS
-        self.request_url = _bind(self.push, args.transport, os.path.join(args.dir, "req"))
-        self.result_url = _bind(self.pull, args.transport, os.path.join(args.dir, "res"))
+        self.request_url = bind(self.push, args.transport, os.path.join(args.dir, "req"))
+        self.result_url = bind(self.pull, args.transport, os.path.join(args.dir, "res"))
         self.monitor = None
         if self.own_monitor:
-            self.monitor = self.push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self.monitor = handshake_monitor(self.push)
 
     def urls(self):
         return {"requests": self.request_url, "results": self.result_url}
 
     def connect(self, workers):
         self.workers = workers
-        seen = _wait_handshakes(self.push, self.monitor, workers, CONNECT_MS)
+        seen = wait_handshakes(self.push, self.monitor, workers)
         self.monitor = None
         # A warm-up round trip per worker: result connections are up too.
         self.run_small(8 * workers)
@@ -344,13 +295,13 @@ class SocketDriver(Driver):
 
 class RawDriver(SocketDriver):
     def small_payload(self, i):
-        return np.array([float(i)]).tobytes()
+        return RAW_INT.pack(i)
 
     def small_values(self, results):
-        return np.frombuffer(b"".join(results), dtype=np.float64)
+        return (np.frombuffer(b"".join(results), "<i8") + RAW_ECHO).tolist()
 
     def large_payload(self, base):
-        return (_RAW_HEADER.pack(base.size), base)
+        return (_RAW_HEADER.pack(base.size, base.itemsize), base)
 
     def send(self, items):
         send = self.push.send
@@ -364,11 +315,11 @@ class RawDriver(SocketDriver):
         recv = self.pull.recv
         for _ in range(n):
             msg = recv()
-            if self.pull.rcvmore:
+            if len(msg) == 8:
+                yield msg
+            else:  # an array's header: its frame follows
                 frame = recv(copy=False)
                 yield np.frombuffer(frame.buffer, dtype=np.float64)
-            else:
-                yield msg
 
     def stop(self):
         for _ in range(self.workers):
@@ -402,7 +353,7 @@ class OursDriver(SocketDriver):
     own_monitor = False
 
     def __init__(self, args, ctx):
-        self.zc = zc = _check_mode(args.expect_fastpath)
+        self.zc = zc = check_mode(args.expect_fastpath)
         super().__init__(args, ctx)
         self.command_url = "ipc://" + os.path.join(args.dir, "cmd")
         self.ventilator = zc.Ventilator(ctx, self.push)
@@ -451,7 +402,7 @@ class PoolDriver(Driver):
         return {"peers": len(pids)}
 
     def pipeline(self, payloads, window, refill=1):
-        it = self.pool.imap(identity, payloads, chunksize=1)
+        it = self.pool.imap(plus_one, payloads, chunksize=1)
         for _ in payloads:
             yield it.next(RECV_MS / 1000)
 
@@ -488,34 +439,9 @@ def driver_main(args):
         ctl.send_json(hello)
         if driver is None:
             return 1
-        while True:
-            if not ctl.poll(IDLE_MS):
-                print("driver %d: no command for %d s, exiting" % (os.getpid(), IDLE_MS // 1000),
-                      file=sys.stderr)
-                return 1
-            command = ctl.recv_json()
-            op = command["op"]
-            try:
-                if op == "connect":
-                    reply = driver.connect(command["workers"])
-                elif op == "prepare":
-                    reply = driver.prepare(command["mib"])
-                elif op == "small":
-                    reply = driver.run_small(command["n"])
-                elif op == "large":
-                    reply = driver.run_large(command["n"])
-                elif op == "latency":
-                    reply = driver.run_latency(command["n"])
-                elif op == "stop":
-                    reply = driver.stop()
-                else:
-                    raise ValueError("unknown op %r" % op)
-                reply = dict(reply or {}, ok=True)
-            except Exception:
-                reply = {"ok": False, "error": traceback.format_exc()}
-            ctl.send_json(reply)
-            if op == "stop":
-                return 0
+        return serve(ctl, {"connect": driver.connect, "prepare": driver.prepare,
+                           "small": driver.run_small, "large": driver.run_large,
+                           "latency": driver.run_latency, "stop": driver.stop}, "driver")
     finally:
         if driver is not None:
             driver.close()
@@ -525,11 +451,11 @@ def driver_main(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["driver", "worker"])
-    parser.add_argument("--impl", required=True, choices=sorted(DRIVERS))
+    parser.add_argument("role", choices=["driver", "worker", "ventilator", "sink", "mp"])
+    parser.add_argument("--impl", choices=sorted(DRIVERS), default="mp")
     parser.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
-    parser.add_argument("--dir", help="driver: directory for ipc:// endpoints")
-    parser.add_argument("--ctl", help="driver: control endpoint (bound by the harness)")
+    parser.add_argument("--dir", help="directory for ipc:// endpoints")
+    parser.add_argument("--ctl", help="control endpoint (bound by the harness)")
     parser.add_argument("--requests")
     parser.add_argument("--results")
     parser.add_argument("--commands")
@@ -537,8 +463,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.role == "driver":
         return driver_main(args)
-    WORKERS[args.impl](args)
-    return 0
+    if args.role == "worker":
+        WORKERS[args.impl](args)
+        return 0
+    from _freerun import role_main
+    return role_main(args.role, args)
 
 
 if __name__ == "__main__":

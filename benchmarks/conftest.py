@@ -21,33 +21,22 @@ the ``ours-fast`` cases when the compiled extension does not import.
 
 import atexit
 import datetime
-import itertools
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import zmq
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SCRIPT = HERE / "_pipelines.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import HERE, ROOT, Pipeline, probe  # noqa: E402
 
 #: Implementations, in the order the summary shows them.
-IMPLS = ("ours-fast", "ours-py", "raw", "pickle", "mp")
-
-#: Bound on one control reply (a batch, a start, a stop), seconds.
-CALL_TIMEOUT = 600
-START_TIMEOUT = 120
-STOP_TIMEOUT = 30
+IMPLS = ("ours-fast", "ours-py", "raw", "raw-echo", "pickle", "mp")
 
 
 # --------------------------------------------------------------- settings
@@ -59,11 +48,15 @@ class Settings:
         self.quick = quick
         if quick:
             self.rounds, self.warmup = 2, 0
+            self.free_rounds = 2
+            self.free_n = 2_000
             self.small_n = 400
             self.large_bytes = 64 << 20   # per round, each way
             self.latency_n = 200
         else:
             self.rounds, self.warmup = 7, 1
+            self.free_rounds = 7          # after the pipeline's own warm-up
+            self.free_n = 100_000
             self.small_n = 20_000
             self.large_bytes = 512 << 20
             self.latency_n = 3_000
@@ -90,6 +83,7 @@ def _env_flag(name):
 def pytest_configure(config):
     config.addinivalue_line("markers", "timeout: pytest-timeout's per-test limit")
     config._zc_records = []
+    config._zc_load_start = os.getloadavg()
     config._zc_settings = Settings(config.getoption("--quick", False)
                                    or _env_flag("ZMQ_CLUSTER_BENCH_QUICK"))
 
@@ -101,162 +95,15 @@ def settings(request):
 
 # ------------------------------------------------------------ environments
 
-def _base_env():
-    """The environment of every subprocess: ours, with ``src`` put on
-    PYTHONPATH when zmq_cluster is not importable otherwise (a checkout that
-    was not installed)."""
-    env = dict(os.environ)
-    env.pop("ZMQ_CLUSTER_NO_EXTENSIONS", None)
-    if find_spec("zmq_cluster") is None:
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def env_for(impl):
-    env = _base_env()
-    if impl == "ours-py":
-        env["ZMQ_CLUSTER_NO_EXTENSIONS"] = "1"
-    return env
-
-
-_PROBE = "import zmq_cluster as z; print(int(z.FASTPATH))"
-
-
-def _probe(impl):
-    """None if ``impl``'s mode imports as expected, else why not."""
-    try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE], env=env_for(impl),
-                              capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return "importing zmq_cluster took over 120 s"
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode]
-        return lines[-1]
-    want = "1" if impl == "ours-fast" else "0"
-    if proc.stdout.strip() != want:
-        return "zmq_cluster.FASTPATH is %s" % proc.stdout.strip()
-    return None
-
-
 @pytest.fixture(scope="session")
 def modes(request):
     """{impl: None or the reason it cannot run} for ours-fast and ours-py."""
-    found = {impl: _probe(impl) for impl in ("ours-fast", "ours-py")}
+    found = {impl: probe(impl) for impl in ("ours-fast", "ours-py")}
     request.config._zc_modes = found
     return found
 
 
 # --------------------------------------------------------------- pipelines
-
-class PipelineError(RuntimeError):
-    pass
-
-
-class Pipeline:
-    """One driver process and its workers, all stopped by :meth:`close`."""
-
-    _counter = itertools.count()
-
-    def __init__(self, impl, transport, workers):
-        self.impl, self.transport, self.workers = impl, transport, workers
-        self.kind = impl.split("-")[0]
-        self.env = env_for(impl)
-        self.expect = {"ours-fast": "1", "ours-py": "0"}.get(impl)
-        self.dir = tempfile.mkdtemp(prefix="zcb-")  # short: ipc paths are < 108 bytes
-        self.ctx = zmq.Context()
-        self.ctl = None
-        self.driver = None
-        self.procs = []
-        self.closed = False
-        self.pending = False
-
-    def __repr__(self):
-        return "Pipeline(%s, %s, %d workers)" % (self.impl, self.transport, self.workers)
-
-    def _spawn(self, role, *args):
-        cmd = [sys.executable, str(SCRIPT), role, "--impl", self.kind] + list(args)
-        if self.expect is not None:
-            cmd += ["--expect-fastpath", self.expect]
-        proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
-        self.procs.append(proc)
-        return proc
-
-    def start(self):
-        try:
-            self.ctl = self.ctx.socket(zmq.PAIR)
-            url = "ipc://%s/ctl" % self.dir
-            self.ctl.bind(url)
-            self.driver = self._spawn("driver", "--transport", self.transport or "ipc",
-                                      "--dir", self.dir, "--ctl", url)
-            hello = self._reply(START_TIMEOUT)
-            urls = hello["urls"]
-            if self.kind != "mp":
-                for _ in range(self.workers):
-                    args = ["--requests", urls["requests"], "--results", urls["results"]]
-                    if "commands" in urls:
-                        args += ["--commands", urls["commands"]]
-                    self._spawn("worker", *args)
-            self.call("connect", START_TIMEOUT, workers=self.workers)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def _reply(self, timeout, stopping=False):
-        """The driver's next reply; raises if it does not come in time, or if
-        a process of the pipeline died meanwhile."""
-        deadline = time.monotonic() + timeout
-        while not self.ctl.poll(200):
-            for proc in self.procs:
-                if proc.poll() is not None and not (stopping and proc is not self.driver):
-                    raise PipelineError("%r: pid %d exited with status %s"
-                                        % (self, proc.pid, proc.returncode))
-            if time.monotonic() > deadline:
-                raise PipelineError("%r: no reply within %d s" % (self, timeout))
-        reply = self.ctl.recv_json()
-        if not reply.get("ok"):
-            raise PipelineError("%r failed:\n%s" % (self, reply.get("error")))
-        return reply
-
-    def call(self, op, timeout=CALL_TIMEOUT, **fields):
-        self.ctl.send_json(dict(fields, op=op))
-        self.pending = True  # until its reply is read
-        reply = self._reply(timeout, stopping=(op == "stop"))
-        self.pending = False
-        return reply
-
-    def close(self):
-        """Stop the workers through the pipeline's own stop path, then make
-        sure every process is gone and every socket closed."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            # A driver still busy with an interrupted command is not asked
-            # to stop: its processes are killed below.
-            if (self.driver is not None and self.driver.poll() is None and self.ctl is not None
-                    and not self.pending):
-                try:
-                    self.call("stop", STOP_TIMEOUT)
-                except Exception as exc:
-                    print("warning: %r did not stop cleanly: %s" % (self, exc), file=sys.stderr)
-            deadline = time.monotonic() + (0 if self.pending else STOP_TIMEOUT)
-            for proc in self.procs:
-                try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    print("warning: %r: killing pid %d" % (self, proc.pid), file=sys.stderr)
-        finally:
-            for proc in self.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            if self.ctl is not None:
-                self.ctl.close(linger=0)
-            self.ctx.destroy(linger=0)
-            shutil.rmtree(self.dir, ignore_errors=True)
-
 
 class Pipelines:
     """Keeps one pipeline alive at a time: the tests are ordered so that all
@@ -293,6 +140,8 @@ def pipelines():
 
 
 def pipeline_key(item):
+    """The pipeline a case uses, for cases that share one (None for the
+    free-running cases, which start their own)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     if "impl" not in params or "workers" not in params:
         return None
@@ -313,14 +162,14 @@ def pytest_collection_modifyitems(session, config, items):
     """Group the benchmark items by pipeline (stable otherwise), leaving any
     other items where they are. When the run did not name benchmarks/ (a
     bare ``pytest`` that wandered in), skip them: they take minutes."""
-    slots = [i for i, item in enumerate(items)
-             if item.path.parent == HERE and pipeline_key(item) is not None]
-    if slots and not _named(config):
+    mine = [i for i, item in enumerate(items) if item.path.parent == HERE]
+    if mine and not _named(config):
         skip = pytest.mark.skip(reason="benchmarks run only when named: "
                                        "python -m pytest benchmarks/ [--quick]")
-        for i in slots:
+        for i in mine:
             items[i].add_marker(skip)
         return
+    slots = [i for i in mine if pipeline_key(items[i]) is not None]
     ours = [items[i] for i in slots]
     first = {}
     for item in ours:
@@ -366,7 +215,7 @@ def timed(benchmark, settings):
 
         def one_round():
             start = time.perf_counter()
-            replies.append(pipeline.call(op, **fields))
+            replies.append(pipeline.run(op, **fields))
             times.append(time.perf_counter() - start)
 
         benchmark.pedantic(one_round, rounds=settings.rounds, iterations=1,
@@ -403,6 +252,10 @@ def _rfmt(value):
     return "-" if value is None else "%.2fx" % value
 
 
+#: Cases, in the order the summary shows them.
+CASES = ["small", "small-windowed", "large", "latency"]
+
+
 def build_summary(records):
     """Ratios per case from this run's medians. Throughput ratios are ours /
     other (higher is better for ours); latency ratios are ours / raw of the
@@ -413,32 +266,34 @@ def build_summary(records):
             rec["impl"])] = rec
     rows = []
     cases = sorted({k[:4] for k in by}, key=lambda k: (
-        ["small", "large", "latency"].index(k[0]), str(k[1]), k[2] or 0, k[3] or 0))
+        CASES.index(k[0]), str(k[1]), k[2] or 0, k[3] or 0))
     for case, transport, workers, mib in cases:
-        if case == "small" and transport is None:
+        if case.startswith("small") and transport is None:
             continue  # mp rows are shown beside each transport
         def get(impl, field, _case=case, _t=transport):
-            t = None if impl == "mp" else _t
+            t = None if impl.startswith("mp") else _t
             rec = by.get((_case, t, workers, mib, impl))
             return None if rec is None else rec.get(field)
-        field = {"small": "tasks_per_s", "large": "gb_per_s", "latency": "p50_us"}[case]
+        field = {"large": "gb_per_s", "latency": "p50_us"}.get(case, "tasks_per_s")
         for mode in ("ours-fast", "ours-py"):
             ours = get(mode, field)
             if ours is None:
                 continue
             row = {"case": case, "transport": transport, "workers": workers, "mib": mib,
-                   "mode": mode, "unit": {"small": "tasks/s", "large": "GB/s",
-                                          "latency": "us"}[case],
-                   "ours": ours, "raw": get("raw", field), "pickle": get("pickle", field),
-                   "mp": get("mp", field) if case == "small" else None,
+                   "mode": mode, "unit": {"large": "GB/s", "latency": "us"}.get(case, "tasks/s"),
+                   "ours": ours, "raw": get("raw", field), "raw_echo": get("raw-echo", field),
+                   "pickle": get("pickle", field),
+                   "mp": get("mp", field), "mp_chunked": get("mp-chunked", field),
                    "other_mode": get("ours-py" if mode == "ours-fast" else "ours-fast", field)}
             if case == "latency":
                 row["ours_p99"] = get(mode, "p99_us")
                 row["raw_p99"] = get("raw", "p99_us")
                 row["pickle_p99"] = get("pickle", "p99_us")
             row["vs_raw"] = _ratio(ours, row["raw"])
+            row["vs_raw_echo"] = _ratio(ours, row["raw_echo"])
             row["vs_pickle"] = _ratio(ours, row["pickle"])
             row["vs_mp"] = _ratio(ours, row["mp"])
+            row["vs_mp_chunked"] = _ratio(ours, row["mp_chunked"])
             # fast path / pure Python: a speed-up for throughput, and for
             # latency py/fast so that > 1 also means the fast path wins.
             if mode == "ours-fast":
@@ -465,18 +320,28 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write = terminalreporter.write_line
     terminalreporter.section("zmq-cluster throughput summary (medians of this run)")
     settings = config._zc_settings
-    write("mode: %s; small N=%d, latency N=%d per round, %d rounds (+%d warm-up)"
+    write("mode: %s; free-running small N=%d x %d rounds; windowed small N=%d, latency N=%d "
+          "per round, %d rounds (+%d warm-up)"
           % ("QUICK (figures not meaningful)" if settings.quick else "full",
-             settings.small_n, settings.latency_n, settings.rounds, settings.warmup))
+             settings.free_n, settings.free_rounds, settings.small_n, settings.latency_n,
+             settings.rounds, settings.warmup))
+    write("load average (1, 5, 15 min): at the start %s, at the end %s" % (
+        " ".join("%.2f" % x for x in config._zc_load_start),
+        " ".join("%.2f" % x for x in os.getloadavg())))
     missing = {k: v for k, v in (getattr(config, "_zc_modes", {}) or {}).items() if v}
     for impl, why in missing.items():
         write("%s not run: %s" % (impl, why))
-    header = "%-22s %-9s %9s %9s %9s %9s %8s %8s %8s %8s" % (
-        "case", "mode", "ours", "raw", "pickle", "mp", "/raw", "/pickle", "/mp", "fast/py")
-    for case, title in (("small", "small tasks, tasks/s (ratios: ours/other, higher = ours faster)"),
-                        ("large", "large arrays, GB/s there and back (ratios: ours/other)"),
-                        ("latency", "latency p50 round trip, us (ratios: ours/other, "
-                                    "lower = ours faster; fast/py = py/fast)")):
+    header = "%-22s %-9s %9s %9s %9s %9s %9s %9s %7s %7s %7s %7s %7s %7s" % (
+        "case", "mode", "ours", "raw", "raw-echo", "pickle", "mp", "mp-chunk", "/raw", "/r-echo",
+        "/pickle", "/mp", "/mp-ch", "fast/py")
+    for case, title in (
+            ("small", "small tasks, free-running: ventilator, workers and sink in their own "
+                      "processes; tasks/s (ratios: ours/other, higher = ours faster)"),
+            ("small-windowed", "small tasks, windowed (ventilator and sink in one process, "
+                               "at most %d in flight); tasks/s" % 1000),
+            ("large", "large arrays, GB/s there and back (ratios: ours/other)"),
+            ("latency", "latency p50 round trip, us (ratios: ours/other, "
+                        "lower = ours faster; fast/py = py/fast)")):
         sel = [r for r in rows if r["case"] == case]
         if not sel:
             continue
@@ -484,14 +349,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         write(title)
         write(header)
         for r in sel:
-            write("%-22s %-9s %9s %9s %9s %9s %8s %8s %8s %8s" % (
+            write("%-22s %-9s %9s %9s %9s %9s %9s %9s %7s %7s %7s %7s %7s %7s" % (
                 _case_label(r), r["mode"], _fmt(r["ours"], r["unit"]), _fmt(r["raw"], r["unit"]),
-                _fmt(r["pickle"], r["unit"]), _fmt(r["mp"], r["unit"]), _rfmt(r["vs_raw"]),
-                _rfmt(r["vs_pickle"]), _rfmt(r["vs_mp"]), _rfmt(r["fast_vs_py"])))
+                _fmt(r["raw_echo"], r["unit"]), _fmt(r["pickle"], r["unit"]),
+                _fmt(r["mp"], r["unit"]), _fmt(r["mp_chunked"], r["unit"]),
+                _rfmt(r["vs_raw"]), _rfmt(r["vs_raw_echo"]), _rfmt(r["vs_pickle"]),
+                _rfmt(r["vs_mp"]), _rfmt(r["vs_mp_chunked"]), _rfmt(r["fast_vs_py"])))
         if case == "latency":
             write("p99 us: " + "; ".join("%s %s: ours %s raw %s pickle %s" % (
                 _case_label(r), r["mode"], _fmt(r["ours_p99"], "us"), _fmt(r["raw_p99"], "us"),
                 _fmt(r["pickle_p99"], "us")) for r in sel))
+    write("")
+    write("raw: plain pyzmq whose worker does the + 1; raw-echo: the same sending each task "
+          "back unchanged (plain pyzmq's best)")
+    write("mp: Pool.imap(chunksize=1), ours' chunk (one task per message); mp-chunk: "
+          "chunksize = ceil(n / (4 x workers)), Pool.map's default (an extra row for context)")
     path = Path(config.getoption("--bench-summary", None) or ROOT / ".benchmarks" / "summary.json")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -502,6 +374,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             "command": " ".join(sys.argv),
             "quick": settings.quick,
             "rounds": settings.rounds,
+            "free_rounds": settings.free_rounds,
+            "load_average": {"start": config._zc_load_start, "end": os.getloadavg()},
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform(), "pyzmq": zmq.pyzmq_version(),
                         "libzmq": zmq.zmq_version()},

@@ -1,11 +1,16 @@
 """Throughput suite: zmq_cluster (fast path and pure-Python twin) beside the
 alternatives, in the same run. A benchmark, not a timing test: nothing here
-asserts on speed; the drivers check every result's contents.
+asserts on speed; the processes check every result's contents.
 
-* small tasks: an 8-byte payload (a one-element float64 array; 8 raw bytes
-  for raw pyzmq), identity task, 1 and 2 worker processes, over ipc:// and
-  tcp://127.0.0.1; against raw pyzmq bytes frames, the pickled
-  request/result design (send_pyobj) and multiprocessing.Pool.imap.
+* small tasks, free-running: ventilator, workers and sink each in a process
+  of its own; the ventilator sends N ints as fast as the high-water mark
+  lets it, each worker returns ``x + 1``, the sink takes N results. 1 and 2
+  workers, over ipc:// and tcp://127.0.0.1; against raw pyzmq (8-byte
+  frames), the documented module's send_pyobj design and
+  multiprocessing.Pool.imap (chunksize 1, and Pool.map's default chunksize
+  as an extra row).
+* small tasks, windowed: the same task, ventilator and sink in one process
+  with at most 1000 tasks in flight (ipc, 1 worker).
 * large arrays: 1, 16 and 64 MiB float64 arrays there and back, 1 worker,
   ipc://; against raw pyzmq multipart copy=False + np.frombuffer, and pickle.
 * latency: p50/p99 round trip of one small task at a time.
@@ -15,8 +20,12 @@ bytes moved both ways / median round time (GB/s, 1e9 bytes). See
 benchmarks/README.md.
 """
 
+import statistics
+
 import numpy as np
 import pytest
+
+from _harness import FreePipeline
 
 # Generous per-test bound (pytest-timeout, if a project-wide one is lower).
 pytestmark = pytest.mark.timeout(900)
@@ -29,10 +38,16 @@ def _case(impl, transport, workers):
                         id="%s-%s-w%d" % (impl, transport or "pool", workers))
 
 
-SMALL = [_case(impl, transport, workers)
-         for transport in ("ipc", "tcp") for workers in (1, 2)
-         for impl in OURS + ("raw", "pickle")]
-SMALL += [_case("mp", None, workers) for workers in (1, 2)]
+#: Free-running small tasks: every implementation of a case runs in the same
+#: test, its pipelines all started, their rounds interleaved (A B C A B C...),
+#: so that the load of a shared machine drifting during the case weighs on
+#: each alike. mp has no transport: it runs with the ipc cases.
+SMALL_IMPLS = OURS + ("raw", "raw-echo", "pickle")
+SMALL = [pytest.param(transport, workers, id="%s-w%d" % (transport, workers))
+         for transport in ("ipc", "tcp") for workers in (1, 2)]
+
+WINDOWED = [_case(impl, "ipc", 1) for impl in OURS + ("raw", "pickle")]
+WINDOWED += [_case("mp", None, 1)]
 
 LARGE_MIB = (1, 16, 64)
 LARGE = [_case(impl, "ipc", 1) for impl in OURS + ("raw", "pickle")]
@@ -55,17 +70,62 @@ def _guard(pipelines, fn):
         raise
 
 
-@pytest.mark.parametrize("impl,transport,workers", SMALL)
-def test_small_tasks(benchmark, pipelines, available, settings, record, timed, impl, transport,
-                     workers):
+@pytest.mark.parametrize("transport,workers", SMALL)
+def test_small_tasks(benchmark, pipelines, available, settings, record, transport, workers):
+    pipelines.close()  # (the shared one of other cases: idle, but still processes)
+    n = settings.free_n
+    benchmark.group = "small free-running %s w%d" % (transport, workers)
+    impls = []
+    for impl in SMALL_IMPLS:
+        try:
+            if impl in OURS:
+                available(impl)  # (fails the case for a fast path that is required)
+        except pytest.skip.Exception:
+            continue
+        impls.append(impl)
+    if transport == "ipc":
+        impls.append("mp")
+    chunked = -(-n // (4 * workers))  # Pool.map's default chunksize
+    seconds = {impl: [] for impl in impls + ["mp-chunked"]}
+    started = []
+    try:
+        for impl in impls:
+            started.append(FreePipeline(impl, None if impl == "mp" else transport,
+                                        workers).start())
+
+        def one_round():
+            for pipeline in started:
+                seconds[pipeline.impl].append(pipeline.round(n))
+                if pipeline.impl == "mp":   # Pool.map, its default chunksize
+                    seconds["mp-chunked"].append(pipeline.round(n, chunked))
+
+        benchmark.pedantic(one_round, rounds=settings.free_rounds, iterations=1)
+    finally:
+        for pipeline in started:
+            pipeline.close()
+    for impl, times in seconds.items():
+        if not times:
+            continue
+        info = {"tasks_per_s": n / statistics.median(times), "n": n, "payload_bytes": 8,
+                "workers": workers, "transport": None if impl.startswith("mp") else transport,
+                "rounds_tasks_per_s": [n / t for t in times]}
+        if impl == "mp-chunked":
+            info["chunksize"] = chunked
+        benchmark.extra_info[impl] = info
+        record("small", impl=impl, **info)
+
+
+@pytest.mark.parametrize("impl,transport,workers", WINDOWED)
+def test_small_windowed(benchmark, pipelines, available, settings, record, timed, impl,
+                        transport, workers):
     pipeline = _use(pipelines, available, impl, transport, workers)
     n = settings.small_n
-    benchmark.group = "small %s w%d" % (transport or "ipc/tcp", workers)
+    benchmark.group = "small windowed %s w%d" % (transport or "ipc/tcp", workers)
     seconds, _ = _guard(pipelines, lambda: timed(pipeline, "small", n=n))
     info = {"tasks_per_s": n / seconds, "mode": impl, "transport": transport,
             "workers": workers, "n": n, "payload_bytes": 8}
     benchmark.extra_info.update(info)
-    record("small", impl=impl, **{k: v for k, v in info.items() if k != "mode"})
+    record("small-windowed", impl=impl, **{k: v for k, v in info.items() if k != "mode"})
 
 
 @pytest.mark.parametrize("mib", LARGE_MIB)
@@ -77,7 +137,7 @@ def test_large_arrays(benchmark, pipelines, available, settings, record, timed, 
     benchmark.group = "large %d MiB %s w%d" % (mib, transport, workers)
 
     def run():
-        nbytes = pipeline.call("prepare", mib=mib)["bytes"]
+        nbytes = pipeline.run("prepare", mib=mib)["bytes"]
         return nbytes, timed(pipeline, "large", n=n)[0]
 
     nbytes, seconds = _guard(pipelines, run)

@@ -16,7 +16,9 @@ per role (as msgpack-python builds its compiled core):
 * ``framing_decode.pxi``: the header reader, values, pickles, exceptions
   and ``decode``;
 * ``framing_dtypes.pxi``: dtype values and their caches, both directions;
-* ``framing_arrays.pxi``: arrays, both directions.
+* ``framing_arrays.pxi``: arrays, both directions;
+* ``framing_tasks.pxi``: task-shaped messages without their objects, and
+  the C interface the compiled wire module calls (``framing_api.pxi``).
 
 Encode writes the header into one C buffer (on the stack while it is small)
 with direct little-endian stores, dispatching on the exact type of each value
@@ -29,7 +31,8 @@ and errors match too.
 """
 
 from cpython.object cimport PyObject, PyTypeObject
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.pycapsule cimport PyCapsule_New
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_SIZE, PyList_GET_ITEM
@@ -63,7 +66,8 @@ from zmq_cluster._framing_common import (
 from zmq_cluster.exceptions import EncodeError, MessageFormatError
 from zmq_cluster.messages import ClusterRequest, ClusterResult
 from zmq_cluster.protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS,
+    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND,
+    KIND_REQUEST, KIND_RESULT, KINDS,
     MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
     TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT,
     TAG_INLINE_ARRAY, TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT,
@@ -71,6 +75,8 @@ from zmq_cluster.protocol import (
 )
 
 __all__ = ["encode", "decode", "frame_buffer"]
+
+include "framing_api.pxi"
 
 cnp.import_array()
 
@@ -209,6 +215,9 @@ def _init_codes():
 _init_codes()
 
 cdef dict _KINDS = KINDS
+cdef bint _KIND_OK[256]
+for _kind in range(256):
+    _KIND_OK[_kind] = _kind in KINDS
 cdef object _HEADER = HEADER
 cdef object _MAGIC = MAGIC
 cdef object _MFE = MessageFormatError
@@ -248,3 +257,4 @@ include "framing_encode.pxi"
 include "framing_decode.pxi"
 include "framing_dtypes.pxi"
 include "framing_arrays.pxi"
+include "framing_tasks.pxi"

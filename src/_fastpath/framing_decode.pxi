@@ -17,7 +17,8 @@ cdef struct Dec:
     Py_ssize_t used             # buffer frames referenced so far
     Py_ssize_t nframes          # buffer frames in the message
     PyObject* frames            # the frames (borrowed: decode() holds them)
-    PyObject* header            # the object whose memory p points into
+    PyObject* header            # the object whose memory p points into, or NULL...
+    PyObject* lazy              # ... then a bytes copy made when needed (owned)
     PyObject* allow_pickle
     PyObject* copy_threshold
     PyObject* alignment
@@ -30,21 +31,23 @@ cdef struct Dec:
     int pickle_ban              # _PICKLE_*: where a pickle is refused anyway
     bint load                   # second pass: load pickles, rebuild exceptions
     Py_ssize_t deferred         # first pass: pickles and exceptions to load
+    bint top                    # a ClusterRequest body is read as (payload, metadata)...
+    bint unwrapped              # ... and was
 
 
 cdef object _frame_data(object frame, const unsigned char** ptr, Py_ssize_t* size,
                         bint* writeable):
     """Point at a frame's bytes; returns the object that owns them (keep it)."""
     cdef Py_buffer view
-    if isinstance(frame, Frame):
-        ptr[0] = <const unsigned char*>libzmq.zmq_msg_data(&(<Frame>frame).zmq_msg)
-        size[0] = <Py_ssize_t>libzmq.zmq_msg_size(&(<Frame>frame).zmq_msg)
-        writeable[0] = True  # pyzmq exports a Frame's memory writeable
-        return frame
     if type(frame) is bytes:
         ptr[0] = <const unsigned char*>PyBytes_AS_STRING(frame)
         size[0] = PyBytes_GET_SIZE(frame)
         writeable[0] = False
+        return frame
+    if isinstance(frame, Frame):
+        ptr[0] = <const unsigned char*>libzmq.zmq_msg_data(&(<Frame>frame).zmq_msg)
+        size[0] = <Py_ssize_t>libzmq.zmq_msg_size(&(<Frame>frame).zmq_msg)
+        writeable[0] = True  # pyzmq exports a Frame's memory writeable
         return frame
     buf = _as_buffer(frame)  # a memoryview of format "B", as in the pure twin
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
@@ -80,9 +83,25 @@ cdef inline Py_ssize_t _items(Dec* d, str field, str what, Py_ssize_t per_item) 
     return count
 
 
+cdef object _header_obj(Dec* d):
+    """The header as an object (a decode from raw memory makes a bytes copy
+    the first time a slow path needs one; _release drops it)."""
+    if d.header == NULL:
+        obj = PyBytes_FromStringAndSize(<char*>d.p, d.n)
+        Py_INCREF(obj)
+        d.lazy = <PyObject*>obj
+        d.header = d.lazy
+    return <object>d.header
+
+
+cdef inline void _release(Dec* d) noexcept:
+    Py_XDECREF(d.lazy)
+    d.lazy = NULL
+
+
 cdef object _header_slice(Dec* d, Py_ssize_t start, Py_ssize_t n):
     """``header[start:start + n]`` of the pure twin: a memoryview slice."""
-    return memoryview(<object>d.header)[start:start + n]
+    return memoryview(_header_obj(d))[start:start + n]
 
 
 cdef object _value(Dec* d, int depth):
@@ -123,7 +142,11 @@ cdef object _value(Dec* d, int depth):
         return PyBytes_FromStringAndSize(<char*>d.p + start, n)
     if code == C_REQUEST:
         payload = _value(d, depth + 1)
-        return _Request(payload, _value(d, depth + 1))
+        metadata = _value(d, depth + 1)
+        if depth == 0 and d.top:
+            d.unwrapped = True
+            return (payload, metadata)
+        return _Request(payload, metadata)
     if code == C_RESULT:
         status = _value(d, depth + 1)
         payload = _value(d, depth + 1)
@@ -261,24 +284,40 @@ cdef object _body(Dec* d):
     return obj
 
 
-def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
-           stats=None):
-    """Decode the frames of one message: returns ``(kind, task_id, obj)``.
-
-    The compiled twin of ``zmq_cluster._framing_py.decode``, whose docstring
-    states the contract (views and copies, alignment, trust, errors, copy
-    accounting).
-    """
-    cdef Dec d
+cdef object _start(Dec* d, object frames, object allow_pickle, object copy_threshold,
+                   object alignment, int* kind_out, uint64_t* task_id_out):
+    """Check the fixed header and set ``d`` up to read the body; returns the
+    object owning the header's bytes (the caller keeps it alive)."""
     cdef bint writeable
-    cdef int overflow
-    cdef long long value
-    cdef Py_ssize_t nframes, arrived
-    cdef unsigned char kind
-    cdef uint64_t task_id
     if not frames:
         raise _MFE(E_EMPTY)
     header = _frame_data(frames[0], &d.p, &d.n, &writeable)
+    d.header = <PyObject*>header
+    d.frames = <PyObject*>frames
+    _start_at(d, len(frames) - 1, allow_pickle, copy_threshold, alignment, kind_out,
+              task_id_out)
+    return header
+
+
+cdef int _start_raw(Dec* d, const unsigned char* p, Py_ssize_t n, object allow_pickle,
+                    object alignment, int* kind_out, uint64_t* task_id_out) except -1:
+    """``_start`` for a one-frame message given as memory (``p``, ``n``),
+    which must outlive ``d``; the caller calls _release(d) at the end."""
+    d.p = p
+    d.n = n
+    d.header = NULL
+    d.frames = NULL  # (never read: the message has no buffer frames)
+    _start_at(d, 0, allow_pickle, _COPY_THRESHOLD, alignment, kind_out, task_id_out)
+    return 0
+
+
+cdef int _start_at(Dec* d, Py_ssize_t arrived, object allow_pickle, object copy_threshold,
+                   object alignment, int* kind_out, uint64_t* task_id_out) except -1:
+    cdef int overflow
+    cdef long long value
+    cdef Py_ssize_t nframes
+    cdef unsigned char kind
+    d.lazy = NULL
     if d.n < 16:
         raise _MFE(E_SHORT % (d.n, HEADER_SIZE))
     if d.p[0] != M0 or d.p[1] != M1:
@@ -286,17 +325,15 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     if d.p[2] != V_VERSION:
         raise _MFE(E_VERSION % (d.p[2], VERSION))
     kind = d.p[3]
-    if kind not in _KINDS:
+    if not _KIND_OK[kind]:
         raise _MFE(E_KIND % kind)
     nframes = zc_get_u32(d.p + 4)
-    arrived = len(frames) - 1
     if nframes != arrived:
         raise _MFE(E_NFRAMES % (nframes, arrived))
-    task_id = zc_get_u64(d.p + 8)
+    kind_out[0] = kind
+    task_id_out[0] = zc_get_u64(d.p + 8)
 
     d.nframes = nframes
-    d.frames = <PyObject*>frames
-    d.header = <PyObject*>header
     d.allow_pickle = <PyObject*>allow_pickle
     d.copy_threshold = <PyObject*>copy_threshold
     d.alignment = <PyObject*>alignment
@@ -318,7 +355,18 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     d.trusted = kind != KIND_COMMAND and bool(allow_pickle)
     d.pickle_ban = _PICKLE_IN_COMMAND if kind == KIND_COMMAND else _PICKLE_OK
     d.load = False
+    d.top = False
+    d.unwrapped = False
+    return 0
 
+
+cdef object _decode(object frames, object allow_pickle, object copy_threshold,
+                   object alignment, Py_ssize_t* copied):
+    """``decode`` without the stats: the payload bytes copied go to ``copied``."""
+    cdef Dec d
+    cdef int kind
+    cdef uint64_t task_id
+    header = _start(&d, frames, allow_pickle, copy_threshold, alignment, &kind, &task_id)
     obj = _body(&d)
     if d.deferred:
         # The message holds pickles or exceptions to rebuild, and is valid:
@@ -328,6 +376,20 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     task_id_obj = PyLong_FromUnsignedLongLong(task_id)
     if task_id and (type(obj) is _Request or type(obj) is _Result):
         obj.task_id = task_id_obj
-    if stats is not None:
-        stats.copied_bytes += d.copied
+    copied[0] += d.copied
     return kind, task_id_obj, obj
+
+
+def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
+           stats=None):
+    """Decode the frames of one message: returns ``(kind, task_id, obj)``.
+
+    The compiled twin of ``zmq_cluster._framing_py.decode``, whose docstring
+    states the contract (views and copies, alignment, trust, errors, copy
+    accounting).
+    """
+    cdef Py_ssize_t copied = 0
+    out = _decode(frames, allow_pickle, copy_threshold, alignment, &copied)
+    if stats is not None and copied:
+        stats.copied_bytes += copied
+    return out

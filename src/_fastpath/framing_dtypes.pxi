@@ -72,7 +72,7 @@ cdef cnp.dtype _dtype(Dec* d, int depth):
                     d.pos = at + n
                     return <cnp.dtype>slot.dtype
     # The restricted reader, the grammar and numpy, as in the pure twin.
-    dtype, end = _read_dtype(memoryview(<object>d.header), at, depth + 1)
+    dtype, end = _read_dtype(memoryview(_header_obj(d)), at, depth + 1)
     d.pos = end
     if d.p[at] == T_STR:
         _remember_raw(d, at, dtype)

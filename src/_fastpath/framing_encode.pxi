@@ -260,34 +260,52 @@ cdef int _put_header(Writer* w, object kind, Py_ssize_t nbuf, object task_id) ex
     return 0
 
 
+cdef inline void _writer(Writer* w, unsigned char* stack, bint in_command) noexcept:
+    w.data = stack
+    w.len = 16  # the fixed header, written last
+    w.cap = _STACK_BYTES
+    w.heap = False
+    w.copied = 0
+    w.in_command = w.native_only = in_command
+
+
+cdef list _finish(Writer* w, list frames, object kind, object task_id):
+    """Write the fixed header and make the header frame (``frames[0]``)."""
+    cdef Py_ssize_t nbuf = len(frames) - 1
+    if nbuf > _U32_MAX:
+        raise _EncodeError(X_U32 % ("a message", nbuf, "buffer frames"))
+    _put_header(w, kind, nbuf, task_id)
+    frames[0] = PyBytes_FromStringAndSize(<char*>w.data, w.len)
+    return frames
+
+
+cdef object _encode(object obj, object kind, object task_id, Py_ssize_t* copied):
+    """``encode`` without the checks of ``kind`` and the stats: the payload
+    bytes copied are added to ``copied``."""
+    cdef unsigned char stack[_STACK_BYTES]
+    cdef Writer w
+    _writer(&w, stack, kind == KIND_COMMAND)
+    frames = [None]  # item 0 becomes the header frame
+    try:
+        _enc(&w, obj, frames, 0)
+        _finish(&w, frames, kind, task_id)
+    finally:
+        if w.heap:
+            free(w.data)
+    copied[0] += w.copied
+    return frames
+
+
 def encode(obj, kind, task_id=0, stats=None):
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     The compiled twin of ``zmq_cluster._framing_py.encode``, whose docstring
     states the contract (frames, errors, copy accounting).
     """
-    cdef unsigned char stack[_STACK_BYTES]
-    cdef Writer w
-    cdef Py_ssize_t nbuf
+    cdef Py_ssize_t copied = 0
     if kind not in _KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
-    w.data = stack
-    w.len = 16  # the fixed header, written last
-    w.cap = _STACK_BYTES
-    w.heap = False
-    w.copied = 0
-    w.in_command = w.native_only = kind == KIND_COMMAND
-    frames = [None]  # item 0 becomes the header frame
-    try:
-        _enc(&w, obj, frames, 0)
-        nbuf = len(frames) - 1
-        if nbuf > _U32_MAX:
-            raise _EncodeError(X_U32 % ("a message", nbuf, "buffer frames"))
-        _put_header(&w, kind, nbuf, task_id)
-        frames[0] = PyBytes_FromStringAndSize(<char*>w.data, w.len)
-    finally:
-        if w.heap:
-            free(w.data)
-    if stats is not None:
-        stats.copied_bytes += w.copied
+    frames = _encode(obj, kind, task_id, &copied)
+    if stats is not None and copied:
+        stats.copied_bytes += copied
     return frames

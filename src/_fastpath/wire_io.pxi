@@ -86,32 +86,48 @@ cdef inline long long _now_ms() noexcept nogil:
     return <long long>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
+cdef int _try_parts(zmq_pollitem_t* items, int nitems, Parts* p, int start) noexcept nogil:
+    """A message from ``items[start:]`` without waiting: its index, _TIMEOUT
+    when none has one, or _ERROR."""
+    cdef int i
+    for i in range(start, nitems):
+        if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
+            return i
+        if p.err != EAGAIN:
+            return _ERROR
+    return _TIMEOUT
+
+
 cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
-                       Parts* p, int start) noexcept nogil:
+                       Parts* p, int start, long long* deadline) noexcept nogil:
     """The next message on any of ``items``: its index, _TIMEOUT, or
     _ERROR. Without polling, tries ``items[start:]`` in order (the first is
     read first when several are waiting); polls only when none of those has
     a message, and then tries them all, until ``timeout`` ms have passed
-    (-1: for ever)."""
+    (-1: for ever; 0: no poll). The clock is read only to poll:
+    ``*deadline`` (0 until then) is when the wait ends."""
     cdef int i, rc
-    cdef long long deadline = _now_ms() + timeout if timeout > 0 else 0
+    cdef long long now
+    cdef long wait = -1
     while True:
-        for i in range(start, nitems):
-            if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
+        if start < nitems:
+            i = _try_parts(items, nitems, p, start)
+            if i != _TIMEOUT:
                 return i
-            if p.err != EAGAIN:
-                return _ERROR
         if timeout == 0:
             return _TIMEOUT
-        rc = libzmq.zmq_poll(items, nitems, timeout)
+        if timeout > 0:
+            now = _now_ms()
+            if deadline[0] == 0:
+                deadline[0] = now + timeout
+            wait = <long>max(0, deadline[0] - now)
+        rc = libzmq.zmq_poll(items, nitems, wait)
         if rc == 0:
             return _TIMEOUT
         if rc < 0:
             p.err = libzmq.zmq_errno()
             return _ERROR
-        start = 0
-        if timeout > 0:  # a wake-up with nothing to read goes on with the time left
-            timeout = <long>max(0, deadline - _now_ms())
+        start = 0  # a wake-up with nothing to read goes on with the time left
 
 
 cdef int _raise_errno(int err) except -1:
@@ -125,24 +141,30 @@ cdef int _raise_errno(int err) except -1:
 
 
 cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p,
-               int first) except? -10:
-    """_next_message without the GIL, retrying on EINTR as pyzmq does (signal
-    handlers run; a timed poll goes on with the time left). Raises for other
-    errors; returns an index or _TIMEOUT."""
+               int first, long long* deadline) except? -10:
+    """_next_message, waiting without the GIL, retrying on EINTR as pyzmq
+    does (signal handlers run; a timed poll goes on with the time left,
+    ``*deadline`` being kept). Raises for other errors; returns an index or
+    _TIMEOUT."""
     cdef int which
-    cdef long long start = 0
+    # A message already waiting is taken holding the GIL (releasing it costs
+    # more than the take); the GIL goes only to wait.
+    which = _try_parts(items, nitems, p, first)
+    if which >= 0:
+        return which
+    if which == _TIMEOUT:
+        if timeout == 0:
+            return _TIMEOUT
+        first = nitems  # (all tried): straight to the poll
     while True:
-        if timeout > 0:
-            start = _now_ms()
+        if which == _ERROR:
+            if p.err != EINTR:
+                _raise_errno(p.err)
+            PyErr_CheckSignals()
         with nogil:
-            which = _next_message(items, nitems, timeout, p, first)
+            which = _next_message(items, nitems, timeout, p, first, deadline)
         if which != _ERROR:
             return which
-        if p.err != EINTR:
-            _raise_errno(p.err)
-        PyErr_CheckSignals()
-        if timeout > 0:
-            timeout = <long>max(0, timeout - (_now_ms() - start))
 
 
 cdef list _frames(Parts* p):
@@ -165,11 +187,14 @@ cdef list _frames(Parts* p):
 
 
 cdef object _decode_frames(list frames, object allow_pickle, object alignment, object stats):
+    cdef Py_ssize_t copied = 0
     try:
-        return _decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, stats)
+        out = _F.decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, &copied)
     except _MFE as exc:
         exc.header = _peek_header(frames)
         raise
+    _add(stats, _COPIED, copied)
+    return out
 
 
 cdef void* _handle(object socket) except NULL:
@@ -192,14 +217,23 @@ cdef inline void _item(zmq_pollitem_t* item, object socket) except *:
 # ---------------------------------------------------------------- sending
 
 cdef int _send_buf(void* handle, const void* data, size_t n, int flags) except -1:
-    """zmq_send (a copy) without the GIL, retrying on EINTR."""
+    """zmq_send (a copy), retrying on EINTR. A send that cannot block is
+    made holding the GIL (releasing it costs more than the send); one that
+    would block waits without it."""
     cdef int rc, err
+    rc = libzmq.zmq_send(handle, data, n, flags | libzmq.ZMQ_DONTWAIT)
+    if rc >= 0:
+        return 0
+    err = libzmq.zmq_errno()
+    if err == EAGAIN and flags & libzmq.ZMQ_DONTWAIT:
+        _raise_errno(err)
     while True:
-        with nogil:
-            rc = libzmq.zmq_send(handle, data, n, flags)
-        if rc >= 0:
-            return 0
-        err = libzmq.zmq_errno()
+        if err == EAGAIN or err == EINTR:
+            with nogil:
+                rc = libzmq.zmq_send(handle, data, n, flags)
+            if rc >= 0:
+                return 0
+            err = libzmq.zmq_errno()
         if err != EINTR:
             _raise_errno(err)
         PyErr_CheckSignals()
@@ -211,12 +245,17 @@ cdef int _send_frame(void* handle, Frame frame, int flags) except -1:
     cdef int rc, err
     libzmq.zmq_msg_init(&msg)
     libzmq.zmq_msg_copy(&msg, &frame.zmq_msg)
+    rc = libzmq.zmq_msg_send(&msg, handle, flags | libzmq.ZMQ_DONTWAIT)  # as _send_buf
+    if rc >= 0:
+        return 0
+    err = libzmq.zmq_errno()
     while True:
-        with nogil:
-            rc = libzmq.zmq_msg_send(&msg, handle, flags)
-        if rc >= 0:
-            return 0
-        err = libzmq.zmq_errno()
+        if err == EAGAIN and not flags & libzmq.ZMQ_DONTWAIT or err == EINTR:
+            with nogil:
+                rc = libzmq.zmq_msg_send(&msg, handle, flags)
+            if rc >= 0:
+                return 0
+            err = libzmq.zmq_errno()
         if err != EINTR:
             libzmq.zmq_msg_close(&msg)
             _raise_errno(err)
@@ -242,10 +281,20 @@ cdef int _send_raw(void* handle, object part, int flags) except -1:
     return _send_frame(handle, _Frame(part, copy=False), flags)
 
 
+cdef object _encode_frames(object obj, object kind, object task_id, object stats):
+    cdef Py_ssize_t copied = 0
+    frames = _F.encode(obj, kind, task_id, &copied)
+    _add(stats, _COPIED, copied)
+    return frames
+
+
 cdef object _send(object socket, object obj, object kind, object task_id, int flags,
                   object stats, object envelope=None):
     cdef void* handle = _handle(socket)
-    cdef list frames = _encode(obj, kind, task_id, stats)
+    cdef list frames
+    if kind not in _KINDS:
+        raise ValueError("unknown message kind %r" % (kind,))
+    frames = _encode_frames(obj, kind, task_id, stats)
     if envelope:
         for part in envelope:
             _send_raw(handle, part, flags | libzmq.ZMQ_SNDMORE)
@@ -283,10 +332,8 @@ cdef object _send_encoded(void* handle, list frames, int flags, object stats):
             else:
                 events.append(frame.tracker_event)
             frame = None  # its own reference to the message goes
-    if stats is not None:
-        stats.messages_sent += 1
-        if copied:
-            stats.copied_bytes += copied
+    _add(stats, _SENT, 1)
+    _add(stats, _COPIED, copied)
     return None if events is None else _MessageTracker(*events)
 
 
@@ -303,8 +350,7 @@ def send_frames(socket, frames, int flags=0, stats=None):
         raise ValueError("a message has at least one frame")
     for i in range(last + 1):
         _send_raw(handle, frames[i], flags | libzmq.ZMQ_SNDMORE if i < last else flags)
-    if stats is not None:
-        stats.messages_sent += 1
+    _add(stats, _SENT, 1)
 
 
 # ---------------------------------------------------------------- receiving
@@ -326,8 +372,7 @@ cdef list _recv_frames(void* handle, int flags):
 def recv_message(socket, int flags=0, allow_pickle=True, alignment=None, stats=None):
     """Receive and decode one message (see ``_wire_common``)."""
     frames = _recv_frames(_handle(socket), flags)
-    if stats is not None:
-        stats.messages_received += 1
+    _add(stats, _RECEIVED, 1)
     return _decode_frames(frames, allow_pickle, alignment, stats)
 
 
@@ -350,17 +395,17 @@ def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None):
         items = <zmq_pollitem_t*>malloc(n * sizeof(zmq_pollitem_t))
         if items == NULL:
             raise MemoryError()
+    cdef long long deadline = 0
     _parts_init(&p)
     try:
         for i in range(n):
             _item(&items[i], sockets[i])
-        which = _wait(items, <int>n, timeout_ms, &p, first)
+        which = _wait(items, <int>n, timeout_ms, &p, first, &deadline)
     finally:
         if items != stack:
             free(items)
     if which == _TIMEOUT:
         return None
     frames = _frames(&p)
-    if stats is not None:
-        stats.messages_received += 1
+    _add(stats, _RECEIVED, 1)
     return which, frames

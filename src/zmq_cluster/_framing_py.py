@@ -83,7 +83,7 @@ def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any
     parts = encoder.parts
     parts[0] = HEADER.pack(MAGIC, VERSION, kind, len(buffers), task_id)
     frames = [b"".join(parts)] + buffers
-    if stats is not None:
+    if stats is not None and encoder.copied:
         stats.copied_bytes += encoder.copied
     return frames
 
@@ -329,6 +329,23 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     ``stats.copied_bytes`` once the message is decoded, not when it is
     rejected.
     """
+    header, kind, task_id = _start(frames)
+    decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, False)
+    obj = decoder.body()
+    if decoder.deferred:
+        # The message holds pickles or exceptions to rebuild, and is valid:
+        # decode it again, loading them this time.
+        decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, True)
+        obj = decoder.body()
+    if task_id and (type(obj) is ClusterRequest or type(obj) is ClusterResult):
+        obj.task_id = task_id
+    if stats is not None and decoder.copied:
+        stats.copied_bytes += decoder.copied
+    return kind, task_id, obj
+
+
+def _start(frames):
+    """Check a message's fixed header: ``(header, kind, task_id)``."""
     if not frames:
         raise MessageFormatError(E_EMPTY)
     header = as_buffer(frames[0])
@@ -343,18 +360,7 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
         raise MessageFormatError(E_KIND % kind)
     if nframes != len(frames) - 1:
         raise MessageFormatError(E_NFRAMES % (nframes, len(frames) - 1))
-    decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, False)
-    obj = decoder.body()
-    if decoder.deferred:
-        # The message holds pickles or exceptions to rebuild, and is valid:
-        # decode it again, loading them this time.
-        decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, True)
-        obj = decoder.body()
-    if task_id and (type(obj) is ClusterRequest or type(obj) is ClusterResult):
-        obj.task_id = task_id
-    if stats is not None:
-        stats.copied_bytes += decoder.copied
-    return kind, task_id, obj
+    return header, kind, task_id
 
 
 # Where a pickle is refused whatever allow_pickle says.
@@ -366,8 +372,12 @@ class _Decoder:
 
     With ``load`` false, a pickle or an exception to rebuild is checked and
     counted in ``deferred`` (and read as None); with ``load`` true it is
-    loaded or rebuilt.
+    loaded or rebuilt. With ``top`` set, a ClusterRequest body is read as the
+    tuple ``(payload, metadata)``, and ``unwrapped`` says that it was.
     """
+
+    top = False
+    unwrapped = False
 
     def __init__(self, header, frames, kind, allow_pickle, copy_threshold, alignment, load):
         self.header = header
@@ -462,7 +472,11 @@ class _Decoder:
             return bytes(header[start:start + n])
         if tag == TAG_REQUEST:
             payload = self.value(depth + 1)
-            return ClusterRequest(payload, self.value(depth + 1))
+            metadata = self.value(depth + 1)
+            if depth == 0 and self.top:
+                self.unwrapped = True
+                return payload, metadata
+            return ClusterRequest(payload, metadata)
         if tag == TAG_RESULT:
             fields = [self.value(depth + 1) for _ in range(5)]
             return ClusterResult(*fields)

@@ -56,9 +56,12 @@ Primitives
 buffer frames it copies to ``copied_bytes``; ``send_frames`` counts no
 bytes); receives (``recv_message``, ``recv_any``) add one to
 ``messages_received`` per message, malformed ones included; encode and
-decode add the payload bytes they copy to ``copied_bytes``. A call only
-touches the attributes of its direction (a ventilator needs no
-``messages_received``).
+decode add the payload bytes they copy to ``copied_bytes`` (an attribute is
+not touched to add 0). A call only touches the attributes of its direction
+(a ventilator needs no ``messages_received``). ``Counters()`` (each twin
+has one) is such an object with all four counters (``messages_sent``,
+``messages_received``, ``copied_bytes``, ``requests_handled``), which the
+compiled loops bump in C: the nodes keep theirs in one.
 
 Loops
 -----
@@ -69,9 +72,9 @@ at a node. Timeouts are ints in milliseconds, -1 waiting for ever (see
 ``alignment`` and ``stats`` as given, except that the command channel never
 decodes pickle.
 
-``run_worker(requests, results, commands, *, handle, on_command, on_malformed,
-on_unsendable, timeout_ms=-1, allow_pickle=True, alignment=None, stats=None)
--> None``
+``run_worker(requests, results, commands, *, handle=None, on_command, on_malformed,
+on_unsendable, timeout_ms=-1, allow_pickle=True, alignment=None, stats=None,
+handle_task=None, result_metadata=None) -> None``
     Serve ``requests`` until ``on_command`` returns True; ``commands`` may
     be None. For every well-formed message on ``requests``, whatever its
     kind, ``handle(kind, task_id, obj)`` returns the object to send back on
@@ -90,6 +93,19 @@ on_unsendable, timeout_ms=-1, allow_pickle=True, alignment=None, stats=None)
     COMMAND_CHECK_MS milliseconds (an empty look costs libzmq two system
     calls), and always while waiting.
 
+    Task mode (``handle_task`` given instead of ``handle``): the loop serves
+    each request as a BasicWorker does, without making a ClusterRequest or
+    a ClusterResult for it. A ClusterRequest body's payload (any other body:
+    the body itself) goes to ``handle_task(payload) -> output``, timed; the
+    answer is what ``ClusterResult("OK", output, request.metadata,
+    dict(result_metadata, seconds=s))`` encodes to (the request's metadata
+    None for a bare body), or, when ``handle_task`` raises an Exception,
+    ``ClusterResult("FAIL", None, request.metadata, dict(result_metadata,
+    seconds=s), exc)``; ``on_unsendable`` gets that ClusterResult when it
+    cannot be encoded. Each request whose handler returned or raised an
+    Exception adds one to ``stats.requests_handled`` (a BaseException ends
+    the loop, uncounted). TypeError when neither handler is given.
+
 ``sink_next(results, commands, timeout_ms, on_command, on_malformed,
 allow_pickle=True, alignment=None, stats=None) -> object``
     The next result: the decoded body of the next well-formed message on
@@ -103,11 +119,31 @@ allow_pickle=True, alignment=None, stats=None) -> object``
     the wait). Positional arguments are accepted, as a sink calls it once
     per result.
 
-``send_requests(socket, requests, task_ids, track, stats=None) -> int``
+``receive_results(results, commands, num_results, timeout_ms, on_command,
+on_malformed, allow_pickle=True, alignment=None, stats=None, *, unwrap=None,
+metadata=False) -> iterator``
+    An iterator over the results ``sink_next`` would return one by one, with
+    the same rules (commands looked at first, STOP ending the iteration,
+    malformed messages to ``on_malformed``, the timeout per result), ending
+    after ``num_results`` results (None: no limit). Without ``unwrap`` it
+    yields each result's decoded body. With ``unwrap``, it yields the
+    payload of every ClusterResult whose status is the str ``"OK"`` (with
+    ``metadata``, the tuple ``(payload, request_metadata, metadata)``),
+    reading such a message without making the ClusterResult (and, without
+    ``metadata``, checking its metadata's bytes without making them); every
+    other result (a replacement from ``on_malformed`` included) goes to
+    ``unwrap(result)``, whose return value is yielded, or which raises. An
+    exception ends the iteration, as it ends a generator; ``close()`` ends
+    it too. TypeError at once for a socket that is not a ``zmq.Socket``.
+
+``send_requests(socket, requests, task_ids, track, stats=None, *, pairs=False)
+-> int``
     Send every item of ``requests`` as a REQUEST with the task id
     ``next(task_ids)``, set ``item.task_id`` on ClusterRequest items, and
     call ``track(tracker)`` for every message sent with zero-copy frames.
-    Returns the number sent.
+    With ``pairs``, each item is a ``(payload, metadata)`` pair sent as the
+    ClusterRequest it stands for, without making the object. Returns the
+    number sent.
 
 The scheduler of a pool builds its own loop from ``recv_any`` (a ROUTER, a
 heartbeat socket, the command socket in one wait), ``decode_message``,
@@ -122,7 +158,8 @@ from typing import Any, Final, Protocol
 from .protocol import HEADER, HEADER_SIZE, MAGIC, VERSION
 
 __all__ = ["STOP", "COMMAND_CHECK_EVERY", "COMMAND_CHECK_MS", "REQUEST", "RESULT", "COMMAND",
-           "peek_header", "timeout_ms", "is_command", "Stats", "SendStats", "RecvStats"]
+           "peek_header", "timeout_ms", "is_command", "counter", "Stats", "SendStats",
+           "RecvStats"]
 
 #: While requests keep arriving, a worker looks at its command socket at
 #: least once per this many requests...
@@ -202,3 +239,16 @@ def is_command(obj: object, name: str) -> bool:
     if t is bytes:
         return obj == name.encode()
     return False
+
+
+def counter(name: str, doc: str) -> Any:
+    """A node's public counter ``name``, kept in the node's ``_counters``
+    (a ``Counters``, which the loops bump) and settable."""
+
+    def get(node: Any) -> int:
+        return int(getattr(node._counters, name))
+
+    def set_(node: Any, value: int) -> None:
+        setattr(node._counters, name, value)
+
+    return property(get, set_, doc=doc)

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
 from ._framing_py import decode as _decode
 from ._framing_py import encode as _encode
+from ._framing_tasks import NOT_FAST, decode_ok, decode_task, encode_ok, encode_request
+from ._framing_tasks import metadata_prefix as _metadata_prefix
 from ._wire_common import (
     COMMAND, COMMAND_CHECK_EVERY, COMMAND_CHECK_MS, REQUEST, RESULT, STOP, RecvStats, SendStats,
     Stats, peek_header,
 )
 from .exceptions import MessageFormatError, ReceiverTimeoutException
-from .messages import ClusterRequest
+from .messages import ClusterRequest, ClusterResult
 from .protocol import COPY_THRESHOLD, KIND_REQUEST, KIND_RESULT
 
 __all__ = ["send_message", "recv_message", "recv_any", "decode_message", "send_frames",
-           "run_worker", "sink_next", "send_requests"]
+           "run_worker", "sink_next", "receive_results", "send_requests", "Counters"]
 
 #: A received message's frames (zmq.Frame, or bytes where recv_any says so).
 Frames = list[Any]
@@ -33,7 +35,28 @@ _Frame = zmq.Frame
 _MessageTracker = zmq.MessageTracker
 _SNDMORE = zmq.SNDMORE
 _POLLIN = zmq.POLLIN
-_EVENTS = zmq.EVENTS
+_NOBLOCK = zmq.NOBLOCK
+_perf_counter = time.perf_counter
+_OK = ClusterResult.STATUS_SUCCESS
+_FAIL = ClusterResult.STATUS_FAIL
+
+
+class Counters:
+    """A node's message counters, as the loops' ``stats`` (see
+    ``_wire_common``)."""
+
+    __slots__ = ("messages_sent", "messages_received", "copied_bytes", "requests_handled")
+
+    def __init__(self) -> None:
+        self.messages_sent = 0
+        self.messages_received = 0
+        self.copied_bytes = 0
+        self.requests_handled = 0
+
+    def __repr__(self) -> str:
+        return ("Counters(messages_sent=%d, messages_received=%d, copied_bytes=%d, "
+                "requests_handled=%d)" % (self.messages_sent, self.messages_received,
+                                          self.copied_bytes, self.requests_handled))
 
 
 # ---------------------------------------------------------------- send/recv
@@ -124,9 +147,20 @@ def decode_message(frames: Frames, allow_pickle: bool = True, alignment: int | N
         raise
 
 
-def _waiting(socket: zmq.Socket) -> bool:
-    """Whether a message can be read from ``socket`` without blocking."""
-    return bool(cast(int, socket.getsockopt(_EVENTS)) & _POLLIN)
+def _take(socket: zmq.Socket) -> Frames | None:
+    """The whole message waiting on ``socket``, or None when none is: its
+    first frame as bytes, the others as zmq.Frame (the received memory).
+    Trying to receive is cheaper than asking libzmq whether a message waits
+    (ZMQ_EVENTS costs it system calls)."""
+    try:
+        frame = socket.recv(_NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames: Frames = [frame.bytes]
+    while frame.more:
+        frame = socket.recv(0, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def _poller(sockets: Sequence[zmq.Socket]) -> zmq.Poller:
@@ -136,16 +170,18 @@ def _poller(sockets: Sequence[zmq.Socket]) -> zmq.Poller:
     return poller
 
 
-def _wait_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_ms: int,
-              first: int) -> int:
-    """The index of a socket with a message waiting, or -1 after
-    ``timeout_ms``: ``sockets[first:]`` are looked at before any poll, all
-    of them after. ``poller`` (made when None) polls all ``sockets``."""
+def _next_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_ms: int,
+              first: int) -> tuple[int, Frames | None]:
+    """``(index, frames)`` of a message received from any of ``sockets``,
+    or ``(-1, None)`` after ``timeout_ms``: ``sockets[first:]`` are tried
+    before any poll, all of them after. ``poller`` (made when None) polls
+    all ``sockets``."""
     for i in range(first, len(sockets)):
-        if _waiting(sockets[i]):
-            return i
+        frames = _take(sockets[i])
+        if frames is not None:
+            return i, frames
     if timeout_ms == 0:
-        return -1
+        return -1, None
     if poller is None:
         poller = _poller(sockets)
     deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
@@ -153,12 +189,14 @@ def _wait_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_
     while True:
         ready = dict(poller.poll(left))
         for i, socket in enumerate(sockets):
-            if socket in ready and _waiting(socket):
-                return i
+            if socket in ready:
+                frames = _take(socket)
+                if frames is not None:
+                    return i, frames
         if deadline is not None:
             left = int((deadline - time.monotonic()) * 1000)
             if left <= 0:
-                return -1
+                return -1, None
 
 
 def recv_any(sockets: Sequence[zmq.Socket], timeout_ms: int = -1, first: int = 0,
@@ -167,11 +205,9 @@ def recv_any(sockets: Sequence[zmq.Socket], timeout_ms: int = -1, first: int = 0
     ``_wire_common``)."""
     if not 0 <= first < len(sockets):
         raise ValueError("first=%d is not an index of the %d sockets" % (first, len(sockets)))
-    which = _wait_any(sockets, None, timeout_ms, first)
-    if which < 0:
+    which, frames = _next_any(sockets, None, timeout_ms, first)
+    if frames is None:
         return None
-    frames = _receive(sockets[which], 0)
-    frames[0] = frames[0].bytes
     if stats is not None:
         stats.messages_received += 1
     return which, frames
@@ -193,18 +229,25 @@ def _command(frames: Frames, on_command: Callable[[int, Any], bool],
 
 
 def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket | None, *,
-               handle: Callable[[int, int, Any], object],
+               handle: Callable[[int, int, Any], object] | None = None,
                on_command: Callable[[int, Any], bool],
                on_malformed: Callable[[str, MessageFormatError], object],
                on_unsendable: Callable[[Any, Exception], object],
                timeout_ms: int = -1, allow_pickle: bool = True, alignment: int | None = None,
-               stats: Stats | None = None) -> None:
+               stats: Stats | None = None,
+               handle_task: Callable[[Any], Any] | None = None,
+               result_metadata: dict[str, Any] | None = None) -> None:
     """The worker's loop (see ``_wire_common``)."""
     sockets = [requests] if commands is None else [commands, requests]
     request_index = len(sockets) - 1
     poller = _poller(sockets)
     since_check = 0
     checked_at = time.monotonic()
+    if handle_task is not None:
+        identity = {} if result_metadata is None else dict(result_metadata)
+        prefix = _metadata_prefix(identity)
+    elif handle is None:
+        raise TypeError("run_worker needs handle or handle_task")
     while True:
         first = request_index
         if since_check >= COMMAND_CHECK_EVERY or (
@@ -213,15 +256,19 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
             since_check = 0
             checked_at = time.monotonic()
         since_check += 1
-        which = _wait_any(sockets, poller, timeout_ms, first)
-        if which < 0:
+        which, frames = _next_any(sockets, poller, timeout_ms, first)
+        if frames is None:
             raise ReceiverTimeoutException("no request or command within %d ms" % timeout_ms)
-        frames = _receive(sockets[which], 0)
         if stats is not None:
             stats.messages_received += 1
         if which != request_index:
             if _command(frames, on_command, on_malformed, stats):
                 return
+            continue
+        if handle_task is not None:
+            _serve_task(results, frames, handle_task, identity, prefix, on_malformed,
+                        on_unsendable, allow_pickle, alignment, stats)
+            frames = []
             continue
         try:
             kind, task_id, request = decode_message(frames, allow_pickle, alignment, stats)
@@ -230,12 +277,57 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
             header = exc.header  # type: ignore[attr-defined]
             task_id = header[1] if header is not None else 0
         else:
-            result = handle(kind, task_id, request)
+            result = handle(kind, task_id, request)  # type: ignore[misc]
         frames = []  # the request's frames can go before the send
         request = None
         if result is not None:
             _send_result(results, result, task_id, on_unsendable, stats)
             result = None
+
+
+def _serve_task(results: zmq.Socket, frames: Frames, handle_task: Callable[[Any], Any],
+                identity: dict[str, Any], prefix: bytes | None,
+                on_malformed: Callable[[str, MessageFormatError], object],
+                on_unsendable: Callable[[Any, Exception], object], allow_pickle: bool,
+                alignment: int | None, stats: Stats | None) -> None:
+    """One request of run_worker's task mode: decode, run, answer."""
+    try:
+        _, task_id, payload, request_metadata = decode_task(frames, allow_pickle, alignment,
+                                                            stats)
+    except MessageFormatError as exc:
+        exc.header = peek_header(frames)  # type: ignore[attr-defined]
+        result = on_malformed(REQUEST, exc)
+        if result is not None:
+            header = exc.header  # type: ignore[attr-defined]
+            _send_result(results, result, header[1] if header is not None else 0,
+                         on_unsendable, stats)
+        return
+    del frames[:]  # the request's frames can go before the send
+    start = _perf_counter()
+    try:
+        output = handle_task(payload)
+    except Exception as exc:
+        result = ClusterResult(_FAIL, None, request_metadata, None, exc)
+    else:
+        seconds = _perf_counter() - start
+        if stats is not None:
+            stats.requests_handled += 1
+        if prefix is not None:
+            try:
+                out = encode_ok(output, request_metadata, prefix, seconds, task_id, stats)
+            except Exception:
+                pass  # the general way below finds the same error, and answers it
+            else:
+                _send_encoded(results, out, 0, stats)
+                return
+        result = ClusterResult(_OK, output, request_metadata)
+        result.metadata = dict(identity, seconds=seconds)
+        _send_result(results, result, task_id, on_unsendable, stats)
+        return
+    result.metadata = dict(identity, seconds=_perf_counter() - start)
+    if stats is not None:
+        stats.requests_handled += 1
+    _send_result(results, result, task_id, on_unsendable, stats)
 
 
 def _send_result(results: zmq.Socket, result: object, task_id: int,
@@ -259,10 +351,9 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
     deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
     left = timeout_ms
     while True:
-        which = _wait_any(sockets, None, left, 0)
-        if which < 0:
+        which, frames = _next_any(sockets, None, left, 0)
+        if frames is None:
             raise ReceiverTimeoutException("no result within %d ms" % timeout_ms)
-        frames = _receive(sockets[which], 0)
         if stats is not None:
             stats.messages_received += 1
         if which != result_index:
@@ -279,11 +370,79 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
             left = max(0, int((deadline - time.monotonic()) * 1000))
 
 
+def receive_results(results: zmq.Socket, commands: zmq.Socket | None,
+                    num_results: int | None, timeout_ms: int,
+                    on_command: Callable[[int, Any], bool],
+                    on_malformed: Callable[[str, MessageFormatError], object],
+                    allow_pickle: bool = True, alignment: int | None = None,
+                    stats: RecvStats | None = None, *,
+                    unwrap: Callable[[Any], Any] | None = None,
+                    metadata: bool = False) -> Iterator[Any]:
+    """An iterator over a sink's results (see ``_wire_common``)."""
+    sockets = [results] if commands is None else [commands, results]
+    for socket in sockets:
+        if not isinstance(socket, zmq.Socket):
+            raise TypeError("expected a zmq.Socket, got %s" % type(socket).__name__)
+    return _results(sockets, num_results, timeout_ms, on_command, on_malformed, allow_pickle,
+                    alignment, stats, unwrap, 0 if unwrap is None else (2 if metadata else 1))
+
+
+def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int,
+             on_command: Callable[[int, Any], bool],
+             on_malformed: Callable[[str, MessageFormatError], object],
+             allow_pickle: bool, alignment: int | None, stats: RecvStats | None,
+             unwrap: Callable[[Any], Any] | None, mode: int) -> Iterator[Any]:
+    result_index = len(sockets) - 1
+    poller = _poller(sockets)
+    left = -1 if num_results is None else max(0, num_results)
+    while left:
+        deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
+        wait = timeout_ms
+        while True:
+            which, frames = _next_any(sockets, poller, wait, 0)
+            if frames is None:
+                raise ReceiverTimeoutException("no result within %d ms" % timeout_ms)
+            if stats is not None:
+                stats.messages_received += 1
+            if which != result_index:
+                if _command(frames, on_command, on_malformed, stats):
+                    return
+            else:
+                if mode:
+                    item = decode_ok(frames, allow_pickle, alignment, mode, stats)
+                    if item is not NOT_FAST:
+                        break
+                try:
+                    item = decode_message(frames, allow_pickle, alignment, stats)[2]
+                except MessageFormatError as exc:
+                    item = on_malformed(RESULT, exc)
+                    if item is not None:
+                        item = item if mode == 0 else unwrap(item)  # type: ignore[misc]
+                        break
+                else:
+                    item = item if mode == 0 else unwrap(item)  # type: ignore[misc]
+                    break
+            if deadline is not None:
+                wait = max(0, int((deadline - time.monotonic()) * 1000))
+        if left > 0:
+            left -= 1
+        yield item
+
+
 def send_requests(socket: zmq.Socket, requests: Iterable[Any], task_ids: Iterator[int],
                   track: Callable[[zmq.MessageTracker], object],
-                  stats: SendStats | None = None) -> int:
+                  stats: SendStats | None = None, *, pairs: bool = False) -> int:
     """Send every request with the next task id (see ``_wire_common``)."""
     sent = 0
+    if pairs:
+        for payload, metadata in requests:
+            task_id = next(task_ids)
+            tracker = _send_encoded(socket, encode_request(payload, metadata, task_id, stats),
+                                    0, stats)
+            if tracker is not None:
+                track(tracker)
+            sent += 1
+        return sent
     for request in requests:
         task_id = next(task_ids)
         tracker = send_message(socket, request, KIND_REQUEST, task_id, 0, stats)

@@ -9,12 +9,12 @@ from typing import Any, ClassVar, TypeVar
 
 import zmq
 
-from ._wire_common import RESULT, STOP, is_command, timeout_ms
+from ._wire_common import RESULT, counter, is_command, timeout_ms
 from .commands import send_command
 from .exceptions import MessageFormatError, WorkerException
 from .messages import ClusterResult
 from .sockets import InitSocket, SocketLike, close_owned
-from .wire import sink_next
+from .wire import Counters, receive_results
 
 __all__ = ["BasicSink", "Sink"]
 
@@ -67,6 +67,9 @@ class BasicSink:
     allow_pickle: bool = True
     array_alignment: int | None = None
 
+    messages_received = counter("messages_received", "Messages received (all channels).")
+    copied_bytes = counter("copied_bytes", "Payload bytes copied on the way in.")
+
     def __init__(self, context: zmq.Context, result_receiver: SocketLike,
                  command_receiver: SocketLike | None = None,
                  receiver_timeout: float | None = None) -> None:
@@ -75,8 +78,7 @@ class BasicSink:
         self.command_receiver = command_receiver
         self.receiver_timeout = receiver_timeout
         self.malformed_messages = 0
-        self.copied_bytes = 0
-        self.messages_received = 0
+        self._counters = Counters()
         self._results: zmq.Socket | None = None
         self._commands: zmq.Socket | None = None
 
@@ -117,24 +119,21 @@ class BasicSink:
         :param int timeout: Time to wait for each result (in milliseconds).
         :rtype: iterator
         """
+        return self._receive(num_results, timeout)
+
+    def _receive(self, num_results: int | None, timeout: float | None,
+                 unwrap: Any = None, metadata: bool = False) -> Iterator[Any]:
         if self._results is None:
             self.Setup()
-        wait = timeout_ms(self.receiver_timeout if timeout is None else timeout)
-        results, commands = self._results, self._commands
-        assert results is not None
-        on_command, on_malformed = self._on_command, self._on_malformed
-        allow_pickle, alignment = self.allow_pickle, self.array_alignment
-        received = 0
-        while num_results is None or received < num_results:
-            result = sink_next(results, commands, wait, on_command, on_malformed, allow_pickle,
-                               alignment, self)
-            if result is STOP:
-                return
-            received += 1
-            yield result
+        assert self._results is not None
+        return receive_results(
+            self._results, self._commands, num_results,
+            timeout_ms(self.receiver_timeout if timeout is None else timeout),
+            self._on_command, self._on_malformed, self.allow_pickle, self.array_alignment,
+            self._counters, unwrap=unwrap, metadata=metadata)
 
-    # The callables sink_next is given (zmq_cluster._wire_common states their
-    # contract).
+    # The callables receive_results is given (zmq_cluster._wire_common
+    # states their contract).
 
     def _on_command(self, kind: int, command: Any) -> bool:
         return is_command(command, self.CMD_KILL)
@@ -197,22 +196,28 @@ class Sink(BasicSink):
         :param bool metadata: Whether to return (request and result) metadata
            with each result.
         """
-        for result in BasicSink.Receive(self, num_results, timeout):
-            if type(result) is ClusterResult:
-                status = result.status
-                if type(status) is str:
-                    if status == "OK":
-                        if metadata:
-                            yield result.payload, result.request_metadata, result.metadata
-                        else:
-                            yield result.payload
-                        continue
-                    if status == "FAIL":
-                        raise WorkerException(worker_exception=result.exception)
-                problem = "its status %s is neither 'OK' nor 'FAIL'" % _describe(status)
-            else:
-                problem = "it is %s, not a ClusterResult" % _describe(result)
-            raise self._unusable(result, problem)
+        # The loop yields the payload of an OK result itself, and gives every
+        # other result to _unwrap.
+        return self._receive(num_results, timeout,
+                             self._unwrap_with_metadata if metadata else self._unwrap,
+                             metadata)
+
+    def _unwrap(self, result: Any) -> Any:
+        return self._unwrap_with_metadata(result)[0]
+
+    def _unwrap_with_metadata(self, result: Any) -> tuple[Any, Any, Any]:
+        """The result rule (see the class) for one result."""
+        if type(result) is ClusterResult:
+            status = result.status
+            if type(status) is str:
+                if status == "OK":
+                    return result.payload, result.request_metadata, result.metadata
+                if status == "FAIL":
+                    raise WorkerException(worker_exception=result.exception)
+            problem = "its status %s is neither 'OK' nor 'FAIL'" % _describe(status)
+        else:
+            problem = "it is %s, not a ClusterResult" % _describe(result)
+        raise self._unusable(result, problem)
 
     def _unusable(self, result: Any, problem: str) -> WorkerException:
         task_id = getattr(result, "task_id", None)

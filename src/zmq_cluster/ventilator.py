@@ -13,9 +13,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .exceptions import ReceiverTimeoutException
-from .messages import ClusterRequest
 from .sockets import InitSocket, SocketLike, close_owned
-from .wire import send_requests
+from ._wire_common import counter
+from .wire import Counters, send_requests
 
 __all__ = ["BasicVentilator", "Ventilator"]
 
@@ -59,6 +59,9 @@ class BasicVentilator:
     #: (socket-like, required) Constructor for the writer socket.
     request_sender: SocketLike | None = None
 
+    messages_sent = counter("messages_sent", "Messages sent.")
+    copied_bytes = counter("copied_bytes", "Payload bytes copied on the way out.")
+
     def __init__(self, context: zmq.Context, request_sender: SocketLike,
                  worker_connect_delay: float | None = None) -> None:
         self.context = context
@@ -70,8 +73,7 @@ class BasicVentilator:
         self._task_ids = itertools.count((random.getrandbits(32) << 32) + 1)
         self._pending: list[zmq.MessageTracker] = []  # zero-copy sends not known to be done
         self._prune_at = _PRUNE_MIN
-        self.copied_bytes = 0
-        self.messages_sent = 0
+        self._counters = Counters()
 
     def Setup(self) -> None:
         """Initialize the ventilator: create (or adopt) its socket, then wait
@@ -160,7 +162,8 @@ class BasicVentilator:
         if self._socket is None:
             self.Setup()
         assert self._socket is not None
-        return send_requests(self._socket, requests, self._task_ids, self._track, self)
+        return send_requests(self._socket, requests, self._task_ids, self._track,
+                             self._counters)
 
     def _track(self, tracker: zmq.MessageTracker) -> None:
         """Keep the tracker of a message sent with zero-copy frames."""
@@ -213,9 +216,14 @@ class Ventilator(BasicVentilator):
            it were sent).
         :returns: The number of sent tasks.
         """
+        if self._socket is None:
+            self.Setup()
+        assert self._socket is not None
         if metadata is None:
             pairs: Iterable[tuple[Any, Any]] = zip(requests, itertools.repeat(None))
         else:
             pairs = zip(requests, metadata, strict=True)
-        return BasicVentilator.Send(self, (ClusterRequest(payload, meta)
-                                           for payload, meta in pairs))
+        # Each pair is sent as the ClusterRequest(payload, metadata) it
+        # stands for, without making the object.
+        return send_requests(self._socket, pairs, self._task_ids, self._track, self._counters,
+                             pairs=True)

@@ -5,20 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import socket as _socket
-import time
 import traceback
 from typing import Any, ClassVar, TypeVar
 
 import zmq
 
 from . import framing
-from ._wire_common import is_command, timeout_ms
+from ._wire_common import counter, is_command, timeout_ms
 from .commands import send_command
 from .exceptions import EncodeError, MessageFormatError, RemoteError
-from .messages import ClusterRequest, ClusterResult
+from .messages import ClusterResult
 from .protocol import KIND_RESULT
 from .sockets import InitSocket, SocketLike, close_owned
-from .wire import run_worker
+from .wire import Counters, run_worker
 
 __all__ = ["BasicWorker"]
 
@@ -77,6 +76,11 @@ class BasicWorker:
     allow_pickle: bool = True
     array_alignment: int | None = None
 
+    messages_received = counter("messages_received", "Messages received (all channels).")
+    messages_sent = counter("messages_sent", "Messages sent.")
+    copied_bytes = counter("copied_bytes", "Payload bytes copied on the way in and out.")
+    requests_handled = counter("requests_handled", "Requests given to HandleRequest.")
+
     def __init__(self, context: zmq.Context, request_receiver: SocketLike,
                  result_sender: SocketLike, command_receiver: SocketLike | None = None,
                  receiver_timeout: float | None = None) -> None:
@@ -86,10 +90,7 @@ class BasicWorker:
         self.command_receiver = command_receiver
         self.receiver_timeout = receiver_timeout
         self.malformed_messages = 0
-        self.requests_handled = 0
-        self.copied_bytes = 0
-        self.messages_sent = 0
-        self.messages_received = 0
+        self._counters = Counters()
         self._requests: zmq.Socket | None = None
         self._results: zmq.Socket | None = None
         self._commands: zmq.Socket | None = None
@@ -129,32 +130,19 @@ class BasicWorker:
         assert self._requests is not None and self._results is not None
         try:
             run_worker(self._requests, self._results, self._commands,
-                       handle=self._handle, on_command=self._on_command,
-                       on_malformed=self._on_malformed, on_unsendable=self._on_unsendable,
+                       handle_task=self.HandleRequest, result_metadata=self._identity,
+                       on_command=self._on_command, on_malformed=self._on_malformed,
+                       on_unsendable=self._on_unsendable,
                        timeout_ms=timeout_ms(self.receiver_timeout),
                        allow_pickle=self.allow_pickle, alignment=self.array_alignment,
-                       stats=self)
+                       stats=self._counters)
         finally:
             self.Shutdown()
 
     # The callables run_worker is given (zmq_cluster._wire_common states
-    # their contract).
-
-    def _handle(self, kind: int, task_id: int, request: Any) -> ClusterResult:
-        if type(request) is ClusterRequest:
-            payload, request_metadata = request.payload, request.metadata
-        else:
-            payload, request_metadata = request, None
-        start = time.perf_counter()
-        try:
-            output = self.HandleRequest(payload)
-            result = ClusterResult(ClusterResult.STATUS_SUCCESS, output, request_metadata)
-        except Exception as exc:
-            result = ClusterResult(ClusterResult.STATUS_FAIL, None, request_metadata,
-                                   exception=exc)
-        result.metadata = dict(self._identity, seconds=time.perf_counter() - start)
-        self.requests_handled += 1
-        return result
+    # their contract): in its task mode, the loop itself unwraps each
+    # request, times HandleRequest and sends the ClusterResult that
+    # BasicWorker's docstring describes.
 
     def _on_command(self, kind: int, command: Any) -> bool:
         return bool(self.HandleCommand(command))
