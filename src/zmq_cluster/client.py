@@ -30,7 +30,7 @@ from . import schedproto as sp
 from .functions import describe, function_key
 from .liveness import heartbeat_options
 from .trust import is_private_ipc, sender_may_pickle
-from .wire import recv_any
+from .wire import recv_any, send_frames
 
 __all__ = ["SchedulerClient", "SchedulerLost"]
 
@@ -193,7 +193,7 @@ class SchedulerClient:
             sinks[tid] = sink
         msg = [sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames
         with self._lock:
-            self._tx.send_multipart(msg, copy=False)
+            send_frames(self._tx, msg)
 
     def cancel(self, ids=None):
         """Ask the scheduler to drop queued tasks (all of this client's with

@@ -21,7 +21,7 @@ import weakref
 from typing import List, Optional
 
 from .client import SchedulerClient
-from .process import python_command, spawn
+from .process import python_command, spawn, worker_environment
 from .supervisor import Supervisor
 
 __all__ = ["LocalCluster"]
@@ -46,11 +46,17 @@ class LocalCluster:
     process, connects to. Start-up waits (at most ``start_timeout``
     seconds) until every worker has said HELLO to the scheduler.
     ``close()`` or leaving the ``with`` block stops everything.
+
+    ``blas_threads`` (default 1): the thread count each worker's OpenMP,
+    MKL and OpenBLAS may use (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
+    ``OPENBLAS_NUM_THREADS``), as dask's nanny does: the cluster already
+    runs a worker per core. A variable already set in this process's
+    environment is passed on as it is; ``None`` leaves all three alone.
     """
 
     def __init__(self, n_workers: Optional[int] = None, *, transport: str = "ipc",
                  heartbeat_timeout: float = 10.0, start_timeout: float = 60.0,
-                 log_level: str = "WARNING") -> None:
+                 log_level: str = "WARNING", blas_threads: Optional[int] = 1) -> None:
         if transport not in ("ipc", "tcp"):
             raise ValueError("transport must be 'ipc' or 'tcp', not %r" % (transport,))
         self.n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
@@ -66,7 +72,8 @@ class LocalCluster:
         self.scheduler: Optional[subprocess.Popen] = None
         self.address = ""
         self._control: Optional[SchedulerClient] = None
-        self._nanny = Supervisor(self._worker_command, self.n_workers)
+        self._nanny = Supervisor(self._worker_command, self.n_workers,
+                                 env=worker_environment(blas_threads))
         _LIVE.add(self)
         try:
             self._start_scheduler(start_timeout)

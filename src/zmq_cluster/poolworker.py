@@ -51,7 +51,7 @@ from .protocol import KIND_REQUEST
 from .security import ClientSecurity
 from .taskcodec import encode_result, run_items, task_failure
 from .trust import is_private_ipc, sender_may_pickle
-from .wire import recv_any
+from .wire import recv_any, send_frames
 
 #: When this process started (HELLO says how long ago, for `zmq-cluster status`).
 _STARTED = time.monotonic()
@@ -173,7 +173,7 @@ class PoolWorker:
         self._running = False
 
     def _send(self, frames):
-        self._sock.send_multipart(frames, copy=False)
+        send_frames(self._sock, frames)
 
     def _hello(self):
         self._send(sp.message(sp.HELLO, {

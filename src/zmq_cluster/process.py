@@ -26,7 +26,13 @@ import subprocess
 import sys
 import threading
 
-__all__ = ["spawn", "die_with_parent", "python_command"]
+__all__ = ["spawn", "die_with_parent", "python_command", "worker_environment",
+           "THREAD_VARIABLES"]
+
+#: The environment variables that size the thread pools of OpenMP, MKL and
+#: OpenBLAS (numpy's linear algebra). Each library starts one thread per
+#: core by default, so N workers on N cores would run N*N threads.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -38,6 +44,24 @@ _spawner_lock = threading.Lock()
 def python_command(module, *args):
     """``[python, -m, module, args...]``."""
     return [sys.executable, "-m", module, *map(str, args)]
+
+
+def worker_environment(blas_threads=1, env=None):
+    """The environment for worker processes: ``env`` (default: this
+    process's) with each of :data:`THREAD_VARIABLES` set to
+    ``blas_threads``, except those already set there (an explicit setting
+    wins). ``blas_threads=None`` changes nothing. Returns a new dict.
+
+    One thread per worker is dask's nanny default too: a pool already runs
+    one worker per core, and a BLAS that also starts a thread per core in
+    every worker oversubscribes the machine."""
+    out = dict(os.environ if env is None else env)
+    if blas_threads is not None:
+        if int(blas_threads) < 1:
+            raise ValueError("blas_threads must be at least 1, or None")
+        for name in THREAD_VARIABLES:
+            out.setdefault(name, str(int(blas_threads)))
+    return out
 
 
 def _spawn_loop():

@@ -37,7 +37,7 @@ from .trust import (
     EndpointKind, check_listen, classify_endpoint, describe_peer, is_private_ipc,
     sender_may_pickle,
 )
-from .wire import recv_any
+from .wire import recv_any, send_frames
 
 __all__ = ["Scheduler", "is_local_address"]
 
@@ -220,7 +220,7 @@ class Scheduler:
         # Never block: with ROUTER_MANDATORY and no high-water mark, a pipe
         # that cannot take a message is one libzmq is tearing down.
         try:
-            self._router.send_multipart([rid] + frames, zmq.DONTWAIT, copy=False)
+            send_frames(self._router, [rid] + frames, zmq.DONTWAIT)
             return True
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):

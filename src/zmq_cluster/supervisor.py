@@ -21,7 +21,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .process import spawn
 from .schedproto import EXIT_RESTART, EXIT_STOPPED
@@ -44,12 +44,15 @@ class Supervisor:
     until the supervisor is done (every child stopped on the scheduler's
     word with ``stop_with_workers``, or :meth:`halt`/:meth:`terminate`
     called); ``terminate()`` stops the children (SIGTERM, then SIGKILL after
-    ``timeout``) and reaps them.
+    ``timeout``) and reaps them. ``env``: the children's environment
+    (default: this process's; see :func:`zmq_cluster.process.worker_environment`).
     """
 
     def __init__(self, command: Callable[[], List[str]], n: int, *,
-                 stop_with_workers: bool = False, name: str = "worker") -> None:
+                 stop_with_workers: bool = False, name: str = "worker",
+                 env: Optional[Dict[str, str]] = None) -> None:
         self.command = command
+        self.env = env
         self.n = n
         self.stop_with_workers = stop_with_workers
         self.name = name
@@ -145,7 +148,7 @@ class Supervisor:
             pass
 
     def _spawn(self):
-        p = spawn(self.command())
+        p = spawn(self.command(), env=self.env)
         self.processes.append(p)
         self._started_at[p.pid] = time.monotonic()
         return p

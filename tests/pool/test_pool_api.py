@@ -376,6 +376,28 @@ def test_pool_by_address_and_tcp_cluster():
             assert pool.map(square, range(10)) == [x * x for x in range(10)]
 
 
+def thread_variables(_):
+    from zmq_cluster.process import THREAD_VARIABLES
+    return [os.environ.get(name) for name in THREAD_VARIABLES]
+
+
+def test_workers_get_one_blas_thread_by_default(pool):
+    from zmq_cluster.process import THREAD_VARIABLES
+    expected = [os.environ.get(name, "1") for name in THREAD_VARIABLES]
+    assert pool.map(thread_variables, range(4), chunksize=1) == [expected] * 4
+
+
+def test_worker_environment():
+    from zmq_cluster.process import THREAD_VARIABLES, worker_environment
+    env = worker_environment(1, {"PATH": "/bin", "MKL_NUM_THREADS": "8"})
+    assert env["PATH"] == "/bin" and env["MKL_NUM_THREADS"] == "8"  # an explicit setting wins
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+    assert worker_environment(None, {"PATH": "/bin"}) == {"PATH": "/bin"}
+    assert all(worker_environment(3, {})[name] == "3" for name in THREAD_VARIABLES)
+    with pytest.raises(ValueError):
+        worker_environment(0, {})
+
+
 def test_ipc_cluster_dir_is_private(cluster):
     assert cluster.address.startswith("ipc://")
     path = os.path.dirname(cluster.address[len("ipc://"):])

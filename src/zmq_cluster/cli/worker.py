@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from ..config import Config
-from ..process import python_command
+from ..process import THREAD_VARIABLES, python_command, worker_environment
 from ..supervisor import Supervisor
 from .common import (
     EXIT_OK, CommandError, add_client_key_options, add_locate_options, add_log_option,
@@ -34,7 +34,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
             " (a nanny): a worker that dies is replaced; on SIGTERM or Ctrl-C every worker"
             " finishes its task and exits, then the nanny exits. `zmq-cluster stop` and"
             " `stop --workers-only` end the workers and this command;"
-            " `zmq-cluster restart-workers` replaces each worker after its task."))
+            " `zmq-cluster restart-workers` replaces each worker after its task."
+            " Each worker's OpenMP/MKL/OpenBLAS uses one thread (%s=1) unless those"
+            " variables are set in this command's environment." % "/".join(THREAD_VARIABLES)))
     add_locate_options(parser)
     parser.add_argument(
         "-n", "--workers", metavar="N", type=positive_int, default=None,
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
             argv += ["--import", name]
         return python_command("zmq_cluster._start", "worker", *argv)
 
-    nanny = Supervisor(command, values["workers"], stop_with_workers=True)
+    nanny = Supervisor(command, values["workers"], stop_with_workers=True,
+                       env=worker_environment(1))
     stopping = threading.Event()   # a signal asked us to stop
     finished = threading.Event()   # ... or the scheduler stopped the workers
 
