@@ -99,7 +99,24 @@ def corpus():
 
 def seed_messages(encode):
     return [[bytes(memoryview(f).cast("B")) for f in encode(obj, kind, task_id)]
-            for kind, task_id, obj in corpus()]
+            for kind, task_id, obj in corpus()] + split_seeds()
+
+
+def split_seeds():
+    """Valid messages with split arrays (tag 'c'), cut small: a receiver
+    accepts any frame sizes that add up, so the fuzzer need not send 8 MiB."""
+    out = []
+    for dtype, order, data, cuts in [(b"<f8", b"C", bytes(range(48)), [8, 40]),
+                                     (b"<U2", b"F", "abcdef".encode("utf-32-le"), [1, 5, 23]),
+                                     (b"|u1", b"C", bytes(7), [0, 7])]:
+        itemsize = {b"<f8": 8, b"<U2": 8, b"|u1": 1}[dtype]
+        shape = struct.pack("<BQ", 1, len(data) // itemsize)
+        parts = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        body = (b"l\x02\x00\x00\x00" + b"c" + struct.pack("<II", 0, len(parts)) + _s(dtype)
+                + shape + order + b"a" + struct.pack("<I", len(parts)) + _s(b"|u1")
+                + struct.pack("<BQ", 1, 5) + b"C")
+        out.append([HEADER.pack(b"ZC", 2, 1, len(parts) + 1, 3) + body] + parts + [bytes(5)])
+    return out
 
 
 # ------------------------------------------------------------------ writers
@@ -155,21 +172,26 @@ def _evil_array(rng, kind):
              for _ in range(ndim)]
     shape_bytes = struct.pack("<B%dQ" % ndim, ndim, *shape)
     data = bytes(rng.choice([0, 1, 8, 16, 24, 48, 64]))
-    form = rng.choice("Aag")
+    form = rng.choice("Aagc")
     if form == "A":
         body, frames = b"A" + dtype + shape_bytes + b"C" + data, []
     elif form == "a":
         body, frames = b"a" + struct.pack("<I", 0) + dtype + shape_bytes + b"F", [data]
+    elif form == "c":
+        count = rng.choice([0, 1, 2, 3, 0xFFFFFFFF])
+        cut = rng.randint(0, len(data))
+        frames = [data[:cut], data[cut:], b""][:min(count, 3)]
+        body = b"c" + struct.pack("<II", 0, count) + dtype + shape_bytes + b"F"
     else:
         body, frames = b"g" + dtype + struct.pack("<I", len(data)) + data, []
     if rng.random() < 0.5:
         body = b"l\x01\x00\x00\x00" + body
-    return [HEADER.pack(b"ZC", 1, kind, len(frames), 9) + body] + frames
+    return [HEADER.pack(b"ZC", 2, kind, len(frames), 9) + body] + frames
 
 
 def _random_tree(rng, depth=0):
     """Random bytes in the shape of values: real tags, random counts."""
-    tag = rng.choice(b"NTFidjsbltmaAgRSEpIz\x00")
+    tag = rng.choice(b"NTFidjsbltmaAcgRSEpIz\x00")
     out = bytes([tag])
     if tag in b"lt":
         count = rng.choice([0, 1, 2, 3, 0xFFFFFFFF])
@@ -230,7 +252,7 @@ def mutate(rng, seeds):
     elif op == "random":
         body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
         extra = [bytes(rng.randint(0, 40)) for _ in range(rng.randint(0, 2))]
-        frames = [bytearray(HEADER.pack(b"ZC", 1, rng.choice([1, 2, 3]), len(extra),
+        frames = [bytearray(HEADER.pack(b"ZC", 2, rng.choice([1, 2, 3]), len(extra),
                                         rng.getrandbits(64)) + body)] + extra
         if rng.random() < 0.1:
             frames[0] = bytearray(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 30))))
@@ -249,7 +271,7 @@ def mutate(rng, seeds):
         frames = [bytearray(f) for f in _evil_array(rng, rng.choice([1, 2]))]
     elif op == "tree":
         body = _random_tree(rng)
-        frames = [bytearray(HEADER.pack(b"ZC", 1, rng.choice([1, 2, 3]), 0, 5) + body)]
+        frames = [bytearray(HEADER.pack(b"ZC", 2, rng.choice([1, 2, 3]), 0, 5) + body)]
     return op, [bytes(f) for f in frames]
 
 

@@ -91,7 +91,7 @@ def test_decode_task_refuses_what_decode_refuses(tasks):
     framing, helpers = tasks
     good = _bytes(framing.encode(zc.ClusterRequest(1, None), KIND_REQUEST, 5))
     for frames in ([good[0][:-1]], [good[0] + b"N"], [good[0], b"extra"],
-                   [b"ZC\x01\x01" + bytes(12) + b"R" + b"s\x05\x00\x00\x00\xff\xfe"]):
+                   [b"ZC\x02\x01" + bytes(12) + b"R" + b"s\x05\x00\x00\x00\xff\xfe"]):
         with pytest.raises(MessageFormatError) as expected:
             framing.decode(frames)
         with pytest.raises(MessageFormatError) as got:
@@ -280,7 +280,7 @@ def test_run_worker_task_mode(wire, ctx):
         wire.send_message(req_out, 41, KIND_COMMAND, 2)          # a bare payload, any kind
         wire.send_message(req_out, zc.ClusterRequest("boom"), KIND_REQUEST, 3)
         wire.send_message(req_out, zc.ClusterRequest("unsendable", "m4"), KIND_REQUEST, 4)
-        req_out.send(b"ZC\x01\x01" + bytes(4) + b"\x05" + bytes(7) + b"R")   # truncated, id 5
+        req_out.send(b"ZC\x02\x01" + bytes(4) + b"\x05" + bytes(7) + b"R")   # truncated, id 5
         wire.send_message(req_out, "stop", KIND_REQUEST, 6)
         with pytest.raises(SystemExit):
             wire.run_worker(req_in, res_out, None, on_command=lambda k, o: True,

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from zmq_cluster.messages import ClusterRequest, ClusterResult
-from zmq_cluster.protocol import COPY_THRESHOLD, INLINE_LIMIT, KIND_REQUEST, KIND_RESULT
+from zmq_cluster._framing_common import aligned_empty
+from zmq_cluster.exceptions import MessageFormatError
+from zmq_cluster.protocol import (
+    ALIGNED_BYTES, COPY_THRESHOLD, INLINE_LIMIT, KIND_REQUEST, KIND_RESULT, SPLIT_BYTES,
+)
 
 WAIT_MS = 10000
 
@@ -35,7 +39,7 @@ def test_encode_does_not_copy_contiguous_arrays(twin):
 
 
 def test_large_array_is_a_writeable_aligned_view_on_its_frame(twin, pair):
-    arr = np.random.default_rng(0).random((512, 512))  # 2 MiB
+    arr = np.random.default_rng(0).random((256, 256))  # 512 KiB, below ALIGNED_BYTES
     frames, (kind, task_id, got) = _transfer(twin, pair, arr)
     assert (kind, task_id) == (KIND_REQUEST, 5)
     np.testing.assert_array_equal(got, arr)
@@ -143,7 +147,7 @@ def test_pickle_can_be_refused(twin):
 # ------------------------------------------------------------ copy accounting
 
 @pytest.mark.parametrize("arr", [
-    np.random.default_rng(1).random((512, 512)),                     # 2 MiB, C order
+    np.random.default_rng(1).random((256, 256)),                     # 512 KiB, C order
     np.asfortranarray(np.arange(300 * 200, dtype=np.int16).reshape(300, 200)),
     np.arange(COPY_THRESHOLD // 8, dtype=np.float64),               # exactly the threshold
 ], ids=["C", "F", "threshold"])
@@ -209,3 +213,140 @@ def test_stats_untouched_when_the_call_fails(twin):
         twin.decode([frames[0] + b"N"], stats=stats)
     assert stats.copied_bytes == 0
     twin.encode(np.ones(3), KIND_RESULT, stats=None)  # no stats: nothing to update
+
+
+# ------------------------------------------------- large arrays: split, aligned
+
+def _at(nbytes, offset, dtype=np.float64):
+    """A writeable array of ``nbytes`` whose data sits ``offset`` bytes past
+    a multiple of 64."""
+    raw = aligned_empty(nbytes + 64, 64)
+    arr = raw[offset:offset + nbytes].view(dtype)
+    arr[:] = np.arange(arr.size, dtype=dtype)
+    return arr
+
+
+@pytest.mark.parametrize("nbytes", [ALIGNED_BYTES, SPLIT_BYTES, SPLIT_BYTES + 8,
+                                    3 * SPLIT_BYTES - 8], ids=["1MiB", "split", "split+8", "3x"])
+def test_large_arrays_arrive_64_byte_aligned_and_writeable(twin, pair, nbytes):
+    arr = _at(nbytes, 8)  # the sender's memory is not at 64, so no transport places it there
+    sent, received = _stats(), _stats()
+    frames, (_, _, got) = _transfer(twin, pair, arr, sent, received)
+    split = nbytes > SPLIT_BYTES
+    assert len(frames) == 1 + (-(-nbytes // SPLIT_BYTES) if split else 1)
+    np.testing.assert_array_equal(got, arr)
+    assert got.ctypes.data % 64 == 0 and got.flags.writeable and got.flags.c_contiguous
+    assert not np.shares_memory(got, arr)
+    assert (sent.copied_bytes, received.copied_bytes) == (0, nbytes)  # one assembly copy
+    got[-1] = -1.0
+
+
+def test_split_array_frames_are_views_of_the_senders_array(twin):
+    arr = np.asfortranarray(np.arange(3 * SPLIT_BYTES // 8, dtype=np.float64).reshape(-1, 3))
+    stats = _stats()
+    frames = twin.encode([arr, 5], KIND_REQUEST, stats=stats)
+    assert stats.copied_bytes == 0
+    assert [np.frombuffer(f, np.uint8).nbytes for f in frames[1:]] == [SPLIT_BYTES] * 3
+    for i, frame in enumerate(frames[1:]):
+        view = np.frombuffer(frame, np.uint8)
+        assert np.shares_memory(view, arr)
+        assert view.ctypes.data == arr.ctypes.data + i * SPLIT_BYTES
+    got = twin.decode(frames)[2][0]
+    assert got.flags.f_contiguous and got.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(got, arr)
+
+
+def test_an_aligned_frame_of_a_large_array_stays_a_view(twin):
+    # Over inproc a frame is the sender's memory: at 64 already, no copy.
+    arr = _at(2 * ALIGNED_BYTES, 0)
+    import zmq
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    try:
+        pull.bind("inproc://aligned-view")
+        push.connect("inproc://aligned-view")
+        push.send_multipart(twin.encode(arr, KIND_REQUEST), copy=False)
+        assert pull.poll(WAIT_MS)
+        received = _stats()
+        got = twin.decode(pull.recv_multipart(copy=False), stats=received)[2]
+    finally:
+        push.close(0)
+        pull.close(0)
+    assert np.shares_memory(got, arr) and received.copied_bytes == 0
+
+
+def test_alignment_asked_for_combines_with_64(twin):
+    arr = _at(ALIGNED_BYTES, 8)
+    frames = [bytearray(f) for f in twin.encode(arr, KIND_REQUEST)]
+    for alignment, want in ((None, 64), (32, 64), (128, 128), (48, 192)):
+        got = twin.decode(frames, alignment=alignment)[2]
+        assert got.ctypes.data % want == 0, alignment
+    small = twin.decode([bytearray(f) for f in twin.encode(arr[:1000], KIND_REQUEST)],
+                        alignment=48)[2]
+    assert small.ctypes.data % 48 == 0
+
+
+def test_split_array_in_a_message_with_other_frames(twin):
+    big = np.arange(SPLIT_BYTES // 4 + 1, dtype=np.int32)
+    payload = [np.ones(1000), big, {1, 2}, np.arange(2000.0), bytearray(100000)]
+    frames = [bytes(f) for f in twin.encode(payload, KIND_REQUEST)]
+    got = twin.decode(frames)[2]
+    for g, want in zip(got, payload):
+        if isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(g, want)
+    assert got[2] == {1, 2}
+
+
+def _split_message(twin, nbytes=SPLIT_BYTES + 16):
+    return [bytes(f) for f in twin.encode(np.ones(nbytes // 8), KIND_REQUEST)]
+
+
+def test_split_array_frames_may_have_any_sizes_that_add_up(twin):
+    frames = _split_message(twin)
+    body = frames[1] + frames[2]
+    cut = [body[:7], body[7:100], b"", body[100:]]
+    header = bytearray(frames[0])
+    header[4:8] = (4).to_bytes(4, "little")
+    header[21:25] = (4).to_bytes(4, "little")  # 'c' u32 first, u32 count
+    got = twin.decode([bytes(header)] + cut)[2]
+    assert got.nbytes == len(body) and (got == 1).all() and got.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda f: [f[0]] + [f[1], f[2][:-8]], r"its 2 frames hold %d bytes" % (SPLIT_BYTES + 8)),
+    (lambda f: [f[0]] + [f[1], f[2] + b"x"], r"its 2 frames hold %d bytes" % (SPLIT_BYTES + 17)),
+    (lambda f: [_count(f[0], 3, 2)] + f[1:] + [b""], r"1 buffer frames are not referenced"),
+    (lambda f: [_count(f[0], 2, 3)] + f[1:], r"refers to buffer frame 2 of 2"),
+    (lambda f: [_count(f[0], 2, 0)] + f[1:], r"has 0 buffer frames"),
+    (lambda f: [_count(f[0], 2, 0xFFFFFFFF)] + f[1:], r"refers to buffer frame 4294967294 of 2"),
+    (lambda f: [_first(f[0], 1)] + f[1:], r"refers to buffer frame 1; frame 0"),
+    (lambda f: [f[0][:25]] + f[1:], r"header truncated"),
+], ids=["short", "long", "extra frame", "count past end", "count 0", "count huge", "first",
+        "truncated"])
+def test_malformed_split_arrays_are_rejected_before_allocating(twin, change, error):
+    frames = _split_message(twin)
+    assert len(frames) == 3
+    with pytest.raises(MessageFormatError, match=error):
+        twin.decode(change(frames))
+
+
+def _count(header, nframes, count):
+    header = bytearray(header)
+    header[4:8] = nframes.to_bytes(4, "little")
+    header[21:25] = count.to_bytes(4, "little")
+    return bytes(header)
+
+
+def _first(header, first):
+    header = bytearray(header)
+    header[17:21] = first.to_bytes(4, "little")
+    return bytes(header)
+
+
+def test_version_1_messages_are_refused_with_both_versions_named(twin):
+    frames = _split_message(twin)
+    old = bytearray(frames[0])
+    old[2] = 1
+    with pytest.raises(MessageFormatError, match=r"version 1 \(this build reads 2\)"):
+        twin.decode([bytes(old)] + frames[1:])

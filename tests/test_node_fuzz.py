@@ -130,7 +130,7 @@ def _evil_bodies():
 
 
 def _header(kind, task_id, nframes):
-    return HEADER.pack(b"ZC", 1, kind, nframes, task_id)
+    return HEADER.pack(b"ZC", 2, kind, nframes, task_id)
 
 
 class Fuzz:

@@ -168,7 +168,7 @@ def test_malformed_results_with_a_readable_header_are_reported(ctx, sink_and_pee
         push.send(b"")                                   # not a zmq_cluster message: dropped
         push.send_multipart(truncated)
         push.send_multipart(pickled)
-        push.send_multipart([b"ZC\x01\x02" + bytes(12), b"unreferenced"])  # task id 0
+        push.send_multipart([b"ZC\x02\x02" + bytes(12), b"unreferenced"])  # task id 0
         send_message(push, zc.ClusterResult("OK", 3), KIND_RESULT, 7)
         got = list(sink.Receive(4))
     assert [(r.status, r.task_id) for r in got] == [("FAIL", 5), ("FAIL", 6), ("FAIL", None),
@@ -202,7 +202,7 @@ def _evil_commands():
         _encode({"op": "CLUSTER_WORKER_KILL"}, KIND_COMMAND),
         _relabel(_encode({"CLUSTER_WORKER_KILL"}, KIND_REQUEST), KIND_COMMAND),  # pickle
         _relabel(_encode(pickle.loads, KIND_REQUEST), KIND_COMMAND),
-        [b"ZC\x01\x03" + bytes(12) + b"s\xff\xff\xff\xff"],
+        [b"ZC\x02\x03" + bytes(12) + b"s\xff\xff\xff\xff"],
     ]
 
 

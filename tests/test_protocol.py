@@ -125,7 +125,7 @@ def test_golden_file_is_self_consistent(name):
     case = CASES[name]
     frames = _golden_frames(name)
     magic, version, kind, nframes, task_id = struct.unpack_from("<2sBBIQ", frames[0])
-    assert (magic, version) == (b"ZC", 1)
+    assert (magic, version) == (b"ZC", 2)
     assert kind == record["kind_code"] == case["kind"]
     assert task_id == record["task_id"] == case["task_id"]
     assert nframes == len(frames) - 1
@@ -232,7 +232,7 @@ def peer_encode_request(arr, metadata, task_id, inline=None):
     body += [b"m", struct.pack("<I", len(metadata))]
     for key, value in metadata.items():
         body += [str_value(key), b"i", struct.pack("<q", value)]
-    header = struct.pack("<2sBBIQ", b"ZC", 1, 1, len(frames), task_id)
+    header = struct.pack("<2sBBIQ", b"ZC", 2, 1, len(frames), task_id)
     return [header + b"".join(body)] + frames
 
 
@@ -240,7 +240,7 @@ def peer_decode_result(frames):
     """(task_id, {status, payload, request_metadata, metadata, exception})."""
     header = bytes(frames[0])
     magic, version, kind, nframes, task_id = struct.unpack_from("<2sBBIQ", header)
-    assert (magic, version, kind, nframes) == (b"ZC", 1, 2, len(frames) - 1)
+    assert (magic, version, kind, nframes) == (b"ZC", 2, 2, len(frames) - 1)
     pos, used = 16, 0
 
     def take(fmt):  # a tuple of values
@@ -315,7 +315,7 @@ def peer_encode_failure(task_id, request_metadata_i, module, qualname, message, 
             str_value("seconds"), b"d", struct.pack("<d", seconds),
             b"E", str_value(module), str_value(qualname), b"N",     # exception
             str_value(message), str_value(traceback)]
-    return [struct.pack("<2sBBIQ", b"ZC", 1, 2, 0, task_id) + b"".join(body)]
+    return [struct.pack("<2sBBIQ", b"ZC", 2, 2, 0, task_id) + b"".join(body)]
 
 
 def test_peer_uses_only_struct_numpy_zmq():
@@ -388,7 +388,7 @@ def test_peer_decoder_reads_inline_and_frame_arrays():
     # The peer reads results: put that request's payload in one. Its body is
     # 'R', the payload, then 'N' (metadata), which becomes request_metadata.
     body = frames[0][16:]
-    result = (struct.pack("<2sBBIQ", b"ZC", 1, 2, 1, 7)
+    result = (struct.pack("<2sBBIQ", b"ZC", 2, 2, 1, 7)
               + b"S" + _s("OK") + body[1:] + b"NN")
     task_id, got = peer_decode_result([result, frames[1]])
     assert task_id == 7 and got["status"] == "OK"
@@ -465,7 +465,7 @@ def test_plain_pyzmq_peer_reads_a_workers_failure(ctx):
         with worker_thread(ctx, req, res, cmd, receiver_timeout=WAIT_MS) as (worker, errors):
             # ClusterRequest("boom", None): DoublingWorker raises KeyError("boom").
             body = b"R" + _s("boom") + b"N"
-            push.send_multipart([struct.pack("<2sBBIQ", b"ZC", 1, 1, 0, 21) + body])
+            push.send_multipart([struct.pack("<2sBBIQ", b"ZC", 2, 1, 0, 21) + body])
             assert pull.poll(WAIT_MS), "no result from the worker"
             task_id, result = peer_decode_result(pull.recv_multipart())
         assert errors == []
@@ -482,7 +482,7 @@ def test_plain_pyzmq_peer_reads_a_workers_failure(ctx):
 
 # ------------------------------------------------------ (c) rejections
 
-def _header(nframes=0, kind=KIND_REQUEST, task_id=9, magic=b"ZC", version=1):
+def _header(nframes=0, kind=KIND_REQUEST, task_id=9, magic=b"ZC", version=2):
     return struct.pack("<2sBBIQ", magic, version, kind, nframes, task_id)
 
 
@@ -521,7 +521,8 @@ REJECTIONS = {
     "bad magic": (_msg(b"N", magic=b"XC"), r"bad magic"),
     "bad magic, lower case": (_msg(b"N", magic=b"zc"), r"bad magic"),
     "version 0": (_msg(b"N", version=0), r"unknown wire format version 0"),
-    "version 2": (_msg(b"N", version=2), r"unknown wire format version 2"),
+    "version 1": (_msg(b"N", version=1), r"unknown wire format version 1 \(this build reads 2\)"),
+    "version 3": (_msg(b"N", version=3), r"unknown wire format version 3"),
     "kind 0": (_msg(b"N", kind=0), r"unknown message kind 0"),
     "kind 4": (_msg(b"N", kind=4), r"unknown message kind 4"),
     "more frames announced": (_msg(_array(0), F48, nframes=2),

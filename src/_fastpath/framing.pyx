@@ -60,13 +60,13 @@ from zmq_cluster import _framing_common as common
 from zmq_cluster._framing_common import (
     E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND, E_MAGIC,
     E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD,
-    E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG, E_TRAILING, E_UNHASHABLE,
+    E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_SPLIT_COUNT, E_SPLIT_SIZE, E_TAG, E_TOO_BIG, E_TRAILING, E_UNHASHABLE,
     E_UNREFERENCED, E_UTF8, E_VERSION, X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32,
 )
 from zmq_cluster.exceptions import EncodeError, MessageFormatError
 from zmq_cluster.messages import ClusterRequest, ClusterResult
 from zmq_cluster.protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND,
+    ALIGNED_BYTES, ARRAY_ALIGNMENT, SPLIT_BYTES, TAG_SPLIT_ARRAY, COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND,
     KIND_REQUEST, KIND_RESULT, KINDS,
     MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
     TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT,
@@ -180,6 +180,7 @@ cdef enum:
     C_RESULT
     C_EXCEPTION
     C_PICKLE
+    C_SPLIT
 
 cdef unsigned char _CODE[256]
 cdef unsigned char T_NONE = TAG_NONE, T_TRUE = TAG_TRUE, T_FALSE = TAG_FALSE
@@ -188,12 +189,15 @@ cdef unsigned char T_COMPLEX = TAG_COMPLEX, T_STR = TAG_STR, T_BYTES = TAG_BYTES
 cdef unsigned char T_LIST = TAG_LIST, T_TUPLE = TAG_TUPLE, T_DICT = TAG_DICT
 cdef unsigned char T_ARRAY = TAG_ARRAY, T_SCALAR = TAG_SCALAR, T_REQUEST = TAG_REQUEST
 cdef unsigned char T_RESULT = TAG_RESULT, T_PICKLE = TAG_PICKLE, T_INLINE = TAG_INLINE_ARRAY
-cdef unsigned char T_EXCEPTION = TAG_EXCEPTION
+cdef unsigned char T_EXCEPTION = TAG_EXCEPTION, T_SPLIT = TAG_SPLIT_ARRAY
 cdef unsigned char O_C = ORDER_C, O_F = ORDER_F
 cdef unsigned char M0 = MAGIC[0], M1 = MAGIC[1]
 cdef unsigned char V_VERSION = VERSION
 cdef int _MAX_DEPTH = MAX_DEPTH
 cdef Py_ssize_t _INLINE_LIMIT = INLINE_LIMIT
+cdef Py_ssize_t _SPLIT_BYTES = SPLIT_BYTES
+cdef Py_ssize_t _ALIGNED_BYTES = ALIGNED_BYTES
+cdef Py_ssize_t _ARRAY_ALIGNMENT = ARRAY_ALIGNMENT
 
 
 def _init_codes():
@@ -202,7 +206,8 @@ def _init_codes():
              (TAG_STR, C_STR), (TAG_BYTES, C_BYTES), (TAG_LIST, C_LIST),
              (TAG_TUPLE, C_TUPLE), (TAG_DICT, C_DICT), (TAG_ARRAY, C_ARRAY),
              (TAG_INLINE_ARRAY, C_INLINE), (TAG_SCALAR, C_SCALAR), (TAG_REQUEST, C_REQUEST),
-             (TAG_RESULT, C_RESULT), (TAG_EXCEPTION, C_EXCEPTION), (TAG_PICKLE, C_PICKLE)]
+             (TAG_RESULT, C_RESULT), (TAG_EXCEPTION, C_EXCEPTION), (TAG_PICKLE, C_PICKLE),
+             (TAG_SPLIT_ARRAY, C_SPLIT)]
     if len({tag for tag, _ in pairs}) != len(pairs):
         raise ImportError("zmq_cluster.protocol has two value tags with the same byte")
     cdef int i
@@ -237,6 +242,7 @@ cdef object _U32 = common.U32
 # Slow paths: the helpers the pure twin uses too.
 cdef object _as_buffer = common.as_buffer
 cdef object _aligned_empty = common.aligned_empty
+cdef object _big_alignment = common.big_alignment
 cdef object _py_frame_buffer = common.frame_buffer
 cdef object _dtype_value = common.dtype_value
 cdef object _read_dtype = common.read_dtype

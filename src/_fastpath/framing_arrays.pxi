@@ -42,7 +42,8 @@ cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs, int depth) except -1:
     cdef unsigned char order
     cdef unsigned char* p
     cdef const char* src
-    cdef int nd, i
+    cdef int nd
+    cdef Py_ssize_t i, count
     cdef cnp.npy_intp* dims
     value = _dtype_header(dtype)
     if value is None or dtype.itemsize == 0:
@@ -80,8 +81,18 @@ cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs, int depth) except -1:
         arr = np.ascontiguousarray(arr)
         order = O_C
         w.copied += nbytes
-    _put_byte(w, T_ARRAY)
-    _put_u32(w, len(bufs) - 1)  # past U32_MAX, encode() refuses the frame count
+    if nbytes > _SPLIT_BYTES:
+        # Split: frames of SPLIT_BYTES (the last holds the rest), each a
+        # view of the array's memory.
+        count = (nbytes + _SPLIT_BYTES - 1) // _SPLIT_BYTES
+        if count > _U32_MAX:
+            raise _EncodeError(X_U32 % ("an array", count, "buffer frames"))
+        _put_byte(w, T_SPLIT)
+        _put_u32(w, len(bufs) - 1)
+        _put_u32(w, count)
+    else:
+        _put_byte(w, T_ARRAY)
+        _put_u32(w, len(bufs) - 1)  # past U32_MAX, encode() refuses the frame count
     _put_dtype(w, value, bufs, depth + 1)
     dims = cnp.PyArray_DIMS(arr)
     p = _reserve(w, 2 + 8 * nd)
@@ -89,7 +100,12 @@ cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs, int depth) except -1:
     for i in range(nd):
         zc_put_u64(p + 1 + 8 * i, <uint64_t>dims[i])
     p[1 + 8 * nd] = order
-    bufs.append(_frame_buffer(arr))
+    flat = _frame_buffer(arr)
+    if nbytes > _SPLIT_BYTES:
+        for i in range(0, nbytes, _SPLIT_BYTES):
+            bufs.append(flat[i:i + _SPLIT_BYTES])
+    else:
+        bufs.append(flat)
     return 1
 
 
@@ -158,31 +174,59 @@ cdef object _on(Dec* d, Shape* s, cnp.dtype dtype, object flat):
     return flat.view(dtype).reshape(_shape_of(d, s), order="F" if s.order == O_F else "C")
 
 
+cdef inline Py_ssize_t _lcm64(Py_ssize_t align):
+    """big_alignment() for an alignment in C: a multiple of it and of 64."""
+    cdef Py_ssize_t a = align, b = _ARRAY_ALIGNMENT, t
+    while b:
+        t = a % b
+        a = b
+        b = t
+    return align // a * _ARRAY_ALIGNMENT
+
+
+cdef Py_ssize_t _align_of(Dec* d, cnp.dtype dtype, Py_ssize_t nbytes):
+    """The alignment a received array of ``nbytes`` needs, when that fits
+    in C (``align_mode`` 0 or 1): the asked one or the dtype's, and 64 from
+    ALIGNED_BYTES up."""
+    cdef Py_ssize_t align = dtype.alignment if d.align_mode == 0 else d.align_c
+    if nbytes >= _ALIGNED_BYTES and align % _ARRAY_ALIGNMENT:
+        return _lcm64(align)
+    return align
+
+
 cdef object _copied(Dec* d, Shape* s, cnp.dtype dtype, const unsigned char* src):
     """An aligned, writeable copy of the ``s.nbytes`` bytes at ``src`` as the
     array ``s`` describes: the pure twin's ``aligned_empty`` + view."""
+    flat = _aligned_for(d, s, dtype)
+    if flat is None:
+        # The hot case: numpy allocates the array, one memcpy fills it.
+        Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
+        arr = _new_from_descr(
+            _ndarray_type, <cnp.PyArray_Descr*>dtype, s.ndim, s.dims, NULL, NULL,
+            cnp.NPY_ARRAY_F_CONTIGUOUS if s.order == O_F else 0, NULL)
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>arr), src, <cnp.npy_intp>s.nbytes)
+        return arr
+    memcpy(cnp.PyArray_DATA(<cnp.ndarray>flat), src, <cnp.npy_intp>s.nbytes)
+    return _on(d, s, dtype, flat)
+
+
+cdef object _aligned_for(Dec* d, Shape* s, cnp.dtype dtype):
+    """Uninitialised memory for the array ``s`` describes, aligned as the
+    pure twin's ``aligned_empty`` makes it: a flat uint8 array, or None when
+    numpy's own allocation of the array itself is aligned enough."""
     cdef Py_ssize_t align = 0
     cdef cnp.npy_intp n = <cnp.npy_intp>s.nbytes
-    if d.align_mode == 0:
-        align = dtype.alignment
-    elif d.align_mode == 1:
-        align = d.align_c
+    if d.align_mode != 2:
+        align = _align_of(d, dtype, s.nbytes)
     if d.align_mode != 2 and 16 % align == 0:  # numpy's allocator gives 16
         if _simple(s, dtype):
-            # The hot case: numpy allocates the array, one memcpy fills it.
-            Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
-            arr = _new_from_descr(
-                _ndarray_type, <cnp.PyArray_Descr*>dtype, s.ndim, s.dims, NULL, NULL,
-                cnp.NPY_ARRAY_F_CONTIGUOUS if s.order == O_F else 0, NULL)
-            memcpy(cnp.PyArray_DATA(<cnp.ndarray>arr), src, n)
-            return arr
-        flat = cnp.PyArray_SimpleNew(1, &n, cnp.NPY_UINT8)
-    elif d.align_mode == 2:
-        flat = _aligned_empty(s.nbytes, <object>d.alignment)
-    else:
-        flat = _aligned_empty(s.nbytes, align)
-    memcpy(cnp.PyArray_DATA(<cnp.ndarray>flat), src, n)
-    return _on(d, s, dtype, flat)
+            return None
+        return cnp.PyArray_SimpleNew(1, &n, cnp.NPY_UINT8)
+    if d.align_mode == 2:
+        if s.nbytes >= _ALIGNED_BYTES:
+            return _aligned_empty(s.nbytes, _big_alignment(<object>d.alignment))
+        return _aligned_empty(s.nbytes, <object>d.alignment)
+    return _aligned_empty(s.nbytes, align)
 
 
 cdef object _inline_array(Dec* d, int depth):
@@ -221,15 +265,72 @@ cdef object _array(Dec* d, int depth):
         copy = bool(<object>s.nbytes < <object>d.copy_threshold)
     if not copy:
         if d.align_mode == 2:
-            copy = bool(PyLong_FromVoidPtr(<void*>fp) % <object>d.alignment)
+            align_obj = <object>d.alignment
+            if s.nbytes >= _ALIGNED_BYTES:
+                align_obj = _big_alignment(align_obj)
+            copy = bool(PyLong_FromVoidPtr(<void*>fp) % align_obj)
         else:
-            copy = (<uintptr_t>fp) % <uintptr_t>(
-                dtype.alignment if d.align_mode == 0 else d.align_c) != 0
+            copy = (<uintptr_t>fp) % <uintptr_t>_align_of(d, dtype, s.nbytes) != 0
         copy = copy or not fwrite
     if copy:
         d.copied += s.nbytes
         return _copied(d, &s, dtype, fp)
     return _on(d, &s, dtype, _np_frombuffer(owner, _np_uint8))
+
+
+cdef object _split_array(Dec* d, int depth):
+    cdef Py_ssize_t at = d.pos - 1
+    cdef Py_ssize_t first, count, last, i, held = 0, start = 0
+    cdef const unsigned char* fp = NULL
+    cdef Py_ssize_t fsize = 0
+    cdef bint fwrite = False
+    cdef Shape s
+    cdef unsigned char* dest
+    # Same order as the pure twin: frame index and count, dtype, fields and
+    # limits, then the frames' sizes, all before allocating.
+    first = _u32(d, "a frame index")
+    count = _u32(d, "a frame count")
+    if first != d.used:
+        raise _MFE(E_FRAME_ORDER % (_frame_user(True, at), first, d.used))
+    if count == 0:
+        raise _MFE(E_SPLIT_COUNT % at)
+    last = first + count - 1
+    if last >= d.nframes:
+        raise _MFE(E_FRAME_RANGE % (_frame_user(True, at), last, d.nframes))
+    d.used += count
+    frames = <object>d.frames
+    owners = []
+    for i in range(first + 1, last + 2):
+        owners.append(_frame_data(frames[i], &fp, &fsize, &fwrite))
+        held += fsize
+    dtype = _dtype(d, depth)
+    _read_shape(d, at, dtype, &s)
+    if held != s.nbytes:
+        raise _MFE(E_SPLIT_SIZE % (at, _shape_text(_shape_of(d, &s)), dtype, s.nbytes, count,
+                                   held))
+    # Assembled: one aligned array, one memcpy per frame.
+    flat = _aligned_for(d, &s, dtype)
+    if flat is None:
+        Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
+        out = _new_from_descr(
+            _ndarray_type, <cnp.PyArray_Descr*>dtype, s.ndim, s.dims, NULL, NULL,
+            cnp.NPY_ARRAY_F_CONTIGUOUS if s.order == O_F else 0, NULL)
+        dest = <unsigned char*>cnp.PyArray_DATA(<cnp.ndarray>out)
+    else:
+        dest = <unsigned char*>cnp.PyArray_DATA(<cnp.ndarray>flat)
+    for i in range(first + 1, last + 2):
+        owner = _frame_data(frames[i], &fp, &fsize, &fwrite)
+        if fsize:
+            memcpy(dest + start, fp, fsize)
+        start += fsize
+    if flat is not None:
+        if _has_text(dtype) and _bad_code_points(flat, dtype):
+            raise _MFE(E_CODE_POINT % ("array", at, dtype))
+        out = _on(d, &s, dtype, flat)
+    elif _has_text(dtype) and _bad_code_points(_np_frombuffer(out, _np_uint8), dtype):
+        raise _MFE(E_CODE_POINT % ("array", at, dtype))
+    d.copied += s.nbytes
+    return out
 
 
 cdef object _scalar(Dec* d, int depth):

@@ -132,6 +132,8 @@ cdef object _value(Dec* d, int depth):
         return _inline_array(d, depth)
     if code == C_ARRAY:
         return _array(d, depth)
+    if code == C_SPLIT:
+        return _split_array(d, depth)
     if code == C_TRUE:
         return True
     if code == C_FALSE:

@@ -3,7 +3,7 @@
 * the wording of every MessageFormatError and EncodeError the twins raise
   (``E_*`` and ``X_*`` format strings), so that the twins cannot word a
   rejection differently;
-* buffers: ``as_buffer``, ``aligned_empty``, ``frame_buffer``;
+* buffers: ``as_buffer``, ``aligned_empty``, ``big_alignment``, ``frame_buffer``;
 * dtypes: the allow-list grammar of docs/protocol.md ("dtypes"), used on
   both sides: ``dtype_value`` (encode: the header value of a dtype, or None
   when it has no native form) and ``read_dtype`` (decode: a restricted
@@ -16,6 +16,7 @@ structured dtypes, exceptions, errors).
 """
 
 import importlib
+import math
 import re
 import struct
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 
 from .exceptions import MessageFormatError, RemoteError, RemoteTraceback, _safe_str, _type_name
 from .protocol import (
-    MAX_ARRAY_BYTES, MAX_DEPTH, MAX_DTYPE_FIELDS, MAX_DTYPE_NESTING, MAX_ITEMSIZE, MAX_NDIM,
+    ARRAY_ALIGNMENT, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_DTYPE_FIELDS, MAX_DTYPE_NESTING, MAX_ITEMSIZE, MAX_NDIM,
     TAG_INT, TAG_LIST, TAG_STR, TAG_TUPLE, U32_MAX,
 )
 
@@ -60,6 +61,8 @@ E_ITEMSIZE0 = "array at offset %d has dtype %s of item size 0: an array needs by
 E_TOO_BIG = ("array at offset %%d of shape %%s and dtype %%s is beyond the size limit "
              "(%d bytes, counting non-zero dimensions)" % MAX_ARRAY_BYTES)
 E_FRAME_SIZE = "array at offset %d is %s %s (%d bytes) but its frame has %d bytes"
+E_SPLIT_COUNT = "split array at offset %d has 0 buffer frames: it needs at least 1"
+E_SPLIT_SIZE = "split array at offset %d is %s %s (%d bytes) but its %d frames hold %d bytes"
 E_SCALAR = "scalar of dtype %s has %d bytes, expected %d"
 E_CODE_POINT = "%s at offset %d holds a character beyond U+10FFFF (dtype %s)"
 E_PICKLE_REFUSED = "pickled value at offset %d refused: pickle is not allowed from this peer"
@@ -112,6 +115,15 @@ def aligned_empty(nbytes, alignment):
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
     return raw[offset:offset + nbytes]
+
+
+def big_alignment(alignment):
+    """The alignment of a received array of at least ``ALIGNED_BYTES``:
+    ``alignment`` (the one asked for, or the dtype's) and ARRAY_ALIGNMENT
+    both divide it."""
+    if alignment % ARRAY_ALIGNMENT == 0:
+        return alignment
+    return math.lcm(int(alignment), ARRAY_ALIGNMENT)
 
 
 def frame_buffer(arr):

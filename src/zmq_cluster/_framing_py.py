@@ -20,15 +20,15 @@ from ._framing_common import (
     C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE,
     E_ITEMSIZE0, E_KIND, E_MAGIC, E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS,
     E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG,
-    E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32,
+    E_SPLIT_COUNT, E_SPLIT_SIZE, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32,
     X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, aligned_empty, array_bad_code_points,
-    array_dtype_header, as_buffer, bad_code_points, count_error, dtype_header,
+    array_dtype_header, as_buffer, bad_code_points, big_alignment, count_error, dtype_header,
     exception_fields, exception_value, frame_buffer, read_dtype, truncated,
 )
 from .exceptions import EncodeError, MessageFormatError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS,
+    ALIGNED_BYTES, COPY_THRESHOLD, SPLIT_BYTES, TAG_SPLIT_ARRAY, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS,
     MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
     TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY,
     TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_STR,
@@ -42,6 +42,7 @@ _TRUE = bytes([TAG_TRUE])
 _FALSE = bytes([TAG_FALSE])
 _INLINE = bytes([TAG_INLINE_ARRAY])
 _ARRAY_HEAD = TAG_U32
+_SPLIT_HEAD = struct.Struct("<BII")  # tag, first frame, frame count
 
 
 # --------------------------------------------------------------------- encode
@@ -50,9 +51,12 @@ def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     Returns a list whose first item is the header frame (``bytes``) and whose
-    other items are the buffer frames, one per array of at least
-    ``INLINE_LIMIT`` bytes (C- or Fortran-ordered arrays are not copied: the
-    frame is a view of the array's memory) or per out-of-band pickle buffer.
+    other items are the buffer frames: one per array of ``INLINE_LIMIT`` to
+    ``SPLIT_BYTES`` bytes, ``ceil(nbytes / SPLIT_BYTES)`` for a larger array
+    (tag ``'c'``: frames of SPLIT_BYTES, the last holding the rest), one per
+    out-of-band pickle buffer. Array frames of C- or Fortran-ordered arrays
+    are views of the array's memory (flat uint8 arrays), never copies: the
+    caller must not change the array until the message has left.
     Smaller arrays are copied into the header frame (tag ``'A'``), so a
     message of small values is a single frame. ``task_id`` (an int in
     [0, 2**64)) goes in the header; 0 means "none". Exceptions travel
@@ -226,11 +230,23 @@ class _Encoder:
             self.copied += nbytes
         # (A frame index past U32_MAX cannot happen alone: encode() refuses the
         # frame count.)
-        parts.append(_ARRAY_HEAD.pack(TAG_ARRAY, len(self.buffers) & U32_MAX))
+        if nbytes > SPLIT_BYTES:
+            # Split: frames of SPLIT_BYTES (the last holds the rest), each a
+            # view of the array's memory.
+            count = -(-nbytes // SPLIT_BYTES)
+            if count > U32_MAX:
+                raise EncodeError(X_U32 % ("an array", count, "buffer frames"))
+            parts.append(_SPLIT_HEAD.pack(TAG_SPLIT_ARRAY, len(self.buffers) & U32_MAX, count))
+        else:
+            parts.append(_ARRAY_HEAD.pack(TAG_ARRAY, len(self.buffers) & U32_MAX))
         self.dtype(value, depth + 1)
         parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
         parts.append(U8.pack(order))
-        self.buffers.append(frame_buffer(arr))
+        flat = frame_buffer(arr)
+        if nbytes > SPLIT_BYTES:
+            self.buffers.extend([flat[i:i + SPLIT_BYTES] for i in range(0, nbytes, SPLIT_BYTES)])
+        else:
+            self.buffers.append(flat)
         return True
 
     def scalar(self, obj, depth):
@@ -309,7 +325,11 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     are always copied out of the header. An array view whose address is not
     a multiple of its dtype's alignment, or of ``alignment`` when that is
     given, is replaced by an aligned copy, so every decoded array is
-    aligned (copies too honour ``alignment``).
+    aligned (copies too honour ``alignment``). Arrays of at least
+    ``ALIGNED_BYTES`` (1 MiB) are moreover always at a multiple of 64 (and
+    of ``alignment``): a view elsewhere is copied, and a split array (tag
+    ``'c'``) is always assembled into one new aligned array, one memcpy per
+    frame, after its frames' sizes are checked against its shape.
 
     ``allow_pickle`` says whether the sender is trusted: pickled values are
     refused unless it is true, and exceptions (tag ``'E'``) are rebuilt as
@@ -325,7 +345,7 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
 
     Copy accounting (as for ``encode``): the ``nbytes`` of every array that
     was copied rather than viewed (inline arrays; frame arrays that were
-    small, misaligned or in a read-only frame) are added to
+    small, misaligned or in a read-only frame; split arrays) are added to
     ``stats.copied_bytes`` once the message is decoded, not when it is
     rejected.
     """
@@ -462,6 +482,8 @@ class _Decoder:
             return self.inline_array(depth)
         if tag == TAG_ARRAY:
             return self.array(depth)
+        if tag == TAG_SPLIT_ARRAY:
+            return self.split_array(depth)
         if tag == TAG_TRUE:
             return True
         if tag == TAG_FALSE:
@@ -570,12 +592,47 @@ class _Decoder:
             raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
         flat = np.frombuffer(buf, np.uint8)
         align = self.alignment or dtype.alignment
+        if nbytes >= ALIGNED_BYTES:
+            align = big_alignment(align)
         if (nbytes < self.copy_threshold or flat.ctypes.data % align
                 or not flat.flags.writeable):
             received = flat
             flat = aligned_empty(nbytes, align)
             flat[:] = received
             self.copied += nbytes
+        return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
+
+    def split_array(self, depth):
+        at = self.pos - 1
+        what = "array at offset %d" % at
+        first = self.u32("a frame index")
+        count = self.u32("a frame count")
+        if first != self.used:
+            raise MessageFormatError(E_FRAME_ORDER % (what, first, self.used))
+        if not count:
+            raise MessageFormatError(E_SPLIT_COUNT % at)
+        last = first + count - 1
+        if last >= len(self.frames) - 1:
+            raise MessageFormatError(E_FRAME_RANGE % (what, last, len(self.frames) - 1))
+        self.used += count
+        bufs = [as_buffer(frame) for frame in self.frames[first + 1:last + 2]]
+        dtype = self.dtype(depth)
+        shape, order, nbytes = self.array_fields(at, dtype)
+        held = sum([buf.nbytes for buf in bufs])
+        if held != nbytes:
+            raise MessageFormatError(E_SPLIT_SIZE % (at, _shape_text(shape), dtype, nbytes,
+                                                     count, held))
+        # Assembled: one aligned array, one memcpy per frame.
+        align = self.alignment or dtype.alignment
+        flat = aligned_empty(nbytes, big_alignment(align) if nbytes >= ALIGNED_BYTES else align)
+        start = 0
+        for buf in bufs:
+            end = start + buf.nbytes
+            flat[start:end] = np.frombuffer(buf, np.uint8)
+            start = end
+        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(flat, dtype):
+            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
+        self.copied += nbytes
         return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
 
     def exception(self, depth):

@@ -10,8 +10,11 @@ import struct
 
 #: First two bytes of every header frame.
 MAGIC = b"ZC"
-#: Version of the wire format this build writes and reads.
-VERSION = 1
+#: Version of the wire format this build writes and reads. Version 2 added
+#: arrays split over several buffer frames (tag ``'c'``); a receiver reads
+#: its own version only, and rejects any other with a MessageFormatError
+#: that names both.
+VERSION = 2
 
 #: Message kinds (byte 3 of the header).
 KIND_REQUEST = 1
@@ -38,6 +41,7 @@ TAG_LIST = ord("l")       # u32 count + values
 TAG_TUPLE = ord("t")      # u32 count + values
 TAG_DICT = ord("m")       # u32 count + key/value pairs
 TAG_ARRAY = ord("a")      # u32 frame, dtype value, u8 ndim, u64 shape..., u8 order
+TAG_SPLIT_ARRAY = ord("c")   # u32 first frame, u32 frame count, dtype value, u8 ndim, ...
 TAG_INLINE_ARRAY = ord("A")  # dtype value, u8 ndim, u64 shape..., u8 order, raw bytes
 TAG_SCALAR = ord("g")     # dtype value + u32 length + raw bytes
 TAG_REQUEST = ord("R")    # payload, metadata
@@ -102,6 +106,28 @@ COPY_THRESHOLD = 65536
 #: inside one page, far below COPY_THRESHOLD, where frames start travelling
 #: zero-copy anyway.
 INLINE_LIMIT = 4096
+
+#: Arrays of more bytes than this travel as several buffer frames (tag
+#: ``'c'``) of SPLIT_BYTES each but the last, and the receiver assembles
+#: them into one 64-byte-aligned array (one memcpy per frame). Why: libzmq
+#: mallocs a receive buffer per frame, and glibc serves allocations above
+#: its mmap threshold (dynamic, at most 32 MiB) with fresh pages that fault
+#: in one by one, while smaller buffers come from reused heap memory.
+#: Measured with ``python benchmarks/split_size.py`` (one hop, 64 MiB,
+#: ipc, 2 cores shared): one frame 1.1-1.6 GB/s; split and assembled
+#: 2.4-2.6 GB/s at 2 MiB, 2.0-2.6 at 4 MiB, 2.0-2.7 at 8 MiB, 1.9-2.5 at
+#: 16 MiB. 8 MiB is at the top with the fewest frames, and well under the
+#: 32 MiB cap. Part of the canonical encoding (docs/protocol.md).
+SPLIT_BYTES = 8 << 20
+
+#: Received arrays of at least this many bytes are always at a multiple of
+#: ARRAY_ALIGNMENT (and writeable): a frame libzmq placed elsewhere (it
+#: always does, 40 bytes into its allocation) is copied to aligned memory.
+#: Below it, a frame array stays a zero-copy view unless ``alignment`` is
+#: asked for. See docs/protocol.md, "Decoding: views, copies, alignment",
+#: for the cost (one memcpy of arrays from 1 MiB to SPLIT_BYTES).
+ALIGNED_BYTES = 1 << 20
+ARRAY_ALIGNMENT = 64
 
 #: Pickle protocol used for objects that have no native encoding.
 PICKLE_PROTOCOL = 5

@@ -54,12 +54,12 @@ def _max_rss():
 # ------------------------------------------------------------ the messages
 
 _EVIL_BODIES = [
-    b"", b"\x00", b"ZC", struct.pack("<2sBBIQ", b"ZC", 1, KIND_COMMAND, 0xFFFFFFFF, 0) + b"N",
-    struct.pack("<2sBBIQ", b"ZC", 1, KIND_COMMAND, 0, 0) + b"s" + struct.pack("<I", 0xFFFFFFFF),
-    struct.pack("<2sBBIQ", b"ZC", 1, KIND_COMMAND, 0, 0) + b"l" + struct.pack("<I", 0xFFFFFFFF),
-    struct.pack("<2sBBIQ", b"ZC", 1, KIND_COMMAND, 0, 0) + b"p" + struct.pack("<I", 4)
+    b"", b"\x00", b"ZC", struct.pack("<2sBBIQ", b"ZC", 2, KIND_COMMAND, 0xFFFFFFFF, 0) + b"N",
+    struct.pack("<2sBBIQ", b"ZC", 2, KIND_COMMAND, 0, 0) + b"s" + struct.pack("<I", 0xFFFFFFFF),
+    struct.pack("<2sBBIQ", b"ZC", 2, KIND_COMMAND, 0, 0) + b"l" + struct.pack("<I", 0xFFFFFFFF),
+    struct.pack("<2sBBIQ", b"ZC", 2, KIND_COMMAND, 0, 0) + b"p" + struct.pack("<I", 4)
     + b"\x80\x05N.",                                          # a pickle in a control body
-    struct.pack("<2sBBIQ", b"ZC", 1, KIND_REQUEST, 0, 0) + b"N",   # the wrong kind
+    struct.pack("<2sBBIQ", b"ZC", 2, KIND_REQUEST, 0, 0) + b"N",   # the wrong kind
 ]
 
 #: HELLO bodies that must be refused.
