@@ -24,7 +24,7 @@ from . import framing
 from .protocol import KIND_REQUEST, KIND_RESULT
 from .schedproto import INLINE_HEADER_MAX
 from .config import Config
-from .taskcodec import decode_result, encode_task, rebuild_error
+from .taskcodec import CopyCount, decode_result, encode_task, rebuild_error
 
 if TYPE_CHECKING:
     from .local import LocalCluster
@@ -97,7 +97,7 @@ class _FutureSink:
     def deliver(self, tid, frames, trusted=False):
         allow = _allow(self.allow_pickle, trusted)
         try:
-            values, errors = decode_result(frames, allow)
+            values, errors = decode_result(frames, allow, self.pool.copies_received)
         except Exception as exc:
             _refused(self.pool, tid, exc)
             ok, outcome = False, exc
@@ -312,7 +312,7 @@ class _Stream:
                 self._input_error = exc
                 break
             tid = new_id()
-            msg = _encode((task[0], chunk), KIND_REQUEST, tid)
+            msg = _encode((task[0], chunk), KIND_REQUEST, tid, pool.copies_sent)
             header = msg[0]
             if len(msg) == 1 and len(header) < INLINE_HEADER_MAX:
                 entry = pack(tid, key, timeout, len(header), 0) + header
@@ -362,7 +362,7 @@ class _Stream:
                 errs = None
                 allow = trusted if setting is None else setting
                 try:
-                    kind, _, body = _decode(frames, allow)
+                    kind, _, body = _decode(frames, allow, stats=self._pool.copies_received)
                     values, errors = body
                     if kind != KIND_RESULT:
                         raise ValueError("a message of kind %d as a result" % kind)
@@ -481,6 +481,14 @@ class ClusterPool:
     ``secret_key``/``scheduler_key``/``keys`` and ``heartbeat_timeout``
     serve when not given here. A scheduler file that records the
     scheduler's public key makes ``scheduler_key`` unnecessary.
+
+    **Copies.** ``copies_sent.copied_bytes`` and
+    ``copies_received.copied_bytes`` (``taskcodec.CopyCount``) count the
+    payload bytes this pool's codec copied encoding tasks and decoding
+    results (docs/protocol.md, "Decoding: views, copies, alignment"):
+    contiguous arrays go out as views (0), and a result array of 1 MiB or
+    more arrives copied once (assembled or aligned to 64 bytes). The
+    scheduler in between forwards frames without decoding or copying them.
     """
 
     def __init__(self, cluster: "LocalCluster | str | None" = None, *,
@@ -494,6 +502,8 @@ class ClusterPool:
                  scheduler_key: "str | os.PathLike[str] | None" = None,
                  keys: "str | os.PathLike[str] | None" = None) -> None:
         self._own_cluster = None
+        self.copies_sent = CopyCount()
+        self.copies_received = CopyCount()
         address, security, settings = _resolve(cluster, config, dict(
             secret_key=secret_key, scheduler_key=scheduler_key, keys=keys,
             heartbeat_timeout=heartbeat_timeout))
@@ -564,7 +574,7 @@ class ClusterPool:
         tid = client.new_task_id()
         fut = _Future()
         fut._pool, fut._tid = self, tid
-        msg = encode_task(sp.MODE_CALL, [(args, kwargs)], tid)
+        msg = encode_task(sp.MODE_CALL, [(args, kwargs)], tid, self.copies_sent)
         entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, self._timeout_ms), msg)
         sink = _FutureSink(fut, self._allow_pickle, self)
         self._send([entry], list(data), [tid], sink)

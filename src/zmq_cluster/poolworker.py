@@ -49,7 +49,7 @@ from .functions import FunctionCache, FunctionUnavailable, function_key
 from .liveness import heartbeat_options
 from .protocol import KIND_REQUEST
 from .security import ClientSecurity
-from .taskcodec import encode_result, run_items, task_failure
+from .taskcodec import CopyCount, encode_result, run_items, task_failure
 from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any, send_frames
 
@@ -93,6 +93,8 @@ class PoolWorker:
     ``counters``: messages rejected (``malformed``), tasks refused
     unexecuted (``tasks_refused``: undecodable, an unknown function, a
     pickle from the untrusted) and among them ``pickle_refused``.
+    ``copies.copied_bytes``: payload bytes the codec copied decoding tasks
+    and encoding results (see ``taskcodec.CopyCount``).
     """
 
     def __init__(self, address: str, *, heartbeat_timeout: float = 10.0,
@@ -107,6 +109,7 @@ class PoolWorker:
         self.socket_options = dict(socket_options or {})
         self.exit_code = sp.EXIT_STOPPED
         self.counters: "collections.Counter[str]" = collections.Counter()
+        self.copies = CopyCount()  # bytes the codec copied: tasks decoded, results encoded
         self._trust_args = dict(curve="client" if security is not None else None,
                                 private_ipc=is_private_ipc(address),
                                 inproc=address.startswith("inproc://"))
@@ -257,6 +260,7 @@ class PoolWorker:
         perf_counter = time.perf_counter
         pack = _RESULT_ENTRY_PACK
         last_key = last_trusted = last_fn = None
+        copies = self.copies
         seconds_held = self._out_seconds
         done = 0
         while queue:
@@ -267,7 +271,7 @@ class PoolWorker:
                 if key != last_key or trusted != last_trusted:
                     last_fn = functions.get(key, trusted)
                     last_key, last_trusted = key, trusted
-                kind, _, payload = _decode(msg, trusted)
+                kind, _, payload = _decode(msg, trusted, stats=copies)
                 if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
                     raise ValueError("not a pool task")
                 mode, items = payload
@@ -280,7 +284,7 @@ class PoolWorker:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                 else:
                     values, errors = run_items(last_fn, mode, items)
-                result = encode_result(values, errors, tid)
+                result = encode_result(values, errors, tid, copies)
             except (MessageFormatError, FunctionUnavailable) as exc:
                 # Refused unexecuted (a pickle from the untrusted, a message
                 # that does not decode, a function it cannot have): the task

@@ -18,16 +18,32 @@ from .exceptions import EncodeError, RemoteError, WorkerException
 from .protocol import KIND_REQUEST, KIND_RESULT
 from .schedproto import MODE_CALL, MODE_MAP, MODE_STAR
 
-__all__ = ["encode_task", "run_items", "encode_result", "task_failure",
+__all__ = ["CopyCount", "encode_task", "run_items", "encode_result", "task_failure",
            "decode_result", "rebuild_error"]
 
 _encode = framing.encode
 _decode = framing.decode
 
 
-def encode_task(mode, items, task_id):
+class CopyCount:
+    """The ``stats`` a pool peer gives the codec: ``copied_bytes`` is the
+    payload bytes its encodes and decodes copied (docs/protocol.md,
+    "Decoding: views, copies, alignment"): inline arrays, non-contiguous
+    arrays made contiguous, arrays copied on receipt (small, or of 1 MiB
+    and more not at 64 bytes) and split arrays assembled."""
+
+    __slots__ = ("copied_bytes",)
+
+    def __init__(self):
+        self.copied_bytes = 0
+
+    def __repr__(self):
+        return "CopyCount(copied_bytes=%d)" % self.copied_bytes
+
+
+def encode_task(mode, items, task_id, stats=None):
     """The wire-format frames of one task (arrays as buffer frames)."""
-    return _encode((mode, items), KIND_REQUEST, task_id)
+    return _encode((mode, items), KIND_REQUEST, task_id, stats)
 
 
 def run_items(fn, mode, items):
@@ -66,11 +82,12 @@ def task_failure(exc, task_id):
     return _encode((None, [(-1, exc)]), KIND_RESULT, task_id)
 
 
-def encode_result(values, errors, task_id):
+def encode_result(values, errors, task_id, stats=None):
     """The frames of a result. A value that cannot be encoded turns into a
-    failure of its item, saying why."""
+    failure of its item, saying why. ``stats`` counts the copies of the
+    message sent only."""
     try:
-        return _encode((values, errors), KIND_RESULT, task_id)
+        return _encode((values, errors), KIND_RESULT, task_id, stats)
     except Exception:
         pass
     values = list(values)
@@ -83,12 +100,12 @@ def encode_result(values, errors, task_id):
             errors.append((i, EncodeError("the result of item %d could not be sent back: %s"
                                           % (i, exc))))
     errors.sort(key=lambda e: e[0])
-    return _encode((values, errors or None), KIND_RESULT, task_id)
+    return _encode((values, errors or None), KIND_RESULT, task_id, stats)
 
 
-def decode_result(frames, allow_pickle):
+def decode_result(frames, allow_pickle, stats=None):
     """``(values, errors)`` of a result message."""
-    kind, _, body = _decode(frames, allow_pickle=allow_pickle)
+    kind, _, body = _decode(frames, allow_pickle=allow_pickle, stats=stats)
     if kind != KIND_RESULT or type(body) is not tuple or len(body) != 2:
         raise ValueError("not a pool result")
     return body
