@@ -1,19 +1,16 @@
-"""One hop of a 64 MiB array over ipc://: one frame vs split into N-MiB frames.
+"""One hop of a large array over ipc://: one frame (today's zero-copy view)
+against the array split into N-MiB frames and assembled on receipt into
+one 64-byte-aligned array (one memcpy per frame, after ``recv_multipart``
+with copy=False, as the decoder does). Prints GB/s (median of rounds) and
+the receiver's minor page faults per message. This is the measurement
+behind ``protocol.SPLIT_BYTES``.
 
-The sender (a child process) sends the array as views of its memory
-(copy=False). The receiver either takes one frame (copy=False, today's
-zero-copy view) or receives each part of a split array into its place in a
-preallocated 64-byte-aligned array, with one memcpy per frame (recv with
-copy=False, then a numpy copy, frame by frame or after receiving the whole
-message with recv_multipart) or with pyzmq's ``Socket.recv_into``
-(zmq_recv into the destination). Prints GB/s medians of several rounds.
-This is the measurement behind ``protocol.SPLIT_BYTES``.
-
-    python benchmarks/split_size.py [--mib 64] [--rounds 5] [--messages 20]
+    python benchmarks/split_size.py [--mib 16 64] [--chunks 2 4 8 16] [--rounds 3]
 """
 
 import argparse
 import multiprocessing
+import resource
 import statistics
 import tempfile
 import time
@@ -43,73 +40,58 @@ def sender(url, nbytes, chunk, count):
     ctx.term()
 
 
-def receive(pull, mode, nbytes, chunk):
-    if mode == "one frame":
-        frame = pull.recv(copy=False)
-        return np.frombuffer(frame.buffer, np.uint8)
-    out = aligned_empty(nbytes)
-    at = 0
-    if mode == "recv_into":
-        while True:
-            n = pull.recv_into(out[at:at + chunk])
-            at += n
-            if not pull.rcvmore:
-                break
-    elif mode == "multipart":
-        for frame in pull.recv_multipart(copy=False):
-            view = np.frombuffer(frame.buffer, np.uint8)
-            out[at:at + len(view)] = view
-            at += len(view)
-    else:
-        while True:
-            frame = pull.recv(copy=False)
-            view = np.frombuffer(frame.buffer, np.uint8)
-            out[at:at + len(view)] = view
-            at += len(view)
-            if not pull.rcvmore:
-                break
-    assert at == nbytes
-    return out
-
-
-def run(mode, nbytes, chunk, count):
+def run(nbytes, chunk, count):
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 4)
     url = "ipc://%s/split" % tempfile.mkdtemp(prefix="zc-")
     pull.bind(url)
-    proc = multiprocessing.Process(target=sender, args=(url, nbytes, chunk, count + 1))
+    proc = multiprocessing.Process(target=sender, args=(url, nbytes, chunk, count + 2))
     proc.start()
-    receive(pull, mode, nbytes, chunk)  # first message: connection made
+
+    def receive():
+        frames = pull.recv_multipart(copy=False)
+        if not chunk:
+            return np.frombuffer(frames[0].buffer, np.uint8)
+        out = aligned_empty(nbytes)
+        at = 0
+        for frame in frames:
+            view = np.frombuffer(frame.buffer, np.uint8)
+            out[at:at + len(view)] = view
+            at += len(view)
+        return out
+
+    receive()
+    receive()  # connected, allocator warmed up
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(count):
-        arr = receive(pull, mode, nbytes, chunk)
-    dt = time.perf_counter() - t0
+        arr = receive()
+        arr[::4096].sum()  # touched, as a user would
+        del arr
+    seconds = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     proc.join()
     pull.close(0)
     ctx.term()
-    assert arr[-1] == 1
-    return nbytes * count / dt / 1e9
+    return nbytes * count / seconds / 1e9, faults / count
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mib", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--mib", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--messages", type=int, default=20)
     a = p.parse_args()
-    nbytes = a.mib * MiB
-    cases = [("one frame", 0)] + [(m, c * MiB) for c in (2, 4, 8, 16)
-                                  for m in ("memcpy", "multipart", "recv_into")]
-    results = {case: [] for case in cases}
-    for _ in range(a.rounds):
-        for mode, chunk in cases:
-            results[(mode, chunk)].append(run(mode, nbytes, chunk, a.messages))
-    print("%d MiB, one hop over ipc, median of %d rounds x %d messages"
-          % (a.mib, a.rounds, a.messages))
-    for (mode, chunk), r in results.items():
-        print("%-10s %-6s %6.2f GB/s" % (mode, "%dM" % (chunk // MiB) if chunk else "-",
-                                         statistics.median(r)))
+    print("one hop over ipc, median of %d rounds x %d messages" % (a.rounds, a.messages))
+    for mib in a.mib:
+        for chunk in [0] + [c for c in a.chunks if c < mib]:
+            runs = [run(mib * MiB, chunk * MiB, a.messages) for _ in range(a.rounds)]
+            print("%3d MiB  %-22s %5.2f GB/s  %6.0f page faults/message" % (
+                mib, "one frame (view)" if not chunk else "%d MiB frames, assembled" % chunk,
+                statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)),
+                flush=True)
 
 
 if __name__ == "__main__":

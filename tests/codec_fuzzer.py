@@ -104,7 +104,7 @@ def seed_messages(encode):
 
 def split_seeds():
     """Valid messages with split arrays (tag 'c'), cut small: a receiver
-    accepts any frame sizes that add up, so the fuzzer need not send 8 MiB."""
+    accepts any frame sizes that add up, so the fuzzer need not send megabytes."""
     out = []
     for dtype, order, data, cuts in [(b"<f8", b"C", bytes(range(48)), [8, 40]),
                                      (b"<U2", b"F", "abcdef".encode("utf-32-le"), [1, 5, 23]),

@@ -30,7 +30,7 @@ def urls(ipc_url):
 
 
 @pytest.mark.parametrize("basic", [False, True], ids=["Ventilator/Sink", "Basic"])
-@pytest.mark.parametrize("nbytes", [MIB // 2, 2 * MIB, 8 * SPLIT_BYTES + 8],
+@pytest.mark.parametrize("nbytes", [MIB // 2, 2 * MIB, 64 * MIB + 8],
                          ids=["512KiB", "2MiB", "64MiB+8"])
 def test_large_arrays_and_copy_counters_on_the_node_path(ctx, urls, basic, nbytes):
     req, res, cmd = urls

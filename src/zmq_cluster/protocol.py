@@ -113,12 +113,15 @@ INLINE_LIMIT = 4096
 #: mallocs a receive buffer per frame, and glibc serves allocations above
 #: its mmap threshold (dynamic, at most 32 MiB) with fresh pages that fault
 #: in one by one, while smaller buffers come from reused heap memory.
-#: Measured with ``python benchmarks/split_size.py`` (one hop, 64 MiB,
-#: ipc, 2 cores shared): one frame 1.1-1.6 GB/s; split and assembled
-#: 2.4-2.6 GB/s at 2 MiB, 2.0-2.6 at 4 MiB, 2.0-2.7 at 8 MiB, 1.9-2.5 at
-#: 16 MiB. 8 MiB is at the top with the fewest frames, and well under the
-#: 32 MiB cap. Part of the canonical encoding (docs/protocol.md).
-SPLIT_BYTES = 8 << 20
+#: Measured with ``python benchmarks/split_size.py`` (one hop over ipc, 2
+#: cores shared with other work, two runs): 64 MiB as one frame 1.44-1.50
+#: GB/s (16,300 page faults per message); split and assembled 3.7 GB/s
+#: with 2 or 4 MiB frames, 3.0-3.2 with 8 MiB; 16 MiB as one frame
+#: 3.9-4.2 GB/s, split into 4 MiB frames and assembled 4.3 (so the
+#: assembly copy costs nothing there), 3.8-4.0 with 8 MiB. 4 MiB: the
+#: fastest with the fewest frames, far under glibc's 32 MiB cap. Part of
+#: the canonical encoding (docs/protocol.md).
+SPLIT_BYTES = 4 << 20
 
 #: Received arrays of at least this many bytes are always at a multiple of
 #: ARRAY_ALIGNMENT (and writeable): a frame libzmq placed elsewhere (it

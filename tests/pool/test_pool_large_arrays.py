@@ -11,7 +11,7 @@ import pytest
 
 import zmq_cluster as zc
 from zmq_cluster.poolworker import PoolWorker
-from zmq_cluster.protocol import ALIGNED_BYTES, SPLIT_BYTES
+from zmq_cluster.protocol import ALIGNED_BYTES
 
 MIB = 1 << 20
 RESULT_TIMEOUT = 60
@@ -52,7 +52,7 @@ def in_process(ipc_url):
 
 
 def test_64_mib_array_round_trips_through_a_local_cluster():
-    arr = np.random.default_rng(3).random(64 * MIB // 8 + 3)  # split: 9 frames
+    arr = np.random.default_rng(3).random(64 * MIB // 8 + 3)  # split over 17 frames
     with zc.LocalCluster(1, heartbeat_timeout=10.0) as cluster:
         with zc.ClusterPool(cluster) as pool:
             pid, mod, writeable, total = pool.submit(where, arr).result(RESULT_TIMEOUT)
@@ -68,7 +68,7 @@ def test_64_mib_array_round_trips_through_a_local_cluster():
 @pytest.mark.parametrize("nbytes, copied", [
     (MIB // 2, 0),                      # a view on its frame at both ends
     (ALIGNED_BYTES * 2, ALIGNED_BYTES * 2),  # one frame, copied to 64 on receipt
-    (8 * SPLIT_BYTES, 8 * SPLIT_BYTES),  # 64 MiB: 8 frames, assembled on receipt
+    (64 * MIB, 64 * MIB),  # 16 frames, assembled on receipt
 ], ids=["512KiB", "2MiB", "64MiB"])
 def test_copy_counters_of_client_and_worker_are_exact(in_process, nbytes, copied):
     pool, worker = in_process
