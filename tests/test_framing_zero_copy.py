@@ -350,3 +350,25 @@ def test_version_1_messages_are_refused_with_both_versions_named(twin):
     old[2] = 1
     with pytest.raises(MessageFormatError, match=r"version 1 \(this build reads 2\)"):
         twin.decode([bytes(old)] + frames[1:])
+
+
+def test_assembly_memory_is_reused_only_once_no_array_refers_to_it(twin):
+    import gc
+
+    from zmq_cluster import _framing_common
+    arr = np.arange(2 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
+    frames = [bytes(f) for f in twin.encode(arr, KIND_REQUEST)]
+    first = twin.decode(frames)[2]
+    at = first.ctypes.data
+    kept = [first[::3], memoryview(first[5:])]  # what refers to it, not the array itself
+    del first
+    gc.collect()
+    second = twin.decode(frames)[2]
+    assert second.ctypes.data != at  # still in use through ``kept``
+    del kept
+    gc.collect()
+    third = twin.decode(frames)[2]
+    assert third.ctypes.data == at  # free again: reused
+    third[:] = -1.0
+    np.testing.assert_array_equal(second, arr)  # nothing else written over
+    assert sum(r.nbytes for r in _framing_common._recycled) <= _framing_common.RECYCLE_MAX_BYTES

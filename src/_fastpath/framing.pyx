@@ -243,6 +243,7 @@ cdef object _U32 = common.U32
 cdef object _as_buffer = common.as_buffer
 cdef object _aligned_empty = common.aligned_empty
 cdef object _big_alignment = common.big_alignment
+cdef object _assembly_buffer = common.assembly_buffer
 cdef object _py_frame_buffer = common.frame_buffer
 cdef object _dtype_value = common.dtype_value
 cdef object _read_dtype = common.read_dtype

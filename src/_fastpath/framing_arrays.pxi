@@ -309,7 +309,13 @@ cdef object _split_array(Dec* d, int depth):
         raise _MFE(E_SPLIT_SIZE % (at, _shape_text(_shape_of(d, &s)), dtype, s.nbytes, count,
                                    held))
     # Assembled: one aligned array, one memcpy per frame.
-    flat = _aligned_for(d, &s, dtype)
+    if s.nbytes >= _ALIGNED_BYTES:
+        if d.align_mode == 2:
+            flat = _assembly_buffer(s.nbytes, _big_alignment(<object>d.alignment))
+        else:
+            flat = _assembly_buffer(s.nbytes, _align_of(d, dtype, s.nbytes))
+    else:
+        flat = _aligned_for(d, &s, dtype)
     if flat is None:
         Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
         out = _new_from_descr(

@@ -3,7 +3,8 @@
 * the wording of every MessageFormatError and EncodeError the twins raise
   (``E_*`` and ``X_*`` format strings), so that the twins cannot word a
   rejection differently;
-* buffers: ``as_buffer``, ``aligned_empty``, ``big_alignment``, ``frame_buffer``;
+* buffers: ``as_buffer``, ``aligned_empty``, ``assembly_buffer``, ``big_alignment``,
+  ``frame_buffer``;
 * dtypes: the allow-list grammar of docs/protocol.md ("dtypes"), used on
   both sides: ``dtype_value`` (encode: the header value of a dtype, or None
   when it has no native form) and ``read_dtype`` (decode: a restricted
@@ -20,6 +21,7 @@ import math
 import re
 import struct
 import sys
+import threading
 import traceback
 from typing import Dict, List, Optional, Tuple
 
@@ -115,6 +117,51 @@ def aligned_empty(nbytes, alignment):
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = -raw.ctypes.data % alignment
     return raw[offset:offset + nbytes]
+
+
+#: Most bytes of assembly buffers (see ``assembly_buffer``) a process keeps
+#: for reuse once the arrays on them are gone.
+RECYCLE_MAX_BYTES = 256 << 20
+
+_recycled: List[np.ndarray] = []
+_recycled_lock = threading.Lock()
+
+
+def assembly_buffer(nbytes, alignment):
+    """``aligned_empty`` for a split array of at least ALIGNED_BYTES: memory
+    that an earlier split array of the same size used, once nothing refers
+    to that array any more, else new memory, kept (up to RECYCLE_MAX_BYTES
+    in all) for the next one.
+
+    Why: a buffer this large comes from a fresh mmap, and the kernel zeroes
+    its pages as they fault in; profiled (perf, 64 MiB arrays through
+    pool.map), that zeroing cost about twice the assembly's memcpy. A
+    buffer is known unused when the list here holds its only reference:
+    every numpy view of it (slices, reshapes, memoryviews of those) refers
+    to it, so an array the user still holds is never reused. The cost is
+    memory: up to RECYCLE_MAX_BYTES stay with the process after its arrays
+    are gone.
+    """
+    size = nbytes + alignment
+    with _recycled_lock:
+        raw = None
+        free_at = -1
+        for i in range(len(_recycled)):
+            candidate = _recycled[i]
+            if sys.getrefcount(candidate) == 3:  # the list, ``candidate``, the call
+                if candidate.nbytes == size:
+                    raw = candidate
+                    break
+                free_at = i
+        if raw is None:
+            held = sum([r.nbytes for r in _recycled])
+            if held + size > RECYCLE_MAX_BYTES and free_at >= 0:
+                held -= _recycled.pop(free_at).nbytes  # a free buffer of another size
+            raw = np.empty(size, np.uint8)
+            if held + size <= RECYCLE_MAX_BYTES:
+                _recycled.append(raw)
+        offset = -raw.ctypes.data % alignment
+        return raw[offset:offset + nbytes]
 
 
 def big_alignment(alignment):

@@ -22,7 +22,7 @@ from ._framing_common import (
     E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG,
     E_SPLIT_COUNT, E_SPLIT_SIZE, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32,
     X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, aligned_empty, array_bad_code_points,
-    array_dtype_header, as_buffer, bad_code_points, big_alignment, count_error, dtype_header,
+    array_dtype_header, as_buffer, assembly_buffer, bad_code_points, big_alignment, count_error, dtype_header,
     exception_fields, exception_value, frame_buffer, read_dtype, truncated,
 )
 from .exceptions import EncodeError, MessageFormatError
@@ -624,7 +624,10 @@ class _Decoder:
                                                      count, held))
         # Assembled: one aligned array, one memcpy per frame.
         align = self.alignment or dtype.alignment
-        flat = aligned_empty(nbytes, big_alignment(align) if nbytes >= ALIGNED_BYTES else align)
+        if nbytes >= ALIGNED_BYTES:
+            flat = assembly_buffer(nbytes, big_alignment(align))
+        else:
+            flat = aligned_empty(nbytes, align)
         start = 0
         for buf in bufs:
             end = start + buf.nbytes
