@@ -285,6 +285,7 @@ class PoolDriver:
 
     def close(self):
         self.pool.close()
+        self.pool.join(60)
         self.cluster.close()
 
 
@@ -467,7 +468,8 @@ def main(argv=None):
             results = run_case(case, mib, args.variants.split(","), args.rounds, args.round_mib)
             base = results[0]["gbps"]
             for r in results:
-                line = "%-9s %3d MiB  %-14s %6.2f GB/s (x%.2f)  faults %7.0f / %7.0f  RSS %5.0f / %5.0f" % (
+                line = ("%-9s %3d MiB  %-14s %6.2f GB/s (x%.2f)  faults %7.0f / %7.0f"
+                        "  RSS %5.0f / %5.0f") % (
                     case, mib, r["variant"], r["gbps"], r["gbps"] / base,
                     r["faults"]["driver"], r["faults"]["worker"],
                     r["rss"]["driver"] / 2**20, r["rss"]["worker"] / 2**20)

@@ -27,12 +27,27 @@ import sys
 import threading
 
 __all__ = ["spawn", "die_with_parent", "python_command", "worker_environment",
-           "THREAD_VARIABLES"]
+           "THREAD_VARIABLES", "MALLOC_TUNABLES", "is_glibc", "merge_tunables"]
 
 #: The environment variables that size the thread pools of OpenMP, MKL and
 #: OpenBLAS (numpy's linear algebra). Each library starts one thread per
 #: core by default, so N workers on N cores would run N*N threads.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+#: The glibc malloc tunables that ``malloc_tuning=True`` puts in
+#: ``GLIBC_TUNABLES`` (README, "Tuning glibc malloc for large arrays"):
+#: allocations below 1 GiB come from the heap, not from a fresh mmap each
+#: (whose pages fault in and are zeroed one by one), up to 1 GiB of freed
+#: memory stays mapped for reuse, and one arena serves every thread (glibc
+#: cannot fit a message over 32 MiB in the heap of a thread's own arena, so
+#: libzmq's I/O thread would mmap it anyway). The cost is memory kept from
+#: the OS: a process keeps its high-water mark, up to 1 GiB above what it
+#: uses. glibc reads these at process start, so they go in the environment.
+MALLOC_TUNABLES = (
+    ("glibc.malloc.mmap_threshold", "1073741824"),
+    ("glibc.malloc.trim_threshold", "1073741824"),
+    ("glibc.malloc.arena_max", "1"),
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -46,7 +61,27 @@ def python_command(module, *args):
     return [sys.executable, "-m", module, *map(str, args)]
 
 
-def worker_environment(blas_threads=1, env=None):
+def is_glibc():
+    """Whether this Python runs on GNU libc (whose malloc reads
+    ``GLIBC_TUNABLES``); False on musl, macOS, Windows."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def merge_tunables(existing, tunables=MALLOC_TUNABLES):
+    """``existing`` (a ``GLIBC_TUNABLES`` value, ``name=value`` pairs joined
+    by ``:``; None or empty for none) with each of ``tunables`` (name,
+    value) pairs appended unless ``existing`` already names it: a tunable
+    the user set wins, the others are added."""
+    parts = [p for p in (existing or "").split(":") if p]
+    named = {p.split("=", 1)[0] for p in parts}
+    parts += ["%s=%s" % (name, value) for name, value in tunables if name not in named]
+    return ":".join(parts)
+
+
+def worker_environment(blas_threads=1, env=None, *, malloc_tuning=False):
     """The environment for worker processes: ``env`` (default: this
     process's) with each of :data:`THREAD_VARIABLES` set to
     ``blas_threads``, except those already set there (an explicit setting
@@ -54,13 +89,20 @@ def worker_environment(blas_threads=1, env=None):
 
     One thread per worker is dask's nanny default too: a pool already runs
     one worker per core, and a BLAS that also starts a thread per core in
-    every worker oversubscribes the machine."""
+    every worker oversubscribes the machine.
+
+    ``malloc_tuning=True`` adds :data:`MALLOC_TUNABLES` to
+    ``GLIBC_TUNABLES`` (:func:`merge_tunables`: a tunable already set there
+    wins, the user's other tunables are kept). Off by default; on a platform
+    without glibc it changes nothing (nothing else reads that variable)."""
     out = dict(os.environ if env is None else env)
     if blas_threads is not None:
         if int(blas_threads) < 1:
             raise ValueError("blas_threads must be at least 1, or None")
         for name in THREAD_VARIABLES:
             out.setdefault(name, str(int(blas_threads)))
+    if malloc_tuning and is_glibc():
+        out["GLIBC_TUNABLES"] = merge_tunables(out.get("GLIBC_TUNABLES"))
     return out
 
 

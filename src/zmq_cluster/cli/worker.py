@@ -14,6 +14,7 @@ from ..process import THREAD_VARIABLES, python_command, worker_environment
 from ..supervisor import Supervisor
 from .common import (
     EXIT_OK, CommandError, add_client_key_options, add_locate_options, add_log_option,
+    add_malloc_tuning_option,
     client_security_from, locate_scheduler, one_line, positive_float, positive_int, say,
     settings, setup_logging,
 )
@@ -49,6 +50,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "--heartbeat-timeout", metavar="SECONDS", type=positive_float, default=None,
         help="declare the scheduler gone after this long without a heartbeat, and reconnect"
              " (default 10; use the scheduler's)")
+    add_malloc_tuning_option(parser)
     add_client_key_options(parser)
     add_log_option(parser, "WARNING")
     parser.set_defaults(run=run)
@@ -57,7 +59,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def run(args: argparse.Namespace, config: Config) -> int:
     values = settings(args, config, {"workers": os.cpu_count() or 1, "imports": (),
-                                     "heartbeat_timeout": 10.0, "log_level": "WARNING"})
+                                     "heartbeat_timeout": 10.0, "log_level": "WARNING",
+                                     "malloc_tuning": False})
     setup_logging("INFO" if values["log_level"] in ("DEBUG", "INFO") else "WARNING", "nanny")
     location = locate_scheduler(values, wait=SCHEDULER_FILE_WAIT)
     security = client_security_from(values, location)
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return python_command("zmq_cluster._start", "worker", *argv)
 
     nanny = Supervisor(command, values["workers"], stop_with_workers=True,
-                       env=worker_environment(1))
+                       env=worker_environment(1, malloc_tuning=values["malloc_tuning"]))
     stopping = threading.Event()   # a signal asked us to stop
     finished = threading.Event()   # ... or the scheduler stopped the workers
 
