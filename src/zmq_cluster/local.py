@@ -32,7 +32,7 @@ _LIVE: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 
 @atexit.register
-def _close_all():
+def _close_all() -> None:
     for cluster in list(_LIVE):
         cluster.close()
 
@@ -98,16 +98,17 @@ class LocalCluster:
             self.close()
             raise
 
-    def _start_scheduler(self, timeout):
+    def _start_scheduler(self, timeout: float) -> None:
         listen = ("ipc://%s/scheduler" % self._dir if self.transport == "ipc"
                   else "tcp://127.0.0.1:0")
-        r, w = os.pipe()
+        r, w_end = os.pipe()
+        w: Optional[int] = w_end
         try:
             self.scheduler = spawn(python_command(
                 "zmq_cluster._start", "scheduler", "--listen", listen, "--heartbeat-timeout",
-                self.heartbeat_timeout, "--ready-fd", w, "--log-level", self.log_level),
-                pass_fds=(w,), env=worker_environment(None, malloc_tuning=self.malloc_tuning))
-            os.close(w)
+                self.heartbeat_timeout, "--ready-fd", w_end, "--log-level", self.log_level),
+                pass_fds=(w_end,), env=worker_environment(None, malloc_tuning=self.malloc_tuning))
+            os.close(w_end)
             w = None
             line = b""
             deadline = time.monotonic() + timeout
@@ -126,7 +127,7 @@ class LocalCluster:
             if w is not None:
                 os.close(w)
 
-    def _worker_command(self):
+    def _worker_command(self) -> List[str]:
         return python_command("zmq_cluster._start", "worker", "--connect", self.address,
                               "--heartbeat-timeout", self.heartbeat_timeout,
                               "--log-level", self.log_level)
@@ -179,5 +180,5 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "LocalCluster(%r, n_workers=%d)" % (getattr(self, "address", None), self.n_workers)

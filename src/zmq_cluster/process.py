@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ["spawn", "die_with_parent", "python_command", "worker_environment",
            "THREAD_VARIABLES", "MALLOC_TUNABLES", "is_glibc", "merge_tunables"]
@@ -56,12 +57,12 @@ _spawner: "threading.Thread | None" = None
 _spawner_lock = threading.Lock()
 
 
-def python_command(module, *args):
+def python_command(module: str, *args: object) -> List[str]:
     """``[python, -m, module, args...]``."""
     return [sys.executable, "-m", module, *map(str, args)]
 
 
-def is_glibc():
+def is_glibc() -> bool:
     """Whether this Python runs on GNU libc (whose malloc reads
     ``GLIBC_TUNABLES``); False on musl, macOS, Windows."""
     try:
@@ -70,7 +71,8 @@ def is_glibc():
         return False
 
 
-def merge_tunables(existing, tunables=MALLOC_TUNABLES):
+def merge_tunables(existing: Optional[str],
+                   tunables: Iterable[Tuple[str, str]] = MALLOC_TUNABLES) -> str:
     """``existing`` (a ``GLIBC_TUNABLES`` value, ``name=value`` pairs joined
     by ``:``; None or empty for none) with each of ``tunables`` (name,
     value) pairs appended unless ``existing`` already names it: a tunable
@@ -81,7 +83,9 @@ def merge_tunables(existing, tunables=MALLOC_TUNABLES):
     return ":".join(parts)
 
 
-def worker_environment(blas_threads=1, env=None, *, malloc_tuning=False):
+def worker_environment(blas_threads: Optional[int] = 1,
+                       env: Optional[Mapping[str, str]] = None, *,
+                       malloc_tuning: bool = False) -> Dict[str, str]:
     """The environment for worker processes: ``env`` (default: this
     process's) with each of :data:`THREAD_VARIABLES` set to
     ``blas_threads``, except those already set there (an explicit setting
@@ -106,7 +110,7 @@ def worker_environment(blas_threads=1, env=None, *, malloc_tuning=False):
     return out
 
 
-def _spawn_loop():
+def _spawn_loop() -> None:
     while True:
         args, kwargs, reply = _requests.get()
         try:
@@ -115,7 +119,12 @@ def _spawn_loop():
             reply.put((False, exc))
 
 
-def spawn(args, *, env=None, pass_fds=(), stdout=None, stderr=None):
+_Stream = Union[None, int, IO[Any]]
+
+
+def spawn(args: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
+          pass_fds: Iterable[int] = (), stdout: _Stream = None,
+          stderr: _Stream = None) -> "subprocess.Popen[bytes]":
     """Start ``args`` as a child that dies with this process: Popen from the
     spawner thread, stdin a pipe the child watches, its own session."""
     global _spawner
@@ -124,19 +133,20 @@ def spawn(args, *, env=None, pass_fds=(), stdout=None, stderr=None):
             _spawner = threading.Thread(target=_spawn_loop, name="zmq-cluster-spawner",
                                         daemon=True)
             _spawner.start()
-    env = dict(os.environ if env is None else env)
-    env["ZMQ_CLUSTER_PARENT_PID"] = str(os.getpid())
-    reply = queue.Queue()
-    _requests.put((args, dict(env=env, pass_fds=tuple(pass_fds), stdin=subprocess.PIPE,
+    child_env = dict(os.environ if env is None else env)
+    child_env["ZMQ_CLUSTER_PARENT_PID"] = str(os.getpid())
+    reply: "queue.Queue[Tuple[bool, Any]]" = queue.Queue()
+    _requests.put((args, dict(env=child_env, pass_fds=tuple(pass_fds), stdin=subprocess.PIPE,
                               stdout=stdout, stderr=stderr, start_new_session=True,
                               close_fds=True), reply))
     ok, value = reply.get()
     if not ok:
         raise value
-    return value
+    process: "subprocess.Popen[bytes]" = value
+    return process
 
 
-def die_with_parent():
+def die_with_parent() -> None:
     """In a child started by :func:`spawn`: arrange to die with the parent.
 
     Sets PR_SET_PDEATHSIG (Linux), exits at once if the parent is already
@@ -144,10 +154,10 @@ def die_with_parent():
     from the parent) reaches end-of-file. Does nothing in a process that was
     not started by :func:`spawn`.
     """
-    parent = os.environ.get("ZMQ_CLUSTER_PARENT_PID")
-    if not parent:
+    named = os.environ.get("ZMQ_CLUSTER_PARENT_PID")
+    if not named:
         return
-    parent = int(parent)
+    parent = int(named)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -157,7 +167,7 @@ def die_with_parent():
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    def watch():
+    def watch() -> None:
         try:
             while os.read(0, 4096):
                 pass

@@ -7,6 +7,7 @@ import importlib
 import os
 import signal
 import threading
+from typing import List
 from pathlib import Path
 
 from ..config import Config
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         secret_key = os.path.abspath(values.get("secret_key")
                                      or KeyPaths(Path(values["keys"])).client_secret)
 
-    def command():
+    def command() -> List[str]:
         argv = ["--connect", location.address, "--heartbeat-timeout",
                 values["heartbeat_timeout"], "--log-level", values["log_level"]]
         if security is not None:
