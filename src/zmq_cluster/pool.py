@@ -103,6 +103,7 @@ class _FutureSink:
 
     def deliver(self, tid: int, frames: List[Any], trusted: bool = False) -> None:
         allow = _allow(self.allow_pickle, trusted)
+        outcome: Any
         try:
             values, errors = decode_result(frames, allow, self.pool.copies_received)
         except Exception as exc:

@@ -13,6 +13,11 @@ the original type back, with the remote traceback as its ``__cause__``, any
 other a RemoteError.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
 from . import framing
 from .exceptions import EncodeError, RemoteError, WorkerException
 from .protocol import KIND_REQUEST, KIND_RESULT
@@ -34,19 +39,21 @@ class CopyCount:
 
     __slots__ = ("copied_bytes",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.copied_bytes = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "CopyCount(copied_bytes=%d)" % self.copied_bytes
 
 
-def encode_task(mode, items, task_id, stats=None):
+def encode_task(mode: int, items: Sequence[Any], task_id: int,
+                stats: CopyCount | None = None) -> list[Any]:
     """The wire-format frames of one task (arrays as buffer frames)."""
     return _encode((mode, items), KIND_REQUEST, task_id, stats)
 
 
-def run_items(fn, mode, items):
+def run_items(fn: Callable[..., Any], mode: int,
+              items: Sequence[Any]) -> tuple[list[Any], list[tuple[int, BaseException]] | None]:
     """Run a chunk: ``(values, errors)`` as described above."""
     if mode == MODE_MAP:
         try:
@@ -54,8 +61,8 @@ def run_items(fn, mode, items):
         except Exception:
             pass  # redo item by item to find which failed
     n = len(items)
-    values = [None] * n
-    errors = None
+    values: list[Any] = [None] * n
+    errors: list[tuple[int, BaseException]] | None = None
     for i in range(n):
         try:
             x = items[i]
@@ -75,14 +82,15 @@ def run_items(fn, mode, items):
     return values, errors
 
 
-def task_failure(exc, task_id):
+def task_failure(exc: BaseException, task_id: int) -> list[Any]:
     """The frames of a result in which every item of the task failed with
     ``exc``: ``values`` is None and ``errors`` holds one entry, index -1
     (the scheduler, which makes these, does not know the chunk's size)."""
     return _encode((None, [(-1, exc)]), KIND_RESULT, task_id)
 
 
-def encode_result(values, errors, task_id, stats=None):
+def encode_result(values: Sequence[Any], errors: Sequence[tuple[int, BaseException]] | None,
+                  task_id: int, stats: CopyCount | None = None) -> list[Any]:
     """The frames of a result. A value that cannot be encoded turns into a
     failure of its item, saying why. ``stats`` counts the copies of the
     message sent only."""
@@ -103,7 +111,8 @@ def encode_result(values, errors, task_id, stats=None):
     return _encode((values, errors or None), KIND_RESULT, task_id, stats)
 
 
-def decode_result(frames, allow_pickle, stats=None):
+def decode_result(frames: Sequence[Any], allow_pickle: bool,
+                  stats: CopyCount | None = None) -> tuple[Any, Any]:
     """``(values, errors)`` of a result message."""
     kind, _, body = _decode(frames, allow_pickle=allow_pickle, stats=stats)
     if kind != KIND_RESULT or type(body) is not tuple or len(body) != 2:
@@ -111,7 +120,7 @@ def decode_result(frames, allow_pickle, stats=None):
     return body
 
 
-def rebuild_error(error, allow_pickle=True):
+def rebuild_error(error: tuple[int, Any], allow_pickle: bool = True) -> BaseException:
     """The exception to raise in the caller for one ``errors`` entry: the
     original type when the decoder could rebuild it (it trusts the sender
     and the type imports here), with the remote traceback as its
