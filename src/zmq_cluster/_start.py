@@ -6,9 +6,10 @@ A module of its own, not imported by the package, so that running it with
 """
 
 import sys
+from typing import Optional, Sequence
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("scheduler", "worker"):
         sys.exit("usage: python -m zmq_cluster._start scheduler|worker ARGS")

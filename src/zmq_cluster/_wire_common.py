@@ -199,6 +199,7 @@ class RecvStats(Protocol):
 
 class Stats(SendStats, RecvStats, Protocol):
     """What a node that sends and receives (a worker) has."""
+    requests_handled: int
 
 
 def peek_header(frames: Sequence[Any]) -> tuple[int, int] | None:

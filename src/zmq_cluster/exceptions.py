@@ -8,7 +8,7 @@ the attribute ``remote_traceback``; otherwise, or when the type cannot be
 rebuilt, it gets a :class:`RemoteError` holding the three fields.
 """
 
-from typing import Optional
+from typing import Optional, Tuple, Type
 
 
 class ReceiverTimeoutException(Exception):
@@ -107,7 +107,7 @@ class WorkerException(Exception):
     """
 
     #: The exception object thrown in the worker process.
-    worker_exception = None
+    worker_exception: Optional[BaseException] = None
     #: ``"module.qualname"`` of the worker exception's type.
     type_name: Optional[str] = None
     #: ``str()`` of the worker exception.
@@ -137,7 +137,8 @@ class WorkerException(Exception):
                     message += ": " + self.message
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Type["WorkerException"],
+                                  Tuple[Optional[str], Optional[BaseException]]]:
         return type(self), (self.args[0] if self.args else None, self.worker_exception)
 
 

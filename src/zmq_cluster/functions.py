@@ -26,17 +26,22 @@ import os
 import sys
 import sysconfig
 import threading
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import cloudpickle
 
 __all__ = ["describe", "function_key", "FunctionCache", "FunctionUnavailable"]
+
+#: ``(module, qualname, pickled)``: see the module docstring.
+Blob = Tuple[Optional[str], Optional[str], Optional[bytes]]
 
 
 class FunctionUnavailable(Exception):
     """A worker could not get the function a task names."""
 
 
-def _installed_dirs():
+def _installed_dirs() -> Tuple[str, ...]:
     dirs = set()
     for name in ("stdlib", "platstdlib", "purelib", "platlib"):
         path = sysconfig.get_paths().get(name)
@@ -49,7 +54,7 @@ _INSTALLED = _installed_dirs()
 _PICKLE_LOCK = threading.Lock()
 
 
-def _is_installed(module):
+def _is_installed(module: ModuleType) -> bool:
     path = getattr(module, "__file__", None)
     if path is None:
         return True  # builtin or frozen
@@ -57,14 +62,14 @@ def _is_installed(module):
     return any(path.startswith(d + os.sep) for d in _INSTALLED)
 
 
-def _resolve(module_name, qualname):
-    obj = importlib.import_module(module_name)
+def _resolve(module_name: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def describe(fn):
+def describe(fn: Callable[..., Any]) -> Blob:
     """The blob ``(module, qualname, pickled)`` for callable ``fn``."""
     if not callable(fn):
         raise TypeError("%r is not callable" % (fn,))
@@ -85,7 +90,7 @@ def describe(fn):
     return (module_name, qualname, _dumps(fn, module))
 
 
-def _user_modules():
+def _user_modules() -> List[ModuleType]:
     """Modules of the user's own code now loaded: not the standard library,
     not an installed package, not this package (every worker has it)."""
     out = []
@@ -101,7 +106,7 @@ def _user_modules():
 _NEVER_BY_VALUE = {"zmq_cluster", "_pytest", "pytest", "pluggy", "py"}
 
 
-def _dumps(fn, module):
+def _dumps(fn: Callable[..., Any], module: Optional[ModuleType]) -> bytes:
     """cloudpickle ``fn`` by value, and with it what it uses from the user's
     own modules (a test module, a script's directory), which the workers may
     not be able to import."""
@@ -122,7 +127,7 @@ def _dumps(fn, module):
                 cloudpickle.unregister_pickle_by_value(mod)
 
 
-def _registered():
+def _registered() -> Set[str]:
     try:
         from cloudpickle import cloudpickle as _cp
         return getattr(_cp, "_PICKLE_BY_VALUE_MODULES", set())
@@ -130,7 +135,7 @@ def _registered():
         return set()
 
 
-def function_key(blob):
+def function_key(blob: Blob) -> int:
     """A non-zero 64-bit key for a blob."""
     module_name, qualname, pickled = blob
     h = hashlib.blake2b(digest_size=8)
@@ -143,26 +148,27 @@ def function_key(blob):
 class FunctionCache:
     """A worker's functions by key: blobs as they arrive, loaded on first use."""
 
-    def __init__(self):
-        self._blobs = {}
-        self._loaded = {}  # key -> (function, came_from_pickle)
+    def __init__(self) -> None:
+        self._blobs: Dict[int, Blob] = {}
+        # key -> (function, came_from_pickle)
+        self._loaded: Dict[int, Tuple[Callable[..., Any], bool]] = {}
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return key in self._blobs
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._blobs)
 
-    def add(self, key, blob):
+    def add(self, key: int, blob: Blob) -> None:
         self._blobs[key] = blob
 
-    def get(self, key, trusted):
+    def get(self, key: int, trusted: bool) -> Callable[..., Any]:
         """The function for ``key``; FunctionUnavailable when it is unknown,
         cannot be loaded, or needs unpickling for an untrusted submitter."""
         hit = self._loaded.get(key)
         if hit is not None:
-            fn, pickled = hit
-            if pickled and not trusted:
+            fn, from_pickle = hit
+            if from_pickle and not trusted:
                 raise FunctionUnavailable("the function was pickled; pickled functions run "
                                           "only for trusted submitters")
             return fn
@@ -171,7 +177,7 @@ class FunctionCache:
             raise FunctionUnavailable("function %016x was never sent to this worker" % key)
         module_name, qualname, pickled = blob
         error = None
-        if module_name is not None:
+        if module_name is not None and qualname is not None:
             try:
                 fn = _resolve(module_name, qualname)
                 self._loaded[key] = (fn, False)

@@ -16,7 +16,8 @@ first is the running one, started at ``head_since``.
 import collections
 import logging
 import time
-from typing import Any, Callable, Deque, Dict, List
+from typing import (Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence,
+                    Set, Tuple)
 
 from . import schedproto as sp
 from .functions import function_key
@@ -38,6 +39,8 @@ MAX_BATCH_BYTES = 1 << 20
 MAX_FUNCTIONS = sp.MAX_FUNCTIONS
 MAX_FUNCTION_BYTES = sp.MAX_FUNCTION_BYTES
 
+#: A task's record (see the module docstring), indexed by these.
+Record = List[Any]
 _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
 
 
@@ -45,7 +48,8 @@ class _Worker:
     __slots__ = ("rid", "no", "host", "pid", "trusted", "credit", "credit_bytes", "inhand",
                  "inhand_bytes", "funcs", "tasks", "busy", "last_seen", "head_since", "born")
 
-    def __init__(self, rid, no, hello, trusted, now):
+    def __init__(self, rid: bytes, no: int, hello: Mapping[str, Any], trusted: bool,
+                 now: float) -> None:
         self.rid = rid
         self.no = no
         self.host = str(hello.get("host", "?"))
@@ -55,9 +59,9 @@ class _Worker:
         self.born = now - float(hello.get("uptime", 0.0))
         self.credit = max(1, int(hello.get("credit", 1)))
         self.credit_bytes = max(1, int(hello.get("credit_bytes", 1 << 28)))
-        self.inhand = {}          # task id -> record, in dispatch (= run) order
+        self.inhand: Dict[int, Record] = {}  # task id -> record, in dispatch (= run) order
         self.inhand_bytes = 0
-        self.funcs = set()
+        self.funcs: Set[int] = set()
         self.tasks = 0
         self.busy = 0.0
         self.last_seen = now
@@ -67,11 +71,11 @@ class _Worker:
 class _Client:
     __slots__ = ("rid", "no", "trusted", "queue", "host", "pid")
 
-    def __init__(self, rid, no, hello, trusted):
+    def __init__(self, rid: bytes, no: int, hello: Mapping[str, Any], trusted: bool) -> None:
         self.rid = rid
         self.no = no
         self.trusted = trusted
-        self.queue = collections.deque()
+        self.queue: Deque[Record] = collections.deque()
         self.host = str(hello.get("host", "?"))
         self.pid = int(hello.get("pid", 0))
 
@@ -84,13 +88,13 @@ class Ledger:
         self.workers: Dict[bytes, _Worker] = {}       # by routing id
         self.clients: Dict[int, _Client] = {}         # by client number
         self.active: Deque[_Client] = collections.deque()  # clients with queued tasks
-        self.records: Dict[int, list] = {}            # task id -> record
+        self.records: Dict[int, Record] = {}          # task id -> record
         self.funcs: Dict[int, list] = {}              # fn key -> FUNC message frames
         self.funcs_bytes = 0
         self.timed = 0   # tasks in workers' hands that have a timeout
         self.counters: "collections.Counter[str]" = collections.Counter()
 
-    def add_tasks(self, client, frames, count):
+    def add_tasks(self, client: _Client, frames: Sequence[sp.Frame], count: int) -> None:
         """A TASKS message from ``client``: each task its own record, queued.
         The whole table is checked before any of it is used (ProtocolError)."""
         table = frames[2].bytes
@@ -100,7 +104,7 @@ class Ledger:
         size = sp.TASK_ENTRY.size
         n = len(table)
         off = first = 0
-        recs = []
+        recs: List[Record] = []
         for _ in range(count):
             if off + size > n:
                 raise sp.ProtocolError("batch table truncated at entry %d" % len(recs))
@@ -145,7 +149,7 @@ class Ledger:
         if queue and client not in self.active:
             self.active.append(client)
 
-    def add_function(self, frames):
+    def add_function(self, frames: Sequence[sp.Frame]) -> None:
         """A FUNC message: kept (once per key) for the workers that need it."""
         key, module, qualname, pickled = sp.parse_body(frames[2].bytes)
         if type(key) is not int:
@@ -163,8 +167,9 @@ class Ledger:
         self.funcs[key] = [frames[1], frames[2]]
         self.funcs_bytes += size
 
-    def cancel(self, client, ids):
+    def cancel(self, client: _Client, ids: Optional[Iterable[int]]) -> None:
         """Drop queued tasks of ``client`` (all of them when ``ids`` is None)."""
+        rec: Optional[Record]
         if ids is None:
             for rec in client.queue:
                 rec[_Q] = True
@@ -177,7 +182,7 @@ class Ledger:
                 rec[_Q] = True
                 del self.records[tid]
 
-    def worker_stats(self, now):
+    def worker_stats(self, now: float) -> List[Dict[str, Any]]:
         """One dict per worker, for STATS."""
         return [{"host": w.host, "pid": w.pid, "tasks": w.tasks,
                  "mean_task_seconds": (w.busy / w.tasks) if w.tasks else 0.0,
@@ -188,7 +193,8 @@ class Ledger:
                  "trusted": w.trusted}
                 for w in self.workers.values()]
 
-    def results(self, worker, frames, count, credit):
+    def results(self, worker: _Worker, frames: Sequence[sp.Frame], count: int,
+                credit: int) -> None:
         """A RESULTS message from ``worker``: accept what it holds, forward."""
         table = frames[2].bytes
         data = frames[3:]
@@ -200,7 +206,7 @@ class Ledger:
         if credit:
             worker.credit = credit
         forward = []
-        first_client = None
+        first_client: Optional[_Client] = None
         regroup = False
         unpack = sp.RESULT_ENTRY.unpack_from
         size = sp.RESULT_ENTRY.size
@@ -236,7 +242,7 @@ class Ledger:
             tasks += items
             if 0.0 <= seconds < 1e9:  # a worker's clock, not a number to trust blindly
                 busy += seconds
-            client = rec[_CLIENT]
+            client: _Client = rec[_CLIENT]
             if first_client is None:
                 first_client = client
             elif client is not first_client:
@@ -252,11 +258,12 @@ class Ledger:
         flags = sp.FLAG_TRUSTED if worker.trusted else 0
         if not regroup:
             # The common case: the batch goes to one client as it came.
+            assert first_client is not None  # forward is not empty
             if clients.get(first_client.no) is first_client:
                 self.send(first_client.rid, [sp.ctl(sp.RESULTS, count, flags), frames[2]]
                           + list(data))
             return
-        groups = {}
+        groups: Dict[_Client, Tuple[List[bytes], List[sp.Frame]]] = {}
         for client, start, end, first, nfr in forward:
             g = groups.get(client)
             if g is None:
@@ -268,9 +275,9 @@ class Ledger:
                 self.send(client.rid, [sp.ctl(sp.RESULTS, len(ents), flags), b"".join(ents)]
                           + frs)
 
-    def fail(self, rec, exc):
+    def fail(self, rec: Record, exc: BaseException) -> None:
         """Answer a task with a failure made here (every item fails)."""
-        client = rec[_CLIENT]
+        client: _Client = rec[_CLIENT]
         self.records.pop(rec[_TID], None)
         if self.clients.get(client.no) is not client:
             return
@@ -279,7 +286,7 @@ class Ledger:
         # Made here, of native values only: trusted.
         self.send(client.rid, [sp.ctl(sp.RESULTS, 1, sp.FLAG_TRUSTED), entry] + list(data))
 
-    def dispatch(self):
+    def dispatch(self) -> None:
         """Hand queued tasks to workers with credit: in passes, each worker
         taking at most its share of what is queued, so that tasks whose
         duration is not known yet are spread rather than piled on the first
@@ -301,7 +308,7 @@ class Ledger:
                     break
                 client = active[0]
                 queue = client.queue
-                batch = []
+                batch: List[Record] = []
                 room = worker.credit_bytes - worker.inhand_bytes
                 n = min(worker.credit - len(worker.inhand), share, MAX_BATCH)
                 size = 0
@@ -325,7 +332,7 @@ class Ledger:
             if not progress:
                 return
 
-    def _send_batch(self, worker, client, batch):
+    def _send_batch(self, worker: _Worker, client: _Client, batch: List[Record]) -> bool:
         now = time.monotonic()
         if not worker.inhand:
             worker.head_since = now
@@ -359,11 +366,11 @@ class Ledger:
             return False  # _gone re-queued the batch with the worker's other tasks
         return True
 
-    def requeue(self, recs):
+    def requeue(self, recs: Sequence[Record]) -> None:
         """Put tasks back at the front of their clients' queues, in order."""
         for rec in reversed(recs):
             rec[_WORKER] = None
-            client = rec[_CLIENT]
+            client: _Client = rec[_CLIENT]
             if self.clients.get(client.no) is not client or rec[_Q]:
                 self.records.pop(rec[_TID], None)
                 continue
@@ -373,7 +380,7 @@ class Ledger:
 
     # ------------------------------------------------------------ liveness
 
-    def worker_gone(self, worker, why):
+    def worker_gone(self, worker: _Worker, why: str) -> None:
         """``worker`` left or was declared dead: what it held runs elsewhere
         (its running task fails instead when it timed out, or when it has
         now killed MAX_DEATHS workers)."""
@@ -401,7 +408,7 @@ class Ledger:
         self.counters["redispatched"] += len(recs)
         self.requeue(recs)
 
-    def client_gone(self, client):
+    def client_gone(self, client: _Client) -> None:
         """``client`` left: its queued tasks go; results of its running
         ones will be dropped."""
         if self.clients.get(client.no) is client:
@@ -412,7 +419,7 @@ class Ledger:
         if client in self.active:
             self.active.remove(client)
 
-    def next_deadline(self, now):
+    def next_deadline(self, now: float) -> float:
         """When the first running task with a timeout times out (at most 1 s on)."""
         deadline = now + 1.0
         for w in self.workers.values():
@@ -422,7 +429,7 @@ class Ledger:
                     deadline = min(deadline, w.head_since + head[_TIMEOUT] / 1000)
         return deadline
 
-    def timed_out(self, now):
+    def timed_out(self, now: float) -> List[_Worker]:
         """The workers whose running task has outlived its timeout."""
         out = []
         for w in self.workers.values():

@@ -17,10 +17,12 @@ that peer gone, and its DISCONNECTED event is still to come: that event is
 then skipped instead of taken for the new peer's.
 """
 
+from typing import Dict, List, Optional
+
 __all__ = ["FdMap", "heartbeat_options"]
 
 
-def heartbeat_options(timeout):
+def heartbeat_options(timeout: float) -> Dict[int, int]:
     """Socket options (a dict) for ZMTP heartbeats that close a silent
     connection after ``timeout`` seconds: a PING every ``timeout / 4``
     (at least 20 ms), and the same timeout asked of the peer (TTL)."""
@@ -40,15 +42,16 @@ class FdMap:
     Pending closes on one descriptor are in connection order.
     """
 
-    def __init__(self):
-        self._peer = {}      # fd -> peer id
-        self._fd = {}        # peer id -> fd
-        self._pending = {}   # fd -> [peer id, ...] whose close is still to be seen
+    def __init__(self) -> None:
+        self._peer: Dict[int, bytes] = {}  # fd -> peer id
+        self._fd: Dict[bytes, int] = {}    # peer id -> fd
+        # fd -> [peer id, ...] whose close is still to be seen
+        self._pending: Dict[int, List[bytes]] = {}
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._peer)
 
-    def hello(self, fd, peer):
+    def hello(self, fd: int, peer: bytes) -> Optional[bytes]:
         """``peer`` said HELLO on ``fd``: returns the peer it replaces on
         that descriptor (now known to be gone), or None."""
         pending = self._pending.get(fd)
@@ -66,7 +69,7 @@ class FdMap:
         self._fd[peer] = fd
         return old
 
-    def disconnected(self, fd):
+    def disconnected(self, fd: int) -> Optional[bytes]:
         """The connection on ``fd`` closed: the peer it carried, or None."""
         pending = self._pending.get(fd)
         if pending:
@@ -79,7 +82,7 @@ class FdMap:
             del self._fd[peer]
         return peer
 
-    def forget(self, peer):
+    def forget(self, peer: bytes) -> None:
         """``peer`` is gone by other means than its DISCONNECTED event
         (which, if it comes, names nobody)."""
         fd = self._fd.pop(peer, None)

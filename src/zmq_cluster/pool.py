@@ -16,8 +16,9 @@ import os
 import sys
 import threading
 import time
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional,
-                    TypeVar)
+from collections.abc import Sized
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List,
+                    Optional, Tuple, TypeVar, Union)
 
 from . import schedproto as sp
 from .client import SchedulerClient
@@ -29,6 +30,7 @@ from .taskcodec import decode_result, encode_task, rebuild_error
 
 if TYPE_CHECKING:
     from .local import LocalCluster
+    from .security import ClientSecurity
 
 T = TypeVar("T")
 
@@ -46,8 +48,12 @@ BATCH_TASKS = 256
 #: Bytes of arguments per batch, about.
 BATCH_BYTES = 4 << 20
 
+#: A chunk's outcome: its values, the exceptions of its failed items by
+#: position (or None), and the bytes of its encoded arguments.
+_Chunk = Tuple[List[Any], Optional[Dict[int, BaseException]], int]
 
-def _frames_nbytes(frames):
+
+def _frames_nbytes(frames: Iterable[Any]) -> int:
     n = 0
     for f in frames:
         n += len(f) if isinstance(f, bytes) else memoryview(f).nbytes
@@ -63,7 +69,7 @@ class _Future(concurrent.futures.Future):
     _pool: Optional["ClusterPool"] = None
     _tid: int = 0
 
-    def _read_until_done(self, timeout):
+    def _read_until_done(self, timeout: Optional[float]) -> Optional[float]:
         """Wait in the result connection (when this thread may) until done;
         the time left of ``timeout``."""
         pool = self._pool
@@ -95,13 +101,13 @@ class _Future(concurrent.futures.Future):
         return True
 
 
-def _allow(setting, trusted):
+def _allow(setting: Optional[bool], trusted: bool) -> bool:
     """Whether a result may be unpickled: the pool's ``allow_pickle`` when
     set, else the trust of the result's path (connection and worker)."""
     return trusted if setting is None else setting
 
 
-def _refused(pool, tid, exc):
+def _refused(pool: "ClusterPool", tid: int, exc: BaseException) -> None:
     """A result that does not decode (a pickle from an untrusted worker, a
     malformed message): logged and counted; it fails its items."""
     reason = "pickle_refused" if "pickle" in str(exc) else "malformed_results"
@@ -112,12 +118,13 @@ def _refused(pool, tid, exc):
 class _FutureSink:
     __slots__ = ("future", "allow_pickle", "pool")
 
-    def __init__(self, future, allow_pickle, pool):
+    def __init__(self, future: "concurrent.futures.Future[Any]", allow_pickle: Optional[bool],
+                 pool: "ClusterPool") -> None:
         self.future = future
         self.allow_pickle = allow_pickle
         self.pool = pool
 
-    def deliver(self, tid, frames, trusted=False):
+    def deliver(self, tid: int, frames: List[Any], trusted: bool = False) -> None:
         allow = _allow(self.allow_pickle, trusted)
         try:
             values, errors = decode_result(frames, allow)
@@ -136,12 +143,12 @@ class _FutureSink:
                 self.future.set_exception(outcome)
         self.pool._tasks_done(1)
 
-    def fail(self, exc):
+    def fail(self, exc: BaseException) -> None:
         if self.future.set_running_or_notify_cancel():
             self.future.set_exception(exc)
         self.pool._tasks_done(1)
 
-    def wake(self):
+    def wake(self) -> None:
         pass
 
 
@@ -149,8 +156,9 @@ class _Stream:
     """The results of one map/imap: reads input lazily, submits chunks in
     batches within its window, yields results in order or as they come."""
 
-    def __init__(self, pool, fn, iterable, chunksize, mode, ordered, progress, total,
-                 max_ahead):
+    def __init__(self, pool: "ClusterPool", fn: Callable[..., Any], iterable: Iterable[Any],
+                 chunksize: int, mode: int, ordered: bool, progress: bool,
+                 total: Optional[int], max_ahead: int) -> None:
         if chunksize < 1:
             raise ValueError("chunksize must be at least 1, not %r" % (chunksize,))
         self._pool = pool
@@ -164,27 +172,28 @@ class _Stream:
         self._max_ahead = max_ahead
         self._max_ahead_bytes = pool._max_ahead_bytes
         self._cond = threading.Condition(threading.Lock())
-        self._arrived = collections.deque()   # (tid, frames) or (tid, exception)
-        self._meta = {}        # tid -> [chunk index, n items, nbytes]
-        self._done = {}        # chunk index -> outcomes (ordered streams)
+        # (tid, frames, trusted), or (None, exception, False): the connection is lost
+        self._arrived: Deque[Tuple[Optional[int], Any, bool]] = collections.deque()
+        self._meta: Dict[int, Tuple[int, int, int]] = {}  # tid -> (chunk index, n items, nbytes)
+        self._done: Dict[int, _Chunk] = {}  # chunk index -> outcomes (ordered streams)
         self._next_chunk = 0   # next chunk index to yield (ordered)
         self._chunk_count = 0  # chunks read from the input
-        self._ready = collections.deque()      # chunks: (values, {index: exc} or None, nbytes)
-        self._cur = None       # the chunk being yielded, and the position in it
+        self._ready: Deque[_Chunk] = collections.deque()  # (values, {index: exc} or None, nbytes)
+        self._cur: Optional[_Chunk] = None  # the chunk being yielded, and the position in it
         self._pos = 0
         self._ahead = 0        # items read, not yet yielded
         self._ahead_bytes = 0
         self._exhausted = False
         self._batch = 4        # tasks in the next batch sent
-        self._input_error = None
+        self._input_error: Optional[Exception] = None
         self._finished = False
-        self._bar = None
+        self._bar: Any = None  # a tqdm progress bar
         if progress:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total, file=sys.stderr, unit="item")
 
     @staticmethod
-    def _chunked(it, size):
+    def _chunked(it: Iterator[Any], size: int) -> Iterator[List[Any]]:
         if size == 1:
             for x in it:
                 yield [x]
@@ -196,24 +205,24 @@ class _Stream:
             yield chunk
 
     # called by the I/O thread
-    def deliver(self, tid, frames, trusted=False):
+    def deliver(self, tid: int, frames: List[Any], trusted: bool = False) -> None:
         self._arrived.append((tid, frames, trusted))
 
-    def fail(self, exc):
+    def fail(self, exc: BaseException) -> None:
         self._arrived.append((None, exc, False))
 
-    def wake(self):
+    def wake(self) -> None:
         with self._cond:
             self._cond.notify()
 
     # consumer side
-    def __iter__(self):
+    def __iter__(self) -> "_Stream":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Any:
         return self.next()
 
-    def next(self, timeout=None):
+    def next(self, timeout: Optional[float] = None) -> Any:
         """The next result; raises the task's exception at its place (and
         goes on with the next item when called again), StopIteration at the
         end, TimeoutError after ``timeout`` seconds without one."""
@@ -254,7 +263,7 @@ class _Stream:
                     raise exc
                 raise StopIteration
 
-    def _wait(self, timeout):
+    def _wait(self, timeout: Optional[float]) -> bool:
         """Submit what the window allows and wait for results to move into
         the ready queue: False at the end of the stream."""
         while not self._ready:
@@ -267,13 +276,14 @@ class _Stream:
             with self._cond:
                 if not self._arrived:
                     if not self._cond.wait(timeout) and not self._arrived:
+                        assert timeout is not None  # wait(None) returns only when notified
                         raise TimeoutError("no result within %g s" % timeout)
         return True
 
-    def collect(self):
+    def collect(self) -> List[Any]:
         """Every result, in order, as a list (map): chunk by chunk, raising
         the first failure in input order and cancelling the rest."""
-        out = []
+        out: List[Any] = []
         extend = out.extend
         try:
             while self._wait(None):
@@ -295,13 +305,13 @@ class _Stream:
             raise self._input_error
         return out
 
-    def _finish(self):
+    def _finish(self) -> None:
         if not self._finished:
             self._finished = True
             if self._bar is not None:
                 self._bar.close()
 
-    def _fill(self):
+    def _fill(self) -> None:
         """Read and submit chunks while the window has room."""
         if self._exhausted:
             return
@@ -311,7 +321,9 @@ class _Stream:
             return
         if self._ahead_bytes >= self._max_ahead_bytes:
             return
-        entries, frames, tids = [], [], []
+        entries: List[bytes] = []
+        frames: List[Any] = []
+        tids: List[int] = []
         batch_bytes = 0
         client = self._client
         new_id = client.new_task_id
@@ -361,7 +373,7 @@ class _Stream:
         if entries:
             pool._send(entries, frames, tids, self)
 
-    def _take(self):
+    def _take(self) -> None:
         """Move arrived results into the ready queue (in order if ordered)."""
         arrived = self._arrived
         setting = self._allow_pickle
@@ -382,7 +394,7 @@ class _Stream:
                     continue
                 done += 1
                 n = info[1]
-                errs = None
+                errs: Optional[Dict[int, BaseException]] = None
                 allow = trusted if setting is None else setting
                 try:
                     kind, _, body = _decode(frames, allow)
@@ -411,7 +423,8 @@ class _Stream:
             if done:
                 self._pool._tasks_done(done)
 
-    def _store(self, tid, values, errors):
+    def _store(self, tid: int, values: List[Any],
+               errors: Optional[Dict[int, BaseException]]) -> None:
         index, n, nbytes = self._meta.pop(tid)
         if self._ordered:
             done = self._done
@@ -424,7 +437,7 @@ class _Stream:
         else:
             self._ready.append((values, errors, nbytes))
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Drop what is still queued for this stream (after a failure in map)."""
         ids = list(self._meta)
         if ids:
@@ -442,7 +455,9 @@ class _Stream:
 _EMPTY_CONFIG = Config()
 
 
-def _resolve(cluster, config, given):
+def _resolve(cluster: "LocalCluster | str | None", config: "str | os.PathLike[str] | None",
+             given: Dict[str, Any]
+             ) -> Tuple[Optional[str], "Optional[ClientSecurity]", Dict[str, Any]]:
     """The scheduler's address (None: start a LocalCluster), the client's
     security and the settings, from ``cluster``, a config file and the
     arguments given (None: not given)."""
@@ -552,22 +567,23 @@ class ClusterPool:
 
     # ---------------------------------------------------------------- state
 
-    def _check_running(self):
+    def _check_running(self) -> None:
         if self._state != _RUN:
             raise ValueError("Pool not running")
 
-    def _send(self, entries, frames, tids, sink):
+    def _send(self, entries: List[bytes], frames: List[Any], tids: List[int],
+              sink: Union[_FutureSink, _Stream]) -> None:
         with self._cond:
             self._pending += len(tids)
         self._client.send_tasks(entries, frames, tids, sink)
 
-    def _tasks_done(self, n):
+    def _tasks_done(self, n: int) -> None:
         with self._cond:
             self._pending -= n
             if self._pending <= 0:
                 self._cond.notify_all()
 
-    def _workers(self):
+    def _workers(self) -> int:
         try:
             return max(1, len(self._client.stats()["workers"]))
         except Exception:
@@ -598,9 +614,10 @@ class ClusterPool:
         """``fn(*args, **kwds)`` on a worker, waiting for its result."""
         return self.submit(fn, *args, **(kwds or {})).result()
 
-    def _stream(self, fn, iterable, chunksize, mode, ordered, progress, max_ahead=None):
+    def _stream(self, fn: Callable[..., Any], iterable: Iterable[Any], chunksize: int, mode: int,
+                ordered: bool, progress: bool, max_ahead: Optional[int] = None) -> _Stream:
         self._check_running()
-        total = len(iterable) if hasattr(iterable, "__len__") else None
+        total = len(iterable) if isinstance(iterable, Sized) else None
         if max_ahead is None:
             # Lazy input: at most max_ahead items ahead, but never fewer than
             # eight chunks, or the workers would wait for the round trip.
@@ -618,7 +635,7 @@ class ClusterPool:
         """Like imap, but results as they arrive."""
         return self._stream(fn, iterable, chunksize, sp.MODE_MAP, False, progress)
 
-    def _chunksize(self, items, chunksize):
+    def _chunksize(self, items: Sized, chunksize: Optional[int]) -> int:
         if chunksize is None:
             # multiprocessing's rule: about four chunks per worker.
             chunksize, extra = divmod(len(items), self._workers() * 4)
@@ -632,7 +649,7 @@ class ClusterPool:
         """``[fn(x) for x in iterable]`` on the workers, in order. Raises the
         first failure in input order (the rest of the map is cancelled)."""
         self._check_running()
-        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        items = iterable if isinstance(iterable, Sized) else list(iterable)
         # The input is in memory already (as in multiprocessing): only the
         # bytes window bounds what is in flight.
         return self._stream(fn, items, self._chunksize(items, chunksize), sp.MODE_MAP, True,
@@ -642,7 +659,7 @@ class ClusterPool:
                 chunksize: Optional[int] = None, progress: bool = False) -> List[T]:
         """``[fn(*args) for args in iterable]`` on the workers, in order."""
         self._check_running()
-        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        items = iterable if isinstance(iterable, Sized) else list(iterable)
         return self._stream(fn, items, self._chunksize(items, chunksize), sp.MODE_STAR, True,
                             progress, max_ahead=1 << 62).collect()
 
@@ -689,7 +706,7 @@ class ClusterPool:
             self._cond.notify_all()
         self._shutdown()
 
-    def _shutdown(self):
+    def _shutdown(self) -> None:
         self._client.close()
         if self._own_cluster is not None:
             self._own_cluster.close()
@@ -701,7 +718,7 @@ class ClusterPool:
     def __exit__(self, *exc: object) -> None:
         self.terminate()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             if self._state == _RUN and not self._client._closed:
                 self.terminate()

@@ -11,6 +11,7 @@ how fast.
 import argparse
 import sys
 import time
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -18,11 +19,11 @@ from .local import LocalCluster
 from .pool import ClusterPool
 
 
-def singular_values(a):
+def singular_values(a: np.ndarray) -> np.ndarray:
     return np.linalg.svd(a, compute_uv=False)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zmq_cluster.pool_demo")
     parser.add_argument("--workers", type=int, default=None, help="default: one per core")
     parser.add_argument("--arrays", type=int, default=200)

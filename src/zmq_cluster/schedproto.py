@@ -25,12 +25,19 @@ payload is ``(values, errors)``: see :mod:`zmq_cluster.taskcodec`.
 """
 
 import struct
+from typing import Any, List, Sequence, Tuple, Union
 
 from . import framing
 from .protocol import KIND_COMMAND
 
 MAGIC = b"ZS"
 VERSION = 1
+
+#: A frame as received or sent: zmq.Frame, bytes, memoryview, or another
+#: buffer (a numpy array's data).
+Frame = Any
+#: A bytes-like frame (a table, a control frame).
+Bytes = Union[bytes, bytearray, memoryview]
 
 CTL = struct.Struct("<2sBBII")
 CTL_SIZE = CTL.size
@@ -103,12 +110,12 @@ class ProtocolError(ValueError):
     """A scheduler-protocol message that cannot be used; the text says why."""
 
 
-def ctl(mtype, count=0, flags=0):
+def ctl(mtype: int, count: int = 0, flags: int = 0) -> bytes:
     """The control frame of a message."""
     return CTL.pack(MAGIC, VERSION, mtype, count, flags)
 
 
-def parse_ctl(frame):
+def parse_ctl(frame: Bytes) -> Tuple[int, int, int]:
     """``(type, count, flags)`` of a control frame (bytes-like)."""
     if len(frame) != CTL_SIZE:
         raise ProtocolError("control frame of %d bytes, expected %d" % (len(frame), CTL_SIZE))
@@ -122,7 +129,7 @@ def parse_ctl(frame):
     return mtype, count, flags
 
 
-def body(obj):
+def body(obj: object) -> bytes:
     """A control body: ``obj`` (native values only) as one frame."""
     frames = framing.encode(obj, KIND_COMMAND)
     if len(frames) != 1:
@@ -130,7 +137,7 @@ def body(obj):
     return frames[0]
 
 
-def parse_body(frame):
+def parse_body(frame: Bytes) -> Any:
     """The value of a control body; ProtocolError when it is not one."""
     try:
         kind, _, obj = framing.decode([frame], allow_pickle=False)
@@ -141,12 +148,13 @@ def parse_body(frame):
     return obj
 
 
-def message(mtype, obj=None, count=0, flags=0):
+def message(mtype: int, obj: object = None, count: int = 0, flags: int = 0) -> List[bytes]:
     """A control message: ``[ctl, body]``."""
     return [ctl(mtype, count, flags), body(obj)]
 
 
-def walk(table, count, entry, data):
+def walk(table: Bytes, count: int, entry: struct.Struct,
+         data: Sequence[Frame]) -> List[Tuple[Tuple[Any, ...], List[Frame]]]:
     """The entries of a batch table with their messages: a list of
     ``(fields, message)``, ``fields`` the entry's fixed fields and
     ``message`` its wire-format frames (the header, inline or a frame of
@@ -155,7 +163,7 @@ def walk(table, count, entry, data):
 
     (The scheduler walks tables itself: it keeps offsets, not messages.)
     """
-    out = []
+    out: List[Tuple[Tuple[Any, ...], List[Frame]]] = []
     append = out.append
     unpack = entry.unpack_from
     size = entry.size
@@ -197,7 +205,8 @@ _INLINE_AT = {TASK_ENTRY: 3, RESULT_ENTRY: 1}
 _NFRAMES_AT = {TASK_ENTRY: 4, RESULT_ENTRY: 2}
 
 
-def pack_entry(struct_, fields_head, msg_frames, fields_tail=()):
+def pack_entry(struct_: struct.Struct, fields_head: Sequence[Any], msg_frames: Sequence[Frame],
+               fields_tail: Sequence[Any] = ()) -> Tuple[bytes, Sequence[Frame]]:
     """One table entry for the wire-format message ``msg_frames``: the
     entry bytes (fixed fields and inline header) and the data frames.
 

@@ -60,7 +60,7 @@ class Supervisor:
         self.processes: List[subprocess.Popen] = []
         #: How many children were started to replace one that exited.
         self.restarts = 0
-        self._started_at = {}       # pid -> monotonic start time
+        self._started_at: Dict[int, float] = {}  # pid -> monotonic start time
         self._lock = threading.Lock()
         self._halted = False
         self._done = threading.Event()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 from .. import schedproto as sp
 from ..config import Config
@@ -33,7 +35,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     return parser
 
 
-def control(values, op: str, done: str) -> int:
+def control(values: Mapping[str, Any], op: str, done: str) -> int:
     """Ask for ``op`` and report the answer."""
     with connect_client(values) as (client, left):
         reply = client.control(op, timeout=left())

@@ -90,14 +90,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
     stopping = threading.Event()   # a signal asked us to stop
     finished = threading.Event()   # ... or the scheduler stopped the workers
 
-    def on_signal(*_):
+    def on_signal(*_: object) -> None:
         stopping.set()
+        finished.set()
+
+    def wait_for_nanny() -> None:
+        nanny.wait()
         finished.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     nanny.start()
-    threading.Thread(target=lambda: (nanny.wait(), finished.set()), daemon=True).start()
+    threading.Thread(target=wait_for_nanny, daemon=True).start()
     try:
         say("%d workers for the scheduler at %s (pids %s)%s" % (
             values["workers"], location.address, " ".join(map(str, nanny.pids())),
