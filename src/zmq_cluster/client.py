@@ -360,7 +360,13 @@ class SchedulerClient:
                         self._reader = _IO
                         return
                 wait = HANDOFF_SECONDS if timeout is None else min(timeout, HANDOFF_SECONDS)
-                if not cond.wait_for(lambda: self._reader == _CALLER, wait):
+                try:
+                    handed = cond.wait_for(lambda: self._reader == _CALLER, wait)
+                except BaseException:  # KeyboardInterrupt: nobody may be left owed
+                    self._reader = _IO if self._reader == _WANTED else _FREE
+                    cond.notify_all()
+                    raise
+                if not handed:
                     # The I/O thread ignores the request when it comes.
                     self._reader = _IO
                     cond.notify_all()
