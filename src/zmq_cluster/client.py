@@ -28,7 +28,7 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -276,7 +276,7 @@ class SchedulerClient:
 
     # ------------------------------------------------------------- receiving
 
-    def _io_loop(self):
+    def _io_loop(self) -> None:
         # Results first, then connection events, then the wake pipe (stop,
         # or let a waiting thread read); waiting and receiving happen in
         # zmq_cluster.wire (without the GIL in the compiled twin).
@@ -296,7 +296,7 @@ class SchedulerClient:
         except zmq.ContextTerminated:
             return
 
-    def _let_caller_read(self):
+    def _let_caller_read(self) -> bool:
         """The I/O thread, asked to: hand the result connection to the
         thread that wants it; while a caller reads, or nobody has read for
         less than IDLE_TAKEBACK_SECONDS after one (the next caller takes it
@@ -322,7 +322,7 @@ class SchedulerClient:
             finally:
                 self._io_parked = False
 
-    def read_until(self, done, timeout=None):
+    def read_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> None:
         """Read the result connection in this thread, delivering whatever
         arrives, until ``done()`` is true, ``timeout`` seconds have passed
         or the client closes. Returns at once, reading nothing, when another
@@ -396,7 +396,7 @@ class SchedulerClient:
                 if self._closed:
                     cond.notify_all()
 
-    def _on_message(self, which, frames):
+    def _on_message(self, which: int, frames: List[Any]) -> None:
         """One message from the result connection (``which`` 0) or its
         monitor (1), read by the I/O thread or a waiting caller."""
         if which == 1:
