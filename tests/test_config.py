@@ -24,6 +24,7 @@ workers = 8
 imports = ["numpy", "mylab.tasks"]
 heartbeat_timeout = 10
 insecure = false
+malloc_tuning = true
 secret_key = "keys/client.key_secret"
 scheduler_key = "/etc/zc/scheduler.key"
 authorized_keys = "~/authorized"
@@ -46,6 +47,7 @@ def test_every_key_read_with_types_and_paths_resolved_against_the_file(tmp_path)
     assert config.get("heartbeat_timeout") == 10.0
     assert isinstance(config.get("heartbeat_timeout"), float)
     assert config.get("insecure") is False
+    assert config.get("malloc_tuning") is True
     assert config.get("scheduler_file") == tmp_path / "run" / "scheduler.json"
     assert config.get("secret_key") == tmp_path / "keys" / "client.key_secret"
     assert config.get("keys") == tmp_path / "keys"
@@ -84,6 +86,8 @@ def test_empty_config():
     ("heartbeat_timeout = true", "heartbeat_timeout"),
     ("insecure = 'yes'", "insecure"),
     ("insecure = 1", "insecure"),
+    ("malloc_tuning = 'on'", "malloc_tuning"),
+    ("malloc_tuning = 1", "malloc_tuning"),
     ("secret_key = true", "secret_key"),
     ("keys = {}", "keys"),
 ])

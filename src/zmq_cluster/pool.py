@@ -517,8 +517,10 @@ class ClusterPool:
     the command line's ``--config``): its ``connect`` or ``scheduler_file``
     says where the scheduler is when ``cluster`` is None, its
     ``secret_key``/``scheduler_key``/``keys`` and ``heartbeat_timeout``
-    serve when not given here. A scheduler file that records the
-    scheduler's public key makes ``scheduler_key`` unnecessary.
+    serve when not given here, and its ``malloc_tuning`` applies to the
+    LocalCluster the pool starts when it names no scheduler. A scheduler
+    file that records the scheduler's public key makes ``scheduler_key``
+    unnecessary.
     """
 
     def __init__(self, cluster: "LocalCluster | str | None" = None, *,
@@ -537,7 +539,8 @@ class ClusterPool:
             heartbeat_timeout=heartbeat_timeout))
         if address is None:
             from .local import LocalCluster
-            cluster = self._own_cluster = LocalCluster()
+            cluster = self._own_cluster = LocalCluster(
+                malloc_tuning=bool(settings.get("malloc_tuning")))
             address = cluster.address
         self.address = address
         if task_timeout is not None and task_timeout <= 0:

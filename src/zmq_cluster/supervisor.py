@@ -141,20 +141,20 @@ class Supervisor:
 
     # ----------------------------------------------------------- private
 
-    def _wake(self):
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
 
-    def _spawn(self):
+    def _spawn(self) -> "subprocess.Popen[bytes]":
         p = spawn(self.command(), env=self.env)
         self.processes.append(p)
         self._started_at[p.pid] = time.monotonic()
         return p
 
-    def _supervise(self):
-        fds = {}            # pidfd -> Popen
+    def _supervise(self) -> None:
+        fds: Dict[int, "subprocess.Popen[bytes]"] = {}   # pidfd -> Popen
         due: List[float] = []   # when each pending replacement starts
         try:
             while True:
@@ -195,7 +195,7 @@ class Supervisor:
                 os.close(fd)
             self._done.set()
 
-    def _exited(self, p, due):
+    def _exited(self, p: "subprocess.Popen[bytes]", due: List[float]) -> None:
         code = p.wait()
         if p.stdin is not None:
             p.stdin.close()

@@ -7,7 +7,9 @@ import signal
 import threading
 
 from ..config import Config, write_scheduler_file
-from .common import EXIT_OK, positive_float, positive_int, say, settings
+from .common import (
+    EXIT_OK, add_malloc_tuning_option, positive_float, positive_int, say, settings,
+)
 
 NAME = "local"
 
@@ -33,6 +35,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument(
         "--scheduler-file", metavar="PATH", default=None,
         help="also write the address to this JSON file (as `zmq-cluster scheduler` does)")
+    add_malloc_tuning_option(parser, "scheduler and worker processes")
     parser.set_defaults(run=run)
     return parser
 
@@ -40,12 +43,14 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 def run(args: argparse.Namespace, config: Config) -> int:
     from ..local import LocalCluster
 
-    values = settings(args, config, {"workers": None, "heartbeat_timeout": 10.0})
+    values = settings(args, config, {"workers": None, "heartbeat_timeout": 10.0,
+                                     "malloc_tuning": False})
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with LocalCluster(values["workers"], transport=values["transport"],
-                      heartbeat_timeout=values["heartbeat_timeout"]) as cluster:
+                      heartbeat_timeout=values["heartbeat_timeout"],
+                      malloc_tuning=values["malloc_tuning"]) as cluster:
         if values.get("scheduler_file") is not None:
             write_scheduler_file(values["scheduler_file"], cluster.address)
         say(cluster.address)

@@ -7,6 +7,7 @@ import importlib
 import os
 import signal
 import threading
+from typing import List
 from pathlib import Path
 
 from ..config import Config
@@ -14,6 +15,7 @@ from ..process import THREAD_VARIABLES, python_command, worker_environment
 from ..supervisor import Supervisor
 from .common import (
     EXIT_OK, CommandError, add_client_key_options, add_locate_options, add_log_option,
+    add_malloc_tuning_option,
     client_security_from, locate_scheduler, one_line, positive_float, positive_int, say,
     settings, setup_logging,
 )
@@ -49,6 +51,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "--heartbeat-timeout", metavar="SECONDS", type=positive_float, default=None,
         help="declare the scheduler gone after this long without a heartbeat, and reconnect"
              " (default 10; use the scheduler's)")
+    add_malloc_tuning_option(parser)
     add_client_key_options(parser)
     add_log_option(parser, "WARNING")
     parser.set_defaults(run=run)
@@ -57,7 +60,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def run(args: argparse.Namespace, config: Config) -> int:
     values = settings(args, config, {"workers": os.cpu_count() or 1, "imports": (),
-                                     "heartbeat_timeout": 10.0, "log_level": "WARNING"})
+                                     "heartbeat_timeout": 10.0, "log_level": "WARNING",
+                                     "malloc_tuning": False})
     setup_logging("INFO" if values["log_level"] in ("DEBUG", "INFO") else "WARNING", "nanny")
     location = locate_scheduler(values, wait=SCHEDULER_FILE_WAIT)
     security = client_security_from(values, location)
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         secret_key = os.path.abspath(values.get("secret_key")
                                      or KeyPaths(Path(values["keys"])).client_secret)
 
-    def command():
+    def command() -> List[str]:
         argv = ["--connect", location.address, "--heartbeat-timeout",
                 values["heartbeat_timeout"], "--log-level", values["log_level"]]
         if security is not None:
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return python_command("zmq_cluster._start", "worker", *argv)
 
     nanny = Supervisor(command, values["workers"], stop_with_workers=True,
-                       env=worker_environment(1))
+                       env=worker_environment(1, malloc_tuning=values["malloc_tuning"]))
     stopping = threading.Event()   # a signal asked us to stop
     finished = threading.Event()   # ... or the scheduler stopped the workers
 
