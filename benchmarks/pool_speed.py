@@ -18,8 +18,14 @@ the same number of worker processes):
 * arrays: 64 MiB float64 arrays through ``pool.map(identity, arrays)``
   against the raw pipeline with ``copy=False`` and ``np.frombuffer`` on every
   hop (GB/s there and back).
-* latency: p50 of ``pool.submit(inc, 1).result()`` against a raw REQ/REP
-  round trip to a worker process (µs; lower is better).
+* latency: p50 of ``pool.submit(inc, 1).result()`` against two raw pyzmq
+  round trips (µs; lower is better): REQ/REP straight to a worker process
+  ("raw", two process hops: the issue's target is against this one), and
+  REQ through the ZeroMQ Guide's load-balancing broker (ROUTER/ROUTER, in
+  Python, in its own process) to a REQ worker process ("brokered", the four
+  hops a task makes through the scheduler: client, broker, worker, broker,
+  client). The three are measured in turns, in blocks, so that a change
+  in the machine's load hits them alike.
 
 Nothing here asserts a timing; every batch's results are checked.
 """
@@ -135,6 +141,60 @@ def raw_rep(url):
     ctx.term()
 
 
+def raw_lb_worker(url):
+    """A worker of the load-balancing broker: REQ, says READY, then answers
+    [client, b"", request] envelopes; an empty request stops it."""
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.rcvtimeo = IDLE_MS
+    req.connect(url)
+    req.send(b"READY")
+    recv, send, unpack, pack = req.recv_multipart, req.send_multipart, U64.unpack, U64.pack
+    while True:
+        client, empty, msg = recv()
+        if not msg:
+            send([client, empty, b""])
+            break
+        send([client, empty, pack(unpack(msg)[0] + 1)])
+    req.close(linger=5000)
+    ctx.term()
+
+
+def raw_broker(front_url, back_url):
+    """The ZeroMQ Guide's load-balancing broker (lbbroker): clients' REQ on
+    a ROUTER frontend, workers' REQ on a ROUTER backend; the frontend is
+    read only while some worker is free. Ends when its worker has answered
+    an empty request."""
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.ROUTER)
+    back = ctx.socket(zmq.ROUTER)
+    front.bind(front_url)
+    back.bind(back_url)
+    backend_only = zmq.Poller()
+    backend_only.register(back, zmq.POLLIN)
+    both = zmq.Poller()
+    both.register(back, zmq.POLLIN)
+    both.register(front, zmq.POLLIN)
+    free = []
+    while True:
+        ready = dict((both if free else backend_only).poll(IDLE_MS))
+        if not ready:
+            break
+        if back in ready:
+            worker, _, *reply = back.recv_multipart()
+            free.append(worker)
+            if reply[0] != b"READY":
+                front.send_multipart(reply)  # [client, b"", answer]
+                if not reply[-1]:
+                    break
+        if front in ready:
+            request = front.recv_multipart()  # [client, b"", request]
+            back.send_multipart([free.pop(0), b""] + request)
+    front.close(linger=5000)
+    back.close(0)
+    ctx.term()
+
+
 class RawPipeline:
     """Ventilator process -> n worker processes -> PULL sink here."""
 
@@ -194,31 +254,85 @@ class RawPipeline:
             self.ctx.term()
 
 
-def raw_latency(n, tmp):
-    ctx = zmq.Context()
-    req = ctx.socket(zmq.REQ)
-    req.rcvtimeo = 60_000
-    url = "ipc://%s/raw-rep" % tmp
-    req.bind(url)
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "raw-rep", url])
+class RawLatency:
+    """A REQ socket here, a REP worker process ("direct"), or a Guide
+    load-balancing broker process with one REQ worker process behind it
+    ("brokered"); ``rtt(n)`` is n round trips' times in ns."""
+
+    def __init__(self, tmp, brokered):
+        me = os.path.abspath(__file__)
+        self.ctx = zmq.Context()
+        self.req = self.ctx.socket(zmq.REQ)
+        self.req.rcvtimeo = 60_000
+        if brokered:
+            front, back = "ipc://%s/raw-front" % tmp, "ipc://%s/raw-back" % tmp
+            self.procs = [subprocess.Popen([sys.executable, me, "raw-broker", front, back]),
+                          subprocess.Popen([sys.executable, me, "raw-lb-worker", back])]
+            self.req.connect(front)  # libzmq reconnects until the broker binds
+        else:
+            url = "ipc://%s/raw-rep" % tmp
+            self.req.bind(url)
+            self.procs = [subprocess.Popen([sys.executable, me, "raw-rep", url])]
+        self.rtt(200)  # connected, warm
+
+    def rtt(self, n):
+        req, pack, unpack, clock = self.req, U64.pack, U64.unpack, time.perf_counter_ns
+        out = []
+        for i in range(n):
+            start = clock()
+            req.send(pack(i))
+            assert unpack(req.recv())[0] == i + 1, "raw latency: wrong result"
+            out.append(clock() - start)
+        return out
+
+    def close(self):
+        try:
+            self.req.send(b"")
+            self.req.recv()
+            for p in self.procs:
+                p.wait(30)
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            self.req.close(0)
+            self.ctx.term()
+
+
+def latency(pool, n, tmp, blocks=10):
+    """p50 and p99 (µs) of ours, raw REQ/REP and brokered raw, measured in
+    turns: ``blocks`` blocks of n/blocks round trips each."""
+    def ours(k):
+        out = []
+        submit, clock = pool.submit, time.perf_counter_ns
+        for i in range(k):
+            start = clock()
+            assert submit(inc, i).result(60) == i + 1
+            out.append(clock() - start)
+        return out
+
+    ours(200)
+    direct = RawLatency(tmp, brokered=False)
     try:
-        rtt = []
-        for i in range(n + 200):
-            start = time.perf_counter_ns()
-            req.send(U64.pack(i))
-            assert U64.unpack(req.recv())[0] == i + 1
-            if i >= 200:
-                rtt.append(time.perf_counter_ns() - start)
-        req.send(b"")
-        req.recv()
-        proc.wait(30)
-        return rtt
+        brokered = RawLatency(tmp, brokered=True)
+        try:
+            times = {"ours": [], "raw": [], "brokered": []}
+            per = max(1, n // blocks)
+            for _ in range(blocks):
+                times["ours"] += ours(per)
+                times["raw"] += direct.rtt(per)
+                times["brokered"] += brokered.rtt(per)
+        finally:
+            brokered.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        req.close(0)
-        ctx.term()
+        direct.close()
+    out = {}
+    for name, t in times.items():
+        t.sort()
+        out[name] = statistics.median(t) / 1000
+        out["p99_" + name] = t[int(len(t) * .99)] / 1000
+    return out
 
 
 # ------------------------------------------------------------------ timing
@@ -234,7 +348,7 @@ def timed(fn, rounds):
 
 def run(args):
     rows = []
-    sizes = dict(map_n=1_000_000, imap_n=200_000, arr_n=16, arr_mib=64, lat_n=3000)
+    sizes = dict(map_n=1_000_000, imap_n=200_000, arr_n=16, arr_mib=64, lat_n=5000)
     if args.quick:
         sizes = dict(map_n=20_000, imap_n=2_000, arr_n=2, arr_mib=4, lat_n=100)
     rounds = 2 if args.quick else args.rounds
@@ -313,19 +427,15 @@ def run(args):
                                  ours=gb / t_ours, raw=gb / t_raw, unit="GB/s",
                                  ratio_raw=t_raw / t_ours))
             if "latency" in cases and workers == 1:
-                n = sizes["lat_n"]
-                rtt = []
-                for i in range(n + 200):
-                    start = time.perf_counter_ns()
-                    assert pool.submit(inc, i).result(60) == i + 1
-                    if i >= 200:
-                        rtt.append(time.perf_counter_ns() - start)
-                raw = raw_latency(n, tmp)
-                p50, r50 = statistics.median(rtt) / 1000, statistics.median(raw) / 1000
-                rows.append(dict(case="p50 submit(inc, 1).result()", workers=workers,
-                                 ours=p50, raw=r50, unit="µs", ratio_raw=p50 / r50,
-                                 p99_ours=sorted(rtt)[int(len(rtt) * .99)] / 1000,
-                                 p99_raw=sorted(raw)[int(len(raw) * .99)] / 1000))
+                lat = latency(pool, sizes["lat_n"], tmp)
+                rows.append(dict(case="p50 submit(inc, 1).result() (raw: REQ/REP)",
+                                 workers=workers, ours=lat["ours"], raw=lat["raw"],
+                                 unit="µs (lower is better)", ratio_raw=lat["ours"] / lat["raw"],
+                                 **{k: v for k, v in lat.items() if k.startswith("p99")}))
+                rows.append(dict(case="p50 submit(inc, 1).result() (raw: REQ via the Guide's"
+                                 " load-balancing broker)", workers=workers, ours=lat["ours"],
+                                 raw=lat["brokered"], unit="µs (lower is better)",
+                                 ratio_raw=lat["ours"] / lat["brokered"]))
     os.rmdir(tmp) if not os.listdir(tmp) else None
     return rows
 
@@ -355,6 +465,10 @@ def main(argv=None):
         return raw_worker(argv[1], argv[2])
     if argv and argv[0] == "raw-rep":
         return raw_rep(argv[1])
+    if argv and argv[0] == "raw-broker":
+        return raw_broker(argv[1], argv[2])
+    if argv and argv[0] == "raw-lb-worker":
+        return raw_lb_worker(argv[1])
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)

@@ -7,6 +7,13 @@ on which any thread sends task batches under a lock, without waking the I/O
 thread. Functions are sent once (FUNC) before the first batch that names
 them.
 
+A thread that waits for one result (``Future.result()``) may take the
+result connection over from the I/O thread for the wait
+(:meth:`SchedulerClient.read_until`): the result then wakes the thread that
+wants it, with no hand-off from the I/O thread on the way (two thread
+wake-ups and a GIL hand-off less per round trip). Whichever thread reads
+delivers every result that arrives, to whatever waits for it.
+
 Trust: results may be unpickled (``deliver(tid, frames, trusted)``) only
 when the connection to the scheduler is trusted (CURVE, loopback, or ipc
 in a private directory: decided from the WELCOME's frame) and the scheduler
@@ -21,7 +28,7 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -38,6 +45,21 @@ log = logging.getLogger("zmq_cluster.pool")
 
 #: Functions remembered per client (function object -> key).
 FUNCTION_CACHE = 256
+#: A thread reading results for itself looks at its future (done,
+#: cancelled, the client closed) at least this often (ms).
+READ_SLICE_MS = 50
+#: Seconds a thread waits for the I/O thread to let go of the result
+#: connection before it waits the ordinary way.
+HANDOFF_SECONDS = 1.0
+
+#: Seconds the result connection may go unread after a thread read it
+#: for itself, before the I/O thread reads it again.
+IDLE_TAKEBACK_SECONDS = 0.002
+
+# Who reads the result connection (``SchedulerClient._reader``): the I/O
+# thread; nobody yet, a caller asked; a caller; nobody, the I/O thread
+# takes it back soon.
+_IO, _WANTED, _CALLER, _FREE = 0, 1, 2, 3
 
 
 class SchedulerLost(ConnectionError):
@@ -79,6 +101,14 @@ class SchedulerClient:
         self._wake_rx.bind(self._wake_addr)
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_tx.connect(self._wake_addr)
+        # Who reads the result connection: the I/O thread (_IO), or a
+        # waiting thread (_CALLER) once the I/O thread has let go of it
+        # (asked with a b"p" on the wake pipe: _WANTED). One caller at a
+        # time; the condition's lock also guards the wake pipe's sender.
+        self._reader = _IO
+        self._reader_ident = None
+        self._io_parked = False
+        self._handoff = threading.Condition(threading.Lock())
         self._sinks = {}              # task id -> sink (deliver(tid, frames), fail(exc))
         self._stats_waiters = {}      # request id -> [event, reply]
         self._lock = threading.Lock()  # the submit socket, function keys
@@ -246,11 +276,12 @@ class SchedulerClient:
 
     # ------------------------------------------------------------- receiving
 
-    def _io_loop(self):
-        # Results first, then connection events, then the stop signal;
-        # waiting and receiving happen in zmq_cluster.wire (without the GIL
-        # in the compiled twin).
+    def _io_loop(self) -> None:
+        # Results first, then connection events, then the wake pipe (stop,
+        # or let a waiting thread read); waiting and receiving happen in
+        # zmq_cluster.wire (without the GIL in the compiled twin).
         sockets = [self._rx, self._monitor, self._wake_rx]
+        on_message = self._on_message
         try:
             while True:
                 got = recv_any(sockets, -1)
@@ -258,42 +289,149 @@ class SchedulerClient:
                     continue
                 which, frames = got
                 if which == 2:
-                    return
-                if which == 1:
-                    event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])
-                    if event["event"] == zmq.EVENT_DISCONNECTED:
-                        self._lose(SchedulerLost("lost the connection to the scheduler "
-                                                 "at %s" % self.address))
+                    if frames[0] != b"p" or not self._let_caller_read():
+                        return
                     continue
-                try:
-                    mtype, count, flags = sp.parse_ctl(frames[0])  # bytes (recv_any)
-                    if mtype == sp.RESULTS:
-                        self._results(frames, count, flags)
-                    elif mtype in (sp.STATS, sp.CONTROL):
-                        reply = sp.parse_body(frames[1].bytes)
-                        if type(reply) is not dict:
-                            raise sp.ProtocolError("a %s reply that is not a dict"
-                                                   % sp.TYPE_NAMES[mtype])
-                        waiters = (self._stats_waiters if mtype == sp.STATS
-                                   else self._control_waiters)
-                        rid = reply.get("id")
-                        # Popped: a disconnect right after cannot overwrite it.
-                        waiter = waiters.pop(rid, None) if type(rid) is int else None
-                        if waiter is not None:
-                            waiter[1] = reply
-                            waiter[0].set()
-                    elif mtype == sp.RESET:
-                        self._lose(SchedulerLost("the scheduler at %s dropped this client"
-                                                 % self.address))
-                    elif mtype not in (sp.PROBE, sp.WELCOME):
-                        raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])
-                except Exception as exc:  # whatever arrives, the I/O thread goes on
-                    self.counters["malformed"] += 1
-                    log.warning("pool rejected a malformed message from the scheduler: %s",
-                                exc if isinstance(exc, sp.ProtocolError)
-                                else "%s: %s" % (type(exc).__name__, exc))
+                on_message(which, frames)
         except zmq.ContextTerminated:
             return
+
+    def _let_caller_read(self) -> bool:
+        """The I/O thread, asked to: hand the result connection to the
+        thread that wants it; while a caller reads, or nobody has read for
+        less than IDLE_TAKEBACK_SECONDS after one (the next caller takes it
+        without waking this thread), stay parked here; then read again.
+        False when the client closed meanwhile (the I/O thread must stop)."""
+        cond = self._handoff
+        with cond:
+            self._io_parked = True
+            try:
+                free_seen = False
+                while True:
+                    state = self._reader
+                    if state == _WANTED:
+                        self._reader = _CALLER
+                        cond.notify_all()
+                    elif state == _IO:
+                        return not self._closed
+                    elif state == _FREE and (free_seen or self._closed):
+                        self._reader = _IO
+                        return not self._closed
+                    free_seen = state == _FREE
+                    cond.wait(IDLE_TAKEBACK_SECONDS)
+            finally:
+                self._io_parked = False
+
+    def read_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> None:
+        """Read the result connection in this thread, delivering whatever
+        arrives, until ``done()`` is true, ``timeout`` seconds have passed
+        or the client closes. Returns at once, reading nothing, when another
+        thread reads already for itself, when this thread is the I/O thread
+        or delivers results (a future's callback), or when the I/O thread
+        does not let go within HANDOFF_SECONDS: the caller then waits the
+        ordinary way (its result comes from whoever reads).
+
+        After it, nobody reads for up to IDLE_TAKEBACK_SECONDS (the I/O
+        thread's next look): a thread that calls again by then reads at
+        once, without a hand-off."""
+        if self._closed or self.lost is not None:
+            return
+        me = threading.get_ident()
+        if me == self._reader_ident or me == self._thread.ident:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._handoff
+        with cond:
+            if self._closed:
+                return
+            state = self._reader
+            if state == _FREE:
+                self._reader = _CALLER
+            elif state != _IO:
+                return  # another thread reads, or is about to
+            else:
+                self._reader = _WANTED
+                if self._io_parked:
+                    cond.notify_all()
+                else:
+                    try:
+                        self._wake_tx.send(b"p")
+                    except zmq.ZMQError:
+                        self._reader = _IO
+                        return
+                wait = HANDOFF_SECONDS if timeout is None else min(timeout, HANDOFF_SECONDS)
+                try:
+                    handed = cond.wait_for(lambda: self._reader == _CALLER, wait)
+                except BaseException:  # KeyboardInterrupt: nobody may be left owed
+                    self._reader = _IO if self._reader == _WANTED else _FREE
+                    cond.notify_all()
+                    raise
+                if not handed:
+                    # The I/O thread ignores the request when it comes.
+                    self._reader = _IO
+                    cond.notify_all()
+                    return
+        self._reader_ident = me
+        try:
+            sockets = [self._rx, self._monitor]
+            on_message = self._on_message
+            while not done() and not self._closed:
+                if deadline is None:
+                    wait_ms = READ_SLICE_MS
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    wait_ms = min(READ_SLICE_MS, int(left * 1000) + 1)
+                got = recv_any(sockets, wait_ms)
+                while got is not None:
+                    on_message(*got)
+                    if done() or self._closed:
+                        break
+                    got = recv_any(sockets, 0)
+        finally:
+            self._reader_ident = None
+            with cond:
+                self._reader = _FREE
+                if self._closed:
+                    cond.notify_all()
+
+    def _on_message(self, which: int, frames: List[Any]) -> None:
+        """One message from the result connection (``which`` 0) or its
+        monitor (1), read by the I/O thread or a waiting caller."""
+        if which == 1:
+            event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._lose(SchedulerLost("lost the connection to the scheduler "
+                                         "at %s" % self.address))
+            return
+        try:
+            mtype, count, flags = sp.parse_ctl(frames[0])  # bytes (recv_any)
+            if mtype == sp.RESULTS:
+                self._results(frames, count, flags)
+            elif mtype in (sp.STATS, sp.CONTROL):
+                reply = sp.parse_body(frames[1].bytes)
+                if type(reply) is not dict:
+                    raise sp.ProtocolError("a %s reply that is not a dict"
+                                           % sp.TYPE_NAMES[mtype])
+                waiters = (self._stats_waiters if mtype == sp.STATS
+                           else self._control_waiters)
+                rid = reply.get("id")
+                # Popped: a disconnect right after cannot overwrite it.
+                waiter = waiters.pop(rid, None) if type(rid) is int else None
+                if waiter is not None:
+                    waiter[1] = reply
+                    waiter[0].set()
+            elif mtype == sp.RESET:
+                self._lose(SchedulerLost("the scheduler at %s dropped this client"
+                                         % self.address))
+            elif mtype not in (sp.PROBE, sp.WELCOME):
+                raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])
+        except Exception as exc:  # whatever arrives, the reader goes on
+            self.counters["malformed"] += 1
+            log.warning("pool rejected a malformed message from the scheduler: %s",
+                        exc if isinstance(exc, sp.ProtocolError)
+                        else "%s: %s" % (type(exc).__name__, exc))
 
     def _results(self, frames, count, flags):
         table = frames[1].bytes
@@ -352,10 +490,17 @@ class SchedulerClient:
             # there: the two connections are not ordered with each other.
             with self._lock:
                 self._tx.send_multipart(sp.message(sp.BYE))
-            self._wake_tx.send(b"")
+            with self._handoff:
+                self._wake_tx.send(b"")
+                self._handoff.notify_all()
         except zmq.ZMQError:
             pass
-        if threading.current_thread() is not self._thread:
+        # A thread reading for itself sees the close within READ_SLICE_MS
+        # and gives the connection back; the I/O thread then stops. Closed
+        # from a callback in the reading thread, the sockets close under
+        # it: it reads no more once it sees _closed.
+        if (threading.current_thread() is not self._thread
+                and threading.get_ident() != self._reader_ident):
             self._thread.join(10)
         self._close_sockets()
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Sized
 from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List,
                     Optional, Tuple, TypeVar, Union)
@@ -60,10 +61,32 @@ def _frames_nbytes(frames: Iterable[Any]) -> int:
 
 
 class _Future(concurrent.futures.Future):
-    """A Future whose cancel() also drops the task at the scheduler."""
+    """A Future whose cancel() also drops the task at the scheduler, and
+    whose result() and exception() read the result connection themselves
+    while they wait (see SchedulerClient.read_until): the result wakes the
+    waiting thread directly, not through the pool's I/O thread."""
 
     _pool: Optional["ClusterPool"] = None
     _tid: int = 0
+
+    def _read_until_done(self, timeout: Optional[float]) -> Optional[float]:
+        """Wait in the result connection (when this thread may) until done;
+        the time left of ``timeout``."""
+        pool = self._pool
+        if pool is None or self.done():
+            return timeout
+        if timeout is None:
+            pool._client.read_until(self.done)
+            return None
+        deadline = time.monotonic() + timeout
+        pool._client.read_until(self.done, timeout)
+        return max(0.0, deadline - time.monotonic())
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return super().result(self._read_until_done(timeout))
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        return super().exception(self._read_until_done(timeout))
 
     def cancel(self) -> bool:
         if not super().cancel():
