@@ -1,6 +1,6 @@
 """What glibc malloc tuning does for large arrays, side by side in one run.
 
-    flock /work/wt/bench.lock python benchmarks/malloc_tuning.py            # full (~8 min)
+    python benchmarks/malloc_tuning.py            # full (~8 min)
     python benchmarks/malloc_tuning.py --quick                              # checks nothing rotted
     python benchmarks/malloc_tuning.py --cases raw,raw-split --sizes 64 --rounds 7
 
