@@ -436,3 +436,23 @@ def test_threads_never_share_an_assembly_buffer(twin):
     assert len({out.ctypes.data for out in held}) == 16
     for out in held:
         np.testing.assert_array_equal(out, arr)
+
+
+def test_a_pool_full_of_free_buffers_of_another_size_makes_room(twin, monkeypatch):
+    from zmq_cluster import _framing_common
+    monkeypatch.setattr(_framing_common, "_recycled", [])
+    small = np.arange(SPLIT_BYTES // 8 + 1, dtype=np.float64)
+    big = np.arange(3 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
+    small_frames = [bytes(f) for f in twin.encode(small, KIND_REQUEST)]
+    big_frames = [bytes(f) for f in twin.encode(big, KIND_REQUEST)]
+    monkeypatch.setattr(_framing_common, "RECYCLE_MAX_BYTES", 3 * small.nbytes + 3 * 64)
+    held = [twin.decode(small_frames)[2] for _ in range(3)]  # fills the pool
+    assert len(_framing_common._recycled) == 3
+    del held
+    out = twin.decode(big_frames)[2]  # drops as many free small ones as it needs
+    np.testing.assert_array_equal(out, big)
+    at = out.ctypes.data
+    assert any(np.shares_memory(out, r) for r in _framing_common._recycled)
+    assert sum(r.nbytes for r in _framing_common._recycled) <= _framing_common.RECYCLE_MAX_BYTES
+    del out
+    assert twin.decode(big_frames)[2].ctypes.data == at  # kept, so reused

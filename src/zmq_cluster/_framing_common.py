@@ -182,21 +182,31 @@ def assembly_buffer(nbytes, alignment):
     if _FREE_REFS is None:
         return aligned_empty(nbytes, alignment)
     with _recycled_lock:
-        raw = None
-        free_at = -1
-        for i in range(len(_recycled)):
-            if _refs(_recycled, i) == _FREE_REFS:
-                if _recycled[i].nbytes == size:
-                    raw = _recycled[i]
-                    break
-                free_at = i
-        if raw is None:
+        # _recycled runs from least to most recently handed out.
+        free = [i for i in range(len(_recycled)) if _refs(_recycled, i) == _FREE_REFS]
+        for i in free:
+            if _recycled[i].nbytes == size:
+                raw = _recycled.pop(i)
+                break
+        else:
             held = sum([r.nbytes for r in _recycled])
-            if held + size > RECYCLE_MAX_BYTES and free_at >= 0:
-                held -= _recycled.pop(free_at).nbytes  # a free buffer of another size
+            # Make room by dropping free buffers of other sizes, least
+            # recently used first, as many as it takes (a pool full of
+            # another size's buffers must not leave every new one unkept).
+            drop = []
+            if held + size - sum([_recycled[i].nbytes for i in free]) <= RECYCLE_MAX_BYTES:
+                for i in free:
+                    if held + size <= RECYCLE_MAX_BYTES:
+                        break
+                    held -= _recycled[i].nbytes
+                    drop.append(i)
+            for i in reversed(drop):
+                del _recycled[i]
             raw = np.empty(size, np.uint8)
-            if held + size <= RECYCLE_MAX_BYTES:
-                _recycled.append(raw)
+            if held + size > RECYCLE_MAX_BYTES:
+                offset = -raw.ctypes.data % alignment
+                return raw[offset:offset + nbytes]  # not kept: the pool is all in use
+        _recycled.append(raw)
         offset = -raw.ctypes.data % alignment
         return raw[offset:offset + nbytes]
 
