@@ -352,15 +352,23 @@ def test_version_1_messages_are_refused_with_both_versions_named(twin):
         twin.decode([bytes(old)] + frames[1:])
 
 
-def test_assembly_memory_is_reused_only_once_no_array_refers_to_it(twin):
+@pytest.mark.parametrize("holder", ["array", "slice", "memoryview", "frombuffer"])
+def test_assembly_memory_is_reused_only_once_no_array_refers_to_it(twin, holder):
     import gc
 
     from zmq_cluster import _framing_common
+    if _framing_common._FREE_REFS is None:
+        pytest.skip("recycling is off on this interpreter (tested below)")
     arr = np.arange(2 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
     frames = [bytes(f) for f in twin.encode(arr, KIND_REQUEST)]
     first = twin.decode(frames)[2]
     at = first.ctypes.data
-    kept = [first[::3], memoryview(first[5:])]  # what refers to it, not the array itself
+    kept = {
+        "array": lambda: first,
+        "slice": lambda: first[::3],
+        "memoryview": lambda: memoryview(first[5:]),
+        "frombuffer": lambda: np.frombuffer(first[1:], np.float64),
+    }[holder]()
     del first
     gc.collect()
     second = twin.decode(frames)[2]
@@ -372,3 +380,79 @@ def test_assembly_memory_is_reused_only_once_no_array_refers_to_it(twin):
     third[:] = -1.0
     np.testing.assert_array_equal(second, arr)  # nothing else written over
     assert sum(r.nbytes for r in _framing_common._recycled) <= _framing_common.RECYCLE_MAX_BYTES
+
+
+def test_free_count_is_calibrated_on_this_interpreter():
+    from zmq_cluster import _framing_common
+    free = _framing_common._calibrate()
+    if free is None:
+        assert _framing_common._FREE_REFS is None
+        return
+    items = [np.empty(1, np.uint8)]
+    assert _framing_common._refs(items, 0) == free
+    held = items[0]
+    assert _framing_common._refs(items, 0) == free + 1
+    del held
+
+
+def test_recycling_off_gives_fresh_memory_every_time(twin, monkeypatch):
+    from zmq_cluster import _framing_common
+    monkeypatch.setattr(_framing_common, "_FREE_REFS", None)
+    before = list(_framing_common._recycled)
+    arr = np.arange(2 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
+    frames = [bytes(f) for f in twin.encode(arr, KIND_REQUEST)]
+    got = [twin.decode(frames)[2] for _ in range(3)]
+    for out in got:
+        assert out.ctypes.data % 64 == 0 and out.flags.writeable
+        np.testing.assert_array_equal(out, arr)
+    assert len({out.ctypes.data for out in got}) == 3
+    assert [r.ctypes.data for r in _framing_common._recycled] == [r.ctypes.data for r in before]
+    assert not any(np.shares_memory(out, r) for out in got for r in _framing_common._recycled)
+
+
+def test_threads_never_share_an_assembly_buffer(twin):
+    import threading
+
+    arr = np.arange(2 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
+    frames = [bytes(f) for f in twin.encode(arr, KIND_REQUEST)]
+    barrier = threading.Barrier(4)
+    held = []
+    errors = []
+
+    def decode_some():
+        try:
+            barrier.wait(timeout=30)
+            for _ in range(4):
+                held.append(twin.decode(frames)[2])  # all kept: none may be reused
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=decode_some) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(held) == 16
+    assert len({out.ctypes.data for out in held}) == 16
+    for out in held:
+        np.testing.assert_array_equal(out, arr)
+
+
+def test_a_pool_full_of_free_buffers_of_another_size_makes_room(twin, monkeypatch):
+    from zmq_cluster import _framing_common
+    monkeypatch.setattr(_framing_common, "_recycled", [])
+    small = np.arange(SPLIT_BYTES // 8 + 1, dtype=np.float64)
+    big = np.arange(3 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
+    small_frames = [bytes(f) for f in twin.encode(small, KIND_REQUEST)]
+    big_frames = [bytes(f) for f in twin.encode(big, KIND_REQUEST)]
+    monkeypatch.setattr(_framing_common, "RECYCLE_MAX_BYTES", 3 * small.nbytes + 3 * 64)
+    held = [twin.decode(small_frames)[2] for _ in range(3)]  # fills the pool
+    assert len(_framing_common._recycled) == 3
+    del held
+    out = twin.decode(big_frames)[2]  # drops as many free small ones as it needs
+    np.testing.assert_array_equal(out, big)
+    at = out.ctypes.data
+    assert any(np.shares_memory(out, r) for r in _framing_common._recycled)
+    assert sum(r.nbytes for r in _framing_common._recycled) <= _framing_common.RECYCLE_MAX_BYTES
+    del out
+    assert twin.decode(big_frames)[2].ctypes.data == at  # kept, so reused

@@ -127,6 +127,38 @@ _recycled: List[np.ndarray] = []
 _recycled_lock = threading.Lock()
 
 
+def _refs(items, i):
+    """``sys.getrefcount`` of ``items[i]``, counted the same way at
+    calibration and in ``assembly_buffer`` (how a subscript and a call
+    count their references differs between interpreter versions)."""
+    return sys.getrefcount(items[i])
+
+
+def _calibrate():
+    """The count ``_refs`` reports for an item only its list refers to, or
+    None where reference counts cannot tell that a buffer is free: other
+    interpreters than CPython, free-threaded builds (another thread may
+    take or drop a reference between the count and its use), or a count
+    that does not grow by one for one more reference."""
+    if sys.implementation.name != "cpython":
+        return None
+    gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    if gil_enabled is not None and not gil_enabled():
+        return None
+    items = [np.empty(1, np.uint8)]
+    free = _refs(items, 0)
+    held = items[0]
+    if _refs(items, 0) != free + 1:
+        return None
+    del held
+    return free
+
+
+#: What ``_refs`` says of a buffer only ``_recycled`` holds; None turns
+#: recycling off (every assembly buffer is new memory).
+_FREE_REFS: Optional[int] = _calibrate()
+
+
 def assembly_buffer(nbytes, alignment):
     """``aligned_empty`` for a split array of at least ALIGNED_BYTES: memory
     that an earlier split array of the same size used, once nothing refers
@@ -137,29 +169,44 @@ def assembly_buffer(nbytes, alignment):
     its pages as they fault in; profiled (perf, 64 MiB arrays through
     pool.map), that zeroing cost about twice the assembly's memcpy. A
     buffer is known unused when the list here holds its only reference:
-    every numpy view of it (slices, reshapes, memoryviews of those) refers
-    to it, so an array the user still holds is never reused. The cost is
-    memory: up to RECYCLE_MAX_BYTES stay with the process after its arrays
-    are gone.
+    every numpy view of it (slices, reshapes, memoryviews of those,
+    ``np.frombuffer`` of those) refers to it, so an array the user still
+    holds is never reused. What counts as "only the list" is measured once
+    at import (``_FREE_REFS``); where reference counts cannot be trusted
+    (free-threaded builds, other interpreters) nothing is recycled. The
+    test, the choice and the view handed out all happen under one lock, so
+    two threads never get the same buffer. The cost is memory: up to
+    RECYCLE_MAX_BYTES stay with the process after its arrays are gone.
     """
     size = nbytes + alignment
+    if _FREE_REFS is None:
+        return aligned_empty(nbytes, alignment)
     with _recycled_lock:
-        raw = None
-        free_at = -1
-        for i in range(len(_recycled)):
-            candidate = _recycled[i]
-            if sys.getrefcount(candidate) == 3:  # the list, ``candidate``, the call
-                if candidate.nbytes == size:
-                    raw = candidate
-                    break
-                free_at = i
-        if raw is None:
+        # _recycled runs from least to most recently handed out.
+        free = [i for i in range(len(_recycled)) if _refs(_recycled, i) == _FREE_REFS]
+        for i in free:
+            if _recycled[i].nbytes == size:
+                raw = _recycled.pop(i)
+                break
+        else:
             held = sum([r.nbytes for r in _recycled])
-            if held + size > RECYCLE_MAX_BYTES and free_at >= 0:
-                held -= _recycled.pop(free_at).nbytes  # a free buffer of another size
+            # Make room by dropping free buffers of other sizes, least
+            # recently used first, as many as it takes (a pool full of
+            # another size's buffers must not leave every new one unkept).
+            drop = []
+            if held + size - sum([_recycled[i].nbytes for i in free]) <= RECYCLE_MAX_BYTES:
+                for i in free:
+                    if held + size <= RECYCLE_MAX_BYTES:
+                        break
+                    held -= _recycled[i].nbytes
+                    drop.append(i)
+            for i in reversed(drop):
+                del _recycled[i]
             raw = np.empty(size, np.uint8)
-            if held + size <= RECYCLE_MAX_BYTES:
-                _recycled.append(raw)
+            if held + size > RECYCLE_MAX_BYTES:
+                offset = -raw.ctypes.data % alignment
+                return raw[offset:offset + nbytes]  # not kept: the pool is all in use
+        _recycled.append(raw)
         offset = -raw.ctypes.data % alignment
         return raw[offset:offset + nbytes]
 
