@@ -28,7 +28,10 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
+from typing import (
+    TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
+    Set,
+)
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -39,7 +42,10 @@ from .liveness import heartbeat_options
 from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any, send_frames
 
-__all__ = ["SchedulerClient", "SchedulerLost"]
+if TYPE_CHECKING:
+    from .security import ClientSecurity
+
+__all__ = ["SchedulerClient", "SchedulerLost", "ResultSink"]
 
 log = logging.getLogger("zmq_cluster.pool")
 
@@ -66,6 +72,25 @@ class SchedulerLost(ConnectionError):
     """The scheduler went away (or dropped this client): pending tasks fail."""
 
 
+class ResultSink(Protocol):
+    """What receives the results of the tasks sent with it
+    (:meth:`SchedulerClient.send_tasks`), called by whichever thread reads
+    the result connection: ``deliver`` for each result (its wire-format
+    frames; ``trusted``: whether they may be unpickled), ``fail`` for each
+    task still waited for when the scheduler is lost, then ``wake`` once
+    per sink after a batch of those calls."""
+
+    def deliver(self, tid: int, frames: List[Any], trusted: bool) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+#: A STATS or CONTROL request's waiter: [answered, the reply or the exception].
+_Waiter = List[Any]
+
+
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -76,8 +101,10 @@ class SchedulerClient:
     CURVE handshake was refused). ``security``: a
     :class:`~zmq_cluster.security.ClientSecurity` for a CURVE scheduler."""
 
-    def __init__(self, address, *, heartbeat_timeout=10.0, socket_options=None,
-                 connect_timeout=30.0, security=None):
+    def __init__(self, address: str, *, heartbeat_timeout: float = 10.0,
+                 socket_options: Optional[Mapping[int, Any]] = None,
+                 connect_timeout: float = 30.0,
+                 security: Optional["ClientSecurity"] = None) -> None:
         self.address = address
         self.security = security
         self._ctx = zmq.Context()
@@ -95,7 +122,7 @@ class SchedulerClient:
         # bound what a scheduler can queue there.
         self._tx.setsockopt(zmq.RCVHWM, 64)
         self._monitor = self._rx.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
-        self._handshake_failure = None
+        self._handshake_failure: Optional[str] = None
         self._wake_addr = "inproc://zc-client-%x" % id(self)
         self._wake_rx = self._ctx.socket(zmq.PAIR)
         self._wake_rx.bind(self._wake_addr)
@@ -106,18 +133,18 @@ class SchedulerClient:
         # (asked with a b"p" on the wake pipe: _WANTED). One caller at a
         # time; the condition's lock also guards the wake pipe's sender.
         self._reader = _IO
-        self._reader_ident = None
+        self._reader_ident: Optional[int] = None
         self._io_parked = False
         self._handoff = threading.Condition(threading.Lock())
-        self._sinks = {}              # task id -> sink (deliver(tid, frames), fail(exc))
-        self._stats_waiters = {}      # request id -> [event, reply]
+        self._sinks: Dict[int, ResultSink] = {}  # task id -> sink
+        self._stats_waiters: Dict[int, _Waiter] = {}  # request id -> [event, reply]
         self._lock = threading.Lock()  # the submit socket, function keys
-        self._fn_keys = OrderedDict()
-        self._fn_sent = set()
-        self._control_waiters = {}    # request id -> [event, reply]
+        self._fn_keys: "OrderedDict[Callable[..., Any], int]" = OrderedDict()
+        self._fn_sent: Set[int] = set()
+        self._control_waiters: Dict[int, _Waiter] = {}  # request id -> [event, reply]
         self._closed = False
         self._shutting_down = False
-        self.lost = None
+        self.lost: Optional[SchedulerLost] = None
         self.trusted = False
         #: Results that arrived for no waiting task (cancelled ones).
         self.unmatched_results = 0
@@ -141,7 +168,7 @@ class SchedulerClient:
                                         daemon=True)
         self._thread.start()
 
-    def _await_welcome(self, timeout):
+    def _await_welcome(self, timeout: float) -> Dict[Any, Any]:
         deadline = time.monotonic() + timeout
         poller = zmq.Poller()
         poller.register(self._rx, zmq.POLLIN)
@@ -161,10 +188,11 @@ class SchedulerClient:
             if self._monitor in ready:
                 event = parse_monitor_message(self._monitor.recv_multipart())["event"]
                 if event & _HANDSHAKE_FAILED:
-                    self._handshake_failure = {
+                    reasons: Dict[int, str] = {
                         zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the scheduler refused this key",
                         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the two sides' security differs",
-                    }.get(event, "no detail")
+                    }
+                    self._handshake_failure = reasons.get(event, "no detail")
                 continue
             frames = self._rx.recv_multipart(copy=False)
             try:
@@ -186,10 +214,10 @@ class SchedulerClient:
 
     # ------------------------------------------------------------- sending
 
-    def new_task_id(self):
+    def new_task_id(self) -> int:
         return (self.client_no << 40) | next(self._ids)
 
-    def function_key(self, fn):
+    def function_key(self, fn: Callable[..., Any]) -> int:
         """The key of ``fn``, sending its blob to the scheduler the first time."""
         with self._lock:
             try:
@@ -213,7 +241,8 @@ class SchedulerClient:
                 pass
         return key
 
-    def send_tasks(self, entries, frames, tids, sink):
+    def send_tasks(self, entries: Sequence[bytes], frames: List[Any], tids: Iterable[int],
+                   sink: ResultSink) -> None:
         """Send one batch: ``entries`` (bytes each), their data ``frames``;
         ``sink`` (registered first) receives the results of ``tids``."""
         if self.lost is not None:
@@ -225,7 +254,7 @@ class SchedulerClient:
         with self._lock:
             send_frames(self._tx, msg)
 
-    def cancel(self, ids=None):
+    def cancel(self, ids: Optional[Iterable[int]] = None) -> None:
         """Ask the scheduler to drop queued tasks (all of this client's with
         None); their results, if any come, are dropped here."""
         if ids is not None:
@@ -237,30 +266,31 @@ class SchedulerClient:
         with self._lock:
             self._tx.send_multipart(sp.message(sp.CANCEL, ids))
 
-    def forget(self, tid):
+    def forget(self, tid: int) -> Optional[ResultSink]:
         """Stop waiting for ``tid``: its sink, or None if it was not waited for."""
         return self._sinks.pop(tid, None)
 
-    def pending(self):
+    def pending(self) -> int:
         return len(self._sinks)
 
-    def stats(self, timeout=10.0, wait_workers=0):
+    def stats(self, timeout: float = 10.0, wait_workers: int = 0) -> Dict[Any, Any]:
         """The scheduler's STATS reply (a dict); with ``wait_workers`` the
         scheduler answers once that many workers are registered."""
         return self._request(self._stats_waiters, sp.STATS, {"wait_workers": wait_workers},
                              timeout)
 
-    def control(self, op, timeout=10.0):
+    def control(self, op: str, timeout: float = 10.0) -> Dict[Any, Any]:
         """Ask the scheduler for a CONTROL operation (``schedproto.OP_*``):
         its reply, a dict with ``ok``, ``workers`` (how many were told) and,
         when refused, ``error``."""
         return self._request(self._control_waiters, sp.CONTROL, {"op": op}, timeout)
 
-    def _request(self, waiters, mtype, body, timeout):
+    def _request(self, waiters: Dict[int, _Waiter], mtype: int, body: Dict[str, Any],
+                 timeout: float) -> Any:
         if self.lost is not None:
             raise self.lost
         rid = next(self._ids)
-        waiter = [threading.Event(), None]
+        waiter: _Waiter = [threading.Event(), None]
         waiters[rid] = waiter
         try:
             with self._lock:
@@ -433,12 +463,12 @@ class SchedulerClient:
                         exc if isinstance(exc, sp.ProtocolError)
                         else "%s: %s" % (type(exc).__name__, exc))
 
-    def _results(self, frames, count, flags):
+    def _results(self, frames: List[Any], count: int, flags: int) -> None:
         table = frames[1].bytes
         data = frames[2:]
         sinks = self._sinks
-        touched = None
-        last = None
+        touched: Optional[Set[ResultSink]] = None
+        last: Optional[ResultSink] = None
         trusted = self.trusted and bool(flags & sp.FLAG_TRUSTED)
         for fields, msg in sp.walk(table, count, sp.RESULT_ENTRY, data):
             tid = fields[0]
@@ -456,7 +486,7 @@ class SchedulerClient:
             for sink in touched:
                 sink.wake()
 
-    def _lose(self, exc):
+    def _lose(self, exc: SchedulerLost) -> None:
         if self.lost is None:
             self.lost = exc
             if not self._shutting_down:
@@ -474,13 +504,13 @@ class SchedulerClient:
 
     # ------------------------------------------------------------- closing
 
-    def send_shutdown(self):
+    def send_shutdown(self) -> None:
         """Ask the scheduler to stop its workers and itself."""
         self._shutting_down = True
         with self._lock:
             self._tx.send_multipart(sp.message(sp.SHUTDOWN))
 
-    def close(self):
+    def close(self) -> None:
         """Say BYE, stop the I/O thread, close the sockets."""
         if self._closed:
             return
@@ -504,7 +534,7 @@ class SchedulerClient:
             self._thread.join(10)
         self._close_sockets()
 
-    def _close_sockets(self):
+    def _close_sockets(self) -> None:
         for sock in ("_monitor", "_rx", "_wake_rx", "_wake_tx"):
             s = getattr(self, sock, None)
             if s is not None:

@@ -37,7 +37,7 @@ import signal
 import socket as _socket
 import sys
 import time
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -110,16 +110,18 @@ class PoolWorker:
         self.exit_code = sp.EXIT_STOPPED
         self.counters: "collections.Counter[str]" = collections.Counter()
         self.copies = CopyCount()  # bytes the codec copied: tasks decoded, results encoded
+        self._trust_args: Dict[str, Any]  # keywords for sender_may_pickle
         self._trust_args = dict(curve="client" if security is not None else None,
                                 private_ipc=is_private_ipc(address),
                                 inproc=address.startswith("inproc://"))
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._functions = FunctionCache()
-        self._queue: Deque[tuple] = collections.deque()
+        # (task id, function key, timeout ms, message, trusted)
+        self._queue: Deque[Tuple[int, int, int, List[Any], bool]] = collections.deque()
         self._out_entries: List[bytes] = []
         self._out_frames: List[Any] = []
-        self._mean = None
+        self._mean: Optional[float] = None
         self._out_seconds = 0.0
         self._out_bytes = 0
         self._credit = INITIAL_CREDIT
@@ -175,21 +177,21 @@ class PoolWorker:
         """Make run() return after the task at hand."""
         self._running = False
 
-    def _send(self, frames):
+    def _send(self, frames: Sequence[Any]) -> None:
         send_frames(self._sock, frames)
 
-    def _hello(self):
+    def _hello(self) -> None:
         self._send(sp.message(sp.HELLO, {
             "role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
             "credit": self._credit, "credit_bytes": self.credit_bytes,
             "uptime": time.monotonic() - _STARTED}))
 
-    def _drop_held(self):
+    def _drop_held(self) -> None:
         self._queue.clear()
         self._out_entries, self._out_frames, self._out_seconds = [], [], 0.0
         self._out_bytes = 0
 
-    def _monitor_event(self, frames):
+    def _monitor_event(self, frames: List[Any]) -> None:
         event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])["event"]
         if event & _HANDSHAKE_FAILED:
             # libzmq retries by itself; say why once, then now and then.
@@ -206,7 +208,7 @@ class PoolWorker:
             if self._handshakes > 1:
                 self._hello()
 
-    def _handle(self, frames):
+    def _handle(self, frames: List[Any]) -> None:
         try:
             mtype, count, flags = sp.parse_ctl(frames[0])  # bytes (recv_any)
             if mtype == sp.TASKS:
@@ -249,7 +251,7 @@ class PoolWorker:
                         exc if isinstance(exc, sp.ProtocolError)
                         else "%s: %s" % (type(exc).__name__, exc))
 
-    def _run_some(self):
+    def _run_some(self) -> None:
         """Run tasks from the queue until it is empty or the results held
         back should go (FLUSH_COUNT results, FLUSH_SECONDS of work,
         FLUSH_BYTES of data frames)."""
@@ -259,7 +261,9 @@ class PoolWorker:
         functions = self._functions
         perf_counter = time.perf_counter
         pack = _RESULT_ENTRY_PACK
-        last_key = last_trusted = last_fn = None
+        last_key: Optional[int] = None
+        last_trusted: Optional[bool] = None
+        last_fn: Callable[..., Any]  # bound on the first task (its key is never None)
         copies = self.copies
         seconds_held = self._out_seconds
         done = 0
@@ -315,7 +319,7 @@ class PoolWorker:
         self._out_seconds = seconds_held
         self.tasks_done += done
 
-    def _flush(self):
+    def _flush(self) -> None:
         entries = self._out_entries
         if not entries:
             return
@@ -349,7 +353,7 @@ def run_worker(address: str, **options: Any) -> int:
     return worker.exit_code
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zmq_cluster._start worker")
     parser.add_argument("--connect", required=True)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
@@ -372,9 +376,9 @@ def main(argv=None):
                         security=security)
     gc.freeze()  # the loop's per-task objects are short-lived: collect rarely
     gc.set_threshold(50_000, 50, 100)
-    terminated = []
+    terminated: List[bool] = []
 
-    def on_sigterm(*_):
+    def on_sigterm(*_: Any) -> None:
         terminated.append(True)
         worker.stop()
 

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -127,13 +127,14 @@ class Scheduler:
             raise
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._private_ipc = is_private_ipc(self.address)
-        self._curve = "server" if security is not None else None
+        self._curve: Literal["server", None] = "server" if security is not None else None
 
         self._running = True      # until stop()
-        self._stopping = None     # deadline once told to shut down
+        self._stopping: Optional[float] = None  # deadline once told to shut down
         self._peers: Dict[bytes, Tuple[str, Any]] = {}  # routing id -> (role, peer)
         self._fdmap = FdMap()
-        self._stats_waiting: List[tuple] = []  # STATS requests waiting for enough workers
+        # STATS requests waiting for enough workers.
+        self._stats_waiting: List[Tuple[_Client, Dict[Any, Any]]] = []
         self._next_client = 1
         self._next_worker = 1
         self.ledger = Ledger(self._send)
@@ -195,7 +196,7 @@ class Scheduler:
         """Close the sockets (run() does this when it returns)."""
         self._close_partial()
 
-    def _close_partial(self):
+    def _close_partial(self) -> None:
         # Told to shut down, what is queued (the answer to the stop, the
         # workers' STOPs) gets a moment to leave; otherwise nothing waits.
         linger = int(SHUTDOWN_SECONDS * 1000) if getattr(self, "_stopping", None) else 0
@@ -214,7 +215,7 @@ class Scheduler:
         if self._own_ctx and not self._ctx.closed:
             self._ctx.term()
 
-    def _send(self, rid, frames):
+    def _send(self, rid: bytes, frames: List[Any]) -> bool:
         """Send to a peer: False (and the peer declared gone) when its
         connection no longer exists."""
         # Never block: with ROUTER_MANDATORY and no high-water mark, a pipe
@@ -230,7 +231,7 @@ class Scheduler:
 
     # ------------------------------------------------------------ messages
 
-    def _handle(self, frames):
+    def _handle(self, frames: List[Any]) -> None:
         rid = frames[0]  # bytes (recv_any)
         try:
             if len(frames) < 3:
@@ -280,7 +281,7 @@ class Scheduler:
                 self._send(rid, sp.message(sp.RESET))
                 self._gone(rid, "sent a malformed message")
 
-    def _hello(self, rid, frames):
+    def _hello(self, rid: bytes, frames: List[Any]) -> None:
         hello = sp.parse_body(frames[2].bytes)
         if type(hello) is not dict:
             raise sp.ProtocolError("HELLO body is not a dict")
@@ -305,6 +306,7 @@ class Scheduler:
             self.counters["untrusted_peers"] += 1
         role = hello.get("role")
         now = time.monotonic()
+        client: Optional[_Client]
         if role == sp.ROLE_WORKER:
             worker = _Worker(rid, self._next_worker, hello, trusted, now)
             self._next_worker += 1
@@ -324,7 +326,8 @@ class Scheduler:
             self._send(rid, sp.message(sp.WELCOME, {"client_no": client.no,
                                                     "workers": len(self.ledger.workers)}))
         elif role == sp.ROLE_SUBMIT:
-            client = self.ledger.clients.get(hello.get("client_no"))
+            # _check_hello: an int when present; None (absent) is no client's.
+            client = self.ledger.clients.get(cast(int, hello.get("client_no")))
             if client is None:
                 raise sp.ProtocolError("submit connection for unknown client")
             self._peers[rid] = ("submit", client)
@@ -334,14 +337,14 @@ class Scheduler:
             self._fdmap.forget(rid)
             raise sp.ProtocolError("HELLO with role %r" % (role,))
 
-    def _trust(self, frame):
+    def _trust(self, frame: zmq.Frame) -> bool:
         """Whether the sender of ``frame`` may send pickles (see __init__)."""
         if self.trusted is not None:
             return bool(self.trusted)
         return sender_may_pickle(frame, curve=self._curve, private_ipc=self._private_ipc,
                                  inproc=self.address.startswith("inproc://"))
 
-    def _stats(self, client, request):
+    def _stats(self, client: _Client, request: Any) -> None:
         if type(request) is not dict:
             raise sp.ProtocolError("STATS body is not a dict")
         ledger = self.ledger
@@ -367,7 +370,7 @@ class Scheduler:
             "clients": len(ledger.clients), "counters": counters,
             "secure": self.security is not None}))
 
-    def _control(self, client, request):
+    def _control(self, client: _Client, request: Any) -> None:
         """A CONTROL request (the command line's stop, stop --workers-only,
         restart-workers): answered at once with the number of workers told."""
         if type(request) is not dict or request.get("op") not in sp.CONTROL_OPS:
@@ -396,7 +399,7 @@ class Scheduler:
             for worker in list(self.ledger.workers.values()):
                 self._send(worker.rid, stop)
 
-    def _shutdown(self):
+    def _shutdown(self) -> None:
         """Stop every worker, then leave once they have gone (at most
         SHUTDOWN_SECONDS later)."""
         for worker in list(self.ledger.workers.values()):
@@ -405,14 +408,14 @@ class Scheduler:
 
     # ------------------------------------------------------------ liveness
 
-    def _monitor_event(self, frames):
+    def _monitor_event(self, frames: Sequence[Any]) -> None:
         event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])
         if event["event"] == zmq.EVENT_DISCONNECTED:
             rid = self._fdmap.disconnected(event["value"])
             if rid is not None:
                 self._gone(rid, "disconnected")
 
-    def _drain_monitor(self):
+    def _drain_monitor(self) -> None:
         while True:
             try:
                 frames = self._monitor.recv_multipart(zmq.NOBLOCK)
@@ -420,13 +423,13 @@ class Scheduler:
                 return
             self._monitor_event(frames)
 
-    def _probe(self):
+    def _probe(self) -> None:
         probe = sp.message(sp.PROBE)
         for rid, (role, _) in list(self._peers.items()):
             if role != "submit" and rid in self._peers:
                 self._send(rid, probe)
 
-    def _gone(self, rid, why):
+    def _gone(self, rid: bytes, why: str) -> None:
         """A peer left or was declared dead: re-dispatch what it held."""
         peer = self._peers.pop(rid, None)
         self._fdmap.forget(rid)
@@ -444,7 +447,7 @@ class Scheduler:
                     self._fdmap.forget(other)
 
 
-def _who(frames, rid):
+def _who(frames: Sequence[Any], rid: bytes) -> str:
     """The sender of a message, for a log line."""
     for frame in frames[1:]:
         if isinstance(frame, zmq.Frame):
@@ -452,7 +455,7 @@ def _who(frames, rid):
     return "routing id %s" % rid.hex()
 
 
-def _check_hello(hello):
+def _check_hello(hello: Mapping[Any, Any]) -> None:
     """ProtocolError unless the HELLO's fields have their types and ranges."""
     for key, kind in (("host", str), ("role", str)):
         if key in hello and type(hello[key]) is not kind:
@@ -469,7 +472,7 @@ def _check_hello(hello):
             raise sp.ProtocolError("HELLO %r out of range: %r" % (key, value))
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zmq_cluster._start scheduler")
     parser.add_argument("--listen", required=True)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
