@@ -382,6 +382,33 @@ def test_assembly_memory_is_reused_only_once_no_array_refers_to_it(twin, holder)
     assert sum(r.nbytes for r in _framing_common._recycled) <= _framing_common.RECYCLE_MAX_BYTES
 
 
+@pytest.mark.parametrize("nbytes", [ALIGNED_BYTES, SPLIT_BYTES], ids=["1MiB", "4MiB"])
+def test_an_unaligned_single_frames_copy_is_reused_once_free_never_while_held(twin, nbytes):
+    import gc
+
+    from zmq_cluster import _framing_common
+    if _framing_common._FREE_REFS is None:
+        pytest.skip("recycling is off on this interpreter (tested below)")
+    arr = _at(nbytes, 8)  # the frame is the sender's memory, 8 bytes past 64
+    frames = twin.encode(arr, KIND_REQUEST)
+    assert len(frames) == 2  # one frame, not split
+    first = twin.decode(frames)[2]
+    assert first.ctypes.data % 64 == 0 and first.flags.writeable
+    assert not np.shares_memory(first, arr)
+    at = first.ctypes.data
+    assert any(np.shares_memory(first, r) for r in _framing_common._recycled)  # kept
+    second = twin.decode(frames)[2]
+    assert second.ctypes.data != at  # ``first`` still holds it
+    first[:] = -1.0
+    np.testing.assert_array_equal(second, arr)  # nothing written over
+    del first
+    gc.collect()
+    third = twin.decode(frames)[2]
+    assert third.ctypes.data == at  # free again: reused
+    np.testing.assert_array_equal(third, arr)
+    assert second.ctypes.data != third.ctypes.data
+
+
 def test_free_count_is_calibrated_on_this_interpreter():
     from zmq_cluster import _framing_common
     free = _framing_common._calibrate()

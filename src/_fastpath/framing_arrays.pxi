@@ -274,6 +274,13 @@ cdef object _array(Dec* d, int depth):
         copy = copy or not fwrite
     if copy:
         d.copied += s.nbytes
+        if s.nbytes >= _ALIGNED_BYTES:  # the pure twin's rule: recycled memory
+            if d.align_mode == 2:
+                flat = _assembly_buffer(s.nbytes, _big_alignment(<object>d.alignment))
+            else:
+                flat = _assembly_buffer(s.nbytes, _align_of(d, dtype, s.nbytes))
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray>flat), fp, <cnp.npy_intp>s.nbytes)
+            return _on(d, &s, dtype, flat)
         return _copied(d, &s, dtype, fp)
     return _on(d, &s, dtype, _np_frombuffer(owner, _np_uint8))
 

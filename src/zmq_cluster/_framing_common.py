@@ -160,10 +160,11 @@ _FREE_REFS: Optional[int] = _calibrate()
 
 
 def assembly_buffer(nbytes, alignment):
-    """``aligned_empty`` for a split array of at least ALIGNED_BYTES: memory
-    that an earlier split array of the same size used, once nothing refers
-    to that array any more, else new memory, kept (up to RECYCLE_MAX_BYTES
-    in all) for the next one.
+    """``aligned_empty`` for a received array of at least ALIGNED_BYTES that
+    must be copied (assembled from split frames, or a single frame not at
+    its alignment): memory that an earlier such array of the same size used,
+    once nothing refers to that array any more, else new memory, kept (up
+    to RECYCLE_MAX_BYTES in all) for the next one.
 
     Why: a buffer this large comes from a fresh mmap, and the kernel zeroes
     its pages as they fault in; profiled (perf, 64 MiB arrays through
@@ -182,13 +183,16 @@ def assembly_buffer(nbytes, alignment):
     if _FREE_REFS is None:
         return aligned_empty(nbytes, alignment)
     with _recycled_lock:
-        # _recycled runs from least to most recently handed out.
-        free = [i for i in range(len(_recycled)) if _refs(_recycled, i) == _FREE_REFS]
-        for i in free:
-            if _recycled[i].nbytes == size:
+        # _recycled runs from least to most recently handed out. The size is
+        # compared before the count, and the search stops at the first free
+        # buffer of this size (in a steady stream, the oldest), so a pool
+        # full of one size's buffers costs a short scan, not one count each.
+        for i in range(len(_recycled)):
+            if _recycled[i].nbytes == size and _refs(_recycled, i) == _FREE_REFS:
                 raw = _recycled.pop(i)
                 break
         else:
+            free = [i for i in range(len(_recycled)) if _refs(_recycled, i) == _FREE_REFS]
             held = sum([r.nbytes for r in _recycled])
             # Make room by dropping free buffers of other sizes, least
             # recently used first, as many as it takes (a pool full of

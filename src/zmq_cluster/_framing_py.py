@@ -597,7 +597,10 @@ class _Decoder:
         if (nbytes < self.copy_threshold or flat.ctypes.data % align
                 or not flat.flags.writeable):
             received = flat
-            flat = aligned_empty(nbytes, align)
+            if nbytes >= ALIGNED_BYTES:  # fresh pages of this size fault in slowly
+                flat = assembly_buffer(nbytes, align)
+            else:
+                flat = aligned_empty(nbytes, align)
             flat[:] = received
             self.copied += nbytes
         return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
