@@ -230,10 +230,7 @@ def square(x):
 
 
 def test_standalone_scheduler_with_run_worker_processes(ipc_url):
-    # Not a liveness test: the default heartbeat timeout, so that a loaded
-    # machine starving libzmq's I/O threads for 2 s does not close the
-    # pool's connection under it (seen once: "client gone: disconnected").
-    s = zc.Scheduler(ipc_url("standalone"))
+    s = zc.Scheduler(ipc_url("standalone"), heartbeat_timeout=2.0)
     t = threading.Thread(target=s.run, daemon=True)
     t.start()
     code = "import sys, zmq_cluster as zc; zc.run_worker(sys.argv[1])"
