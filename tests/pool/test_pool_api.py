@@ -17,6 +17,18 @@ from zmq_cluster import RemoteTraceback
 RESULT_TIMEOUT = 30
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    with zc.LocalCluster(2, heartbeat_timeout=5.0) as c:
+        yield c
+
+
+@pytest.fixture
+def pool(cluster):
+    with zc.ClusterPool(cluster) as p:
+        yield p
+
+
 def square(x):
     return x * x
 

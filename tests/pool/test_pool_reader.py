@@ -15,6 +15,18 @@ from zmq_cluster import client as zclient
 RESULT_TIMEOUT = 30
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    with zc.LocalCluster(2, heartbeat_timeout=5.0) as c:
+        yield c
+
+
+@pytest.fixture
+def pool(cluster):
+    with zc.ClusterPool(cluster) as p:
+        yield p
+
+
 def inc(x):
     return x + 1
 
