@@ -244,6 +244,8 @@ class Scheduler:
                 self.counters["unknown_peer"] += 1
                 if mtype != sp.BYE:
                     self._send(rid, sp.message(sp.RESET))
+            elif peer[0] == "closing":
+                self._closing(rid, peer[1], mtype)
             elif mtype == sp.RESULTS and peer[0] == "worker":
                 self.ledger.results(peer[1], frames, count, flags)
             elif mtype == sp.TASKS and peer[0] in ("submit", "client"):
@@ -426,7 +428,7 @@ class Scheduler:
     def _probe(self) -> None:
         probe = sp.message(sp.PROBE)
         for rid, (role, _) in list(self._peers.items()):
-            if role != "submit" and rid in self._peers:
+            if role not in ("submit", "closing") and rid in self._peers:
                 self._send(rid, probe)
 
     def _gone(self, rid: bytes, why: str) -> None:
@@ -436,6 +438,8 @@ class Scheduler:
         if peer is None:
             return
         role, obj = peer
+        if role == "closing":
+            return
         self.counters["%s gone: %s" % (role, why)] += 1
         if role == "worker":
             self.ledger.worker_gone(obj, why)
@@ -443,8 +447,30 @@ class Scheduler:
             self.ledger.client_gone(obj)
             for other, (r, o) in list(self._peers.items()):
                 if r == "submit" and o is obj:
-                    self._peers.pop(other)
-                    self._fdmap.forget(other)
+                    if why == "disconnected":
+                        # The client's two connections are not ordered with
+                        # each other: what it sent on its submit connection
+                        # before closing both (SHUTDOWN, BYE) may arrive after
+                        # the result connection's close. Keep hearing it.
+                        self._peers[other] = ("closing", obj)
+                    else:
+                        self._peers.pop(other)
+                        self._fdmap.forget(other)
+
+    def _closing(self, rid: bytes, client: Any, mtype: int) -> None:
+        """A message on the submit connection of a client whose result
+        connection has closed: SHUTDOWN (from a trusted client) and BYE are
+        honoured; anything else has nobody to answer and is refused with a
+        reason (counted, logged, RESET)."""
+        if mtype == sp.SHUTDOWN and client.trusted:
+            self._shutdown()
+        elif mtype == sp.BYE:
+            self._gone(rid, "said BYE")
+        else:
+            self.counters["from a gone client"] += 1
+            log.warning("scheduler refused %s from client %d: its result connection has closed",
+                        sp.TYPE_NAMES.get(mtype, mtype), client.no)
+            self._send(rid, sp.message(sp.RESET))
 
 
 def _who(frames: Sequence[Any], rid: bytes) -> str:

@@ -4,6 +4,7 @@ scheduler with run_worker processes under a ClusterPool."""
 
 import sys
 import threading
+import time
 
 import pytest
 import zmq
@@ -271,3 +272,31 @@ def test_bye_on_the_submit_connection_ends_the_client(ctx, scheduler):
     (mtype, _, _), _ = recv(rx)
     assert mtype == sp.RESET                      # the result connection went too
     assert scheduler.counters["client gone: said BYE"] == 1
+
+
+def test_shutdown_sent_just_before_a_client_closes_is_honoured(ctx, scheduler):
+    """A client sends SHUTDOWN and BYE on its submit connection, then closes
+    both connections: the result connection's close may reach the scheduler
+    first. The client is gone then, but what it said on the submit
+    connection still counts (nothing dropped); anything else it sends there
+    is refused with RESET."""
+    rx, tx, no = client(ctx, scheduler)
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while "submit" not in [role for role, _ in list(scheduler._peers.values())]:
+        assert time.monotonic() < deadline, "the submit connection never said HELLO"
+        time.sleep(0.01)
+    rx.close(0)
+    while scheduler.counters["client gone: disconnected"] < 1:
+        assert time.monotonic() < deadline, "the scheduler never saw the close"
+        time.sleep(0.01)
+    send_tasks(tx, no, [1])                       # nobody to answer: refused
+    (mtype, _, _), _ = recv(tx)
+    assert mtype == sp.RESET
+    assert scheduler.counters["from a gone client"] == 1, dict(scheduler.counters)
+    tx.send_multipart(sp.message(sp.SHUTDOWN))
+    tx.send_multipart(sp.message(sp.BYE))
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while scheduler._stopping is None:
+        assert time.monotonic() < deadline, "SHUTDOWN was not honoured"
+        time.sleep(0.01)
+    assert scheduler.counters["unknown_peer"] == 0
