@@ -258,23 +258,25 @@ CLUSTER_SCRIPT = """
     import signal, sys, time
     import zmq_cluster as zc
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    with zc.LocalCluster(2) as c:
-        print(c.scheduler.pid, *c.worker_pids(), flush=True)
+    with zc.LocalCluster(2, scheduler=sys.argv[1]) as c:
+        print(*([c.scheduler.pid] if c.scheduler else []), *c.worker_pids(), flush=True)
         time.sleep(120)
 """
 
 
-def test_children_die_with_a_sigkilled_parent():
-    proc, pids = _script_pids(CLUSTER_SCRIPT)
-    assert len(pids) == 3
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_children_die_with_a_sigkilled_parent(mode):
+    proc, pids = _script_pids(CLUSTER_SCRIPT, mode)
+    assert len(pids) == (2 if mode == "thread" else 3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     assert wait_gone(pids, 15) == []
 
 
-def test_ctrl_c_stops_the_cluster():
-    proc, pids = _script_pids(CLUSTER_SCRIPT)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_ctrl_c_stops_the_cluster(mode):
+    proc, pids = _script_pids(CLUSTER_SCRIPT, mode)
     os.kill(proc.pid, signal.SIGINT)
     try:
         proc.wait(30)
