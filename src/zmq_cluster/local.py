@@ -1,8 +1,9 @@
 """LocalCluster: a scheduler and worker processes on this host, by one line.
 
-The scheduler runs as a thread of this process (the default, as dask's
-LocalCluster does), bound on its public address and on an inproc address
-that pools made in this process use, or as a subprocess. Each worker runs
+The scheduler runs as a subprocess (the default) or as a thread of this
+process (``scheduler="thread"``, as dask's LocalCluster does), bound on its
+public address and on an inproc address that pools made in this process
+use. Each worker runs
 as a ``python -m zmq_cluster._start worker`` subprocess that dies with this
 process (see :mod:`zmq_cluster.process`).
 The cluster is their nanny (:class:`zmq_cluster.supervisor.Supervisor`, the
@@ -67,25 +68,32 @@ class LocalCluster:
     With ``scheduler="thread"`` only the workers are tuned (this process's
     malloc is not changed).
 
-    ``scheduler`` (default "thread"): where the scheduler runs.
+    ``scheduler`` (default "process"): where the scheduler runs.
 
-    * ``"thread"``: a thread of this process (the same
-      :class:`~zmq_cluster.scheduler.Scheduler`), bound on ``address`` and
-      on an ``inproc://`` address in a context it shares with the pools
-      made in this process, which connect there
-      (:func:`zmq_cluster.client.register_in_process`): their frames reach
-      the scheduler by pointer, with no copy and no process hop. A round
-      trip of ``pool.submit(f, x).result()`` and 64 MiB arrays through
-      ``pool.map`` are faster this way (README, "Pool"). The scheduler then
-      shares this process's GIL with the pool's threads (its waits and
-      receives release it): streams of tiny tasks (``imap_unordered`` with
-      chunksize 1) can be slower than with a scheduler process. Its log
-      lines go to this process's logging (``log_level`` is then unused).
-      ``cluster.scheduler`` is None.
     * ``"process"``: a subprocess (``python -m zmq_cluster._start
       scheduler``) that dies with this process, as the workers do;
       ``cluster.scheduler`` is its ``subprocess.Popen``. Every pool reaches
       it through ``address``.
+    * ``"thread"``: a thread of this process (the same
+      :class:`~zmq_cluster.scheduler.Scheduler`, as in dask's
+      LocalCluster), bound on ``address`` and on an ``inproc://`` address in
+      a context it shares with the pools made in this process, which
+      connect there (:func:`zmq_cluster.client.register_in_process`): their
+      frames reach the scheduler by pointer, with no copy and no process
+      hop. Its log lines go to this process's logging (``log_level`` is
+      then unused); ``cluster.scheduler`` is None.
+
+    The trade-off, measured side by side (``benchmarks/pool_speed.py``,
+    README "Pool"): with the thread, the p50 round trip of
+    ``pool.submit(f, x).result()`` is 21-25% shorter and 64 MiB arrays
+    through ``pool.map`` move as fast or up to 1.5x faster; but the
+    scheduler then shares this process's GIL with the pool's threads, and
+    streams of tiny tasks (``imap_unordered`` with chunksize 1) move
+    20-25% slower. "process" is the default because it keeps the
+    small-task target of issue 7 (at least 5x ``multiprocessing.Pool``)
+    that the thread misses, while the thread meets neither the latency nor
+    (except on a quiet machine) the large-array target it improves: choose
+    "thread" for interactive ``submit`` loops and large arrays.
 
     Pools in other processes reach either through ``address``.
     """
@@ -93,7 +101,7 @@ class LocalCluster:
     def __init__(self, n_workers: Optional[int] = None, *, transport: str = "ipc",
                  heartbeat_timeout: float = 10.0, start_timeout: float = 60.0,
                  log_level: str = "WARNING", blas_threads: Optional[int] = 1,
-                 malloc_tuning: bool = False, scheduler: str = "thread") -> None:
+                 malloc_tuning: bool = False, scheduler: str = "process") -> None:
         if not isinstance(malloc_tuning, bool):
             raise TypeError("malloc_tuning must be True or False, not %r" % (malloc_tuning,))
         if scheduler not in ("thread", "process"):

@@ -1,4 +1,4 @@
-"""LocalCluster's scheduler as a thread of this process (the default) or as a
+"""LocalCluster's scheduler as a process (the default) or as a thread of this
 process: pools of this process reach the thread over inproc, pools of other
 processes through ``cluster.address``; closing, trust, the registry."""
 
@@ -53,8 +53,15 @@ def test_pool_in_this_process(mode):
     assert scheduler_threads() == []
 
 
+def test_default_is_a_scheduler_process():
+    with zc.LocalCluster(0) as cluster:
+        assert cluster.scheduler_mode == "process" and cluster.scheduler is not None
+    assert cluster.scheduler.returncode is not None
+
+
 def test_thread_mode_tcp_cluster():
-    with zc.LocalCluster(1, transport="tcp") as cluster, zc.ClusterPool(cluster) as pool:
+    with zc.LocalCluster(1, transport="tcp", scheduler="thread") as cluster, \
+            zc.ClusterPool(cluster) as pool:
         assert cluster.address.startswith("tcp://127.0.0.1:")
         assert pool._client.endpoint.startswith("inproc://")
         assert pool.map(square, range(4)) == [0, 1, 4, 9]
@@ -70,7 +77,7 @@ POOL_SCRIPT = """
 
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 def test_pool_in_another_process_reaches_a_thread_scheduler(transport):
-    with zc.LocalCluster(1, transport=transport) as cluster:
+    with zc.LocalCluster(1, transport=transport, scheduler="thread") as cluster:
         out = subprocess.run([sys.executable, "-c", textwrap.dedent(POOL_SCRIPT),
                               cluster.address], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
@@ -81,7 +88,8 @@ def test_pool_in_another_process_reaches_a_thread_scheduler(transport):
 
 
 def test_close_stops_the_thread_and_fails_what_an_open_pool_waits_for():
-    cluster = zc.LocalCluster(0)  # no workers: the task waits in the scheduler's queue
+    # No workers: the task waits in the scheduler's queue.
+    cluster = zc.LocalCluster(0, scheduler="thread")
     pool = zc.ClusterPool(cluster)
     try:
         assert len(scheduler_threads()) == 1
@@ -105,7 +113,7 @@ def test_close_stops_the_thread_and_fails_what_an_open_pool_waits_for():
 
 
 def test_pool_closed_before_cluster_and_cluster_closed_twice():
-    with zc.LocalCluster(0) as cluster:
+    with zc.LocalCluster(0, scheduler="thread") as cluster:
         pool = zc.ClusterPool(cluster)
         pool.close()
         pool.join()
@@ -207,7 +215,7 @@ def test_scheduler_inproc_argument_is_checked():
 
 
 def test_concurrent_submits_from_threads_over_inproc():
-    with zc.LocalCluster(2) as cluster, zc.ClusterPool(cluster) as pool:
+    with zc.LocalCluster(2, scheduler="thread") as cluster, zc.ClusterPool(cluster) as pool:
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             outs = list(ex.map(lambda k: [pool.submit(square, k * 100 + i).result(RESULT_TIMEOUT)
                                           for i in range(50)], range(4)))
