@@ -14,13 +14,11 @@ wants it, with no hand-off from the I/O thread on the way (two thread
 wake-ups and a GIL hand-off less per round trip). Whichever thread reads
 delivers every result that arrives, to whatever waits for it.
 
-In-process schedulers: a LocalCluster whose scheduler runs as a thread of
-this process registers it here (:func:`register_in_process`) under its
-public address; a client given that address in this process connects over
+In-process schedulers (:mod:`zmq_cluster.inprocess`): a client given the
+address of a scheduler that runs as a thread of this process connects over
 ``inproc://`` on the scheduler's own context instead, so the frames between
 client and scheduler are handed over by pointer (no copy, no libzmq I/O
-thread on the way). The context is shared (:class:`SharedContext`): the
-last of its users to let go terminates it.
+thread on the way).
 
 Trust: results may be unpickled (``deliver(tid, frames, trusted)``) only
 when the connection to the scheduler is trusted (CURVE, loopback, or ipc
@@ -46,6 +44,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import schedproto as sp
 from .functions import describe, function_key
+from .inprocess import SharedContext, lookup
 from .liveness import heartbeat_options
 from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any, send_frames
@@ -53,8 +52,7 @@ from .wire import recv_any, send_frames
 if TYPE_CHECKING:
     from .security import ClientSecurity
 
-__all__ = ["SchedulerClient", "SchedulerLost", "ResultSink", "SharedContext",
-           "register_in_process", "unregister_in_process"]
+__all__ = ["SchedulerClient", "SchedulerLost", "ResultSink"]
 
 log = logging.getLogger("zmq_cluster.pool")
 
@@ -75,65 +73,6 @@ IDLE_TAKEBACK_SECONDS = 0.002
 # thread; nobody yet, a caller asked; a caller; nobody, the I/O thread
 # takes it back soon.
 _IO, _WANTED, _CALLER, _FREE = 0, 1, 2, 3
-
-
-class SharedContext:
-    """A ``zmq.Context`` shared by a scheduler thread and the clients that
-    reach it over inproc (which needs one context): each user
-    :meth:`acquire`\\ s it and :meth:`release`\\ s it once its sockets are
-    closed; the last release terminates it (``Context.term`` waits for every
-    socket, so nobody may terminate it under another)."""
-
-    def __init__(self) -> None:
-        self.context = zmq.Context()
-        self._users = 1  # its creator
-        self._lock = threading.Lock()
-
-    def acquire(self) -> bool:
-        """One more user; False once the last user has released it."""
-        with self._lock:
-            if self._users <= 0:
-                return False
-            self._users += 1
-            return True
-
-    def release(self) -> None:
-        """One user fewer (its sockets closed); the last one terminates it."""
-        with self._lock:
-            self._users -= 1
-            last = self._users == 0
-        if last:
-            self.context.term()
-
-
-# public address -> (pid, shared context, inproc endpoint) of a scheduler
-# running as a thread of this process.
-_IN_PROCESS: Dict[str, Any] = {}
-_IN_PROCESS_LOCK = threading.Lock()
-
-
-def register_in_process(address: str, shared: SharedContext, endpoint: str) -> None:
-    """Say that the scheduler listening on ``address`` runs in this process,
-    also bound on ``endpoint`` (``inproc://...``) in ``shared``'s context:
-    clients of ``address`` made in this process connect there instead."""
-    with _IN_PROCESS_LOCK:
-        _IN_PROCESS[address] = (os.getpid(), shared, endpoint)
-
-
-def unregister_in_process(address: str) -> None:
-    """Clients made from now on connect to ``address`` the ordinary way."""
-    with _IN_PROCESS_LOCK:
-        _IN_PROCESS.pop(address, None)
-
-
-def _in_process(address: str) -> Optional[Any]:
-    """(shared context acquired, inproc endpoint) for a scheduler of this
-    process (not of the parent a fork copied the registry from), or None."""
-    with _IN_PROCESS_LOCK:
-        found = _IN_PROCESS.get(address)
-        if found is None or found[0] != os.getpid() or not found[1].acquire():
-            return None
-        return found[1], found[2]
 
 
 class SchedulerLost(ConnectionError):
@@ -170,7 +109,8 @@ class SchedulerClient:
     :class:`~zmq_cluster.security.ClientSecurity` for a CURVE scheduler.
 
     When ``address`` is that of a scheduler running as a thread of this
-    process (:func:`register_in_process`; not with ``security``), the
+    process (:func:`zmq_cluster.inprocess.register_in_process`; not with
+    ``security``), the
     client connects to its inproc endpoint (``self.endpoint``) on its
     context; ``self.address`` stays the address given."""
 
@@ -180,7 +120,7 @@ class SchedulerClient:
                  security: Optional["ClientSecurity"] = None) -> None:
         self.address = address
         self.security = security
-        local = _in_process(address) if security is None else None
+        local = lookup(address) if security is None else None
         self._shared: Optional[SharedContext] = None
         if local is not None:
             self._shared, self.endpoint = local

@@ -24,7 +24,8 @@ import time
 import weakref
 from typing import List, Optional
 
-from .client import SchedulerClient, SharedContext, register_in_process, unregister_in_process
+from .client import SchedulerClient
+from .inprocess import SharedContext, register_in_process, unregister_in_process
 from .process import python_command, spawn, worker_environment
 from .scheduler import Scheduler
 from .supervisor import Supervisor
@@ -78,7 +79,7 @@ class LocalCluster:
       :class:`~zmq_cluster.scheduler.Scheduler`, as in dask's
       LocalCluster), bound on ``address`` and on an ``inproc://`` address in
       a context it shares with the pools made in this process, which
-      connect there (:func:`zmq_cluster.client.register_in_process`): their
+      connect there (:func:`zmq_cluster.inprocess.register_in_process`): their
       frames reach the scheduler by pointer, with no copy and no process
       hop. Its log lines go to this process's logging (``log_level`` is
       then unused); ``cluster.scheduler`` is None.

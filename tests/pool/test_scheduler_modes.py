@@ -3,6 +3,7 @@ process: pools of this process reach the thread over inproc, pools of other
 processes through ``cluster.address``; closing, trust, the registry."""
 
 import concurrent.futures
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,9 +15,10 @@ import pytest
 import zmq
 
 import zmq_cluster as zc
-from zmq_cluster import client as zclient
+from zmq_cluster import inprocess
 from zmq_cluster import schedproto as sp
-from zmq_cluster.client import SchedulerClient, SchedulerLost, SharedContext
+from zmq_cluster.client import SchedulerClient, SchedulerLost
+from zmq_cluster.inprocess import SharedContext
 from zmq_cluster.scheduler import Scheduler
 
 RESULT_TIMEOUT = 30
@@ -109,7 +111,7 @@ def test_close_stops_the_thread_and_fails_what_an_open_pool_waits_for():
         assert time.monotonic() - start < 5
         cluster.close()
     # A new pool of the closed cluster does not find it in this process.
-    assert cluster.address not in zclient._IN_PROCESS
+    assert cluster.address not in inprocess._IN_PROCESS
 
 
 def test_pool_closed_before_cluster_and_cluster_closed_twice():
@@ -134,66 +136,67 @@ def test_shared_context_is_terminated_by_its_last_user():
     assert not shared.acquire()  # too late: its clients connect the ordinary way
 
 
-def _serve(sched):
-    t = threading.Thread(target=sched.run, daemon=True)
-    t.start()
-    return t
+@contextlib.contextmanager
+def scheduler_thread(directory, mode, name):
+    """A Scheduler on ``ipc://directory/s`` (the directory given ``mode``)
+    and ``inproc://name``, served by a thread; stopped and joined after."""
+    os.chmod(directory, mode)
+    shared = SharedContext()
+    sched = Scheduler("ipc://%s/s" % directory, context=shared.context,
+                      inproc="inproc://" + name)
+    thread = threading.Thread(target=sched.run, daemon=True)
+    thread.start()
+    try:
+        yield shared, sched, thread
+    finally:
+        inprocess.unregister_in_process(sched.address)
+        sched.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+        shared.release()
+        assert shared.context.closed
 
 
 def test_registry_is_for_this_process_only(tmp_path):
     """A fork copies the registry, not the scheduler thread: an entry
     recorded by another pid is ignored."""
-    os.chmod(tmp_path, 0o700)
-    shared = SharedContext()
-    sched = Scheduler("ipc://%s/s" % tmp_path, context=shared.context,
-                      inproc="inproc://zc-test-registry")
-    thread = _serve(sched)
-    try:
-        zclient._IN_PROCESS[sched.address] = (os.getpid() + 1, shared, sched.inproc)
+    with scheduler_thread(tmp_path, 0o700, "zc-test-registry") as (shared, sched, _):
+        inprocess._IN_PROCESS[sched.address] = (os.getpid() + 1, shared, sched.inproc)
         client = SchedulerClient(sched.address, connect_timeout=10)
         try:
             assert client.endpoint == sched.address
         finally:
             client.close()
-        zclient.register_in_process(sched.address, shared, sched.inproc)
+        inprocess.register_in_process(sched.address, shared, sched.inproc)
         client = SchedulerClient(sched.address, connect_timeout=10)
         try:
             assert client.endpoint == "inproc://zc-test-registry"
             assert client.trusted
         finally:
             client.close()
-    finally:
-        zclient.unregister_in_process(sched.address)
-        sched.stop()
-        thread.join(10)
-        assert not thread.is_alive()
-        shared.release()
-    assert shared.context.closed
 
 
 def test_scheduler_inproc_peers_are_trusted_and_network_ones_are_not(tmp_path):
     """A scheduler on an ipc socket in a directory others may enter, plus
     an inproc endpoint: the inproc client is trusted, the ipc one is not."""
-    os.chmod(tmp_path, 0o755)
-    shared = SharedContext()
-    sched = Scheduler("ipc://%s/s" % tmp_path, context=shared.context,
-                      inproc="inproc://zc-test-trust")
-    thread = _serve(sched)
-    try:
-        zclient.register_in_process(sched.address, shared, sched.inproc)
+    with scheduler_thread(tmp_path, 0o755, "zc-test-trust") as (shared, sched, thread):
+        inprocess.register_in_process(sched.address, shared, sched.inproc)
         inner = SchedulerClient(sched.address, connect_timeout=10)
-        zclient.unregister_in_process(sched.address)
+        inprocess.unregister_in_process(sched.address)
         outer = SchedulerClient(sched.address, connect_timeout=10)
         try:
             assert inner.endpoint.startswith("inproc://") and inner.trusted
             assert outer.endpoint.startswith("ipc://") and not outer.trusted
-            counters = inner.stats()["counters"]
-            assert counters["untrusted_peers"] == 2  # outer's two connections
             # Only the trusted one may stop the scheduler.
             assert not outer.control(sp.OP_STOP)["ok"]
+            # (outer's submit connection said HELLO before that request)
+            counters = inner.stats()["counters"]
+            assert counters["untrusted_peers"] == 2  # outer's two connections
+            assert counters["control_refused"] == 1
             assert inner.control(sp.OP_STOP)["ok"]
             thread.join(10)
             assert not thread.is_alive()
+            # No disconnection event exists for inproc: the scheduler said so.
             deadline = time.monotonic() + 10
             while inner.lost is None and time.monotonic() < deadline:
                 inner.read_until(lambda: inner.lost is not None, 0.1)
@@ -201,10 +204,6 @@ def test_scheduler_inproc_peers_are_trusted_and_network_ones_are_not(tmp_path):
         finally:
             inner.close()
             outer.close()
-    finally:
-        sched.stop()
-        thread.join(10)
-        shared.release()
 
 
 def test_scheduler_inproc_argument_is_checked():
