@@ -25,6 +25,7 @@ from ._framing_common import (
     array_dtype_header, as_buffer, assembly_buffer, bad_code_points, big_alignment, count_error, dtype_header,
     exception_fields, exception_value, frame_buffer, read_dtype, truncated,
 )
+from ._framing_shm import decode_shm_array, encode_shm_array
 from .exceptions import EncodeError, MessageFormatError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import (
@@ -32,7 +33,7 @@ from .protocol import (
     MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
     TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY,
     TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_STR,
-    TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
+    TAG_SHM_ARRAY, TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
 )
 
 __all__ = ["encode", "decode", "frame_buffer"]
@@ -47,7 +48,8 @@ _SPLIT_HEAD = struct.Struct("<BII")  # tag, first frame, frame count
 
 # --------------------------------------------------------------------- encode
 
-def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any]:
+def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None,
+           shm: Any = None) -> List[Any]:
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     Returns a list whose first item is the header frame (``bytes``) and whose
@@ -76,10 +78,16 @@ def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any
     is encoded: the ``nbytes`` of every inline array and of every frame
     array that was neither C- nor F-contiguous; never header bytes or
     pickled data.
+
+    Shared memory: with ``shm`` (a ``zmq_cluster.sharedmem.SharedMemory``),
+    an array of at least ``shm.min_bytes`` whose dtype is not structured is
+    copied once into one of its slots and written as a reference (tag
+    ``'h'``, no buffer frame), counted in ``copied_bytes``; when no slot is
+    free it is written as usual. Not inside an exception's args.
     """
     if kind not in KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
-    encoder = _Encoder(kind == KIND_COMMAND)
+    encoder = _Encoder(kind == KIND_COMMAND, shm)
     encoder.value(obj, 0)
     buffers = encoder.buffers
     if len(buffers) > U32_MAX:
@@ -96,14 +104,15 @@ class _Encoder:
     """Appends the header body's pieces to ``parts``, buffer frames to
     ``buffers``; ``native_only``: raise EncodeError instead of pickling."""
 
-    __slots__ = ("parts", "buffers", "copied", "native_only", "in_command")
+    __slots__ = ("parts", "buffers", "copied", "native_only", "in_command", "shm")
 
-    def __init__(self, in_command):
+    def __init__(self, in_command, shm=None):
         self.parts = [b""]  # item 0 becomes the fixed header
         self.buffers = []
         self.copied = 0
         self.native_only = in_command
         self.in_command = in_command
+        self.shm = shm
 
     def value(self, obj, depth):
         # Exact type checks: a subclass (a bool is not an int here, a user's
@@ -210,6 +219,13 @@ class _Encoder:
         nbytes = arr.nbytes
         parts = self.parts
         shape = arr.shape
+        shm = self.shm
+        if shm is not None and nbytes >= shm.min_bytes and type(value) is bytes:
+            raw = encode_shm_array(shm, arr, value, depth)
+            if raw is not None:
+                parts.append(raw)
+                self.copied += nbytes
+                return True
         if nbytes < INLINE_LIMIT:
             # Inline: the elements go into the header, straight from the
             # array's memory (one copy, in C order when it is not contiguous).
@@ -278,8 +294,9 @@ class _Encoder:
         else:
             # The args only when every one is native: else N, and the
             # receiver builds the exception from its message.
-            mark = (len(self.parts), len(self.buffers), self.copied, self.native_only)
+            mark = (len(self.parts), len(self.buffers), self.copied, self.native_only, self.shm)
             self.native_only = True
+            self.shm = None  # (args rolled back must not hold a slot)
             try:
                 self.value(list(args), depth + 1)
             except EncodeError:
@@ -289,6 +306,7 @@ class _Encoder:
                 self.parts.append(_NONE)
             finally:
                 self.native_only = mark[3]
+                self.shm = mark[4]
         self.value(message, depth + 1)
         self.value(tb, depth + 1)
 
@@ -314,7 +332,7 @@ class _Encoder:
 
 def decode(frames: Sequence[Any], allow_pickle: bool = True,
            copy_threshold: int = COPY_THRESHOLD, alignment: Optional[int] = None,
-           stats: Any = None) -> Tuple[int, int, Any]:
+           stats: Any = None, shm: Any = None) -> Tuple[int, int, Any]:
     """Decode the frames of one message: returns ``(kind, task_id, obj)``.
 
     ``frames`` are ``zmq.Frame`` objects, or anything with the buffer
@@ -339,6 +357,12 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     exception types imported, only once the whole message has been checked:
     a message rejected for any other reason runs none.
 
+    Shared memory (tag ``'h'``): with ``shm`` (a SharedMemory), such an
+    array is a writeable view of the sender's slot (no copy, counted 0),
+    mapped on the second pass only; its drop releases the slot. Without
+    ``shm``, or when the reference cannot be mapped or does not match its
+    slot, the message is refused (MessageFormatError saying why).
+
     A message that breaks the format or its limits raises
     :class:`~zmq_cluster.exceptions.MessageFormatError`; nothing is
     allocated beyond what the frames' sizes justify.
@@ -350,12 +374,13 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     rejected.
     """
     header, kind, task_id = _start(frames)
-    decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, False)
+    decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, False, shm)
     obj = decoder.body()
     if decoder.deferred:
-        # The message holds pickles or exceptions to rebuild, and is valid:
-        # decode it again, loading them this time.
-        decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, True)
+        # The message holds pickles, exceptions to rebuild or shared-memory
+        # arrays, and is valid: decode it again, loading them this time.
+        decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, True,
+                           shm)
         obj = decoder.body()
     if task_id and (type(obj) is ClusterRequest or type(obj) is ClusterResult):
         obj.task_id = task_id
@@ -399,7 +424,9 @@ class _Decoder:
     top = False
     unwrapped = False
 
-    def __init__(self, header, frames, kind, allow_pickle, copy_threshold, alignment, load):
+    def __init__(self, header, frames, kind, allow_pickle, copy_threshold, alignment, load,
+                 shm=None):
+        self.shm = shm
         self.header = header
         self.frames = frames
         self.allow_pickle = allow_pickle
@@ -484,6 +511,13 @@ class _Decoder:
             return self.array(depth)
         if tag == TAG_SPLIT_ARRAY:
             return self.split_array(depth)
+        if tag == TAG_SHM_ARRAY:
+            arr, self.pos, copied = decode_shm_array(self.shm, header, self.pos, depth, self.load,
+                                                     self.alignment)
+            if not self.load:
+                self.deferred += 1  # mapped and claimed on the second pass only
+            self.copied += copied
+            return arr
         if tag == TAG_TRUE:
             return True
         if tag == TAG_FALSE:
