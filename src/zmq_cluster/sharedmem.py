@@ -56,10 +56,13 @@ __all__ = ["SharedMemory", "AttachError", "DEFAULT_CAPACITY", "DEFAULT_SLOTS"]
 log = logging.getLogger("zmq_cluster")
 
 #: Bytes of a producer's memfd (the arrays' room). Pages are only backed
-#: once written; written ones stay with the memfd until it is closed.
+#: once written; written ones stay with the memfd until it is closed (the
+#: cost: up to this much shared memory per producing process).
 DEFAULT_CAPACITY = 1 << 30
-#: Arrays a producer can have in flight at once.
-DEFAULT_SLOTS = 64
+#: Arrays a producer can have in flight at once (a ventilator may have a
+#: whole high-water mark's worth of messages queued: 1024 arrays of 1 MiB
+#: fill DEFAULT_CAPACITY).
+DEFAULT_SLOTS = 1024
 
 _MAGIC = 0x314D48534D43435A  # b"ZCCMSHM1", little-endian
 _PAGE = mmap.PAGESIZE
@@ -108,7 +111,6 @@ class _Producer:
             os.close(self.fd)
             raise
         self.bytes = np.frombuffer(self.map, np.uint8)
-        self.table = np.frombuffer(self.map, "<u8", 3 * slots, _HEAD.size).reshape(slots, 3)
         _HEAD.pack_into(self.map, 0, _MAGIC, slots, self.data_at, self.size - self.data_at)
         self.state = [_FREE] * slots
         self.holder: list[socket.socket | None] = [None] * slots
@@ -154,7 +156,7 @@ class _Producer:
             self.state[slot] = _SENT
             self.generation[slot] += 1
             generation = self.generation[slot]
-            self.table[slot] = (generation, start, need)
+            _ENTRY.pack_into(self.map, _HEAD.size + _ENTRY.size * slot, generation, start, need)
         order: Literal["C", "F"] = (
             "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C")
         dest = self.bytes[start:start + nbytes].view(arr.dtype).reshape(arr.shape, order=order)
@@ -163,8 +165,9 @@ class _Producer:
 
     def _free(self, slot: int) -> None:
         """Return ``slot``'s extent (under the lock)."""
-        _, start, size = (int(v) for v in self.table[slot])
-        self.table[slot] = (0, 0, 0)
+        at = _HEAD.size + _ENTRY.size * slot
+        _, start, size = _ENTRY.unpack_from(self.map, at)
+        _ENTRY.pack_into(self.map, at, 0, 0, 0)
         self.state[slot] = _FREE
         self.holder[slot] = None
         extents = self.extents
@@ -304,7 +307,6 @@ class _Attached:
             raise AttachError("%s is not a zmq_cluster slot pool" % path)
         self.slots = slots
         self.data_at = data_at
-        self.table = np.frombuffer(self.map, "<u8", 3 * slots, _HEAD.size).reshape(slots, 3)
         self.lock = threading.Lock()
         self.broken = False
         self.live = 0  # arrays handed out and not yet dropped
@@ -473,7 +475,7 @@ class SharedMemory:
         pool = self._attach(path)
         if slot >= pool.slots:
             raise AttachError("slot %d of a pool of %d slots" % (slot, pool.slots))
-        table_generation, start, size = (int(v) for v in pool.table[slot])
+        table_generation, start, size = _ENTRY.unpack_from(pool.map, _HEAD.size + _ENTRY.size * slot)
         if generation == 0 or table_generation != generation:
             raise AttachError("slot %d holds generation %d, not %d (stale or forged reference)"
                               % (slot, table_generation, generation))
