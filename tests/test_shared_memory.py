@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import zmq_cluster as zc
+from zmq_cluster import _framing_tasks
 from zmq_cluster._framing_shm import E_SHM_NONE
 from zmq_cluster.exceptions import MessageFormatError
 from zmq_cluster.protocol import HEADER_SIZE, KIND_REQUEST, TAG_SHM_ARRAY
@@ -102,6 +103,9 @@ def test_both_twins_write_the_same_bytes():
 
         def put(self, arr):
             return "/tmp/zc-example/slots", 3, 0x0102030405060708, 4096
+
+        def commit(self):
+            pass
 
     py, cy = [param.values[0] for param in TWINS]
     for arr in (np.zeros((512, 256)), np.asfortranarray(np.zeros((256, 1024), "<i4")),
@@ -309,3 +313,21 @@ def test_a_worker_without_shared_memory_answers_the_refusal(ctx, urls):
         result.exception)
     assert "no shared memory configured" in str(result.exception)
     assert malformed == 1
+
+
+def test_a_failed_encoding_frees_the_slots_it_took(twin, shm):
+    producer, _ = shm
+    unpicklable = lambda: 0  # noqa: E731  (pickle refuses a lambda)
+    with pytest.raises(TypeError):
+        twin.encode([np.ones(MIB // 8), unpicklable], KIND_REQUEST, shm=producer)
+    assert producer.slots_in_use() == 0 and producer.arrays_sent == 0
+    tasks = _framing_tasks if twin.__name__.endswith("_framing_py") else twin
+    with pytest.raises(TypeError):
+        tasks.encode_request(np.ones(MIB // 8), unpicklable, 1, shm=producer)
+    with pytest.raises(TypeError):
+        tasks.encode_ok(np.ones(MIB // 8), unpicklable, b"m\x00\x00\x00\x00", 0.5, 1,
+                        shm=producer)
+    assert producer.slots_in_use() == 0
+    frames = tasks.encode_request(np.ones(MIB // 8), None, 1, shm=producer)
+    assert _refs(frames) and producer.slots_in_use() == 1
+    twin.decode(frames, shm=SharedMemory())  # claimed and dropped

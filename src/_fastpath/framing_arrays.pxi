@@ -60,6 +60,7 @@ cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs, int depth) except -1:
     if (w.shm != NULL and nbytes >= (<object>w.shm).min_bytes and type(value) is bytes):
         raw = _encode_shm_array(<object>w.shm, arr, value, depth)
         if raw is not None:
+            w.shm_puts += 1
             _put_raw(w, <bytes>raw)
             w.copied += nbytes
             return 1

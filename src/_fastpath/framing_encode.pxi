@@ -11,6 +11,7 @@ cdef struct Writer:
     bint native_only            # raise EncodeError instead of pickling
     bint in_command             # ... because the message is a COMMAND
     PyObject* shm               # a SharedMemory (borrowed: the caller holds it), or NULL
+    Py_ssize_t shm_puts         # arrays put in its slots (freed again if encoding fails)
 
 
 cdef int _grow(Writer* w, Py_ssize_t need) except -1:
@@ -273,6 +274,7 @@ cdef inline void _writer(Writer* w, unsigned char* stack, bint in_command) noexc
     w.copied = 0
     w.in_command = w.native_only = in_command
     w.shm = NULL
+    w.shm_puts = 0
 
 
 cdef list _finish(Writer* w, list frames, object kind, object task_id):
@@ -297,11 +299,29 @@ cdef object _encode(object obj, object kind, object task_id, Py_ssize_t* copied,
     try:
         _enc(&w, obj, frames, 0)
         _finish(&w, frames, kind, task_id)
+    except BaseException:
+        _shm_abandon(&w)
+        raise
     finally:
         if w.heap:
             free(w.data)
+    _shm_commit(&w)
     copied[0] += w.copied
     return frames
+
+
+cdef inline int _shm_commit(Writer* w) except -1:
+    """The slots this encoding took are in its message."""
+    if w.shm_puts:
+        (<object>w.shm).commit()
+    return 0
+
+
+cdef int _shm_abandon(Writer* w) except -1:
+    """Encoding failed: free the slots it took."""
+    if w.shm_puts:
+        (<object>w.shm).abandon()
+    return 0
 
 
 def encode(obj, kind, task_id=0, stats=None, shm=None):

@@ -30,9 +30,13 @@ cdef object _encode_request(object payload, object metadata, object task_id,
         _enc(&w, payload, frames, 1)
         _enc(&w, metadata, frames, 1)
         _finish(&w, frames, _KIND_REQUEST, task_id)
+    except BaseException:
+        _shm_abandon(&w)
+        raise
     finally:
         if w.heap:
             free(w.data)
+    _shm_commit(&w)
     copied[0] += w.copied
     return frames
 
@@ -100,8 +104,13 @@ cdef object _encode_ok_send(object output, object request_metadata, object prefi
         copied[0] += w.copied
         if nbuf == 0 and send != NULL:
             send(handle, w.data, w.len, 0)  # straight from the buffer
+            _shm_commit(&w)
             return None
         frames[0] = PyBytes_FromStringAndSize(<char*>w.data, w.len)
+        _shm_commit(&w)
+    except BaseException:
+        _shm_abandon(&w)
+        raise
     finally:
         if w.heap:
             free(w.data)

@@ -88,12 +88,17 @@ def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None,
     if kind not in KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
     encoder = _Encoder(kind == KIND_COMMAND, shm)
-    encoder.value(obj, 0)
-    buffers = encoder.buffers
-    if len(buffers) > U32_MAX:
-        raise EncodeError(X_U32 % ("a message", len(buffers), "buffer frames"))
-    parts = encoder.parts
-    parts[0] = HEADER.pack(MAGIC, VERSION, kind, len(buffers), task_id)
+    try:
+        encoder.value(obj, 0)
+        buffers = encoder.buffers
+        if len(buffers) > U32_MAX:
+            raise EncodeError(X_U32 % ("a message", len(buffers), "buffer frames"))
+        parts = encoder.parts
+        parts[0] = HEADER.pack(MAGIC, VERSION, kind, len(buffers), task_id)
+    except BaseException:
+        encoder.abandon()
+        raise
+    encoder.commit()
     frames = [b"".join(parts)] + buffers
     if stats is not None and encoder.copied:
         stats.copied_bytes += encoder.copied
@@ -104,7 +109,7 @@ class _Encoder:
     """Appends the header body's pieces to ``parts``, buffer frames to
     ``buffers``; ``native_only``: raise EncodeError instead of pickling."""
 
-    __slots__ = ("parts", "buffers", "copied", "native_only", "in_command", "shm")
+    __slots__ = ("parts", "buffers", "copied", "native_only", "in_command", "shm", "shm_puts")
 
     def __init__(self, in_command, shm=None):
         self.parts = [b""]  # item 0 becomes the fixed header
@@ -113,6 +118,7 @@ class _Encoder:
         self.native_only = in_command
         self.in_command = in_command
         self.shm = shm
+        self.shm_puts = 0  # arrays put in shm's slots (freed again if encoding fails)
 
     def value(self, obj, depth):
         # Exact type checks: a subclass (a bool is not an int here, a user's
@@ -184,6 +190,15 @@ class _Encoder:
                   and self.scalar(obj, depth)):
             self.pickled(obj)  # no native form
 
+    def commit(self):
+        if self.shm_puts:
+            self.shm.commit()
+
+    def abandon(self):
+        """Encoding failed: free the slots it took."""
+        if self.shm_puts:
+            self.shm.abandon()
+
     def blob(self, tag, raw, what):
         if len(raw) > U32_MAX:
             raise EncodeError(X_U32 % (what, len(raw), "bytes"))
@@ -223,6 +238,7 @@ class _Encoder:
         if shm is not None and nbytes >= shm.min_bytes and type(value) is bytes:
             raw = encode_shm_array(shm, arr, value, depth)
             if raw is not None:
+                self.shm_puts += 1
                 parts.append(raw)
                 self.copied += nbytes
                 return True

@@ -132,6 +132,7 @@ def _small_bytes(obj: Any) -> bytes:
 
 
 def _frames(encoder: _Encoder, kind: int, task_id: int, stats: Any) -> list:
+    encoder.commit()
     buffers = encoder.buffers
     parts = encoder.parts
     parts[0] = _pack_header(MAGIC, VERSION, kind, len(buffers), task_id)
@@ -150,8 +151,12 @@ def encode_request(payload: Any, metadata: Any, task_id: int = 0, stats: Any = N
         pass
     encoder = _Encoder(False, shm)
     encoder.parts.append(_REQUEST)
-    encoder.value(payload, 1)
-    encoder.value(metadata, 1)
+    try:
+        encoder.value(payload, 1)
+        encoder.value(metadata, 1)
+    except BaseException:
+        encoder.abandon()
+        raise
     return _frames(encoder, KIND_REQUEST, task_id, stats)
 
 
@@ -188,8 +193,12 @@ def encode_ok(output: Any, request_metadata: Any, prefix: bytes, seconds: float,
     encoder = _Encoder(False, shm)
     parts = encoder.parts
     parts.append(_RESULT_OK)
-    encoder.value(output, 1)
-    encoder.value(request_metadata, 1)
+    try:
+        encoder.value(output, 1)
+        encoder.value(request_metadata, 1)
+    except BaseException:
+        encoder.abandon()
+        raise
     parts.append(prefix)
     parts.append(_FLOAT + _pack_f64(seconds))
     parts.append(_NONE)

@@ -182,6 +182,19 @@ class _Producer:
                 merged.append((s, n))
         self.extents[:] = merged
 
+    def abandon(self, refs: list[tuple[int, int]]) -> None:
+        """Free the slots of references that never went out."""
+        with self.lock:
+            for slot, generation in refs:
+                if self.generation[slot] == generation and self.state[slot] == _SENT:
+                    self._free(slot)
+            closed = self.closed
+        if closed:
+            try:
+                self.wake_w.send(b"x")  # (the server may be waiting for these)
+            except OSError:
+                pass
+
     def in_use(self) -> int:
         with self.lock:
             return sum(state != _FREE for state in self.state)
@@ -359,6 +372,7 @@ class SharedMemory:
         self._attached: dict[str, _Attached] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._pending = threading.local()  # references put by this thread, not yet committed
         self.arrays_sent = 0
         self.fallbacks = 0
         self.arrays_received = 0
@@ -396,7 +410,31 @@ class SharedMemory:
             self.fallbacks += 1
             return None
         self.arrays_sent += 1
+        pending = getattr(self._pending, "refs", None)
+        if pending is None:
+            pending = self._pending.refs = []
+        pending.append(where[:2])
         return (pool.path,) + where
+
+    def commit(self) -> None:
+        """The references ``put`` by this thread since the last commit or
+        abandon are in a message: an encoder calls this when it succeeds."""
+        pending = getattr(self._pending, "refs", None)
+        if pending:
+            pending.clear()
+
+    def abandon(self) -> None:
+        """Free the slots ``put`` by this thread since the last commit or
+        abandon: an encoder calls this when it fails (its message, and so
+        the references, will never exist)."""
+        pending = getattr(self._pending, "refs", None)
+        if pending:
+            refs = list(pending)
+            pending.clear()
+            self.arrays_sent -= len(refs)
+            producer = self._producer
+            if producer is not None:
+                producer.abandon(refs)
 
     def slots_in_use(self) -> int:
         """Slots of this process not yet released (sent and not dropped)."""
