@@ -57,6 +57,7 @@ import pickle
 import numpy as np
 
 from zmq_cluster import _framing_common as common
+from zmq_cluster import _framing_exceptions
 from zmq_cluster._framing_common import (
     E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND, E_MAGIC,
     E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD,
@@ -249,8 +250,8 @@ cdef object _assembly_buffer = common.assembly_buffer
 cdef object _py_frame_buffer = common.frame_buffer
 cdef object _dtype_value = common.dtype_value
 cdef object _read_dtype = common.read_dtype
-cdef object _exception_fields = common.exception_fields
-cdef object _exception_value = common.exception_value
+cdef object _exception_fields = _framing_exceptions.exception_fields
+cdef object _exception_value = _framing_exceptions.exception_value
 cdef object _truncated = common.truncated
 cdef object _count_error = common.count_error
 cdef object _bad_code_points = common.bad_code_points
