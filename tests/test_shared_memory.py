@@ -293,6 +293,9 @@ def test_nodes_with_shared_memory_end_to_end(ctx, urls, mib):
         assert g.flags.writeable and g.ctypes.data % 64 == 0
         np.testing.assert_array_equal(g, g[0])
     assert worker.seen == (0, True)
+    # (Shutdown closed the worker's own SharedMemory; its counters stay.)
+    assert worker.shared_memory.closed
+    assert worker.shared_memory.arrays_received == worker.shared_memory.arrays_sent == 3
     nbytes = mib * MIB
     assert vent.copied_bytes == 3 * nbytes  # into its slots
     assert worker_copied == 3 * nbytes  # into its slots; received: views
@@ -331,3 +334,19 @@ def test_a_failed_encoding_frees_the_slots_it_took(twin, shm):
     frames = tasks.encode_request(np.ones(MIB // 8), None, 1, shm=producer)
     assert _refs(frames) and producer.slots_in_use() == 1
     twin.decode(frames, shm=SharedMemory())  # claimed and dropped
+
+
+def test_a_message_decoded_twice_shares_its_claim_then_is_refused(twin, shm):
+    producer, consumer = shm
+    frames = twin.encode(np.arange(MIB // 8, dtype=np.float64), KIND_REQUEST, shm=producer)
+    first = twin.decode(frames, shm=consumer)[2]
+    second = twin.decode(frames, shm=consumer)[2]
+    assert np.shares_memory(first, second) or first.ctypes.data == second.ctypes.data
+    del first
+    gc.collect()
+    time.sleep(0.05)  # (a release would have reached the slot server by now)
+    assert producer.slots_in_use() == 1 and second[7] == 7.0
+    del second
+    _until(lambda: producer.slots_in_use() == 0, "the release")
+    with pytest.raises(MessageFormatError, match="already released|stale or forged"):
+        twin.decode(frames, shm=consumer)

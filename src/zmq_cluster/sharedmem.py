@@ -320,22 +320,52 @@ class _Attached:
             raise AttachError("%s is not a zmq_cluster slot pool" % path)
         self.slots = slots
         self.data_at = data_at
-        self.lock = threading.Lock()
+        # Reentrant: a finalizer (a release) can run in the middle of
+        # anything this thread does, a claim included.
+        self.lock = threading.RLock()
         self.broken = False
         self.live = 0  # arrays handed out and not yet dropped
         self.closing = False  # close the connection once live is 0
+        self.held: dict[int, list[int]] = {}  # slot -> [generation, arrays on it]
+        self.released: dict[int, int] = {}  # slot -> last generation this process released
 
-    def note(self, op: int, slot: int, generation: int) -> None:
-        """Tell the producer (from any thread, finalizers included)."""
+    def claim(self, slot: int, generation: int) -> None:
+        """One more array on ``slot``: the producer is told of the first.
+        A reference decoded again (the same message twice) shares the claim
+        while an array of it lives, and is refused after its release."""
         with self.lock:
-            self.live += 1 if op == _CLAIM else -1
-            if not self.broken:
-                try:
-                    self.conn.sendall(_NOTE.pack(op, slot, generation))
-                except OSError:  # the producer is gone: nothing to tell
-                    self.broken = True
+            held = self.held.get(slot)
+            if self.released.get(slot, 0) >= generation or (held and held[0] != generation):
+                raise AttachError("slot %d of generation %d was already released by this "
+                                  "process (a message decoded twice?)" % (slot, generation))
+            self.live += 1
+            if held:
+                held[1] += 1
+                return
+            self.held[slot] = [generation, 1]
+            self._send(_CLAIM, slot, generation)
+
+    def release(self, slot: int, generation: int) -> None:
+        """An array on ``slot`` was dropped (a finalizer, from any thread):
+        the producer is told when it was the last."""
+        with self.lock:
+            self.live -= 1
+            held = self.held.get(slot)
+            if held and held[0] == generation:
+                held[1] -= 1
+                if not held[1]:
+                    del self.held[slot]
+                    self.released[slot] = generation
+                    self._send(_RELEASE, slot, generation)
             if self.closing and not self.live:
                 self.close()
+
+    def _send(self, op: int, slot: int, generation: int) -> None:
+        if not self.broken:
+            try:
+                self.conn.sendall(_NOTE.pack(op, slot, generation))
+            except OSError:  # the producer is gone: nothing to tell
+                self.broken = True
 
     def close(self) -> None:
         """Close the connection (under the lock): the producer then reclaims
@@ -383,6 +413,11 @@ class SharedMemory:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     # ------------------------------------------------------------ producer
     @property
@@ -520,13 +555,16 @@ class SharedMemory:
         if offset != start or nbytes > size or offset % 64 or offset + nbytes > len(pool.view):
             raise AttachError("slot %d is %d bytes at offset %d, not %d at %d" % (
                 slot, size, start, nbytes, offset))
+        if pool.released.get(slot, 0) >= generation:
+            raise AttachError("slot %d of generation %d was already released by this process "
+                              "(a message decoded twice?)" % (slot, generation))
         if not claim:
             return None
-        pool.note(_CLAIM, slot, generation)
+        pool.claim(slot, generation)
         flat = np.frombuffer(pool.view[offset:offset + nbytes], np.uint8)
         # numpy's own memoryview of the region: every view of the array
         # refers to it, so it dies with the last of them.
-        weakref.finalize(flat.base, pool.note, _RELEASE, slot, generation)
+        weakref.finalize(flat.base, pool.release, slot, generation)
         self.arrays_received += 1
         return flat
 

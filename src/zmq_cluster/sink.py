@@ -99,6 +99,8 @@ class BasicSink:
     def Setup(self) -> None:
         """Initialize the sink: create (or adopt) and connect its sockets."""
         assert self.result_receiver is not None, "a sink needs a result_receiver"
+        if self._own_shm and self.shared_memory is not None and self.shared_memory.closed:
+            self.shared_memory = SharedMemory()
         self._results = InitSocket(self.context, self.result_receiver, zmq.PULL)
         if self.command_receiver is not None:
             self._commands = InitSocket(self.context, self.command_receiver, zmq.SUB,
@@ -110,8 +112,7 @@ class BasicSink:
         close_owned(self._commands, self.command_receiver)
         self._results = self._commands = None
         if self._own_shm and self.shared_memory is not None:
-            self.shared_memory.close()
-            self.shared_memory, self._own_shm = SharedMemory(), True  # (Setup may follow)
+            self.shared_memory.close()  # (kept, for its counters; Setup makes a new one)
 
     def __enter__(self: _S) -> _S:
         self.Setup()

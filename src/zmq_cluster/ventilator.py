@@ -92,6 +92,8 @@ class BasicVentilator:
         """Initialize the ventilator: create (or adopt) its socket, then wait
         ``worker_connect_delay`` seconds if that is set."""
         assert self.request_sender is not None, "a ventilator needs a request_sender"
+        if self._own_shm and self.shared_memory is not None and self.shared_memory.closed:
+            self.shared_memory = SharedMemory()
         socket = InitSocket(self.context, self.request_sender, zmq.PUSH)
         # A monitor address of our own: pyzmq's default one is named after
         # the socket's fd and stays bound for a moment after a previous
@@ -120,8 +122,7 @@ class BasicVentilator:
         close_owned(self._socket, self.request_sender, linger=None)
         self._socket = self._monitor = None
         if self._own_shm and self.shared_memory is not None:
-            self.shared_memory.close()
-            self.shared_memory, self._own_shm = SharedMemory(), True  # (Setup may follow)
+            self.shared_memory.close()  # (kept, for its counters; Setup makes a new one)
 
     def __enter__(self: _V) -> _V:
         self.Setup()

@@ -112,6 +112,8 @@ class BasicWorker:
 
     def Setup(self) -> None:
         """Initialize the worker: create (or adopt) and connect its sockets."""
+        if self._own_shm and self.shared_memory is not None and self.shared_memory.closed:
+            self.shared_memory = SharedMemory()
         self._requests = InitSocket(self.context, self.request_receiver, zmq.PULL)
         self._results = InitSocket(self.context, self.result_sender, zmq.PUSH)
         if self.command_receiver is not None:
@@ -126,8 +128,7 @@ class BasicWorker:
         close_owned(self._commands, self.command_receiver)
         self._requests = self._results = self._commands = None
         if self._own_shm and self.shared_memory is not None:
-            self.shared_memory.close()
-            self.shared_memory, self._own_shm = SharedMemory(), True  # (Setup may follow)
+            self.shared_memory.close()  # (kept, for its counters; Setup makes a new one)
 
     def __enter__(self: _W) -> _W:
         self.Setup()
