@@ -28,6 +28,23 @@ class Stats:
         self.copied_bytes = self.messages_sent = self.messages_received = 0
 
 
+@contextlib.contextmanager
+def push_pull(ctx, address):
+    """A (push, pull) pair: pull bound at ``address``, push connected to
+    it; both closed (linger 0) on exit. Over inproc a message stays in
+    libzmq's pipe, holding the sender's memory, until the receiver reads
+    it."""
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    try:
+        pull.bind(address)
+        push.connect(address)
+        yield push, pull
+    finally:
+        push.close(0)
+        pull.close(0)
+
+
 class DoublingWorker(zc.BasicWorker):
     """Returns payload * 2; raises for the payload "boom"."""
 

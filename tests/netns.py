@@ -72,6 +72,18 @@ def namespaces_required() -> bool:
     return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 
 
+def require_namespaces() -> None:
+    """In a test: skip it (with the reason) where namespaces cannot be
+    made; fail it instead where they are required (CI)."""
+    import pytest  # only the tests call this; the lab itself runs without pytest
+
+    reason = unavailable_reason()
+    if reason is not None:
+        if namespaces_required():
+            pytest.fail("network namespaces are required here but: %s" % reason)
+        pytest.skip(reason)
+
+
 def _remove_stale_namespaces() -> None:
     """Delete the namespaces of labs whose test process has died."""
     listed = _ip("netns", "list", check=False).stdout

@@ -19,7 +19,7 @@ from zmq_cluster._compat import NO_EXTENSIONS
 from zmq_cluster.exceptions import MessageFormatError
 from zmq_cluster.protocol import KIND_COMMAND, KIND_REQUEST, KIND_RESULT
 
-from helpers import WAIT_MS, WIRE_TWINS
+from helpers import WAIT_MS, WIRE_TWINS, push_pull
 
 
 def _task_twins():
@@ -154,13 +154,8 @@ def test_decode_ok_leaves_everything_else_to_the_full_decoder(tasks):
 
 @pytest.fixture
 def sockets(ctx):
-    pull = ctx.socket(zmq.PULL)
-    pull.bind("inproc://fast-tasks")
-    push = ctx.socket(zmq.PUSH)
-    push.connect("inproc://fast-tasks")
-    yield push, pull
-    push.close(0)
-    pull.close(0)
+    with push_pull(ctx, "inproc://fast-tasks") as pair:
+        yield pair
 
 
 def _results(wire, pull, n, **kwargs):

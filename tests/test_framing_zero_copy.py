@@ -15,6 +15,8 @@ from zmq_cluster.protocol import (
     ALIGNED_BYTES, COPY_THRESHOLD, INLINE_LIMIT, KIND_REQUEST, KIND_RESULT, SPLIT_BYTES,
 )
 
+from helpers import push_pull
+
 WAIT_MS = 10000
 
 
@@ -258,22 +260,15 @@ def test_split_array_frames_are_views_of_the_senders_array(twin):
 
 def test_an_aligned_frame_of_a_large_array_stays_a_view(twin, ctx):
     # Over inproc a frame is the sender's memory: at 64 already, no copy.
-    # (A context of its own: an inproc address is released asynchronously
-    # after its socket closes, so a shared context could still hold it.)
+    # A context of its own (the ctx fixture): zmq_close unregisters an
+    # inproc name later, in libzmq's reaper thread, so in a shared context
+    # the next twin's bind to the same name could find it still in use.
     arr = _at(2 * ALIGNED_BYTES, 0)
-    import zmq
-    pull = ctx.socket(zmq.PULL)
-    push = ctx.socket(zmq.PUSH)
-    try:
-        pull.bind("inproc://aligned-view")
-        push.connect("inproc://aligned-view")
+    with push_pull(ctx, "inproc://aligned-view") as (push, pull):
         push.send_multipart(twin.encode(arr, KIND_REQUEST), copy=False)
         assert pull.poll(WAIT_MS)
         received = _stats()
         got = twin.decode(pull.recv_multipart(copy=False), stats=received)[2]
-    finally:
-        push.close(0)
-        pull.close(0)
     assert np.shares_memory(got, arr) and received.copied_bytes == 0
 
 

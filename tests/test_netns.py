@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from netns import Lab, namespaces_required, unavailable_reason
+from netns import Lab, require_namespaces
 from zmq_cluster.security import keygen, load_public_key
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netns_peer.py")
@@ -33,15 +33,6 @@ def monitor(name, value=None):
 def received(**fields):
     """An event matcher: a received message with these fields."""
     return lambda e: e.get("event") == "recv" and all(e.get(k) == v for k, v in fields.items())
-
-
-def require_namespaces():
-    """Skip (with the reason) where namespaces cannot be made; fail in CI."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if namespaces_required():
-            pytest.fail("network namespaces are required here but: %s" % reason)
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

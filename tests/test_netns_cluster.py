@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from netns import Lab, namespaces_required, unavailable_reason
+from netns import Lab, require_namespaces
 from zmq_cluster.security import keygen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,14 +28,6 @@ HEAD = "10.77.0.1"
 HEARTBEAT = "1.5"
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def require_namespaces():
-    reason = unavailable_reason()
-    if reason is not None:
-        if namespaces_required():
-            pytest.fail("network namespaces are required here but: %s" % reason)
-        pytest.skip(reason)
 
 
 def text(fragment):

@@ -21,7 +21,7 @@ from zmq_cluster.protocol import (
     COPY_THRESHOLD, KIND_COMMAND, KIND_REQUEST, KIND_RESULT, SPLIT_BYTES,
 )
 
-from helpers import WAIT_MS, WIRE_TWINS, Stats
+from helpers import WAIT_MS, WIRE_TWINS, Stats, push_pull
 
 MIB = 1 << 20
 
@@ -36,13 +36,8 @@ def wire(request):
 def inproc_pair(ctx):
     """(push, pull) over inproc: a message stays in libzmq's pipe, holding
     the sender's memory, until the receiver reads it."""
-    pull = ctx.socket(zmq.PULL)
-    pull.bind("inproc://wire-pair")
-    push = ctx.socket(zmq.PUSH)
-    push.connect("inproc://wire-pair")
-    yield push, pull
-    push.close(0)
-    pull.close(0)
+    with push_pull(ctx, "inproc://wire-pair") as pair:
+        yield pair
 
 
 def _recv(wire, socket, **kwargs):

@@ -1,11 +1,36 @@
-"""Helpers of the pool tests: waiting for processes to end (pidfd, no
-sleeps) and asking the scheduler who holds tasks."""
+"""Helpers of the pool tests: the shared cluster and pool fixtures,
+waiting for processes to end (pidfd, no sleeps) and asking the scheduler
+who holds tasks.
+
+A test module uses the fixtures by importing them by name
+(``from pool_helpers import cluster, pool``): not from a conftest.py
+here, which would shadow tests/conftest.py for the modules that import
+from it."""
 
 import os
 import select
 import time
 
 import pytest
+
+import zmq_cluster as zc
+
+#: Seconds a test waits for a result, at most.
+RESULT_TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster of two workers, one per test module."""
+    with zc.LocalCluster(2, heartbeat_timeout=5.0) as c:
+        yield c
+
+
+@pytest.fixture
+def pool(cluster):
+    """A ClusterPool on the module's cluster, terminated after the test."""
+    with zc.ClusterPool(cluster) as p:
+        yield p
 
 
 def wait_gone(pids, timeout):

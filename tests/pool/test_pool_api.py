@@ -14,19 +14,7 @@ import pytest
 import zmq_cluster as zc
 from zmq_cluster import RemoteTraceback
 
-RESULT_TIMEOUT = 30
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with zc.LocalCluster(2, heartbeat_timeout=5.0) as c:
-        yield c
-
-
-@pytest.fixture
-def pool(cluster):
-    with zc.ClusterPool(cluster) as p:
-        yield p
+from pool_helpers import RESULT_TIMEOUT, cluster, pool  # noqa: F401 (fixtures)
 
 
 def square(x):

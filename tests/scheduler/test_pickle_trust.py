@@ -22,7 +22,8 @@ from zmq_cluster.poolworker import PoolWorker
 from zmq_cluster.protocol import KIND_RESULT
 from zmq_cluster.taskcodec import decode_result, encode_task
 
-WAIT_MS = 10000
+from scheduler_helpers import recv
+
 
 
 class Evil:
@@ -33,15 +34,6 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def recv(sock, timeout=WAIT_MS):
-    while True:
-        assert sock.poll(timeout), "nothing arrived within %d ms" % timeout
-        frames = sock.recv_multipart()
-        ctl = sp.parse_ctl(frames[0])
-        if ctl[0] != sp.PROBE:
-            return ctl, frames[1:]
 
 
 def test_the_evil_pickle_really_creates_a_file(tmp_path):

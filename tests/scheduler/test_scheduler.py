@@ -15,26 +15,10 @@ from zmq_cluster.functions import function_key
 from zmq_cluster.process import spawn
 from zmq_cluster.taskcodec import decode_result, encode_result, encode_task
 
+from scheduler_helpers import nothing, recv
+
 WAIT_MS = 5000
 KEY = function_key(("builtins", "abs", None))
-
-
-def recv(sock, timeout=WAIT_MS):
-    """The next message other than the scheduler's liveness PROBEs."""
-    while True:
-        assert sock.poll(timeout), "nothing arrived within %d ms" % timeout
-        frames = sock.recv_multipart()
-        ctl = sp.parse_ctl(frames[0])
-        if ctl[0] != sp.PROBE:
-            return ctl, frames[1:]
-
-
-def nothing(sock, ms=300):
-    """Nothing but PROBEs arrives (a bounded look)."""
-    while sock.poll(ms):
-        if sp.parse_ctl(sock.recv_multipart()[0])[0] != sp.PROBE:
-            return False
-    return True
 
 
 @pytest.fixture

@@ -1,0 +1,353 @@
+"""The results of one map/imap: chunking, the in-flight window, ordering.
+
+A :class:`ResultStream` reads its input lazily in chunks (``chunksize``,
+as in multiprocessing), each chunk its own task; sends them in batches
+while its window has room (``max_ahead`` items and ``max_ahead_bytes``
+bytes of encoded arguments read ahead of the consumer), so ``imap`` over
+an endless generator runs in bounded memory; and yields the results in
+input order or as they come. A failing item fails alone: the other items
+of its chunk still return their results. It is the
+:class:`zmq_cluster.client.ResultSink` of its tasks, and reaches the pool
+only through a :class:`~zmq_cluster.poollink.PoolLink`.
+"""
+
+import collections
+import itertools
+import sys
+import threading
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import framing
+from . import schedproto as sp
+from .poollink import RUN, PoolLink
+from .protocol import KIND_REQUEST, KIND_RESULT
+from .schedproto import INLINE_HEADER_MAX
+from .taskcodec import rebuild_error
+
+__all__ = ["ResultStream", "BATCH_TASKS", "BATCH_BYTES"]
+
+_encode = framing.encode
+_decode = framing.decode
+_TASK_ENTRY_PACK = sp.TASK_ENTRY.pack
+
+#: Tasks per batch a stream sends at once, at most.
+BATCH_TASKS = 256
+#: Bytes of arguments per batch, about.
+BATCH_BYTES = 4 << 20
+
+#: A chunk's outcome: its values, the exceptions of its failed items by
+#: position (or None), and the bytes of its encoded arguments.
+_Chunk = Tuple[List[Any], Optional[Dict[int, BaseException]], int]
+
+
+def _frames_nbytes(frames: Iterable[Any]) -> int:
+    n = 0
+    for f in frames:
+        n += len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+    return n
+
+
+class ResultStream:
+    """The results of one map/imap: reads input lazily, submits chunks in
+    batches within its window, yields results in order or as they come.
+
+    ``link``: the PoolLink of the pool. ``fn`` runs on each item (``mode``:
+    schedproto.MODE_MAP) or on each item's arguments (MODE_STAR);
+    ``ordered``: results in input order (else as they arrive);
+    ``progress``: a tqdm bar of ``total`` items (None: unknown);
+    ``max_ahead``/``max_ahead_bytes``: the window."""
+
+    def __init__(self, link: PoolLink, fn: Callable[..., Any], iterable: Iterable[Any],
+                 chunksize: int, mode: int, ordered: bool, progress: bool,
+                 total: Optional[int], max_ahead: int, max_ahead_bytes: int) -> None:
+        if chunksize < 1:
+            raise ValueError("chunksize must be at least 1, not %r" % (chunksize,))
+        self._link = link
+        self._client = link.client
+        self._key = self._client.function_key(fn)
+        self._mode = mode
+        self._ordered = ordered
+        self._chunks = self._chunked(iter(iterable), chunksize)
+        self._timeout_ms = link.timeout_ms
+        self._allow_pickle = link.allow_pickle
+        self._max_ahead = max_ahead
+        self._max_ahead_bytes = max_ahead_bytes
+        self._cond = threading.Condition(threading.Lock())
+        # (tid, frames, trusted), or (None, exception, False): the connection is lost
+        self._arrived: Deque[Tuple[Optional[int], Any, bool]] = collections.deque()
+        self._meta: Dict[int, Tuple[int, int, int]] = {}  # tid -> (chunk index, n items, nbytes)
+        self._done: Dict[int, _Chunk] = {}  # chunk index -> outcomes (ordered streams)
+        self._next_chunk = 0   # next chunk index to yield (ordered)
+        self._chunk_count = 0  # chunks read from the input
+        self._ready: Deque[_Chunk] = collections.deque()  # (values, {index: exc} or None, nbytes)
+        self._cur: Optional[_Chunk] = None  # the chunk being yielded, and the position in it
+        self._pos = 0
+        self._ahead = 0        # items read, not yet yielded
+        self._ahead_bytes = 0
+        self._exhausted = False
+        self._batch = 4        # tasks in the next batch sent
+        self._input_error: Optional[Exception] = None
+        self._finished = False
+        self._bar: Any = None  # a tqdm progress bar
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, file=sys.stderr, unit="item")
+
+    @staticmethod
+    def _chunked(it: Iterator[Any], size: int) -> Iterator[List[Any]]:
+        if size == 1:
+            for x in it:
+                yield [x]
+            return
+        while True:
+            chunk = list(itertools.islice(it, size))
+            if not chunk:
+                return
+            yield chunk
+
+    # called by the I/O thread
+    def deliver(self, tid: int, frames: List[Any], trusted: bool = False) -> None:
+        self._arrived.append((tid, frames, trusted))
+
+    def fail(self, exc: BaseException) -> None:
+        self._arrived.append((None, exc, False))
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # consumer side
+    def __iter__(self) -> "ResultStream":
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def next(self, timeout: Optional[float] = None) -> Any:
+        """The next result; raises the task's exception at its place (and
+        goes on with the next item when called again), StopIteration at the
+        end, TimeoutError after ``timeout`` seconds without one."""
+        while True:
+            cur = self._cur
+            if cur is not None:
+                values, errors, nbytes = cur
+                i = self._pos
+                self._pos = i + 1
+                self._ahead -= 1
+                if self._pos == len(values):
+                    self._cur = None
+                    self._ahead_bytes -= nbytes
+                if self._bar is not None:
+                    self._bar.update(1)
+                if errors is not None and i in errors:
+                    raise errors[i]
+                return values[i]
+            ready = self._ready
+            if ready:
+                chunk = ready.popleft()
+                values = chunk[0]
+                if len(values) == 1:  # chunksize 1: no position to keep
+                    self._ahead -= 1
+                    self._ahead_bytes -= chunk[2]
+                    if self._bar is not None:
+                        self._bar.update(1)
+                    if chunk[1] is not None:
+                        raise chunk[1][0]
+                    return values[0]
+                self._cur = chunk
+                self._pos = 0
+                continue
+            if not self._wait(timeout):
+                self._finish()
+                if self._input_error is not None:
+                    exc, self._input_error = self._input_error, None
+                    raise exc
+                raise StopIteration
+
+    def _wait(self, timeout: Optional[float]) -> bool:
+        """Submit what the window allows and wait for results to move into
+        the ready queue: False at the end of the stream."""
+        while not self._ready:
+            self._fill()
+            if self._arrived:
+                self._take()
+                continue
+            if self._exhausted and not self._meta and not self._done:
+                return False
+            with self._cond:
+                if not self._arrived:
+                    if not self._cond.wait(timeout) and not self._arrived:
+                        assert timeout is not None  # wait(None) returns only when notified
+                        raise TimeoutError("no result within %g s" % timeout)
+        return True
+
+    def collect(self) -> List[Any]:
+        """Every result, in order, as a list (map): chunk by chunk, raising
+        the first failure in input order and cancelling the rest."""
+        out: List[Any] = []
+        extend = out.extend
+        try:
+            while self._wait(None):
+                ready = self._ready
+                while ready:
+                    values, errors, nbytes = ready.popleft()
+                    self._ahead -= len(values)
+                    self._ahead_bytes -= nbytes
+                    if errors is not None:
+                        raise errors[min(errors)]
+                    extend(values)
+                    if self._bar is not None:
+                        self._bar.update(len(values))
+        except BaseException:
+            self.cancel()
+            raise
+        self._finish()
+        if self._input_error is not None:
+            raise self._input_error
+        return out
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if self._bar is not None:
+                self._bar.close()
+
+    def _fill(self) -> None:
+        """Read and submit chunks while the window has room."""
+        if self._exhausted:
+            return
+        link = self._link
+        room = self._max_ahead - self._ahead
+        if room < min(64, max(1, self._max_ahead // 4)) and self._ahead:
+            return
+        if self._ahead_bytes >= self._max_ahead_bytes:
+            return
+        entries: List[bytes] = []
+        frames: List[Any] = []
+        tids: List[int] = []
+        batch_bytes = 0
+        client = self._client
+        new_id = client.new_task_id
+        pack = _TASK_ENTRY_PACK
+        key = self._key
+        timeout = self._timeout_ms
+        task = (self._mode, None)
+        meta = self._meta
+        chunks = self._chunks
+        while self._ahead < self._max_ahead and (self._ahead_bytes < self._max_ahead_bytes
+                                                 or not self._ahead):
+            if link.state != RUN and not self._ahead:
+                break
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                self._exhausted = True
+                break
+            except Exception as exc:
+                self._exhausted = True
+                self._input_error = exc
+                break
+            tid = new_id()
+            msg = _encode((task[0], chunk), KIND_REQUEST, tid, link.copies_sent)
+            header = msg[0]
+            if len(msg) == 1 and len(header) < INLINE_HEADER_MAX:
+                entry = pack(tid, key, timeout, len(header), 0) + header
+                nbytes = len(entry)
+            else:
+                entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, timeout), msg)
+                nbytes = len(entry) + _frames_nbytes(data)
+                frames.extend(data)
+            n = len(chunk)
+            meta[tid] = (self._chunk_count, n, nbytes)
+            self._chunk_count += 1
+            self._ahead += n
+            self._ahead_bytes += nbytes
+            entries.append(entry)
+            tids.append(tid)
+            batch_bytes += nbytes
+            if len(entries) >= self._batch or batch_bytes >= BATCH_BYTES:
+                link.send(entries, frames, tids, self)
+                entries, frames, tids = [], [], []
+                batch_bytes = 0
+                # Small first batches get the workers going; then larger ones.
+                self._batch = min(BATCH_TASKS, 2 * self._batch)
+        if entries:
+            link.send(entries, frames, tids, self)
+
+    def _take(self) -> None:
+        """Move arrived results into the ready queue (in order if ordered)."""
+        arrived = self._arrived
+        setting = self._allow_pickle
+        meta = self._meta
+        ordered = self._ordered
+        ready_append = self._ready.append
+        done = 0
+        try:
+            while arrived:
+                tid, frames, trusted = arrived.popleft()
+                if tid is None:  # the connection is lost: every pending chunk fails
+                    for t in list(meta):
+                        n = meta[t][1]
+                        self._store(t, [None] * n, {i: frames for i in range(n)})
+                    continue
+                info = meta.get(tid)
+                if info is None:
+                    continue
+                done += 1
+                n = info[1]
+                errs: Optional[Dict[int, BaseException]] = None
+                allow = trusted if setting is None else setting
+                try:
+                    kind, _, body = _decode(frames, allow, stats=self._link.copies_received)
+                    values, errors = body
+                    if kind != KIND_RESULT:
+                        raise ValueError("a message of kind %d as a result" % kind)
+                except Exception as exc:
+                    self._link.refused(tid, exc)
+                    values, errs = [None] * n, {i: exc for i in range(n)}
+                else:
+                    if values is None and errors:  # the whole task failed (the scheduler said)
+                        failure = rebuild_error(errors[0], allow)
+                        values, errs = [None] * n, {i: failure for i in range(n)}
+                    elif type(values) is not list or len(values) != n:
+                        failure = ValueError("a result of %r for a chunk of %d items"
+                                             % (type(values), n))
+                        values, errs = [None] * n, {i: failure for i in range(n)}
+                    elif errors:
+                        errs = {e[0]: rebuild_error(e, allow) for e in errors}
+                if ordered:
+                    self._store(tid, values, errs)
+                else:
+                    del meta[tid]
+                    ready_append((values, errs, info[2]))
+        finally:
+            if done:
+                self._link.tasks_done(done)
+
+    def _store(self, tid: int, values: List[Any],
+               errors: Optional[Dict[int, BaseException]]) -> None:
+        index, n, nbytes = self._meta.pop(tid)
+        if self._ordered:
+            done = self._done
+            done[index] = (values, errors, nbytes)
+            nxt = self._next_chunk
+            while nxt in done:
+                self._ready.append(done.pop(nxt))
+                nxt += 1
+            self._next_chunk = nxt
+        else:
+            self._ready.append((values, errors, nbytes))
+
+    def cancel(self) -> None:
+        """Drop what is still queued for this stream (after a failure in map)."""
+        ids = list(self._meta)
+        if ids:
+            for tid in ids:
+                self._client.forget(tid)
+            self._link.tasks_done(len(ids))
+            self._meta.clear()
+            try:
+                self._client.cancel(ids)
+            except Exception:
+                pass
+        self._finish()
