@@ -23,12 +23,10 @@ One :class:`SharedMemory` per node plays both parts:
   does not match its slot, or lies outside the memfd, is refused), and
   wraps the region as a writeable numpy array whose drop releases the slot.
 
-A reference lost in transit (its receiver died before reading the
-message) keeps its slot until the producer closes: ``put`` then has one slot
-fewer, and falls back to the socket when none is left.
-
-The wire form of a reference (tag ``'h'``) is in docs/protocol.md, "Arrays";
-``_framing_shm`` reads and writes it for both framing twins.
+A reference lost in transit (its receiver died before reading it) holds
+its slot until the producer's process exits. The wire form (tag ``'h'``):
+docs/protocol.md, "Shared-memory arrays"; ``_framing_shm`` reads and
+writes it for both framing twins.
 """
 
 from __future__ import annotations
