@@ -21,7 +21,8 @@ from zmq_cluster.protocol import HEADER_SIZE, KIND_REQUEST, TAG_SHM_ARRAY
 from zmq_cluster.sharedmem import AttachError, SharedMemory
 
 from conftest import TWINS
-from helpers import WAIT_MS, worker_thread
+from helpers import WAIT_MS, WIRE_TWINS, push_pull, worker_thread
+from helpers import Stats as WireStats
 
 MIB = 1 << 20
 
@@ -273,17 +274,23 @@ def urls(ipc_url):
     return ipc_url("req"), ipc_url("res"), ipc_url("cmd")
 
 
+@pytest.mark.parametrize("basic", [False, True], ids=["Ventilator/Sink", "Basic"])
 @pytest.mark.parametrize("mib", [1, 16], ids=["1MiB", "16MiB"])
-def test_nodes_with_shared_memory_end_to_end(ctx, urls, mib):
+def test_nodes_with_shared_memory_end_to_end(ctx, urls, mib, basic):
     req, res, cmd = urls
     arrays = [np.full(mib * MIB // 8, float(i)) for i in range(3)]
-    with zc.Ventilator(ctx, zc.Connect(req, bind=True), shared_memory=True) as vent, \
-            zc.Sink(ctx, zc.Connect(res, bind=True), receiver_timeout=WAIT_MS,
-                    shared_memory=True) as sink, \
+    vent_class, sink_class = (zc.BasicVentilator, zc.BasicSink) if basic else (zc.Ventilator,
+                                                                               zc.Sink)
+    with vent_class(ctx, zc.Connect(req, bind=True), shared_memory=True) as vent, \
+            sink_class(ctx, zc.Connect(res, bind=True), receiver_timeout=WAIT_MS,
+                       shared_memory=True) as sink, \
             worker_thread(ctx, req, res, cmd, IdentityWorker,
                           shared_memory=True) as (worker, errors):
         assert vent.Send(arrays) == 3
         got = list(sink.Receive(3))
+        if basic:
+            assert all(r.status == zc.ClusterResult.STATUS_SUCCESS for r in got)
+            got = [r.payload for r in got]
         worker_copied = worker.copied_bytes
         assert vent.shared_memory.arrays_sent == 3
         assert sink.shared_memory.arrays_received == 3
@@ -350,3 +357,53 @@ def test_a_message_decoded_twice_shares_its_claim_then_is_refused(twin, shm):
     _until(lambda: producer.slots_in_use() == 0, "the release")
     with pytest.raises(MessageFormatError, match="already released|stale or forged"):
         twin.decode(frames, shm=consumer)
+
+
+@pytest.mark.parametrize("wire", WIRE_TWINS, ids=["py", "cy"][:len(WIRE_TWINS)])
+def test_the_wire_primitives_and_the_handle_loop_carry_shared_memory(ctx, ipc_url, wire, shm):
+    producer, consumer = shm
+    arr = np.arange(2 * MIB // 8, dtype=np.float64)
+    with push_pull(ctx, ipc_url("req")) as (push, pull), \
+            push_pull(ctx, ipc_url("res")) as (back, results):
+        stats = WireStats()
+        wire.send_message(push, {"a": arr}, KIND_REQUEST, 3, stats=stats, shm=producer)
+        assert stats.copied_bytes == arr.nbytes
+        assert pull.poll(WAIT_MS)
+        kind, task_id, got = wire.recv_message(pull, shm=consumer)
+        np.testing.assert_array_equal(got["a"], arr)
+        assert got["a"].ctypes.data % 64 == 0 and producer.slots_in_use() == 1
+        del got
+        _until(lambda: producer.slots_in_use() == 0, "the release")
+        # run_worker's handle mode: the request in, its array doubled back out.
+        worker_shm = SharedMemory()
+        wire.send_message(push, arr, KIND_REQUEST, 4, shm=producer)
+        wire.send_message(push, "stop", KIND_REQUEST, 5)
+
+        def handle(kind, task_id, request):
+            return None if type(request) is str else request * 2
+
+        def on_command(kind, command):
+            return True
+
+        seen = []
+
+        def on_malformed(channel, exc):
+            seen.append(exc)
+
+        def stop_after_two(kind, task_id, request):
+            out = handle(kind, task_id, request)
+            if out is None:
+                raise StopIteration
+            return out
+
+        with pytest.raises(StopIteration):
+            wire.run_worker(pull, back, None, handle=stop_after_two, on_command=on_command,
+                            on_malformed=on_malformed, on_unsendable=None, timeout_ms=WAIT_MS,
+                            shm=worker_shm)
+        assert results.poll(WAIT_MS)
+        _, task_id, doubled = wire.recv_message(results, shm=consumer)
+        assert task_id == 4 and not seen
+        np.testing.assert_array_equal(doubled, 2 * arr)
+        assert worker_shm.arrays_sent == 1 and worker_shm.arrays_received == 1
+        del doubled
+        assert worker_shm.close(wait=WAIT_MS / 1000)
