@@ -51,6 +51,9 @@ def _base_env():
 def env_for(impl):
     env = _base_env()
     env.pop("ZMQ_CLUSTER_BENCH_RAW_ECHO", None)
+    env.pop("ZMQ_CLUSTER_BENCH_SHM", None)
+    if impl == "ours-shm":  # the compiled twin, nodes with shared_memory=True
+        env["ZMQ_CLUSTER_BENCH_SHM"] = "1"
     if impl == "ours-py":
         env["ZMQ_CLUSTER_NO_EXTENSIONS"] = "1"
     if impl == "raw-echo":
@@ -92,7 +95,7 @@ class Processes:
         self.impl, self.transport, self.workers = impl, transport, workers
         self.kind = impl.split("-")[0]
         self.env = env_for(impl)
-        self.expect = {"ours-fast": "1", "ours-py": "0"}.get(impl)
+        self.expect = {"ours-fast": "1", "ours-shm": "1", "ours-py": "0"}.get(impl)
         self.dir = tempfile.mkdtemp(prefix="zcb-")  # short: ipc paths are < 108 bytes
         self.ctx = zmq.Context()
         self.procs = []

@@ -59,6 +59,10 @@ LARGE_WINDOW_BYTES = 256 << 20
 #: Every LARGE_STRIDE-th element of each large result is compared.
 LARGE_STRIDE = 4099
 
+#: ZMQ_CLUSTER_BENCH_SHM=1 (the harness's ``ours-shm``): every node of ours
+#: with ``shared_memory=True``.
+SHM = os.environ.get("ZMQ_CLUSTER_BENCH_SHM", "") == "1"
+
 #: A raw array message's header: element count and item size (16 bytes, so
 #: that the worker tells it from an 8-byte small task by its length alone:
 #: pyzmq's ``rcvmore`` property costs over a microsecond a call).
@@ -77,7 +81,7 @@ def worker_ours(args):
     ctx = zmq.Context()
     try:
         Worker(ctx, zc.Connect(args.requests), zc.Connect(args.results),
-               zc.Connect(args.commands), receiver_timeout=IDLE_MS).Run()
+               zc.Connect(args.commands), receiver_timeout=IDLE_MS, shared_memory=SHM).Run()
     finally:
         ctx.destroy(linger=0)
 
@@ -356,8 +360,8 @@ class OursDriver(SocketDriver):
         self.zc = zc = check_mode(args.expect_fastpath)
         super().__init__(args, ctx)
         self.command_url = "ipc://" + os.path.join(args.dir, "cmd")
-        self.ventilator = zc.Ventilator(ctx, self.push)
-        self.sink = zc.Sink(ctx, self.pull, receiver_timeout=RECV_MS)
+        self.ventilator = zc.Ventilator(ctx, self.push, shared_memory=SHM)
+        self.sink = zc.Sink(ctx, self.pull, receiver_timeout=RECV_MS, shared_memory=SHM)
         self.ventilator.Setup()
         self.sink.Setup()
         self.send = self.ventilator.Send

@@ -195,7 +195,7 @@ def available(request, modes):
     """available(impl): skip (or, with --require-fastpath, fail) a case of
     ours whose mode cannot run here."""
     def check(impl):
-        why = modes.get(impl)
+        why = modes.get("ours-fast" if impl == "ours-shm" else impl)
         if why is None:
             return
         if impl == "ours-fast" and (request.config.getoption("--require-fastpath", False)
@@ -275,7 +275,7 @@ def build_summary(records):
             rec = by.get((_case, t, workers, mib, impl))
             return None if rec is None else rec.get(field)
         field = {"large": "gb_per_s", "latency": "p50_us"}.get(case, "tasks_per_s")
-        for mode in ("ours-fast", "ours-py"):
+        for mode in ("ours-fast", "ours-py", "ours-shm"):
             ours = get(mode, field)
             if ours is None:
                 continue

@@ -12,7 +12,8 @@ asserts on speed; the processes check every result's contents.
 * small tasks, windowed: the same task, ventilator and sink in one process
   with at most 1000 tasks in flight (ipc, 1 worker).
 * large arrays: 1, 16 and 64 MiB float64 arrays there and back, 1 worker,
-  ipc://; against raw pyzmq multipart copy=False + np.frombuffer, and pickle.
+  ipc://; against raw pyzmq multipart copy=False + np.frombuffer, and pickle;
+  ``ours-shm`` is the compiled twin with every node's ``shared_memory=True``.
 * latency: p50/p99 round trip of one small task at a time.
 
 Throughput figures are N / median round time (tasks/s), and for arrays the
@@ -50,14 +51,16 @@ WINDOWED = [_case(impl, "ipc", 1) for impl in OURS + ("raw", "pickle")]
 WINDOWED += [_case("mp", None, 1)]
 
 LARGE_MIB = (1, 16, 64)
-LARGE = [_case(impl, "ipc", 1) for impl in OURS + ("raw", "pickle")]
+#: ours-shm: the compiled twin with shared_memory=True on every node (same
+#: host: arrays of 1 MiB or more by memfd slot, docs/protocol.md "Arrays").
+LARGE = [_case(impl, "ipc", 1) for impl in OURS + ("ours-shm", "raw", "pickle")]
 
 LATENCY = [_case(impl, transport, 1)
            for transport in ("ipc", "tcp") for impl in OURS + ("raw", "pickle")]
 
 
 def _use(pipelines, available, impl, transport, workers):
-    if impl in OURS:
+    if impl in OURS or impl == "ours-shm":
         available(impl)
     return pipelines.get(impl, transport, workers)
 

@@ -57,6 +57,7 @@ import pickle
 import numpy as np
 
 from zmq_cluster import _framing_common as common
+from zmq_cluster import _framing_exceptions
 from zmq_cluster._framing_common import (
     E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND, E_MAGIC,
     E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD,
@@ -71,8 +72,9 @@ from zmq_cluster.protocol import (
     MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
     TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT,
     TAG_INLINE_ARRAY, TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT,
-    TAG_SCALAR, TAG_STR, TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
+    TAG_SCALAR, TAG_SHM_ARRAY, TAG_STR, TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
 )
+from zmq_cluster._framing_shm import decode_shm_array, encode_shm_array
 
 __all__ = ["encode", "decode", "frame_buffer"]
 
@@ -181,6 +183,7 @@ cdef enum:
     C_EXCEPTION
     C_PICKLE
     C_SPLIT
+    C_SHM
 
 cdef unsigned char _CODE[256]
 cdef unsigned char T_NONE = TAG_NONE, T_TRUE = TAG_TRUE, T_FALSE = TAG_FALSE
@@ -207,7 +210,7 @@ def _init_codes():
              (TAG_TUPLE, C_TUPLE), (TAG_DICT, C_DICT), (TAG_ARRAY, C_ARRAY),
              (TAG_INLINE_ARRAY, C_INLINE), (TAG_SCALAR, C_SCALAR), (TAG_REQUEST, C_REQUEST),
              (TAG_RESULT, C_RESULT), (TAG_EXCEPTION, C_EXCEPTION), (TAG_PICKLE, C_PICKLE),
-             (TAG_SPLIT_ARRAY, C_SPLIT)]
+             (TAG_SPLIT_ARRAY, C_SPLIT), (TAG_SHM_ARRAY, C_SHM)]
     if len({tag for tag, _ in pairs}) != len(pairs):
         raise ImportError("zmq_cluster.protocol has two value tags with the same byte")
     cdef int i
@@ -247,12 +250,14 @@ cdef object _assembly_buffer = common.assembly_buffer
 cdef object _py_frame_buffer = common.frame_buffer
 cdef object _dtype_value = common.dtype_value
 cdef object _read_dtype = common.read_dtype
-cdef object _exception_fields = common.exception_fields
-cdef object _exception_value = common.exception_value
+cdef object _exception_fields = _framing_exceptions.exception_fields
+cdef object _exception_value = _framing_exceptions.exception_value
 cdef object _truncated = common.truncated
 cdef object _count_error = common.count_error
 cdef object _bad_code_points = common.bad_code_points
 cdef object _array_bad_code_points = common.array_bad_code_points
+cdef object _encode_shm_array = encode_shm_array
+cdef object _decode_shm_array = decode_shm_array
 
 
 cdef inline bint _has_text(cnp.dtype dtype):

@@ -38,26 +38,34 @@
 # decode_task_raw and decode_ok_raw read a one-frame message from memory
 # (``p``, ``n``: a received zmq_msg_t's, valid for the call), making a bytes
 # copy of it only if a slow path needs one.
+#
+# ``shm`` (None, or a zmq_cluster.sharedmem.SharedMemory) is what encode's and
+# decode's ``shm`` is: where arrays of at least shm.min_bytes go by shared
+# memory, and what maps the ones received that way (tag 'h'). decode_ok has
+# none: a result holding a shared-memory array is NOT_FAST there, so that
+# the full decoder claims its slot once.
 
-ctypedef object (*encode_fn)(object obj, object kind, object task_id, Py_ssize_t* copied)
+ctypedef object (*encode_fn)(object obj, object kind, object task_id, Py_ssize_t* copied,
+                             object shm)
 ctypedef object (*decode_fn)(object frames, object allow_pickle, object copy_threshold,
-                             object alignment, Py_ssize_t* copied)
+                             object alignment, Py_ssize_t* copied, object shm)
 ctypedef object (*encode_request_fn)(object payload, object metadata, object task_id,
-                                     Py_ssize_t* copied)
+                                     Py_ssize_t* copied, object shm)
 ctypedef object (*metadata_prefix_fn)(object identity)
 ctypedef object (*encode_ok_fn)(object output, object request_metadata, object prefix,
-                                double seconds, uint64_t task_id, Py_ssize_t* copied)
+                                double seconds, uint64_t task_id, Py_ssize_t* copied,
+                                object shm)
 ctypedef object (*decode_task_fn)(object frames, object allow_pickle, object alignment,
-                                  Py_ssize_t* copied, int* kind, uint64_t* task_id)
+                                  Py_ssize_t* copied, int* kind, uint64_t* task_id, object shm)
 ctypedef object (*decode_ok_fn)(object frames, object allow_pickle, object alignment, int mode,
                                 Py_ssize_t* copied)
 ctypedef int (*send_fn)(void* handle, const void* data, size_t n, int flags) except -1
 ctypedef object (*encode_ok_send_fn)(object output, object request_metadata, object prefix,
                                      double seconds, uint64_t task_id, Py_ssize_t* copied,
-                                     void* handle, send_fn send)
+                                     void* handle, send_fn send, object shm)
 ctypedef object (*decode_task_raw_fn)(const unsigned char* p, Py_ssize_t n, object allow_pickle,
                                       object alignment, Py_ssize_t* copied, int* kind,
-                                      uint64_t* task_id)
+                                      uint64_t* task_id, object shm)
 ctypedef object (*decode_ok_raw_fn)(const unsigned char* p, Py_ssize_t n, object allow_pickle,
                                     object alignment, int mode, Py_ssize_t* copied)
 

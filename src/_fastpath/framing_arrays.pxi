@@ -57,6 +57,13 @@ cdef int _enc_array(Writer* w, cnp.ndarray arr, list bufs, int depth) except -1:
     else:
         order = 0  # neither: written in C order, from a copy
     nd = cnp.PyArray_NDIM(arr)
+    if (w.shm != NULL and nbytes >= (<object>w.shm).min_bytes and type(value) is bytes):
+        raw = _encode_shm_array(<object>w.shm, arr, value, depth)
+        if raw is not None:
+            w.shm_puts += 1
+            _put_raw(w, <bytes>raw)
+            w.copied += nbytes
+            return 1
     if nbytes < _INLINE_LIMIT:
         # Inline: the elements go into the header, straight from the array's
         # memory (one copy; tobytes() gives C order for the others).

@@ -33,6 +33,7 @@ cdef struct Dec:
     Py_ssize_t deferred         # first pass: pickles and exceptions to load
     bint top                    # a ClusterRequest body is read as (payload, metadata)...
     bint unwrapped              # ... and was
+    PyObject* shm               # a SharedMemory (borrowed), or NULL
 
 
 cdef object _frame_data(object frame, const unsigned char** ptr, Py_ssize_t* size,
@@ -134,6 +135,8 @@ cdef object _value(Dec* d, int depth):
         return _array(d, depth)
     if code == C_SPLIT:
         return _split_array(d, depth)
+    if code == C_SHM:
+        return _shm_array(d, depth)
     if code == C_TRUE:
         return True
     if code == C_FALSE:
@@ -239,6 +242,19 @@ cdef object _exception(Dec* d, int depth):
         d.deferred += 1
         return None
     return _exception_value(fields, at, d.trusted)
+
+
+cdef object _shm_array(Dec* d, int depth):
+    """A shared-memory array (tag 'h'): read by the helper both twins
+    call; mapped and claimed on the second pass only."""
+    arr, end, copied = _decode_shm_array(None if d.shm == NULL else <object>d.shm,
+                                         _as_buffer(_header_obj(d)), d.pos, depth, d.load,
+                                         <object>d.alignment)
+    d.pos = end
+    d.copied += copied
+    if not d.load:
+        d.deferred += 1
+    return arr
 
 
 cdef object _pickled(Dec* d):
@@ -359,16 +375,19 @@ cdef int _start_at(Dec* d, Py_ssize_t arrived, object allow_pickle, object copy_
     d.load = False
     d.top = False
     d.unwrapped = False
+    d.shm = NULL
     return 0
 
 
 cdef object _decode(object frames, object allow_pickle, object copy_threshold,
-                   object alignment, Py_ssize_t* copied):
+                   object alignment, Py_ssize_t* copied, object shm):
     """``decode`` without the stats: the payload bytes copied go to ``copied``."""
     cdef Dec d
     cdef int kind
     cdef uint64_t task_id
     header = _start(&d, frames, allow_pickle, copy_threshold, alignment, &kind, &task_id)
+    if shm is not None:
+        d.shm = <PyObject*>shm
     obj = _body(&d)
     if d.deferred:
         # The message holds pickles or exceptions to rebuild, and is valid:
@@ -383,7 +402,7 @@ cdef object _decode(object frames, object allow_pickle, object copy_threshold,
 
 
 def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=None,
-           stats=None):
+           stats=None, shm=None):
     """Decode the frames of one message: returns ``(kind, task_id, obj)``.
 
     The compiled twin of ``zmq_cluster._framing_py.decode``, whose docstring
@@ -391,7 +410,7 @@ def decode(frames, allow_pickle=True, copy_threshold=COPY_THRESHOLD, alignment=N
     accounting).
     """
     cdef Py_ssize_t copied = 0
-    out = _decode(frames, allow_pickle, copy_threshold, alignment, &copied)
+    out = _decode(frames, allow_pickle, copy_threshold, alignment, &copied, shm)
     if stats is not None and copied:
         stats.copied_bytes += copied
     return out

@@ -10,6 +10,8 @@ cdef struct Writer:
     Py_ssize_t copied           # payload bytes copied, for encode's stats
     bint native_only            # raise EncodeError instead of pickling
     bint in_command             # ... because the message is a COMMAND
+    PyObject* shm               # a SharedMemory (borrowed: the caller holds it), or NULL
+    Py_ssize_t shm_puts         # arrays put in its slots (freed again if encoding fails)
 
 
 cdef int _grow(Writer* w, Py_ssize_t need) except -1:
@@ -189,6 +191,7 @@ cdef int _enc_scalar(Writer* w, object obj, list bufs, int depth) except -1:
 cdef int _enc_exception(Writer* w, object exc, list bufs, int depth) except -1:
     cdef Py_ssize_t mark_len, mark_bufs, mark_copied
     cdef bint native_only
+    cdef PyObject* shm
     module, qualname, args, message, tb = _exception_fields(exc)
     _put_byte(w, T_EXCEPTION)
     _enc(w, module, bufs, depth + 1)
@@ -200,7 +203,9 @@ cdef int _enc_exception(Writer* w, object exc, list bufs, int depth) except -1:
         # builds the exception from its message.
         mark_len, mark_bufs, mark_copied = w.len, len(bufs), w.copied
         native_only = w.native_only
+        shm = w.shm
         w.native_only = True
+        w.shm = NULL  # (args rolled back must not hold a slot)
         try:
             _enc(w, list(args), bufs, depth + 1)
         except EncodeError:
@@ -210,6 +215,7 @@ cdef int _enc_exception(Writer* w, object exc, list bufs, int depth) except -1:
             _put_byte(w, T_NONE)
         finally:
             w.native_only = native_only
+            w.shm = shm
     _enc(w, message, bufs, depth + 1)
     _enc(w, tb, bufs, depth + 1)
     return 0
@@ -267,6 +273,8 @@ cdef inline void _writer(Writer* w, unsigned char* stack, bint in_command) noexc
     w.heap = False
     w.copied = 0
     w.in_command = w.native_only = in_command
+    w.shm = NULL
+    w.shm_puts = 0
 
 
 cdef list _finish(Writer* w, list frames, object kind, object task_id):
@@ -279,24 +287,44 @@ cdef list _finish(Writer* w, list frames, object kind, object task_id):
     return frames
 
 
-cdef object _encode(object obj, object kind, object task_id, Py_ssize_t* copied):
+cdef object _encode(object obj, object kind, object task_id, Py_ssize_t* copied, object shm):
     """``encode`` without the checks of ``kind`` and the stats: the payload
     bytes copied are added to ``copied``."""
     cdef unsigned char stack[_STACK_BYTES]
     cdef Writer w
     _writer(&w, stack, kind == KIND_COMMAND)
+    if shm is not None:
+        w.shm = <PyObject*>shm
     frames = [None]  # item 0 becomes the header frame
     try:
         _enc(&w, obj, frames, 0)
         _finish(&w, frames, kind, task_id)
+    except BaseException:
+        _shm_abandon(&w)
+        raise
     finally:
         if w.heap:
             free(w.data)
+    _shm_commit(&w)
     copied[0] += w.copied
     return frames
 
 
-def encode(obj, kind, task_id=0, stats=None):
+cdef inline int _shm_commit(Writer* w) except -1:
+    """The slots this encoding took are in its message."""
+    if w.shm_puts:
+        (<object>w.shm).commit()
+    return 0
+
+
+cdef int _shm_abandon(Writer* w) except -1:
+    """Encoding failed: free the slots it took."""
+    if w.shm_puts:
+        (<object>w.shm).abandon()
+    return 0
+
+
+def encode(obj, kind, task_id=0, stats=None, shm=None):
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     The compiled twin of ``zmq_cluster._framing_py.encode``, whose docstring
@@ -305,7 +333,7 @@ def encode(obj, kind, task_id=0, stats=None):
     cdef Py_ssize_t copied = 0
     if kind not in _KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
-    frames = _encode(obj, kind, task_id, &copied)
+    frames = _encode(obj, kind, task_id, &copied, shm)
     if stats is not None and copied:
         stats.copied_bytes += copied
     return frames

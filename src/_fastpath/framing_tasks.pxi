@@ -18,19 +18,25 @@ cdef bytes _RESULT_OK = bytes([TAG_RESULT, TAG_STR, 2, 0, 0, 0]) + b"OK"
 
 
 cdef object _encode_request(object payload, object metadata, object task_id,
-                            Py_ssize_t* copied):
+                            Py_ssize_t* copied, object shm):
     cdef unsigned char stack[_STACK_BYTES]
     cdef Writer w
     _writer(&w, stack, False)
+    if shm is not None:
+        w.shm = <PyObject*>shm
     frames = [None]
     try:
         _put_byte(&w, T_REQUEST)
         _enc(&w, payload, frames, 1)
         _enc(&w, metadata, frames, 1)
         _finish(&w, frames, _KIND_REQUEST, task_id)
+    except BaseException:
+        _shm_abandon(&w)
+        raise
     finally:
         if w.heap:
             free(w.data)
+    _shm_commit(&w)
     copied[0] += w.copied
     return frames
 
@@ -60,19 +66,21 @@ cdef object _metadata_prefix(object identity):
 
 
 cdef object _encode_ok(object output, object request_metadata, object prefix, double seconds,
-                       uint64_t task_id, Py_ssize_t* copied):
+                       uint64_t task_id, Py_ssize_t* copied, object shm):
     return _encode_ok_send(output, request_metadata, prefix, seconds, task_id, copied, NULL,
-                           NULL)
+                           NULL, shm)
 
 
 cdef object _encode_ok_send(object output, object request_metadata, object prefix,
                             double seconds, uint64_t task_id, Py_ssize_t* copied,
-                            void* handle, send_fn send):
+                            void* handle, send_fn send, object shm):
     cdef unsigned char stack[_STACK_BYTES]
     cdef Writer w
     cdef unsigned char* p
     cdef Py_ssize_t nbuf
     _writer(&w, stack, False)
+    if shm is not None:
+        w.shm = <PyObject*>shm
     frames = [None]
     try:
         _put_raw(&w, _RESULT_OK)
@@ -96,8 +104,13 @@ cdef object _encode_ok_send(object output, object request_metadata, object prefi
         copied[0] += w.copied
         if nbuf == 0 and send != NULL:
             send(handle, w.data, w.len, 0)  # straight from the buffer
+            _shm_commit(&w)
             return None
         frames[0] = PyBytes_FromStringAndSize(<char*>w.data, w.len)
+        _shm_commit(&w)
+    except BaseException:
+        _shm_abandon(&w)
+        raise
     finally:
         if w.heap:
             free(w.data)
@@ -120,19 +133,23 @@ cdef object _task_body(Dec* d, uint64_t task_id, Py_ssize_t* copied):
 
 
 cdef object _decode_task(object frames, object allow_pickle, object alignment,
-                         Py_ssize_t* copied, int* kind, uint64_t* task_id):
+                         Py_ssize_t* copied, int* kind, uint64_t* task_id, object shm):
     cdef Dec d
     header = _start(&d, frames, allow_pickle, _COPY_THRESHOLD, alignment, kind, task_id)
+    if shm is not None:
+        d.shm = <PyObject*>shm
     return _task_body(&d, task_id[0], copied)
 
 
 cdef object _decode_task_raw(const unsigned char* p, Py_ssize_t n, object allow_pickle,
                              object alignment, Py_ssize_t* copied, int* kind,
-                             uint64_t* task_id):
+                             uint64_t* task_id, object shm):
     cdef Dec d
     d.lazy = NULL
     try:
         _start_raw(&d, p, n, allow_pickle, alignment, kind, task_id)
+        if shm is not None:
+            d.shm = <PyObject*>shm
         return _task_body(&d, task_id[0], copied)
     finally:
         _release(&d)
@@ -293,25 +310,26 @@ def metadata_prefix(identity):
     return _metadata_prefix(identity)
 
 
-def encode_request(payload, metadata, task_id=0):
+def encode_request(payload, metadata, task_id=0, shm=None):
     """The frames of ``ClusterRequest(payload, metadata)`` as a REQUEST
     (for tests)."""
     cdef Py_ssize_t copied = 0
-    return _encode_request(payload, metadata, task_id, &copied)
+    return _encode_request(payload, metadata, task_id, &copied, shm)
 
 
-def encode_ok(output, request_metadata, prefix, double seconds, uint64_t task_id=0):
+def encode_ok(output, request_metadata, prefix, double seconds, uint64_t task_id=0, shm=None):
     """The frames of an OK ClusterResult (see framing_api.pxi; for tests)."""
     cdef Py_ssize_t copied = 0
-    return _encode_ok(output, request_metadata, prefix, seconds, task_id, &copied)
+    return _encode_ok(output, request_metadata, prefix, seconds, task_id, &copied, shm)
 
 
-def decode_task(frames, allow_pickle=True, alignment=None):
+def decode_task(frames, allow_pickle=True, alignment=None, shm=None):
     """``(kind, task_id, payload, metadata)`` (see framing_api.pxi; for tests)."""
     cdef Py_ssize_t copied = 0
     cdef int kind = 0
     cdef uint64_t task_id = 0
-    payload, metadata = _decode_task(frames, allow_pickle, alignment, &copied, &kind, &task_id)
+    payload, metadata = _decode_task(frames, allow_pickle, alignment, &copied, &kind, &task_id,
+                                     shm)
     return kind, task_id, payload, metadata
 
 

@@ -186,10 +186,11 @@ cdef list _frames(Parts* p):
     return frames
 
 
-cdef object _decode_frames(list frames, object allow_pickle, object alignment, object stats):
+cdef object _decode_frames(list frames, object allow_pickle, object alignment, object stats,
+                           object shm=None):
     cdef Py_ssize_t copied = 0
     try:
-        out = _F.decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, &copied)
+        out = _F.decode(frames, allow_pickle, _THRESHOLD_OBJ, alignment, &copied, shm)
     except _MFE as exc:
         exc.header = _peek_header(frames)
         raise
@@ -281,20 +282,21 @@ cdef int _send_raw(void* handle, object part, int flags) except -1:
     return _send_frame(handle, _Frame(part, copy=False), flags)
 
 
-cdef object _encode_frames(object obj, object kind, object task_id, object stats):
+cdef object _encode_frames(object obj, object kind, object task_id, object stats,
+                           object shm=None):
     cdef Py_ssize_t copied = 0
-    frames = _F.encode(obj, kind, task_id, &copied)
+    frames = _F.encode(obj, kind, task_id, &copied, shm)
     _add(stats, _COPIED, copied)
     return frames
 
 
 cdef object _send(object socket, object obj, object kind, object task_id, int flags,
-                  object stats, object envelope=None):
+                  object stats, object envelope=None, object shm=None):
     cdef void* handle = _handle(socket)
     cdef list frames
     if kind not in _KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
-    frames = _encode_frames(obj, kind, task_id, stats)
+    frames = _encode_frames(obj, kind, task_id, stats, shm)
     if envelope:
         for part in envelope:
             _send_raw(handle, part, flags | libzmq.ZMQ_SNDMORE)
@@ -337,9 +339,9 @@ cdef object _send_encoded(void* handle, list frames, int flags, object stats):
     return None if events is None else _MessageTracker(*events)
 
 
-def send_message(socket, obj, kind, task_id=0, flags=0, stats=None, *, envelope=()):
+def send_message(socket, obj, kind, task_id=0, flags=0, stats=None, *, envelope=(), shm=None):
     """Encode ``obj`` and send it as one message (see ``_wire_common``)."""
-    return _send(socket, obj, kind, task_id, flags, stats, envelope)
+    return _send(socket, obj, kind, task_id, flags, stats, envelope, shm)
 
 
 def send_frames(socket, frames, int flags=0, stats=None):
@@ -369,16 +371,17 @@ cdef list _recv_frames(void* handle, int flags):
         PyErr_CheckSignals()
 
 
-def recv_message(socket, int flags=0, allow_pickle=True, alignment=None, stats=None):
+def recv_message(socket, int flags=0, allow_pickle=True, alignment=None, stats=None, *,
+                 shm=None):
     """Receive and decode one message (see ``_wire_common``)."""
     frames = _recv_frames(_handle(socket), flags)
     _add(stats, _RECEIVED, 1)
-    return _decode_frames(frames, allow_pickle, alignment, stats)
+    return _decode_frames(frames, allow_pickle, alignment, stats, shm)
 
 
-def decode_message(list frames, allow_pickle=True, alignment=None, stats=None):
+def decode_message(list frames, allow_pickle=True, alignment=None, stats=None, *, shm=None):
     """Decode received frames (see ``_wire_common``)."""
-    return _decode_frames(frames, allow_pickle, alignment, stats)
+    return _decode_frames(frames, allow_pickle, alignment, stats, shm)
 
 
 def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None):

@@ -24,11 +24,11 @@ cdef bint _command(list frames, object on_command, object on_malformed,
 
 
 cdef int _send_result(void* handle, object result, object task_id, object on_unsendable,
-                      object stats) except -1:
+                      object stats, object shm=None) except -1:
     try:
-        frames = _encode_frames(result, _KIND_RESULT, task_id, stats)
+        frames = _encode_frames(result, _KIND_RESULT, task_id, stats, shm)
     except Exception as exc:  # whatever stops encoding: nothing was sent
-        frames = _encode_frames(on_unsendable(result, exc), _KIND_RESULT, task_id, stats)
+        frames = _encode_frames(on_unsendable(result, exc), _KIND_RESULT, task_id, stats, shm)
     _send_encoded(handle, frames, 0, stats)
     return 0
 
@@ -46,7 +46,7 @@ cdef inline long long _now_ns() noexcept nogil:
 cdef int _serve_task(void* handle, list frames, object handle_task, object identity,
                      object prefix, object on_malformed, object on_unsendable,
                      object allow_pickle, object alignment, object stats,
-                     long long* now_ms) except -1:
+                     long long* now_ms, object shm) except -1:
     """One request of run_worker's task mode: decode, run, answer. Sets
     ``*now_ms`` to the clock read when the handler returned (0: not read)."""
     cdef Py_ssize_t copied = 0
@@ -54,25 +54,25 @@ cdef int _serve_task(void* handle, list frames, object handle_task, object ident
     cdef uint64_t task_id = 0
     now_ms[0] = 0
     try:
-        fields = _F.decode_task(frames, allow_pickle, alignment, &copied, &kind, &task_id)
+        fields = _F.decode_task(frames, allow_pickle, alignment, &copied, &kind, &task_id, shm)
     except _MFE as exc:
         exc.header = _peek_header(frames)
         result = on_malformed(_REQUEST, exc)
         if result is not None:
             header = exc.header
             _send_result(handle, result, header[1] if header is not None else 0,
-                         on_unsendable, stats)
+                         on_unsendable, stats, shm)
         return 0
     frames = None  # the request's frames can go before the send
     _add(stats, _COPIED, copied)
     return _run_task(handle, fields, task_id, handle_task, identity, prefix, on_unsendable,
-                     stats, now_ms)
+                     stats, now_ms, shm)
 
 
 cdef int _serve_task_raw(void* handle, Parts* p, object handle_task, object identity,
                          object prefix, object on_malformed, object on_unsendable,
                          object allow_pickle, object alignment, object stats,
-                         long long* now_ms) except -1:
+                         long long* now_ms, object shm) except -1:
     """_serve_task for a one-frame request still in ``p`` (closed here): read
     from libzmq's memory, no frame objects made. A request that does not
     decode goes the general way (the same decoder, so the same error)."""
@@ -82,21 +82,21 @@ cdef int _serve_task_raw(void* handle, Parts* p, object handle_task, object iden
     try:
         fields = _F.decode_task_raw(<const unsigned char*>libzmq.zmq_msg_data(&p.msgs[0]),
                                     <Py_ssize_t>libzmq.zmq_msg_size(&p.msgs[0]),
-                                    allow_pickle, alignment, &copied, &kind, &task_id)
+                                    allow_pickle, alignment, &copied, &kind, &task_id, shm)
     except Exception:
         return _serve_task(handle, _frames(p), handle_task, identity, prefix, on_malformed,
-                           on_unsendable, allow_pickle, alignment, stats, now_ms)
+                           on_unsendable, allow_pickle, alignment, stats, now_ms, shm)
     finally:
         if p.n:
             _parts_close(p)
     _add(stats, _COPIED, copied)
     return _run_task(handle, fields, task_id, handle_task, identity, prefix, on_unsendable,
-                     stats, now_ms)
+                     stats, now_ms, shm)
 
 
 cdef int _run_task(void* handle, tuple fields, uint64_t task_id, object handle_task,
                    object identity, object prefix, object on_unsendable, object stats,
-                   long long* now_ms) except -1:
+                   long long* now_ms, object shm) except -1:
     """Run the handler on a request's fields (payload, metadata), answer."""
     cdef Py_ssize_t copied
     cdef long long start, end
@@ -119,7 +119,7 @@ cdef int _run_task(void* handle, tuple fields, uint64_t task_id, object handle_t
             copied = 0
             try:
                 out = _F.encode_ok_send(output, request_metadata, prefix, seconds, task_id,
-                                        &copied, handle, _send_buf)
+                                        &copied, handle, _send_buf, shm)
             except _ZMQError:
                 raise
             except Exception:
@@ -134,18 +134,19 @@ cdef int _run_task(void* handle, tuple fields, uint64_t task_id, object handle_t
             result = _Result(_STATUS_OK, output, request_metadata)
             result.metadata = dict(identity, seconds=seconds)
             _send_result(handle, result, PyLong_FromUnsignedLongLong(task_id), on_unsendable,
-                         stats)
+                         stats, shm)
             return 0
         result = _Result(_STATUS_OK, output, request_metadata)
     result.metadata = dict(identity, seconds=_seconds_since(start))
     _add(stats, _HANDLED, 1)
-    _send_result(handle, result, PyLong_FromUnsignedLongLong(task_id), on_unsendable, stats)
+    _send_result(handle, result, PyLong_FromUnsignedLongLong(task_id), on_unsendable, stats,
+                 shm)
     return 0
 
 
 def run_worker(requests, results, commands, *, handle=None, on_command, on_malformed,
                on_unsendable, long timeout_ms=-1, allow_pickle=True, alignment=None,
-               stats=None, handle_task=None, result_metadata=None):
+               stats=None, handle_task=None, result_metadata=None, shm=None):
     """The worker's loop (see ``_wire_common``)."""
     cdef zmq_pollitem_t items[2]
     cdef Parts p
@@ -185,10 +186,10 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
                 raise
             if p.n == 1:
                 _serve_task_raw(out, &p, handle_task, identity, prefix, on_malformed,
-                                on_unsendable, allow_pickle, alignment, stats, &now)
+                                on_unsendable, allow_pickle, alignment, stats, &now, shm)
             else:
                 _serve_task(out, _frames(&p), handle_task, identity, prefix, on_malformed,
-                            on_unsendable, allow_pickle, alignment, stats, &now)
+                            on_unsendable, allow_pickle, alignment, stats, &now, shm)
             continue
         frames = _frames(&p)
         if which != request_index:
@@ -197,7 +198,8 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
             continue
         out = _handle(results)  # (closed meanwhile: raises)
         try:
-            kind, task_id, request = _decode_frames(frames, allow_pickle, alignment, stats)
+            kind, task_id, request = _decode_frames(frames, allow_pickle, alignment, stats,
+                                                    shm)
         except _MFE as exc:
             result = on_malformed(_REQUEST, exc)
             header = exc.header
@@ -206,12 +208,12 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
             result = handle(kind, task_id, request)
         frames = request = None  # the request's frames can go before the send
         if result is not None:
-            _send_result(out, result, task_id, on_unsendable, stats)
+            _send_result(out, result, task_id, on_unsendable, stats, shm)
             result = None
 
 
 def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
-              allow_pickle=True, alignment=None, stats=None):
+              allow_pickle=True, alignment=None, stats=None, *, shm=None):
     """One step of a sink: the next result, or STOP (see ``_wire_common``)."""
     cdef zmq_pollitem_t items[2]
     cdef Parts p
@@ -231,7 +233,7 @@ def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
                 return _STOP
         else:
             try:
-                return _decode_frames(frames, allow_pickle, alignment, stats)[2]
+                return _decode_frames(frames, allow_pickle, alignment, stats, shm)[2]
             except _MFE as exc:
                 replacement = on_malformed(_RESULT, exc)
                 if replacement is not None:
@@ -244,7 +246,7 @@ cdef class receive_results:
     """An iterator over a sink's results (see ``_wire_common``)."""
 
     cdef object results, commands, on_command, on_malformed, unwrap
-    cdef object allow_pickle, alignment, stats
+    cdef object allow_pickle, alignment, stats, shm
     cdef long timeout_ms
     cdef Py_ssize_t left        # results still to give; -1: no limit
     cdef int mode
@@ -252,13 +254,14 @@ cdef class receive_results:
 
     def __init__(self, results, commands, num_results, long timeout_ms, on_command,
                  on_malformed, allow_pickle=True, alignment=None, stats=None, *, unwrap=None,
-                 metadata=False):
+                 metadata=False, shm=None):
         _handle(results)
         if commands is not None:
             _handle(commands)
         self.results, self.commands = results, commands
         self.on_command, self.on_malformed, self.unwrap = on_command, on_malformed, unwrap
         self.allow_pickle, self.alignment, self.stats = allow_pickle, alignment, stats
+        self.shm = shm
         self.timeout_ms = timeout_ms
         self.left = -1 if num_results is None else max(0, num_results)
         self.mode = 0 if unwrap is None else (2 if metadata else 1)
@@ -333,7 +336,8 @@ cdef class receive_results:
                         return item
                 got = True
                 try:
-                    item = _decode_frames(frames, self.allow_pickle, self.alignment, stats)[2]
+                    item = _decode_frames(frames, self.allow_pickle, self.alignment, stats,
+                                          self.shm)[2]
                 except _MFE as exc:
                     item = self.on_malformed(_RESULT, exc)
                     got = item is not None  # else not a result: the wait goes on
@@ -348,7 +352,7 @@ cdef class receive_results:
             self.left -= 1
 
 
-def send_requests(socket, requests, task_ids, track, stats=None, *, pairs=False):
+def send_requests(socket, requests, task_ids, track, stats=None, *, pairs=False, shm=None):
     """Send every request with the next task id (see ``_wire_common``)."""
     cdef Py_ssize_t sent = 0, copied
     cdef void* handle = _handle(socket)
@@ -356,7 +360,7 @@ def send_requests(socket, requests, task_ids, track, stats=None, *, pairs=False)
         for payload, metadata in requests:
             task_id = next(task_ids)
             copied = 0
-            frames = _F.encode_request(payload, metadata, task_id, &copied)
+            frames = _F.encode_request(payload, metadata, task_id, &copied, shm)
             _add(stats, _COPIED, copied)
             handle = _handle(socket)
             tracker = _send_encoded(handle, frames, 0, stats)
@@ -366,7 +370,7 @@ def send_requests(socket, requests, task_ids, track, stats=None, *, pairs=False)
         return sent
     for request in requests:
         task_id = next(task_ids)
-        tracker = _send(socket, request, _KIND_REQUEST, task_id, 0, stats)
+        tracker = _send(socket, request, _KIND_REQUEST, task_id, 0, stats, None, shm)
         if tracker is not None:
             track(tracker)
         if type(request) is _Request:

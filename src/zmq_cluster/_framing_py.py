@@ -9,29 +9,29 @@ behaviour, the same error texts and the same bytes; ``zmq_cluster.framing``
 picks one. Helpers both twins need live in ``_framing_common``.
 """
 
-import math
 import pickle
 import struct
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._framing_arrays_py import ArrayReader, ArrayWriter
 from ._framing_common import (
-    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE,
-    E_ITEMSIZE0, E_KIND, E_MAGIC, E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS,
-    E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_TAG, E_TOO_BIG,
-    E_SPLIT_COUNT, E_SPLIT_SIZE, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64, I64, TAG_U32, U8, U32,
-    X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, aligned_empty, array_bad_code_points,
-    array_dtype_header, as_buffer, assembly_buffer, bad_code_points, big_alignment, count_error, dtype_header,
-    exception_fields, exception_value, frame_buffer, read_dtype, truncated,
+    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_KIND, E_MAGIC,
+    E_NFRAMES, E_NUMPY, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED,
+    E_SCALAR, E_SHORT, E_TAG, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64,
+    I64, TAG_U32, U32, X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, array_bad_code_points,
+    as_buffer, bad_code_points, count_error, dtype_header, frame_buffer, read_dtype, truncated,
 )
+from ._framing_exceptions import exception_fields, exception_value
+from ._framing_shm import decode_shm_array
 from .exceptions import EncodeError, MessageFormatError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import (
-    ALIGNED_BYTES, COPY_THRESHOLD, SPLIT_BYTES, TAG_SPLIT_ARRAY, HEADER, HEADER_SIZE, INLINE_LIMIT, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS,
-    MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
-    TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY,
-    TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_STR,
+    COPY_THRESHOLD, HEADER, HEADER_SIZE, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS, MAGIC,
+    MAX_DEPTH, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT,
+    TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST, TAG_NONE,
+    TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_SHM_ARRAY, TAG_SPLIT_ARRAY, TAG_STR,
     TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
 )
 
@@ -40,14 +40,12 @@ __all__ = ["encode", "decode", "frame_buffer"]
 _NONE = bytes([TAG_NONE])
 _TRUE = bytes([TAG_TRUE])
 _FALSE = bytes([TAG_FALSE])
-_INLINE = bytes([TAG_INLINE_ARRAY])
-_ARRAY_HEAD = TAG_U32
-_SPLIT_HEAD = struct.Struct("<BII")  # tag, first frame, frame count
 
 
 # --------------------------------------------------------------------- encode
 
-def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any]:
+def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None,
+           shm: Any = None) -> List[Any]:
     """Encode ``obj`` as the frames of one message of ``kind``.
 
     Returns a list whose first item is the header frame (``bytes``) and whose
@@ -76,34 +74,47 @@ def encode(obj: Any, kind: int, task_id: int = 0, stats: Any = None) -> List[Any
     is encoded: the ``nbytes`` of every inline array and of every frame
     array that was neither C- nor F-contiguous; never header bytes or
     pickled data.
+
+    Shared memory: with ``shm`` (a ``zmq_cluster.sharedmem.SharedMemory``),
+    an array of at least ``shm.min_bytes`` whose dtype is not structured is
+    copied once into one of its slots and written as a reference (tag
+    ``'h'``, no buffer frame), counted in ``copied_bytes``; when no slot is
+    free it is written as usual. Not inside an exception's args.
     """
     if kind not in KINDS:
         raise ValueError("unknown message kind %r" % (kind,))
-    encoder = _Encoder(kind == KIND_COMMAND)
-    encoder.value(obj, 0)
-    buffers = encoder.buffers
-    if len(buffers) > U32_MAX:
-        raise EncodeError(X_U32 % ("a message", len(buffers), "buffer frames"))
-    parts = encoder.parts
-    parts[0] = HEADER.pack(MAGIC, VERSION, kind, len(buffers), task_id)
+    encoder = _Encoder(kind == KIND_COMMAND, shm)
+    try:
+        encoder.value(obj, 0)
+        buffers = encoder.buffers
+        if len(buffers) > U32_MAX:
+            raise EncodeError(X_U32 % ("a message", len(buffers), "buffer frames"))
+        parts = encoder.parts
+        parts[0] = HEADER.pack(MAGIC, VERSION, kind, len(buffers), task_id)
+    except BaseException:
+        encoder.abandon()
+        raise
+    encoder.commit()
     frames = [b"".join(parts)] + buffers
     if stats is not None and encoder.copied:
         stats.copied_bytes += encoder.copied
     return frames
 
 
-class _Encoder:
+class _Encoder(ArrayWriter):
     """Appends the header body's pieces to ``parts``, buffer frames to
     ``buffers``; ``native_only``: raise EncodeError instead of pickling."""
 
-    __slots__ = ("parts", "buffers", "copied", "native_only", "in_command")
+    __slots__ = ("parts", "buffers", "copied", "native_only", "in_command", "shm", "shm_puts")
 
-    def __init__(self, in_command):
+    def __init__(self, in_command, shm=None):
         self.parts = [b""]  # item 0 becomes the fixed header
         self.buffers = []
         self.copied = 0
         self.native_only = in_command
         self.in_command = in_command
+        self.shm = shm
+        self.shm_puts = 0  # arrays put in shm's slots (freed again if encoding fails)
 
     def value(self, obj, depth):
         # Exact type checks: a subclass (a bool is not an int here, a user's
@@ -175,6 +186,15 @@ class _Encoder:
                   and self.scalar(obj, depth)):
             self.pickled(obj)  # no native form
 
+    def commit(self):
+        if self.shm_puts:
+            self.shm.commit()
+
+    def abandon(self):
+        """Encoding failed: free the slots it took."""
+        if self.shm_puts:
+            self.shm.abandon()
+
     def blob(self, tag, raw, what):
         if len(raw) > U32_MAX:
             raise EncodeError(X_U32 % (what, len(raw), "bytes"))
@@ -190,64 +210,6 @@ class _Encoder:
             self.parts.append(value)
         else:
             self.value(value, depth)
-
-    def array(self, arr, depth):
-        """Write an ndarray; False (nothing written) when it has no native
-        form (a dtype outside the grammar, or of item size 0)."""
-        entry = array_dtype_header(arr.dtype)
-        if entry is None:
-            return False
-        value, text = entry
-        if text and array_bad_code_points(arr):
-            raise EncodeError(X_CODE_POINT % arr.dtype)
-        flags = arr.flags
-        if flags.c_contiguous:
-            order = ORDER_C
-        elif flags.f_contiguous:
-            order = ORDER_F
-        else:
-            order = 0  # neither: written in C order, from a copy
-        nbytes = arr.nbytes
-        parts = self.parts
-        shape = arr.shape
-        if nbytes < INLINE_LIMIT:
-            # Inline: the elements go into the header, straight from the
-            # array's memory (one copy, in C order when it is not contiguous).
-            parts.append(_INLINE)
-            self.dtype(value, depth + 1)
-            parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
-            if order == ORDER_F:
-                parts.append(U8.pack(ORDER_F))
-                parts.append(arr.tobytes("F"))
-            else:
-                parts.append(U8.pack(ORDER_C))
-                parts.append(arr.tobytes("C"))
-            self.copied += nbytes
-            return True
-        if not order:
-            arr = np.ascontiguousarray(arr)
-            order = ORDER_C
-            self.copied += nbytes
-        # (A frame index past U32_MAX cannot happen alone: encode() refuses the
-        # frame count.)
-        if nbytes > SPLIT_BYTES:
-            # Split: frames of SPLIT_BYTES (the last holds the rest), each a
-            # view of the array's memory.
-            count = -(-nbytes // SPLIT_BYTES)
-            if count > U32_MAX:
-                raise EncodeError(X_U32 % ("an array", count, "buffer frames"))
-            parts.append(_SPLIT_HEAD.pack(TAG_SPLIT_ARRAY, len(self.buffers) & U32_MAX, count))
-        else:
-            parts.append(_ARRAY_HEAD.pack(TAG_ARRAY, len(self.buffers) & U32_MAX))
-        self.dtype(value, depth + 1)
-        parts.append(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
-        parts.append(U8.pack(order))
-        flat = frame_buffer(arr)
-        if nbytes > SPLIT_BYTES:
-            self.buffers.extend([flat[i:i + SPLIT_BYTES] for i in range(0, nbytes, SPLIT_BYTES)])
-        else:
-            self.buffers.append(flat)
-        return True
 
     def scalar(self, obj, depth):
         """Write a numpy scalar; False when its dtype has no native form."""
@@ -278,8 +240,9 @@ class _Encoder:
         else:
             # The args only when every one is native: else N, and the
             # receiver builds the exception from its message.
-            mark = (len(self.parts), len(self.buffers), self.copied, self.native_only)
+            mark = (len(self.parts), len(self.buffers), self.copied, self.native_only, self.shm)
             self.native_only = True
+            self.shm = None  # (args rolled back must not hold a slot)
             try:
                 self.value(list(args), depth + 1)
             except EncodeError:
@@ -289,6 +252,7 @@ class _Encoder:
                 self.parts.append(_NONE)
             finally:
                 self.native_only = mark[3]
+                self.shm = mark[4]
         self.value(message, depth + 1)
         self.value(tb, depth + 1)
 
@@ -314,7 +278,7 @@ class _Encoder:
 
 def decode(frames: Sequence[Any], allow_pickle: bool = True,
            copy_threshold: int = COPY_THRESHOLD, alignment: Optional[int] = None,
-           stats: Any = None) -> Tuple[int, int, Any]:
+           stats: Any = None, shm: Any = None) -> Tuple[int, int, Any]:
     """Decode the frames of one message: returns ``(kind, task_id, obj)``.
 
     ``frames`` are ``zmq.Frame`` objects, or anything with the buffer
@@ -339,6 +303,12 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     exception types imported, only once the whole message has been checked:
     a message rejected for any other reason runs none.
 
+    Shared memory (tag ``'h'``): with ``shm`` (a SharedMemory), such an
+    array is a writeable view of the sender's slot (no copy, counted 0),
+    mapped on the second pass only; its drop releases the slot. Without
+    ``shm``, or when the reference cannot be mapped or does not match its
+    slot, the message is refused (MessageFormatError saying why).
+
     A message that breaks the format or its limits raises
     :class:`~zmq_cluster.exceptions.MessageFormatError`; nothing is
     allocated beyond what the frames' sizes justify.
@@ -350,12 +320,13 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     rejected.
     """
     header, kind, task_id = _start(frames)
-    decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, False)
+    decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, False, shm)
     obj = decoder.body()
     if decoder.deferred:
-        # The message holds pickles or exceptions to rebuild, and is valid:
-        # decode it again, loading them this time.
-        decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, True)
+        # The message holds pickles, exceptions to rebuild or shared-memory
+        # arrays, and is valid: decode it again, loading them this time.
+        decoder = _Decoder(header, frames, kind, allow_pickle, copy_threshold, alignment, True,
+                           shm)
         obj = decoder.body()
     if task_id and (type(obj) is ClusterRequest or type(obj) is ClusterResult):
         obj.task_id = task_id
@@ -387,7 +358,7 @@ def _start(frames):
 _PICKLE_OK, _PICKLE_IN_COMMAND, _PICKLE_IN_ARGS = 0, 1, 2
 
 
-class _Decoder:
+class _Decoder(ArrayReader):
     """Walks the header body; ``pos`` is the offset of the next byte.
 
     With ``load`` false, a pickle or an exception to rebuild is checked and
@@ -399,7 +370,9 @@ class _Decoder:
     top = False
     unwrapped = False
 
-    def __init__(self, header, frames, kind, allow_pickle, copy_threshold, alignment, load):
+    def __init__(self, header, frames, kind, allow_pickle, copy_threshold, alignment, load,
+                 shm=None):
+        self.shm = shm
         self.header = header
         self.frames = frames
         self.allow_pickle = allow_pickle
@@ -484,6 +457,13 @@ class _Decoder:
             return self.array(depth)
         if tag == TAG_SPLIT_ARRAY:
             return self.split_array(depth)
+        if tag == TAG_SHM_ARRAY:
+            arr, self.pos, copied = decode_shm_array(self.shm, header, self.pos, depth, self.load,
+                                                     self.alignment)
+            if not self.load:
+                self.deferred += 1  # mapped and claimed on the second pass only
+            self.copied += copied
+            return arr
         if tag == TAG_TRUE:
             return True
         if tag == TAG_FALSE:
@@ -544,103 +524,6 @@ class _Decoder:
             raise MessageFormatError(E_CODE_POINT % ("scalar", at, dtype))
         return np.frombuffer(data, dtype)[0]
 
-    # Arrays: where the bytes come from (the header, or a frame) is the only
-    # difference between the two forms; both read and check their fields
-    # with array_fields first.
-
-    def array_fields(self, at, dtype):
-        """An array's ndim, shape and order fields, checked against the
-        limits: ``(shape, order byte, nbytes)``."""
-        ndim = self.header[self.take(1, "an array's ndim")]
-        if ndim > MAX_NDIM:
-            raise MessageFormatError(E_NDIM % (at, ndim))
-        shape = struct.unpack_from("<%dQ" % ndim, self.header, self.take(8 * ndim, "a shape"))
-        order = self.header[self.take(1, "an array's order")]
-        if order != ORDER_C and order != ORDER_F:
-            raise MessageFormatError(E_ORDER % (at, chr(order)))
-        itemsize = dtype.itemsize
-        if itemsize == 0:
-            raise MessageFormatError(E_ITEMSIZE0 % (at, dtype))
-        nbytes = math.prod(shape) * itemsize
-        if nbytes > MAX_ARRAY_BYTES or not nbytes and math.prod(
-                [dim for dim in shape if dim]) * itemsize > MAX_ARRAY_BYTES:
-            raise MessageFormatError(E_TOO_BIG % (at, _shape_text(shape), dtype))
-        return shape, order, nbytes
-
-    def inline_array(self, depth):
-        at = self.pos - 1
-        dtype = self.dtype(depth)
-        shape, order, nbytes = self.array_fields(at, dtype)
-        start = self.take(nbytes, "an inline array")
-        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(
-                self.header[start:start + nbytes], dtype):
-            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
-        self.copied += nbytes
-        flat = aligned_empty(nbytes, self.alignment or dtype.alignment)
-        flat[:] = self.header[start:start + nbytes]
-        return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
-
-    def array(self, depth):
-        at = self.pos - 1
-        buf = self.frame("array at offset %d" % at)
-        dtype = self.dtype(depth)
-        shape, order, nbytes = self.array_fields(at, dtype)
-        if nbytes != buf.nbytes:
-            raise MessageFormatError(E_FRAME_SIZE % (at, _shape_text(shape), dtype, nbytes,
-                                                     buf.nbytes))
-        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(buf, dtype):
-            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
-        flat = np.frombuffer(buf, np.uint8)
-        align = self.alignment or dtype.alignment
-        if nbytes >= ALIGNED_BYTES:
-            align = big_alignment(align)
-        if (nbytes < self.copy_threshold or flat.ctypes.data % align
-                or not flat.flags.writeable):
-            received = flat
-            if nbytes >= ALIGNED_BYTES:  # fresh pages of this size fault in slowly
-                flat = assembly_buffer(nbytes, align)
-            else:
-                flat = aligned_empty(nbytes, align)
-            flat[:] = received
-            self.copied += nbytes
-        return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
-
-    def split_array(self, depth):
-        at = self.pos - 1
-        what = "array at offset %d" % at
-        first = self.u32("a frame index")
-        count = self.u32("a frame count")
-        if first != self.used:
-            raise MessageFormatError(E_FRAME_ORDER % (what, first, self.used))
-        if not count:
-            raise MessageFormatError(E_SPLIT_COUNT % at)
-        last = first + count - 1
-        if last >= len(self.frames) - 1:
-            raise MessageFormatError(E_FRAME_RANGE % (what, last, len(self.frames) - 1))
-        self.used += count
-        bufs = [as_buffer(frame) for frame in self.frames[first + 1:last + 2]]
-        dtype = self.dtype(depth)
-        shape, order, nbytes = self.array_fields(at, dtype)
-        held = sum([buf.nbytes for buf in bufs])
-        if held != nbytes:
-            raise MessageFormatError(E_SPLIT_SIZE % (at, _shape_text(shape), dtype, nbytes,
-                                                     count, held))
-        # Assembled: one aligned array, one memcpy per frame.
-        align = self.alignment or dtype.alignment
-        if nbytes >= ALIGNED_BYTES:
-            flat = assembly_buffer(nbytes, big_alignment(align))
-        else:
-            flat = aligned_empty(nbytes, align)
-        start = 0
-        for buf in bufs:
-            end = start + buf.nbytes
-            flat[start:end] = np.frombuffer(buf, np.uint8)
-            start = end
-        if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(flat, dtype):
-            raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
-        self.copied += nbytes
-        return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
-
     def exception(self, depth):
         at = self.pos - 1
         module = self.value(depth + 1)
@@ -678,7 +561,3 @@ class _Decoder:
             return pickle.loads(data, buffers=buffers)
         except Exception as exc:
             raise MessageFormatError(E_PICKLE_LOAD % (at, type(exc).__name__, exc)) from None
-
-
-def _shape_text(shape):
-    return "x".join(map(str, shape)) or "scalar"

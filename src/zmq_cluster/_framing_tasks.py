@@ -132,6 +132,7 @@ def _small_bytes(obj: Any) -> bytes:
 
 
 def _frames(encoder: _Encoder, kind: int, task_id: int, stats: Any) -> list:
+    encoder.commit()
     buffers = encoder.buffers
     parts = encoder.parts
     parts[0] = _pack_header(MAGIC, VERSION, kind, len(buffers), task_id)
@@ -140,17 +141,22 @@ def _frames(encoder: _Encoder, kind: int, task_id: int, stats: Any) -> list:
     return [b"".join(parts)] + buffers if buffers else [b"".join(parts)]
 
 
-def encode_request(payload: Any, metadata: Any, task_id: int = 0, stats: Any = None) -> list:
+def encode_request(payload: Any, metadata: Any, task_id: int = 0, stats: Any = None,
+                   shm: Any = None) -> list:
     """The frames of ``ClusterRequest(payload, metadata)`` as a REQUEST."""
     try:
         return [b"".join((_pack_header(MAGIC, VERSION, KIND_REQUEST, 0, task_id), _REQUEST,
                           _small_bytes(payload), _small_bytes(metadata)))]
     except _Slow:
         pass
-    encoder = _Encoder(False)
+    encoder = _Encoder(False, shm)
     encoder.parts.append(_REQUEST)
-    encoder.value(payload, 1)
-    encoder.value(metadata, 1)
+    try:
+        encoder.value(payload, 1)
+        encoder.value(metadata, 1)
+    except BaseException:
+        encoder.abandon()
+        raise
     return _frames(encoder, KIND_REQUEST, task_id, stats)
 
 
@@ -174,7 +180,7 @@ def metadata_prefix(identity: Any) -> Optional[bytes]:
 
 
 def encode_ok(output: Any, request_metadata: Any, prefix: bytes, seconds: float,
-              task_id: int = 0, stats: Any = None) -> list:
+              task_id: int = 0, stats: Any = None, shm: Any = None) -> list:
     """The frames of ``ClusterResult("OK", output, request_metadata,
     dict(identity, seconds=seconds))`` as a RESULT, ``prefix`` being
     ``metadata_prefix(identity)``."""
@@ -184,11 +190,15 @@ def encode_ok(output: Any, request_metadata: Any, prefix: bytes, seconds: float,
                           _FLOAT, _pack_f64(seconds), _NONE))]
     except _Slow:
         pass
-    encoder = _Encoder(False)
+    encoder = _Encoder(False, shm)
     parts = encoder.parts
     parts.append(_RESULT_OK)
-    encoder.value(output, 1)
-    encoder.value(request_metadata, 1)
+    try:
+        encoder.value(output, 1)
+        encoder.value(request_metadata, 1)
+    except BaseException:
+        encoder.abandon()
+        raise
     parts.append(prefix)
     parts.append(_FLOAT + _pack_f64(seconds))
     parts.append(_NONE)
@@ -203,7 +213,7 @@ class _Copied:
 
 
 def decode_task(frames: Sequence[Any], allow_pickle: bool = True, alignment: Any = None,
-                stats: Any = None) -> Tuple[int, int, Any, Any]:
+                stats: Any = None, shm: Any = None) -> Tuple[int, int, Any, Any]:
     """``(kind, task_id, payload, metadata)``: a ClusterRequest body's
     fields, any other body as the payload with metadata None. Raises as
     ``decode`` does."""
@@ -223,11 +233,13 @@ def decode_task(frames: Sequence[Any], allow_pickle: bool = True, alignment: Any
         except (_Slow, IndexError, struct.error, UnicodeDecodeError):
             pass
     header, kind, task_id = _start(frames)
-    decoder = _Decoder(header, frames, kind, allow_pickle, COPY_THRESHOLD, alignment, False)
+    decoder = _Decoder(header, frames, kind, allow_pickle, COPY_THRESHOLD, alignment, False,
+                       shm)
     decoder.top = True
     obj = decoder.body()
     if decoder.deferred:
-        decoder = _Decoder(header, frames, kind, allow_pickle, COPY_THRESHOLD, alignment, True)
+        decoder = _Decoder(header, frames, kind, allow_pickle, COPY_THRESHOLD, alignment, True,
+                           shm)
         decoder.top = True
         obj = decoder.body()
     if stats is not None and decoder.copied:
@@ -267,6 +279,8 @@ def decode_ok(frames: Sequence[Any], allow_pickle: bool = True, alignment: Any =
     try:
         if as_buffer(frames[0])[HEADER_SIZE:HEADER_SIZE + 8] != _RESULT_OK:
             return NOT_FAST
+        # (Without shared memory: a result holding a shared-memory array is
+        # NOT_FAST, so that its slot is claimed by one decode only.)
         _, _, result = decode(frames, allow_pickle, COPY_THRESHOLD, alignment, copied)
     except (MessageFormatError, IndexError):
         return NOT_FAST

@@ -63,9 +63,9 @@ class Counters:
 
 def send_message(socket: zmq.Socket, obj: object, kind: int, task_id: int = 0,
                  flags: int = 0, stats: SendStats | None = None, *,
-                 envelope: Sequence[Any] = ()) -> zmq.MessageTracker | None:
+                 envelope: Sequence[Any] = (), shm: Any = None) -> zmq.MessageTracker | None:
     """Encode ``obj`` and send it as one message (see ``_wire_common``)."""
-    frames = _encode(obj, kind, task_id, stats)
+    frames = _encode(obj, kind, task_id, stats, shm)
     for part in envelope:
         socket.send(part, flags | _SNDMORE)
     return _send_encoded(socket, frames, flags, stats)
@@ -129,19 +129,19 @@ def _receive(socket: zmq.Socket, flags: int) -> Frames:
 
 def recv_message(socket: zmq.Socket, flags: int = 0, allow_pickle: bool = True,
                  alignment: int | None = None,
-                 stats: RecvStats | None = None) -> tuple[int, int, Any]:
+                 stats: RecvStats | None = None, *, shm: Any = None) -> tuple[int, int, Any]:
     """Receive and decode one message (see ``_wire_common``)."""
     frames = _receive(socket, flags)
     if stats is not None:
         stats.messages_received += 1
-    return decode_message(frames, allow_pickle, alignment, stats)
+    return decode_message(frames, allow_pickle, alignment, stats, shm=shm)
 
 
 def decode_message(frames: Frames, allow_pickle: bool = True, alignment: int | None = None,
-                   stats: RecvStats | None = None) -> tuple[int, int, Any]:
+                   stats: RecvStats | None = None, *, shm: Any = None) -> tuple[int, int, Any]:
     """Decode received frames (see ``_wire_common``)."""
     try:
-        return _decode(frames, allow_pickle, COPY_THRESHOLD, alignment, stats)
+        return _decode(frames, allow_pickle, COPY_THRESHOLD, alignment, stats, shm)
     except MessageFormatError as exc:
         exc.header = peek_header(frames)  # type: ignore[attr-defined]
         raise
@@ -236,7 +236,7 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
                timeout_ms: int = -1, allow_pickle: bool = True, alignment: int | None = None,
                stats: Stats | None = None,
                handle_task: Callable[[Any], Any] | None = None,
-               result_metadata: dict[str, Any] | None = None) -> None:
+               result_metadata: dict[str, Any] | None = None, shm: Any = None) -> None:
     """The worker's loop (see ``_wire_common``)."""
     sockets = [requests] if commands is None else [commands, requests]
     request_index = len(sockets) - 1
@@ -267,11 +267,12 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
             continue
         if handle_task is not None:
             _serve_task(results, frames, handle_task, identity, prefix, on_malformed,
-                        on_unsendable, allow_pickle, alignment, stats)
+                        on_unsendable, allow_pickle, alignment, stats, shm)
             frames = []
             continue
         try:
-            kind, task_id, request = decode_message(frames, allow_pickle, alignment, stats)
+            kind, task_id, request = decode_message(frames, allow_pickle, alignment, stats,
+                                                    shm=shm)
         except MessageFormatError as exc:
             result = on_malformed(REQUEST, exc)
             header = exc.header  # type: ignore[attr-defined]
@@ -281,7 +282,7 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
         frames = []  # the request's frames can go before the send
         request = None
         if result is not None:
-            _send_result(results, result, task_id, on_unsendable, stats)
+            _send_result(results, result, task_id, on_unsendable, stats, shm)
             result = None
 
 
@@ -289,18 +290,18 @@ def _serve_task(results: zmq.Socket, frames: Frames, handle_task: Callable[[Any]
                 identity: dict[str, Any], prefix: bytes | None,
                 on_malformed: Callable[[str, MessageFormatError], object],
                 on_unsendable: Callable[[Any, Exception], object], allow_pickle: bool,
-                alignment: int | None, stats: Stats | None) -> None:
+                alignment: int | None, stats: Stats | None, shm: Any) -> None:
     """One request of run_worker's task mode: decode, run, answer."""
     try:
         _, task_id, payload, request_metadata = decode_task(frames, allow_pickle, alignment,
-                                                            stats)
+                                                            stats, shm)
     except MessageFormatError as exc:
         exc.header = peek_header(frames)  # type: ignore[attr-defined]
         result = on_malformed(REQUEST, exc)
         if result is not None:
             header = exc.header  # type: ignore[attr-defined]
             _send_result(results, result, header[1] if header is not None else 0,
-                         on_unsendable, stats)
+                         on_unsendable, stats, shm)
         return
     del frames[:]  # the request's frames can go before the send
     start = _perf_counter()
@@ -314,7 +315,7 @@ def _serve_task(results: zmq.Socket, frames: Frames, handle_task: Callable[[Any]
             stats.requests_handled += 1
         if prefix is not None:
             try:
-                out = encode_ok(output, request_metadata, prefix, seconds, task_id, stats)
+                out = encode_ok(output, request_metadata, prefix, seconds, task_id, stats, shm)
             except Exception:
                 pass  # the general way below finds the same error, and answers it
             else:
@@ -322,21 +323,21 @@ def _serve_task(results: zmq.Socket, frames: Frames, handle_task: Callable[[Any]
                 return
         result = ClusterResult(_OK, output, request_metadata)
         result.metadata = dict(identity, seconds=seconds)
-        _send_result(results, result, task_id, on_unsendable, stats)
+        _send_result(results, result, task_id, on_unsendable, stats, shm)
         return
     result.metadata = dict(identity, seconds=_perf_counter() - start)
     if stats is not None:
         stats.requests_handled += 1
-    _send_result(results, result, task_id, on_unsendable, stats)
+    _send_result(results, result, task_id, on_unsendable, stats, shm)
 
 
 def _send_result(results: zmq.Socket, result: object, task_id: int,
                  on_unsendable: Callable[[Any, Exception], object],
-                 stats: Stats | None) -> None:
+                 stats: Stats | None, shm: Any = None) -> None:
     try:
-        frames = _encode(result, KIND_RESULT, task_id, stats)
+        frames = _encode(result, KIND_RESULT, task_id, stats, shm)
     except Exception as exc:  # whatever stops encoding: nothing was sent
-        frames = _encode(on_unsendable(result, exc), KIND_RESULT, task_id, stats)
+        frames = _encode(on_unsendable(result, exc), KIND_RESULT, task_id, stats, shm)
     _send_encoded(results, frames, 0, stats)
 
 
@@ -344,7 +345,7 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
               on_command: Callable[[int, Any], bool],
               on_malformed: Callable[[str, MessageFormatError], object],
               allow_pickle: bool = True, alignment: int | None = None,
-              stats: RecvStats | None = None) -> Any:
+              stats: RecvStats | None = None, *, shm: Any = None) -> Any:
     """One step of a sink: the next result, or STOP (see ``_wire_common``)."""
     sockets = [results] if commands is None else [commands, results]
     result_index = len(sockets) - 1
@@ -361,7 +362,7 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
                 return STOP
             continue
         try:
-            return decode_message(frames, allow_pickle, alignment, stats)[2]
+            return decode_message(frames, allow_pickle, alignment, stats, shm=shm)[2]
         except MessageFormatError as exc:
             replacement = on_malformed(RESULT, exc)
             if replacement is not None:
@@ -377,21 +378,22 @@ def receive_results(results: zmq.Socket, commands: zmq.Socket | None,
                     allow_pickle: bool = True, alignment: int | None = None,
                     stats: RecvStats | None = None, *,
                     unwrap: Callable[[Any], Any] | None = None,
-                    metadata: bool = False) -> Iterator[Any]:
+                    metadata: bool = False, shm: Any = None) -> Iterator[Any]:
     """An iterator over a sink's results (see ``_wire_common``)."""
     sockets = [results] if commands is None else [commands, results]
     for socket in sockets:
         if not isinstance(socket, zmq.Socket):
             raise TypeError("expected a zmq.Socket, got %s" % type(socket).__name__)
     return _results(sockets, num_results, timeout_ms, on_command, on_malformed, allow_pickle,
-                    alignment, stats, unwrap, 0 if unwrap is None else (2 if metadata else 1))
+                    alignment, stats, unwrap, 0 if unwrap is None else (2 if metadata else 1),
+                    shm)
 
 
 def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int,
              on_command: Callable[[int, Any], bool],
              on_malformed: Callable[[str, MessageFormatError], object],
              allow_pickle: bool, alignment: int | None, stats: RecvStats | None,
-             unwrap: Callable[[Any], Any] | None, mode: int) -> Iterator[Any]:
+             unwrap: Callable[[Any], Any] | None, mode: int, shm: Any) -> Iterator[Any]:
     result_index = len(sockets) - 1
     poller = _poller(sockets)
     left = -1 if num_results is None else max(0, num_results)
@@ -413,7 +415,7 @@ def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int
                     if item is not NOT_FAST:
                         break
                 try:
-                    item = decode_message(frames, allow_pickle, alignment, stats)[2]
+                    item = decode_message(frames, allow_pickle, alignment, stats, shm=shm)[2]
                 except MessageFormatError as exc:
                     item = on_malformed(RESULT, exc)
                     if item is not None:
@@ -431,21 +433,22 @@ def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int
 
 def send_requests(socket: zmq.Socket, requests: Iterable[Any], task_ids: Iterator[int],
                   track: Callable[[zmq.MessageTracker], object],
-                  stats: SendStats | None = None, *, pairs: bool = False) -> int:
+                  stats: SendStats | None = None, *, pairs: bool = False,
+                  shm: Any = None) -> int:
     """Send every request with the next task id (see ``_wire_common``)."""
     sent = 0
     if pairs:
         for payload, metadata in requests:
             task_id = next(task_ids)
-            tracker = _send_encoded(socket, encode_request(payload, metadata, task_id, stats),
-                                    0, stats)
+            tracker = _send_encoded(socket, encode_request(payload, metadata, task_id, stats,
+                                                           shm), 0, stats)
             if tracker is not None:
                 track(tracker)
             sent += 1
         return sent
     for request in requests:
         task_id = next(task_ids)
-        tracker = send_message(socket, request, KIND_REQUEST, task_id, 0, stats)
+        tracker = send_message(socket, request, KIND_REQUEST, task_id, 0, stats, shm=shm)
         if tracker is not None:
             track(tracker)
         if type(request) is ClusterRequest:

@@ -42,6 +42,7 @@ TAG_TUPLE = ord("t")      # u32 count + values
 TAG_DICT = ord("m")       # u32 count + key/value pairs
 TAG_ARRAY = ord("a")      # u32 frame, dtype value, u8 ndim, u64 shape..., u8 order
 TAG_SPLIT_ARRAY = ord("c")   # u32 first frame, u32 frame count, dtype value, u8 ndim, ...
+TAG_SHM_ARRAY = ord("h")  # u32 slot, u64 generation, u64 offset, str pool, dtype, ...
 TAG_INLINE_ARRAY = ord("A")  # dtype value, u8 ndim, u64 shape..., u8 order, raw bytes
 TAG_SCALAR = ord("g")     # dtype value + u32 length + raw bytes
 TAG_REQUEST = ord("R")    # payload, metadata

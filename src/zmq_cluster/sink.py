@@ -13,6 +13,7 @@ from ._wire_common import RESULT, counter, is_command, timeout_ms
 from .commands import send_command
 from .exceptions import MessageFormatError, WorkerException
 from .messages import ClusterResult
+from .sharedmem import SharedMemory, node_shared_memory
 from .sockets import InitSocket, SocketLike, close_owned
 from .wire import Counters, receive_results
 
@@ -50,6 +51,17 @@ class BasicSink:
     dtype's own alignment) can be set to e.g. 64 to get every array at that
     alignment, copying those that the transport did not place there.
 
+
+    ``shared_memory`` (opt-in, same host only): True, or a
+    :class:`~zmq_cluster.sharedmem.SharedMemory`, receives
+    arrays by shared memory (docs/protocol.md, "Arrays"): an array of at
+    least ``min_bytes`` (1 MiB) is copied once into a memfd slot and the
+    message names it; a received one is a writeable, 64-byte-aligned view
+    of the sender's slot (no copy), released when dropped. Without it, a
+    message holding such a reference is refused (logged, counted in
+    ``malformed_messages``, and yielded as a FAIL result). True makes one that the node closes
+    in Shutdown.
+
     Counters: ``messages_received`` (every message, commands and malformed
     ones included), ``copied_bytes`` (payload bytes copied on the way in:
     arrays below ``COPY_THRESHOLD``; larger arrays are views on the
@@ -72,19 +84,23 @@ class BasicSink:
 
     def __init__(self, context: zmq.Context, result_receiver: SocketLike,
                  command_receiver: SocketLike | None = None,
-                 receiver_timeout: float | None = None) -> None:
+                 receiver_timeout: float | None = None, *,
+                 shared_memory: SharedMemory | bool | None = None) -> None:
         self.context = context
         self.result_receiver = result_receiver
         self.command_receiver = command_receiver
         self.receiver_timeout = receiver_timeout
         self.malformed_messages = 0
         self._counters = Counters()
+        self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
         self._results: zmq.Socket | None = None
         self._commands: zmq.Socket | None = None
 
     def Setup(self) -> None:
         """Initialize the sink: create (or adopt) and connect its sockets."""
         assert self.result_receiver is not None, "a sink needs a result_receiver"
+        if self._own_shm and self.shared_memory is not None and self.shared_memory.closed:
+            self.shared_memory = SharedMemory()
         self._results = InitSocket(self.context, self.result_receiver, zmq.PULL)
         if self.command_receiver is not None:
             self._commands = InitSocket(self.context, self.command_receiver, zmq.SUB,
@@ -95,6 +111,8 @@ class BasicSink:
         close_owned(self._results, self.result_receiver)
         close_owned(self._commands, self.command_receiver)
         self._results = self._commands = None
+        if self._own_shm and self.shared_memory is not None:
+            self.shared_memory.close()  # (kept, for its counters; Setup makes a new one)
 
     def __enter__(self: _S) -> _S:
         self.Setup()
@@ -130,7 +148,7 @@ class BasicSink:
             self._results, self._commands, num_results,
             timeout_ms(self.receiver_timeout if timeout is None else timeout),
             self._on_command, self._on_malformed, self.allow_pickle, self.array_alignment,
-            self._counters, unwrap=unwrap, metadata=metadata)
+            self._counters, unwrap=unwrap, metadata=metadata, shm=self.shared_memory)
 
     # The callables receive_results is given (zmq_cluster._wire_common
     # states their contract).

@@ -13,6 +13,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .exceptions import ReceiverTimeoutException
+from .sharedmem import SharedMemory, node_shared_memory
 from .sockets import InitSocket, SocketLike, close_owned
 from ._wire_common import counter
 from .wire import Counters, send_requests
@@ -53,7 +54,17 @@ class BasicVentilator:
     keep their arrays alive.
 
     Counters: ``messages_sent`` and ``copied_bytes`` (payload bytes copied
-    on the way out: arrays below ``COPY_THRESHOLD``).
+    on the way out: arrays below ``COPY_THRESHOLD``, and arrays sent by
+    shared memory).
+
+    ``shared_memory`` (opt-in, same host only): True, or a
+    :class:`~zmq_cluster.sharedmem.SharedMemory`, sends arrays of at least
+    ``min_bytes`` (1 MiB) in requests by shared memory: each is copied once into a
+    memfd slot and the message names it (docs/protocol.md, "Arrays"); the
+    receiving node must have ``shared_memory`` too and run on this host,
+    else it refuses such a message (logged, counted, answered). Without a
+    free slot an array goes over the socket as usual. True makes one that
+    the node closes in Shutdown (its slots stay served until released).
     """
 
     #: (socket-like, required) Constructor for the writer socket.
@@ -63,7 +74,8 @@ class BasicVentilator:
     copied_bytes = counter("copied_bytes", "Payload bytes copied on the way out.")
 
     def __init__(self, context: zmq.Context, request_sender: SocketLike,
-                 worker_connect_delay: float | None = None) -> None:
+                 worker_connect_delay: float | None = None, *,
+                 shared_memory: SharedMemory | bool | None = None) -> None:
         self.context = context
         self.request_sender = request_sender
         self.worker_connect_delay = worker_connect_delay
@@ -74,11 +86,14 @@ class BasicVentilator:
         self._pending: list[zmq.MessageTracker] = []  # zero-copy sends not known to be done
         self._prune_at = _PRUNE_MIN
         self._counters = Counters()
+        self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
 
     def Setup(self) -> None:
         """Initialize the ventilator: create (or adopt) its socket, then wait
         ``worker_connect_delay`` seconds if that is set."""
         assert self.request_sender is not None, "a ventilator needs a request_sender"
+        if self._own_shm and self.shared_memory is not None and self.shared_memory.closed:
+            self.shared_memory = SharedMemory()
         socket = InitSocket(self.context, self.request_sender, zmq.PUSH)
         # A monitor address of our own: pyzmq's default one is named after
         # the socket's fd and stays bound for a moment after a previous
@@ -106,6 +121,8 @@ class BasicVentilator:
             self._monitor.close(linger=0)
         close_owned(self._socket, self.request_sender, linger=None)
         self._socket = self._monitor = None
+        if self._own_shm and self.shared_memory is not None:
+            self.shared_memory.close()  # (kept, for its counters; Setup makes a new one)
 
     def __enter__(self: _V) -> _V:
         self.Setup()
@@ -163,7 +180,7 @@ class BasicVentilator:
             self.Setup()
         assert self._socket is not None
         return send_requests(self._socket, requests, self._task_ids, self._track,
-                             self._counters)
+                             self._counters, shm=self.shared_memory)
 
     def _track(self, tracker: zmq.MessageTracker) -> None:
         """Keep the tracker of a message sent with zero-copy frames."""
@@ -226,4 +243,4 @@ class Ventilator(BasicVentilator):
         # Each pair is sent as the ClusterRequest(payload, metadata) it
         # stands for, without making the object.
         return send_requests(self._socket, pairs, self._task_ids, self._track, self._counters,
-                             pairs=True)
+                             pairs=True, shm=self.shared_memory)

@@ -16,6 +16,7 @@ from .commands import send_command
 from .exceptions import EncodeError, MessageFormatError, RemoteError
 from .messages import ClusterResult
 from .protocol import KIND_RESULT
+from .sharedmem import SharedMemory, node_shared_memory
 from .sockets import InitSocket, SocketLike, close_owned
 from .wire import Counters, run_worker
 
@@ -63,6 +64,17 @@ class BasicWorker:
     values from peers that are not trusted; ``array_alignment`` is as for
     BasicSink.
 
+
+    ``shared_memory`` (opt-in, same host only): True, or a
+    :class:`~zmq_cluster.sharedmem.SharedMemory`, receives requests' and sends results'
+    arrays by shared memory (docs/protocol.md, "Arrays"): an array of at
+    least ``min_bytes`` (1 MiB) is copied once into a memfd slot and the
+    message names it; a received one is a writeable, 64-byte-aligned view
+    of the sender's slot (no copy), released when dropped. Without it, a
+    message holding such a reference is refused (logged, counted in
+    ``malformed_messages``, and answered with a FAIL result). True makes one that the node closes
+    in Shutdown.
+
     Counters: ``messages_received`` and ``messages_sent`` (every message,
     commands and malformed ones included), ``copied_bytes`` (payload bytes
     copied on the way in and out: arrays below ``COPY_THRESHOLD``; larger
@@ -83,7 +95,8 @@ class BasicWorker:
 
     def __init__(self, context: zmq.Context, request_receiver: SocketLike,
                  result_sender: SocketLike, command_receiver: SocketLike | None = None,
-                 receiver_timeout: float | None = None) -> None:
+                 receiver_timeout: float | None = None, *,
+                 shared_memory: SharedMemory | bool | None = None) -> None:
         self.context = context
         self.request_receiver = request_receiver
         self.result_sender = result_sender
@@ -91,6 +104,7 @@ class BasicWorker:
         self.receiver_timeout = receiver_timeout
         self.malformed_messages = 0
         self._counters = Counters()
+        self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
         self._requests: zmq.Socket | None = None
         self._results: zmq.Socket | None = None
         self._commands: zmq.Socket | None = None
@@ -98,6 +112,8 @@ class BasicWorker:
 
     def Setup(self) -> None:
         """Initialize the worker: create (or adopt) and connect its sockets."""
+        if self._own_shm and self.shared_memory is not None and self.shared_memory.closed:
+            self.shared_memory = SharedMemory()
         self._requests = InitSocket(self.context, self.request_receiver, zmq.PULL)
         self._results = InitSocket(self.context, self.result_sender, zmq.PUSH)
         if self.command_receiver is not None:
@@ -111,6 +127,8 @@ class BasicWorker:
         close_owned(self._results, self.result_sender, linger=RESULT_LINGER_MS)
         close_owned(self._commands, self.command_receiver)
         self._requests = self._results = self._commands = None
+        if self._own_shm and self.shared_memory is not None:
+            self.shared_memory.close()  # (kept, for its counters; Setup makes a new one)
 
     def __enter__(self: _W) -> _W:
         self.Setup()
@@ -135,7 +153,7 @@ class BasicWorker:
                        on_unsendable=self._on_unsendable,
                        timeout_ms=timeout_ms(self.receiver_timeout),
                        allow_pickle=self.allow_pickle, alignment=self.array_alignment,
-                       stats=self._counters)
+                       stats=self._counters, shm=self.shared_memory)
         finally:
             self.Shutdown()
 
