@@ -322,6 +322,64 @@ def test_recv_any_waits_on_n_sockets(wire, ctx):
             sock.close(0)
 
 
+def test_recv_any_waits_out_wake_ups_without_a_message(wire, ctx):
+    """A wait woken by libzmq commands that bring no message (a peer
+    connecting) goes on waiting for the time left, then still hears a
+    message."""
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("inproc://any-wake")
+    other = ctx.socket(zmq.PULL)
+    pushes = []
+    try:
+        def connect():
+            push = ctx.socket(zmq.PUSH)
+            push.connect("inproc://any-wake")
+            pushes.append(push)
+        timer = threading.Timer(0.02, connect)
+        timer.start()
+        start = time.monotonic()
+        assert wire.recv_any([other, pull], 150) is None
+        assert time.monotonic() - start >= 0.14
+        timer.join()
+        timer = threading.Timer(0.02, pushes[0].send, (b"after",))
+        timer.start()
+        assert wire.recv_any([other, pull], WAIT_MS) == (1, [b"after"])
+        timer.join()
+    finally:
+        for sock in [pull, other] + pushes:
+            sock.close(0)
+
+
+def test_recv_any_after_sends_on_the_same_socket(wire, ctx):
+    """Sending on a socket between waits (which may run its pending
+    commands) never hides a reply from the next wait: request and reply
+    on one DEALER, over tcp, many times."""
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect("tcp://127.0.0.1:%d" % port)
+    idle = ctx.socket(zmq.PULL)
+    stop = threading.Event()
+
+    def echo():
+        while not stop.is_set():
+            if router.poll(20):
+                router.send_multipart(router.recv_multipart())
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    try:
+        for i in range(300):
+            dealer.send(b"%d" % i)
+            got = wire.recv_any([idle, dealer], WAIT_MS, 1)
+            assert got == (1, [b"%d" % i])
+    finally:
+        stop.set()
+        thread.join()
+        for sock in (router, dealer, idle):
+            sock.close(0)
+
+
 # ------------------------------------------------------------------- loops
 
 class Calls:

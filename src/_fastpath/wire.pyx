@@ -6,10 +6,13 @@ Same functions, behaviour and wire bytes as the pure-Python twin,
 ``zmq_cluster._wire_py``; the contract is stated once, in
 ``zmq_cluster._wire_common``, which both twins import.
 
-Waiting and receiving happen without the GIL: one ``nogil`` block per
-message tries the sockets without blocking, polls them with ``zmq_poll``
-only when nothing is waiting, and receives every part of the message into
-``zmq_msg_t``s. With the GIL, the first frame is read straight from its
+A message already waiting is taken holding the GIL; waiting happens
+without it: one ``nogil`` block per wait polls the sockets' ``ZMQ_FD``
+descriptors (poll(2), not ``zmq_poll``, which asks every socket for
+``ZMQ_EVENTS`` before and after its poll: each ask is a command check that
+costs libzmq a ``getpid`` and a ``poll``; a failed try already made that
+check), tries only the sockets that woke it, and receives every part of
+the message into ``zmq_msg_t``s. With the GIL, the first frame is read straight from its
 ``zmq_msg_t`` into a bytes object, and every other frame is moved into an
 empty ``zmq.Frame`` (no copy), so decoded arrays can be views on it.
 Sending copies the header and frames below ``COPY_THRESHOLD`` with

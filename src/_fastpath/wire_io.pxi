@@ -98,36 +98,77 @@ cdef int _try_parts(zmq_pollitem_t* items, int nitems, Parts* p, int start) noex
     return _TIMEOUT
 
 
+cdef extern from "poll.h" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+
 cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
-                       Parts* p, int start, long long* deadline) noexcept nogil:
+                       Parts* p, bint tried, long long* deadline) noexcept nogil:
     """The next message on any of ``items``: its index, _TIMEOUT, or
-    _ERROR. Without polling, tries ``items[start:]`` in order (the first is
-    read first when several are waiting); polls only when none of those has
-    a message, and then tries them all, until ``timeout`` ms have passed
-    (-1: for ever; 0: no poll). The clock is read only to poll:
-    ``*deadline`` (0 until then) is when the wait ends."""
+    _ERROR. Unless ``tried`` (every socket has just been tried, with
+    nothing received and nothing done on any since), tries them all in
+    order (the first is read first when several are waiting); then, unless
+    ``timeout`` is 0, waits with poll(2) on the sockets' ``ZMQ_FD``s and
+    tries only the sockets whose descriptor woke it, until ``timeout`` ms
+    have passed (-1: for ever). A failed try is what makes that wait sound:
+    like the ``ZMQ_EVENTS`` query that ``zmq_poll`` makes of every socket
+    before and after its poll, it runs the socket's pending commands, after
+    which a new message signals the descriptor; so one try per socket
+    replaces the two queries and ``zmq_poll``'s extra poll. The clock is
+    read only to poll: ``*deadline`` (0 until then) is when the wait ends."""
+    cdef pollfd stack[_STACK_ITEMS]
+    cdef pollfd* fds = stack
     cdef int i, rc
+    cdef size_t size
     cdef long long now
     cdef long wait = -1
-    while True:
-        if start < nitems:
-            i = _try_parts(items, nitems, p, start)
-            if i != _TIMEOUT:
-                return i
-        if timeout == 0:
-            return _TIMEOUT
-        if timeout > 0:
-            now = _now_ms()
-            if deadline[0] == 0:
-                deadline[0] = now + timeout
-            wait = <long>max(0, deadline[0] - now)
-        rc = libzmq.zmq_poll(items, nitems, wait)
-        if rc == 0:
-            return _TIMEOUT
-        if rc < 0:
-            p.err = libzmq.zmq_errno()
+    if not tried:
+        i = _try_parts(items, nitems, p, 0)
+        if i != _TIMEOUT:
+            return i
+    if timeout == 0:
+        return _TIMEOUT
+    if nitems > _STACK_ITEMS:
+        fds = <pollfd*>malloc(nitems * sizeof(pollfd))
+        if fds == NULL:
+            p.err = -1  # out of memory
             return _ERROR
-        start = 0  # a wake-up with nothing to read goes on with the time left
+    try:
+        for i in range(nitems):
+            size = sizeof(libzmq.fd_t)
+            if libzmq.zmq_getsockopt(items[i].socket, libzmq.ZMQ_FD, &fds[i].fd, &size) < 0:
+                p.err = libzmq.zmq_errno()
+                return _ERROR
+            fds[i].events = POLLIN
+            fds[i].revents = 0
+        while True:
+            if timeout > 0:
+                now = _now_ms()
+                if deadline[0] == 0:
+                    deadline[0] = now + timeout
+                wait = <long>max(0, deadline[0] - now)
+            rc = poll(fds, nitems, wait)
+            if rc == 0:
+                return _TIMEOUT
+            if rc < 0:
+                p.err = libzmq.zmq_errno()  # errno, as zmq_poll leaves it
+                return _ERROR
+            for i in range(nitems):
+                if fds[i].revents:
+                    fds[i].revents = 0
+                    if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
+                        return i
+                    if p.err != EAGAIN:
+                        return _ERROR
+            # Woken by commands that brought no message: wait out the time left.
+    finally:
+        if fds != stack:
+            free(fds)
 
 
 cdef int _raise_errno(int err) except -1:
@@ -142,27 +183,32 @@ cdef int _raise_errno(int err) except -1:
 
 cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p,
                int first, long long* deadline) except? -10:
-    """_next_message, waiting without the GIL, retrying on EINTR as pyzmq
-    does (signal handlers run; a timed poll goes on with the time left,
-    ``*deadline`` being kept). Raises for other errors; returns an index or
-    _TIMEOUT."""
+    """The next message on any of ``items`` (see _next_message): tries
+    ``items[first:]``, then, unless ``timeout`` is 0, ``items[:first]``,
+    then waits without the GIL, retrying on EINTR as pyzmq does (signal
+    handlers run; a timed wait goes on with the time left, ``*deadline``
+    being kept). Raises for other errors; returns an index or _TIMEOUT."""
     cdef int which
+    cdef bint tried
     # A message already waiting is taken holding the GIL (releasing it costs
     # more than the take); the GIL goes only to wait.
     which = _try_parts(items, nitems, p, first)
-    if which >= 0:
-        return which
     if which == _TIMEOUT:
         if timeout == 0:
             return _TIMEOUT
-        first = nitems  # (all tried): straight to the poll
+        if first > 0:
+            which = _try_parts(items, first, p, 0)
+    if which >= 0:
+        return which
+    tried = which == _TIMEOUT
     while True:
         if which == _ERROR:
             if p.err != EINTR:
                 _raise_errno(p.err)
             PyErr_CheckSignals()
+            tried = False  # a signal handler may have used the sockets
         with nogil:
-            which = _next_message(items, nitems, timeout, p, first, deadline)
+            which = _next_message(items, nitems, timeout, p, tried, deadline)
         if which != _ERROR:
             return which
 

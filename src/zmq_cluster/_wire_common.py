@@ -34,10 +34,11 @@ Primitives
     without decoding: ``index`` is the socket's position in ``sockets``,
     ``frames`` a list whose first item is ``bytes`` and whose other items
     are ``zmq.Frame`` (the received memory, not a copy). Sockets from
-    ``first`` on are tried in order before any waiting, then all of them
-    (lowest index first) once something is ready. None when nothing arrives
-    within ``timeout_ms`` (-1: wait for ever; 0: do not wait). The compiled
-    twin waits and receives without the GIL.
+    ``first`` on are tried in order before any waiting, the others next when
+    it must wait; it then waits on the sockets' ``ZMQ_FD`` descriptors
+    (poll(2)) and tries those that woke it, lowest index first. None when
+    nothing arrives within ``timeout_ms`` (-1: wait for ever; 0: do not
+    wait). The compiled twin waits and receives without the GIL.
 
 ``decode_message(frames, allow_pickle=True, alignment=None, stats=None)
 -> (kind, task_id, obj)``

@@ -7,9 +7,10 @@ has the same functions with the same behaviour and bytes.
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -34,7 +35,7 @@ Frames = list[Any]
 _Frame = zmq.Frame
 _MessageTracker = zmq.MessageTracker
 _SNDMORE = zmq.SNDMORE
-_POLLIN = zmq.POLLIN
+_FD = zmq.FD
 _NOBLOCK = zmq.NOBLOCK
 _perf_counter = time.perf_counter
 _OK = ClusterResult.STATUS_SUCCESS
@@ -163,36 +164,56 @@ def _take(socket: zmq.Socket) -> Frames | None:
     return frames
 
 
-def _poller(sockets: Sequence[zmq.Socket]) -> zmq.Poller:
-    poller = zmq.Poller()
-    for socket in sockets:
-        poller.register(socket, _POLLIN)
-    return poller
+class _FdPoller:
+    """Waits on the ``ZMQ_FD`` descriptors of ``sockets`` (see
+    ``_next_any``): ``poll(timeout_ms)`` returns the indices of the sockets
+    whose descriptor is readable, in order."""
+
+    __slots__ = ("_poll", "_index")
+
+    def __init__(self, sockets: Sequence[zmq.Socket]) -> None:
+        self._poll = select.poll()
+        self._index: dict[int, int] = {}
+        for i, socket in enumerate(sockets):
+            fd = cast(int, socket.getsockopt(_FD))
+            self._poll.register(fd, select.POLLIN)
+            self._index[fd] = i
+
+    def poll(self, timeout_ms: int) -> list[int]:
+        index = self._index
+        return sorted([index[fd] for fd, _ in self._poll.poll(timeout_ms)])
 
 
-def _next_any(sockets: Sequence[zmq.Socket], poller: zmq.Poller | None, timeout_ms: int,
+def _next_any(sockets: Sequence[zmq.Socket], poller: _FdPoller | None, timeout_ms: int,
               first: int) -> tuple[int, Frames | None]:
     """``(index, frames)`` of a message received from any of ``sockets``,
     or ``(-1, None)`` after ``timeout_ms``: ``sockets[first:]`` are tried
-    before any poll, all of them after. ``poller`` (made when None) polls
-    all ``sockets``."""
-    for i in range(first, len(sockets)):
+    first; unless ``timeout_ms`` is 0, ``sockets[:first]`` next, then the
+    wait on their ``ZMQ_FD``s (``poller``, made when None), after which only
+    the sockets whose descriptor woke it are tried. A failed try runs the
+    socket's pending libzmq commands, as the ``ZMQ_EVENTS`` query that
+    ``zmq_poll`` makes of every socket before and after its poll does:
+    after it, a new message signals the descriptor."""
+    n = len(sockets)
+    for i in range(first, n):
         frames = _take(sockets[i])
         if frames is not None:
             return i, frames
     if timeout_ms == 0:
         return -1, None
+    for i in range(first):
+        frames = _take(sockets[i])
+        if frames is not None:
+            return i, frames
     if poller is None:
-        poller = _poller(sockets)
+        poller = _FdPoller(sockets)
     deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
     left = timeout_ms
     while True:
-        ready = dict(poller.poll(left))
-        for i, socket in enumerate(sockets):
-            if socket in ready:
-                frames = _take(socket)
-                if frames is not None:
-                    return i, frames
+        for i in poller.poll(left):
+            frames = _take(sockets[i])
+            if frames is not None:
+                return i, frames
         if deadline is not None:
             left = int((deadline - time.monotonic()) * 1000)
             if left <= 0:
@@ -240,7 +261,7 @@ def run_worker(requests: zmq.Socket, results: zmq.Socket, commands: zmq.Socket |
     """The worker's loop (see ``_wire_common``)."""
     sockets = [requests] if commands is None else [commands, requests]
     request_index = len(sockets) - 1
-    poller = _poller(sockets)
+    poller = _FdPoller(sockets)
     since_check = 0
     checked_at = time.monotonic()
     if handle_task is not None:
@@ -395,7 +416,7 @@ def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int
              allow_pickle: bool, alignment: int | None, stats: RecvStats | None,
              unwrap: Callable[[Any], Any] | None, mode: int, shm: Any) -> Iterator[Any]:
     result_index = len(sockets) - 1
-    poller = _poller(sockets)
+    poller = _FdPoller(sockets)
     left = -1 if num_results is None else max(0, num_results)
     while left:
         deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
