@@ -156,7 +156,7 @@ cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
             if rc == 0:
                 return _TIMEOUT
             if rc < 0:
-                p.err = libzmq.zmq_errno()  # errno, as zmq_poll leaves it
+                p.err = libzmq.zmq_errno()  # poll(2)'s errno (EINTR: _wait goes on)
                 return _ERROR
             for i in range(nitems):
                 if fds[i].revents:
