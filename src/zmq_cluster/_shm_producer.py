@@ -40,11 +40,13 @@ def _remove_directories() -> None:
 class Producer:
     """A pool of slots in one memfd, served over a Unix socket."""
 
-    def __init__(self, capacity: int, slots: int, allowed_uids: frozenset[int]) -> None:
+    def __init__(self, capacity: int, slots: int, allowed_uids: frozenset[int],
+                 retain: int = 1 << 62) -> None:
         self.slots = slots
         self.data_at = -(-(HEAD.size + ENTRY.size * slots) // PAGE) * PAGE
         self.size = self.data_at + -(-capacity // PAGE) * PAGE
         self.allowed_uids = allowed_uids
+        self.retain_end = self.data_at + -(-retain // PAGE) * PAGE
         self.fd = os.memfd_create("zmq_cluster-slots", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, self.size)
@@ -55,7 +57,11 @@ class Producer:
         self.bytes = np.frombuffer(self.map, np.uint8)
         HEAD.pack_into(self.map, 0, MAGIC, slots, self.data_at, self.size - self.data_at)
         self.state = [_FREE] * slots
-        self.holder: list[socket.socket | None] = [None] * slots
+        # The consumers holding each slot (a pinned slot re-sent after its
+        # consumer died is held by the next one), and whether the sender
+        # pins it (keeps it until it unpins, whoever releases it meanwhile).
+        self.holders: list[set[socket.socket]] = [set() for _ in range(slots)]
+        self.pinned = [False] * slots
         self.generation = [0] * slots
         self.extents: list[tuple[int, int]] = [(self.data_at, self.size - self.data_at)]
         self.lock = threading.Lock()
@@ -74,9 +80,10 @@ class Producer:
         self.thread.start()
 
     # ---------------------------------------------------------------- slots
-    def put(self, arr: np.ndarray) -> tuple[int, int, int] | None:
+    def put(self, arr: np.ndarray, pin: bool = False) -> tuple[int, int, int] | None:
         """Copy ``arr`` into a free slot: ``(slot, generation, offset)``, or
-        None when no slot or room is free."""
+        None when no slot or room is free. ``pin``: the slot stays taken
+        until :meth:`unpin`, whatever its consumers do meanwhile."""
         nbytes = arr.nbytes
         need = -(-nbytes // PAGE) * PAGE
         with self.lock:
@@ -96,6 +103,7 @@ class Producer:
             else:
                 self.extents[i] = (start + need, size - need)
             self.state[slot] = _SENT
+            self.pinned[slot] = pin
             self.generation[slot] += 1
             generation = self.generation[slot]
             ENTRY.pack_into(self.map, HEAD.size + ENTRY.size * slot, generation, start, need)
@@ -111,7 +119,11 @@ class Producer:
         _, start, size = ENTRY.unpack_from(self.map, at)
         ENTRY.pack_into(self.map, at, 0, 0, 0)
         self.state[slot] = _FREE
-        self.holder[slot] = None
+        self.holders[slot].clear()
+        self.pinned[slot] = False
+        if start + size > self.retain_end:  # beyond what stays backed
+            lo = max(start, self.retain_end)
+            self.map.madvise(mmap.MADV_REMOVE, lo, start + size - lo)
         extents = self.extents
         extents.append((start, size))
         extents.sort()
@@ -134,6 +146,33 @@ class Producer:
         if closed:
             try:
                 self.wake_w.send(b"x")  # (the server may be waiting for these)
+            except OSError:
+                pass
+
+    def _let_go(self, slot: int, conn: socket.socket) -> None:
+        """``conn`` no longer holds ``slot`` (released, or gone): the slot
+        is free once nobody holds it and it is not pinned (under the lock)."""
+        holders = self.holders[slot]
+        holders.discard(conn)
+        if not holders:
+            if self.pinned[slot]:
+                self.state[slot] = _SENT
+            else:
+                self._free(slot)
+
+    def unpin(self, refs: list[tuple[int, int]]) -> None:
+        """Drop the pins of these ``(slot, generation)``: each slot is free
+        at once when no consumer holds it, else when the last lets go."""
+        with self.lock:
+            for slot, generation in refs:
+                if self.generation[slot] == generation and self.pinned[slot]:
+                    self.pinned[slot] = False
+                    if self.state[slot] == _SENT:
+                        self._free(slot)
+            closed = self.closed
+        if closed:
+            try:
+                self.wake_w.send(b"x")
             except OSError:
                 pass
 
@@ -202,8 +241,8 @@ class Producer:
             del pending[conn]
             with self.lock:
                 for slot in range(self.slots):
-                    if self.holder[slot] is conn:
-                        self._free(slot)
+                    if conn in self.holders[slot]:
+                        self._let_go(slot, conn)
                         self.reclaimed += 1
             conn.close()
             return
@@ -213,11 +252,12 @@ class Producer:
             for op, slot, generation in NOTE.iter_unpack(buf[:end]):
                 if slot >= self.slots or self.generation[slot] != generation:
                     self.bad_notes += 1
-                elif op == CLAIM and self.state[slot] == _SENT:
+                elif op == CLAIM and (self.state[slot] == _SENT or (
+                        self.pinned[slot] and self.state[slot] == _CLAIMED)):
                     self.state[slot] = _CLAIMED
-                    self.holder[slot] = conn
-                elif op == RELEASE and self.holder[slot] is conn:
-                    self._free(slot)
+                    self.holders[slot].add(conn)
+                elif op == RELEASE and conn in self.holders[slot]:
+                    self._let_go(slot, conn)
                 else:
                     self.bad_notes += 1
         pending[conn] = buf[end:]

@@ -46,13 +46,18 @@ from ._shm_layout import ENTRY, HEAD, PAGE, AttachError, peer_uid
 from ._shm_producer import Producer
 from .protocol import ALIGNED_BYTES
 
-__all__ = ["SharedMemory", "AttachError", "DEFAULT_CAPACITY", "DEFAULT_SLOTS",
+__all__ = ["SharedMemory", "AttachError", "DEFAULT_CAPACITY", "DEFAULT_SLOTS", "DEFAULT_RETAIN",
            "node_shared_memory"]
 
 #: Bytes of a producer's memfd (the arrays' room). Pages are only backed
-#: once written; written ones stay with the memfd until it is closed (the
-#: cost: up to this much shared memory per producing process).
+#: once written.
 DEFAULT_CAPACITY = 1 << 30
+#: Bytes of freed slots that stay backed (the first of the memfd, where
+#: slots are taken first), so that reusing them takes no page faults; the
+#: pages of a freed slot beyond them go back to the OS (MADV_REMOVE). A
+#: producing process so holds at most this much shared memory beyond the
+#: slots in use.
+DEFAULT_RETAIN = 256 << 20
 #: Arrays a producer can have in flight at once (a ventilator may have a
 #: whole high-water mark's worth of messages queued: 1024 arrays of 1 MiB
 #: fill DEFAULT_CAPACITY).
@@ -64,7 +69,8 @@ class SharedMemory:
     between processes on this host (see the module's docstring).
 
     ``capacity`` bytes of room and ``slots`` arrays in flight for what this
-    process sends; ``allowed_uids``: other uids whose processes may map this
+    process sends, of which ``retain`` bytes stay backed when their slots
+    are free (see DEFAULT_RETAIN); ``allowed_uids``: other uids whose processes may map this
     process's slots (and whose slot pools this process maps), besides its
     own. ``close()`` (also on exit from ``with``) stops serving the slots;
     arrays already received elsewhere stay valid.
@@ -76,11 +82,13 @@ class SharedMemory:
     """
 
     def __init__(self, min_bytes: int = ALIGNED_BYTES, capacity: int = DEFAULT_CAPACITY,
-                 slots: int = DEFAULT_SLOTS, allowed_uids: Iterable[int] = ()) -> None:
+                 slots: int = DEFAULT_SLOTS, allowed_uids: Iterable[int] = (),
+                 retain: int = DEFAULT_RETAIN) -> None:
         if min_bytes < 1 or capacity < PAGE or not 1 <= slots <= 1 << 16:
             raise ValueError("min_bytes >= 1, capacity >= one page, 1 <= slots <= 65536")
         self.min_bytes = int(min_bytes)
         self.capacity = int(capacity)
+        self.retain = max(0, int(retain))
         self.slots = int(slots)
         self.allowed_uids = frozenset(int(uid) for uid in allowed_uids)
         self._producer: Producer | None = None
@@ -115,7 +123,8 @@ class SharedMemory:
             if self._producer is None:
                 if self._closed:
                     raise ValueError("this SharedMemory is closed")
-                self._producer = Producer(self.capacity, self.slots, self.allowed_uids)
+                self._producer = Producer(self.capacity, self.slots, self.allowed_uids,
+                                          self.retain)
             return self._producer
 
     def put(self, arr: np.ndarray) -> tuple[str, int, int, int] | None:
@@ -125,7 +134,8 @@ class SharedMemory:
         if self._closed:
             return None
         pool = self._pool()
-        where = pool.put(arr)
+        pins = getattr(self._pending, "pins", None)
+        where = pool.put(arr, pins is not None)
         if where is None:
             self.fallbacks += 1
             return None
@@ -134,7 +144,32 @@ class SharedMemory:
         if pending is None:
             pending = self._pending.refs = []
         pending.append(where[:2])
+        if pins is not None:
+            pins.append((where[0], where[1], arr.nbytes))
         return (pool.path,) + where
+
+    def pin_start(self) -> None:
+        """Pin the slots this thread ``put`` from now until
+        :meth:`pin_stop`: each stays taken, whatever its consumers do, until
+        :meth:`unpin`. A pool pins a task's arguments until the task's
+        result arrives, so that a task re-sent after its worker died (and
+        its slots were reclaimed) still finds them."""
+        self._pending.pins = []
+
+    def pin_stop(self) -> list[tuple[int, int, int]]:
+        """The slots pinned since :meth:`pin_start`: ``(slot, generation,
+        bytes of the array)`` each (for :meth:`unpin`)."""
+        pins = getattr(self._pending, "pins", None)
+        self._pending.pins = None
+        return pins or []
+
+    def unpin(self, pins: Iterable[tuple[int, int, int]]) -> None:
+        """Drop pins (as :meth:`pin_stop` gave them): a slot no consumer
+        holds is free at once, else once they all release it."""
+        producer = self._producer
+        refs = [(slot, generation) for slot, generation, _ in pins]
+        if producer is not None and refs:
+            producer.unpin(refs)
 
     def commit(self) -> None:
         """The references ``put`` by this thread since the last commit or
