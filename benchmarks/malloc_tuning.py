@@ -270,7 +270,8 @@ class PoolDriver:
         if "GLIBC_TUNABLES" in worker_env:
             os.environ["GLIBC_TUNABLES"] = worker_env["GLIBC_TUNABLES"]
         try:
-            self.cluster = zc.LocalCluster(1)
+            # The scheduler in its own process: its malloc is what is tuned.
+            self.cluster = zc.LocalCluster(1, scheduler="process")
         finally:
             os.environ.pop("GLIBC_TUNABLES", None)
             if saved is not None:

@@ -4,6 +4,12 @@ free-running raw pyzmq pipeline, in one run (medians of --rounds).
     python benchmarks/pool_speed.py                 # full sizes (a few minutes)
     python benchmarks/pool_speed.py --quick         # tiny sizes: checks nothing rotted
     python benchmarks/pool_speed.py --only imap     # one case
+    python benchmarks/pool_speed.py --scheduler thread   # one scheduler mode
+
+Each case runs on a LocalCluster with the scheduler in a thread of this
+process (``scheduler="thread"``: the pool reaches it over inproc) and with
+the scheduler in its own process (``"process"``), both clusters up at once
+and timed in turns with the baselines, round after round.
 
 Cases, each with 1 and 2 workers (the raw pipeline and multiprocessing get
 the same number of worker processes):
@@ -300,10 +306,11 @@ class RawLatency:
             self.ctx.term()
 
 
-def latency(pool, n, tmp, blocks=10):
-    """p50 and p99 (µs) of ours, raw REQ/REP and brokered raw, measured in
-    turns: ``blocks`` blocks of n/blocks round trips each."""
-    def ours(k):
+def latency(pools, n, tmp, blocks=10):
+    """p50 and p99 (µs) of ours (each pool of ``pools``, by scheduler mode),
+    raw REQ/REP and brokered raw, measured in turns: ``blocks`` blocks of
+    n/blocks round trips each."""
+    def ours(pool, k):
         out = []
         submit, clock = pool.submit, time.perf_counter_ns
         for i in range(k):
@@ -312,15 +319,18 @@ def latency(pool, n, tmp, blocks=10):
             out.append(clock() - start)
         return out
 
-    ours(200)
+    for pool in pools.values():
+        ours(pool, 200)
     direct = RawLatency(tmp, brokered=False)
     try:
         brokered = RawLatency(tmp, brokered=True)
         try:
-            times = {"ours": [], "raw": [], "brokered": []}
+            times = {"raw": [], "brokered": []}
+            times.update((mode, []) for mode in pools)
             per = max(1, n // blocks)
             for _ in range(blocks):
-                times["ours"] += ours(per)
+                for mode, pool in pools.items():
+                    times[mode] += ours(pool, per)
                 times["raw"] += direct.rtt(per)
                 times["brokered"] += brokered.rtt(per)
         finally:
@@ -346,6 +356,18 @@ def timed(fn, rounds):
     return statistics.median(times)
 
 
+def timed_turns(fns, rounds):
+    """Median seconds of each of ``fns`` (a dict), run in turns, round after
+    round, so that a change in the machine's load hits them alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run(args):
     rows = []
     sizes = dict(map_n=1_000_000, imap_n=200_000, arr_n=16, arr_mib=64, lat_n=5000)
@@ -353,16 +375,25 @@ def run(args):
         sizes = dict(map_n=20_000, imap_n=2_000, arr_n=2, arr_mib=4, lat_n=100)
     rounds = 2 if args.quick else args.rounds
     cases = args.only or ["map", "imap", "arrays", "latency"]
+    modes = args.scheduler
     tmp = tempfile.mkdtemp(prefix="zc-bench-")
     mp = multiprocessing.get_context("spawn")
+
+    def label(case, mode):
+        return "%s [%s]" % (case, mode) if len(modes) > 1 else case
+
     for workers in args.workers:
-        with zc.LocalCluster(workers) as cluster, zc.ClusterPool(cluster) as pool:
-            pool.map(inc, range(1000))  # warm-up: functions and connections
+        # One cluster per scheduler mode, all up at once, timed in turns.
+        clusters = {m: zc.LocalCluster(workers, scheduler=m) for m in modes}
+        pools = {m: zc.ClusterPool(c) for m, c in clusters.items()}
+        try:
+            for pool in pools.values():
+                pool.map(inc, range(1000))  # warm-up: functions and connections
             if "map" in cases:
                 n = sizes["map_n"]
                 data = range(n)
 
-                def ours():
+                def map_ours(pool):
                     out = pool.map(inc, data, chunksize=256)
                     assert out[-1] == n and len(out) == n
 
@@ -373,24 +404,27 @@ def run(args):
                         out = mpool.map(inc, data, chunksize=256)
                         assert out[-1] == n and len(out) == n
 
-                    t_mp = timed(theirs, rounds)
-                t_ours = timed(ours, rounds)
-                rows.append(dict(case="map(inc, range(%d), chunksize=256)" % n, workers=workers,
-                                 ours=n / t_ours, mp=n / t_mp, unit="tasks/s",
-                                 ratio_mp=t_mp / t_ours))
+                    fns = {m: (lambda p=p: map_ours(p)) for m, p in pools.items()}
+                    fns["mp"] = theirs
+                    t = timed_turns(fns, rounds)
+                for m in modes:
+                    rows.append(dict(case=label("map(inc, range(%d), chunksize=256)" % n, m),
+                                     workers=workers, ours=n / t[m], mp=n / t["mp"],
+                                     unit="tasks/s", ratio_mp=t["mp"] / t[m], scheduler=m))
             if "imap" in cases:
                 n = sizes["imap_n"]
 
-                def ours():
+                def imap_ours(pool):
                     total = 0
                     for v in pool.imap_unordered(inc, range(n), chunksize=1):
                         total += v
                     assert total == n * (n + 1) // 2
 
-                t_ours = timed(ours, rounds)
                 raw = RawPipeline(workers, tmp)
                 try:
-                    t_raw = timed(lambda: raw.small(n), rounds)
+                    fns = {m: (lambda p=p: imap_ours(p)) for m, p in pools.items()}
+                    fns["raw"] = lambda: raw.small(n)
+                    t = timed_turns(fns, rounds)
                 finally:
                     raw.close()
                 with mp.Pool(workers) as mpool:
@@ -400,42 +434,56 @@ def run(args):
                         total = sum(mpool.imap(inc, range(n), chunksize=1))
                         assert total == n * (n + 1) // 2
 
-                    t_mp = timed(theirs, rounds)
-                rows.append(dict(case="imap_unordered(inc, range(%d), chunksize=1)" % n,
-                                 workers=workers, ours=n / t_ours, raw=n / t_raw, mp=n / t_mp,
-                                 unit="tasks/s", ratio_raw=t_raw / t_ours,
-                                 ratio_mp=t_mp / t_ours))
+                    t["mp"] = timed(theirs, rounds)
+                for m in modes:
+                    rows.append(dict(
+                        case=label("imap_unordered(inc, range(%d), chunksize=1)" % n, m),
+                        workers=workers, ours=n / t[m], raw=n / t["raw"], mp=n / t["mp"],
+                        unit="tasks/s", ratio_raw=t["raw"] / t[m], ratio_mp=t["mp"] / t[m],
+                        scheduler=m))
             if "arrays" in cases and workers == 1:
                 n, mib = sizes["arr_n"], sizes["arr_mib"]
                 arr = np.arange(mib << 17, dtype=np.float64)
                 arrays = [arr] * n
 
-                def ours():
+                def arrays_ours(pool):
                     for out in pool.map(identity, arrays, chunksize=1):
                         assert out.size == arr.size and out[-1] == arr.size - 1
 
-                pool.map(identity, arrays[:1])
-                t_ours = timed(ours, rounds)
+                for pool in pools.values():
+                    pool.map(identity, arrays[:1])
                 raw = RawPipeline(workers, tmp)
                 try:
                     raw.arrays(1, mib)
-                    t_raw = timed(lambda: raw.arrays(n, mib), rounds)
+                    fns = {m: (lambda p=p: arrays_ours(p)) for m, p in pools.items()}
+                    fns["raw"] = lambda: raw.arrays(n, mib)
+                    t = timed_turns(fns, rounds)
                 finally:
                     raw.close()
                 gb = 2 * n * arr.nbytes / 1e9
-                rows.append(dict(case="%d MiB arrays, map(identity)" % mib, workers=workers,
-                                 ours=gb / t_ours, raw=gb / t_raw, unit="GB/s",
-                                 ratio_raw=t_raw / t_ours))
+                for m in modes:
+                    rows.append(dict(case=label("%d MiB arrays, map(identity)" % mib, m),
+                                     workers=workers, ours=gb / t[m], raw=gb / t["raw"],
+                                     unit="GB/s", ratio_raw=t["raw"] / t[m], scheduler=m))
             if "latency" in cases and workers == 1:
-                lat = latency(pool, sizes["lat_n"], tmp)
-                rows.append(dict(case="p50 submit(inc, 1).result() (raw: REQ/REP)",
-                                 workers=workers, ours=lat["ours"], raw=lat["raw"],
-                                 unit="µs (lower is better)", ratio_raw=lat["ours"] / lat["raw"],
-                                 **{k: v for k, v in lat.items() if k.startswith("p99")}))
-                rows.append(dict(case="p50 submit(inc, 1).result() (raw: REQ via the Guide's"
-                                 " load-balancing broker)", workers=workers, ours=lat["ours"],
-                                 raw=lat["brokered"], unit="µs (lower is better)",
-                                 ratio_raw=lat["ours"] / lat["brokered"]))
+                lat = latency(pools, sizes["lat_n"], tmp)
+                for m in modes:
+                    rows.append(dict(
+                        case=label("p50 submit(inc, 1).result() (raw: REQ/REP)", m),
+                        workers=workers, ours=lat[m], raw=lat["raw"],
+                        unit="µs (lower is better)", ratio_raw=lat[m] / lat["raw"],
+                        p99_ours=lat["p99_" + m], p99_raw=lat["p99_raw"], scheduler=m))
+                    rows.append(dict(
+                        case=label("p50 submit(inc, 1).result() (raw: REQ via the Guide's"
+                                   " load-balancing broker)", m),
+                        workers=workers, ours=lat[m], raw=lat["brokered"],
+                        unit="µs (lower is better)", ratio_raw=lat[m] / lat["brokered"],
+                        p99_ours=lat["p99_" + m], p99_raw=lat["p99_brokered"], scheduler=m))
+        finally:
+            for pool in pools.values():
+                pool.terminate()
+            for cluster in clusters.values():
+                cluster.close()
     os.rmdir(tmp) if not os.listdir(tmp) else None
     return rows
 
@@ -474,6 +522,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--only", nargs="+", choices=["map", "imap", "arrays", "latency"])
+    parser.add_argument("--scheduler", nargs="+", choices=["thread", "process"],
+                        default=["thread", "process"],
+                        help="LocalCluster(scheduler=...) modes to measure, side by side")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = run(args)

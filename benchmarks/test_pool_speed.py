@@ -15,4 +15,6 @@ def test_pool_speed(pytestconfig):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "| imap_unordered(" in out.stdout and "| map(inc" in out.stdout
+    # Both scheduler modes, side by side.
+    assert "[thread] |" in out.stdout and "[process] |" in out.stdout
     print(out.stdout)

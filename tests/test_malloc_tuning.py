@@ -93,7 +93,9 @@ def test_local_cluster_checks_malloc_tuning():
 @needs_proc
 def test_local_cluster_workers_and_scheduler_get_the_tunables(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    with zc.LocalCluster(1, malloc_tuning=True) as cluster, zc.ClusterPool(cluster) as pool:
+    # The scheduler in its own process, so that its environment can be read.
+    with zc.LocalCluster(1, malloc_tuning=True, scheduler="process") as cluster, \
+            zc.ClusterPool(cluster) as pool:
         # glibc took them: a 64 MiB block now comes from the heap.
         assert pool.map(malloc_probe, [0]) == [(OURS, False)]
         seen = started_environment(cluster.scheduler.pid)["GLIBC_TUNABLES"]
@@ -105,7 +107,7 @@ def test_local_cluster_workers_and_scheduler_get_the_tunables(monkeypatch):
 @needs_proc
 def test_local_cluster_leaves_malloc_alone_by_default(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    with zc.LocalCluster(1) as cluster, zc.ClusterPool(cluster) as pool:
+    with zc.LocalCluster(1, scheduler="process") as cluster, zc.ClusterPool(cluster) as pool:
         assert pool.map(malloc_probe, [0]) == [(None, True)]
         assert "GLIBC_TUNABLES" not in started_environment(cluster.scheduler.pid)
 

@@ -14,6 +14,12 @@ wants it, with no hand-off from the I/O thread on the way (two thread
 wake-ups and a GIL hand-off less per round trip). Whichever thread reads
 delivers every result that arrives, to whatever waits for it.
 
+In-process schedulers (:mod:`zmq_cluster.inprocess`): a client given the
+address of a scheduler that runs as a thread of this process connects over
+``inproc://`` on the scheduler's own context instead, so the frames between
+client and scheduler are handed over by pointer (no copy, no libzmq I/O
+thread on the way).
+
 Trust: results may be unpickled (``deliver(tid, frames, trusted)``) only
 when the connection to the scheduler is trusted (CURVE, loopback, or ipc
 in a private directory: decided from the WELCOME's frame) and the scheduler
@@ -38,6 +44,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import schedproto as sp
 from .functions import describe, function_key
+from .inprocess import SharedContext, lookup
 from .liveness import heartbeat_options
 from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any, send_frames
@@ -99,7 +106,13 @@ class SchedulerClient:
     """Connects to the scheduler at ``address`` and waits for its WELCOME
     (at most ``connect_timeout`` seconds: TimeoutError, saying so when the
     CURVE handshake was refused). ``security``: a
-    :class:`~zmq_cluster.security.ClientSecurity` for a CURVE scheduler."""
+    :class:`~zmq_cluster.security.ClientSecurity` for a CURVE scheduler.
+
+    When ``address`` is that of a scheduler running as a thread of this
+    process (:func:`zmq_cluster.inprocess.register_in_process`; not with
+    ``security``), the
+    client connects to its inproc endpoint (``self.endpoint``) on its
+    context; ``self.address`` stays the address given."""
 
     def __init__(self, address: str, *, heartbeat_timeout: float = 10.0,
                  socket_options: Optional[Mapping[int, Any]] = None,
@@ -107,7 +120,14 @@ class SchedulerClient:
                  security: Optional["ClientSecurity"] = None) -> None:
         self.address = address
         self.security = security
-        self._ctx = zmq.Context()
+        local = lookup(address) if security is None else None
+        self._shared: Optional[SharedContext] = None
+        if local is not None:
+            self._shared, self.endpoint = local
+            self._ctx = self._shared.context
+        else:
+            self.endpoint = address
+            self._ctx = zmq.Context()
         opts: Dict[Any, Any] = {zmq.LINGER: 0, zmq.SNDHWM: 0, zmq.RCVHWM: 0}
         opts.update(heartbeat_options(heartbeat_timeout))
         opts.update(socket_options or {})
@@ -118,6 +138,9 @@ class SchedulerClient:
                 sock.setsockopt(opt, value)
             if security is not None:
                 security.apply(sock)
+        # Over inproc, a DEALER whose scheduler has stopped has no peer left,
+        # and a send would wait for one forever: see _send_tx.
+        self._tx_flags = zmq.DONTWAIT if self.endpoint.startswith("inproc://") else 0
         # Nothing is read from the submit connection (only a RESET may come):
         # bound what a scheduler can queue there.
         self._tx.setsockopt(zmq.RCVHWM, 64)
@@ -153,13 +176,13 @@ class SchedulerClient:
         #: Messages from the scheduler rejected as malformed, by reason.
         self.counters: "collections.Counter[str]" = collections.Counter()
         try:
-            self._rx.connect(address)
+            self._rx.connect(self.endpoint)
             self._rx.send_multipart(sp.message(sp.HELLO, {
                 "role": sp.ROLE_CLIENT, "host": _socket.gethostname(), "pid": os.getpid()}))
             welcome = self._await_welcome(connect_timeout)
             self.client_no = welcome["client_no"]
             self.workers_at_start = welcome.get("workers", 0)
-            self._tx.connect(address)
+            self._tx.connect(self.endpoint)
             self._tx.send_multipart(sp.message(sp.HELLO, {
                 "role": sp.ROLE_SUBMIT, "client_no": self.client_no}))
         except BaseException:
@@ -211,7 +234,7 @@ class SchedulerClient:
             self.trusted = sender_may_pickle(
                 frames[1], curve="client" if self.security is not None else None,
                 private_ipc=is_private_ipc(self.address),
-                inproc=self.address.startswith("inproc://"))
+                inproc=self.endpoint.startswith("inproc://"))
             return welcome
 
     # ------------------------------------------------------------- sending
@@ -233,7 +256,7 @@ class SchedulerClient:
         key = function_key(blob)
         with self._lock:
             if key not in self._fn_sent:
-                self._tx.send_multipart([sp.ctl(sp.FUNC), sp.body((key,) + blob)])
+                self._send_tx([sp.ctl(sp.FUNC), sp.body((key,) + blob)])
                 self._fn_sent.add(key)
             try:
                 self._fn_keys[fn] = key
@@ -254,7 +277,17 @@ class SchedulerClient:
             sinks[tid] = sink
         msg = [sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames
         with self._lock:
-            send_frames(self._tx, msg)
+            self._send_tx(msg)
+
+    def _send_tx(self, frames: List[Any]) -> None:
+        """Send on the submit connection (under ``self._lock``). An inproc
+        DEALER whose scheduler stopped has no peer, where a send would
+        block forever: it raises SchedulerLost instead (tcp and ipc
+        connections queue while they reconnect)."""
+        try:
+            send_frames(self._tx, frames, self._tx_flags)
+        except zmq.Again:
+            raise SchedulerLost("the scheduler at %s stopped" % self.address) from None
 
     def cancel(self, ids: Optional[Iterable[int]] = None) -> None:
         """Ask the scheduler to drop queued tasks (all of this client's with
@@ -265,8 +298,11 @@ class SchedulerClient:
             ids = list(ids)
         if self._closed:
             return
-        with self._lock:
-            self._tx.send_multipart(sp.message(sp.CANCEL, ids))
+        try:
+            with self._lock:
+                self._send_tx(sp.message(sp.CANCEL, ids))
+        except SchedulerLost:
+            pass  # nothing runs there any more
 
     def forget(self, tid: int) -> Optional[ResultSink]:
         """Stop waiting for ``tid``: its sink, or None if it was not waited for."""
@@ -296,7 +332,7 @@ class SchedulerClient:
         waiters[rid] = waiter
         try:
             with self._lock:
-                self._tx.send_multipart(sp.message(mtype, dict(body, id=rid)))
+                self._send_tx(sp.message(mtype, dict(body, id=rid)))
             if not waiter[0].wait(timeout):
                 raise TimeoutError("the scheduler did not answer %s within %g s"
                                    % (sp.TYPE_NAMES[mtype], timeout))
@@ -455,8 +491,10 @@ class SchedulerClient:
                     waiter[1] = reply
                     waiter[0].set()
             elif mtype == sp.RESET:
-                self._lose(SchedulerLost("the scheduler at %s dropped this client"
-                                         % self.address))
+                why = sp.parse_body(frames[1].bytes) if len(frames) > 1 else None
+                self._lose(SchedulerLost("the scheduler at %s %s" % (
+                    self.address, "stopped" if why == sp.RESET_STOPPED
+                    else "dropped this client")))
             elif mtype not in (sp.PROBE, sp.WELCOME):
                 raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])
         except Exception as exc:  # whatever arrives, the reader goes on
@@ -512,7 +550,7 @@ class SchedulerClient:
         """Ask the scheduler to stop its workers and itself."""
         self._shutting_down = True
         with self._lock:
-            self._tx.send_multipart(sp.message(sp.SHUTDOWN))
+            self._send_tx(sp.message(sp.SHUTDOWN))
 
     def close(self) -> None:
         """Say BYE, stop the I/O thread, close the sockets."""
@@ -522,8 +560,11 @@ class SchedulerClient:
         try:
             # BYE goes on the submit connection only, after whatever was sent
             # there: the two connections are not ordered with each other.
-            with self._lock:
-                self._tx.send_multipart(sp.message(sp.BYE))
+            try:
+                with self._lock:
+                    self._send_tx(sp.message(sp.BYE))
+            except SchedulerLost:
+                pass
             with self._handoff:
                 self._wake_tx.send(b"")
                 self._handoff.notify_all()
@@ -546,4 +587,7 @@ class SchedulerClient:
         # What is still queued (BYE, CANCEL, SHUTDOWN) gets a moment to
         # leave; a scheduler known to be gone must not hold up the close.
         self._tx.close(linger=0 if self.lost else 500)
-        self._ctx.term()
+        if self._shared is not None:
+            self._shared.release()
+        else:
+            self._ctx.term()

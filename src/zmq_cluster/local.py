@@ -1,7 +1,11 @@
 """LocalCluster: a scheduler and worker processes on this host, by one line.
 
-The scheduler and each worker run as ``python -m zmq_cluster.<module>``
-subprocesses that die with this process (see :mod:`zmq_cluster.process`).
+The scheduler runs as a subprocess (the default) or as a thread of this
+process (``scheduler="thread"``, as dask's LocalCluster does), bound on its
+public address and on an inproc address that pools made in this process
+use. Each worker runs
+as a ``python -m zmq_cluster._start worker`` subprocess that dies with this
+process (see :mod:`zmq_cluster.process`).
 The cluster is their nanny (:class:`zmq_cluster.supervisor.Supervisor`, the
 same one ``zmq-cluster worker`` runs): a thread waits on the workers'
 process descriptors (pidfd) and starts a new worker for each one that dies
@@ -21,7 +25,9 @@ import weakref
 from typing import List, Optional
 
 from .client import SchedulerClient
+from .inprocess import SharedContext, register_in_process, unregister_in_process
 from .process import python_command, spawn, worker_environment
+from .scheduler import Scheduler
 from .supervisor import Supervisor
 
 __all__ = ["LocalCluster"]
@@ -60,6 +66,37 @@ class LocalCluster:
     cost of memory not returned to the OS (each process keeps its
     high-water mark, up to 1 GiB more than it uses). A tunable already set
     in this process's ``GLIBC_TUNABLES`` wins. Without glibc it does nothing.
+    With ``scheduler="thread"`` only the workers are tuned (this process's
+    malloc is not changed).
+
+    ``scheduler`` (default "process"): where the scheduler runs.
+
+    * ``"process"``: a subprocess (``python -m zmq_cluster._start
+      scheduler``) that dies with this process, as the workers do;
+      ``cluster.scheduler`` is its ``subprocess.Popen``. Every pool reaches
+      it through ``address``.
+    * ``"thread"``: a thread of this process (the same
+      :class:`~zmq_cluster.scheduler.Scheduler`, as in dask's
+      LocalCluster), bound on ``address`` and on an ``inproc://`` address in
+      a context it shares with the pools made in this process, which
+      connect there (:func:`zmq_cluster.inprocess.register_in_process`): their
+      frames reach the scheduler by pointer, with no copy and no process
+      hop. Its log lines go to this process's logging (``log_level`` is
+      then unused); ``cluster.scheduler`` is None.
+
+    The trade-off, measured side by side (``benchmarks/pool_speed.py``,
+    README "Pool"): with the thread, the p50 round trip of
+    ``pool.submit(f, x).result()`` is 21-25% shorter and 64 MiB arrays
+    through ``pool.map`` move as fast or up to 1.5x faster; but the
+    scheduler then shares this process's GIL with the pool's threads, and
+    streams of tiny tasks (``imap_unordered`` with chunksize 1) move
+    20-25% slower. "process" is the default because it keeps the
+    small-task target of issue 7 (at least 5x ``multiprocessing.Pool``)
+    that the thread misses, while the thread meets neither the latency nor
+    (except on a quiet machine) the large-array target it improves: choose
+    "thread" for interactive ``submit`` loops and large arrays.
+
+    Pools in other processes reach either through ``address``.
 
     ``shared_memory`` (default True): start the workers with
     ``--shared-memory`` (they map the slots of pools on this host and
@@ -71,9 +108,12 @@ class LocalCluster:
     def __init__(self, n_workers: Optional[int] = None, *, transport: str = "ipc",
                  heartbeat_timeout: float = 10.0, start_timeout: float = 60.0,
                  log_level: str = "WARNING", blas_threads: Optional[int] = 1,
-                 malloc_tuning: bool = False, shared_memory: bool = True) -> None:
+                 malloc_tuning: bool = False, scheduler: str = "process",
+                 shared_memory: bool = True) -> None:
         if not isinstance(malloc_tuning, bool):
             raise TypeError("malloc_tuning must be True or False, not %r" % (malloc_tuning,))
+        if scheduler not in ("thread", "process"):
+            raise ValueError("scheduler must be 'thread' or 'process', not %r" % (scheduler,))
         if transport not in ("ipc", "tcp"):
             raise ValueError("transport must be 'ipc' or 'tcp', not %r" % (transport,))
         self.n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
@@ -89,7 +129,13 @@ class LocalCluster:
         os.chmod(self._dir, 0o700)
         self._closed = False
         self._lock = threading.Lock()
+        #: "thread" or "process": where the scheduler runs.
+        self.scheduler_mode = scheduler
+        #: The scheduler's process ("process" mode), else None.
         self.scheduler: Optional[subprocess.Popen] = None
+        self._thread: Optional[threading.Thread] = None
+        self._sched: Optional[Scheduler] = None
+        self._shared: Optional[SharedContext] = None
         self.address = ""
         self._control: Optional[SchedulerClient] = None
         self._nanny = Supervisor(self._worker_command, self.n_workers,
@@ -97,7 +143,10 @@ class LocalCluster:
                                                         malloc_tuning=malloc_tuning))
         _LIVE.add(self)
         try:
-            self._start_scheduler(start_timeout)
+            if scheduler == "thread":
+                self._start_scheduler_thread()
+            else:
+                self._start_scheduler(start_timeout)
             self._control = SchedulerClient(self.address, heartbeat_timeout=heartbeat_timeout,
                                             connect_timeout=start_timeout)
             self._nanny.start()
@@ -106,9 +155,31 @@ class LocalCluster:
             self.close()
             raise
 
+    def _listen(self) -> str:
+        return ("ipc://%s/scheduler" % self._dir if self.transport == "ipc"
+                else "tcp://127.0.0.1:0")
+
+    def _start_scheduler_thread(self) -> None:
+        self._shared = SharedContext()
+        endpoint = "inproc://zc-scheduler-%d-%x" % (os.getpid(), id(self))
+        self._sched = Scheduler(self._listen(), heartbeat_timeout=self.heartbeat_timeout,
+                                context=self._shared.context, inproc=endpoint)
+        self.address = self._sched.address
+        # Sockets may change threads across a full memory barrier: the start.
+        self._thread = threading.Thread(target=self._run_scheduler, args=(self._sched,),
+                                        name="zmq-cluster-scheduler", daemon=True)
+        self._thread.start()
+        register_in_process(self.address, self._shared, endpoint)
+
+    @staticmethod
+    def _run_scheduler(sched: Scheduler) -> None:
+        try:
+            sched.run()
+        except BaseException:
+            log.exception("the scheduler thread failed")
+
     def _start_scheduler(self, timeout: float) -> None:
-        listen = ("ipc://%s/scheduler" % self._dir if self.transport == "ipc"
-                  else "tcp://127.0.0.1:0")
+        listen = self._listen()
         r, w_end = os.pipe()
         w: Optional[int] = w_end
         try:
@@ -170,6 +241,8 @@ class LocalCluster:
                 return
             self._closed = True
         _LIVE.discard(self)
+        if self._shared is not None:
+            unregister_in_process(self.address)  # new pools: not this scheduler
         self._nanny.halt()
         if self._control is not None:
             try:
@@ -178,8 +251,21 @@ class LocalCluster:
                 pass
         procs = list(self._nanny.processes) + ([self.scheduler] if self.scheduler else [])
         self._nanny.reap(procs, timeout)
+        if self._thread is not None and self._sched is not None:
+            if self._control is None:
+                self._sched.stop()
+            # SHUTDOWN: it STOPs the workers and returns once they are gone
+            # (at most SHUTDOWN_SECONDS); stop() if it never got the message.
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._sched.stop()
+                self._thread.join(timeout)
+        elif self._sched is not None:
+            self._sched.close()  # made, never run
         if self._control is not None:
             self._control.close()
+        if self._shared is not None:
+            self._shared.release()  # terminates the context once the last pool closes
         self._nanny.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -190,4 +276,5 @@ class LocalCluster:
         self.close()
 
     def __repr__(self) -> str:
-        return "LocalCluster(%r, n_workers=%d)" % (getattr(self, "address", None), self.n_workers)
+        return "LocalCluster(%r, n_workers=%d, scheduler=%r)" % (
+            getattr(self, "address", None), self.n_workers, self.scheduler_mode)

@@ -83,6 +83,10 @@ TYPE_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", TASKS: "TASKS", RESULTS: "RESU
 #: to the scheduler to be trusted (authenticated or local).
 FLAG_TRUSTED = 1
 
+#: RESET body (scheduler -> client) when the scheduler stops: a client
+#: connected over inproc hears no disconnection, so the scheduler tells it.
+RESET_STOPPED = "stopped"
+
 #: CONTROL operations (the command line's stop, stop --workers-only and
 #: restart-workers).
 OP_STOP = "stop"                      # stop the workers, then the scheduler

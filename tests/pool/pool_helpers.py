@@ -19,10 +19,11 @@ import zmq_cluster as zc
 RESULT_TIMEOUT = 30
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A LocalCluster of two workers, one per test module."""
-    with zc.LocalCluster(2, heartbeat_timeout=5.0) as c:
+@pytest.fixture(scope="module", params=["process", "thread"])
+def cluster(request):
+    """A LocalCluster of two workers, one per test module and scheduler
+    mode (a process; a thread, which the module's pools reach over inproc)."""
+    with zc.LocalCluster(2, heartbeat_timeout=5.0, scheduler=request.param) as c:
         yield c
 
 

@@ -65,8 +65,9 @@ def _kill_when_busy(pool, after, killed):
                     return
 
 
-def test_kill9_one_of_three_workers_mid_map():
-    with zc.LocalCluster(3, heartbeat_timeout=2.0) as cluster:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_kill9_one_of_three_workers_mid_map(mode):
+    with zc.LocalCluster(3, heartbeat_timeout=2.0, scheduler=mode) as cluster:
         with zc.ClusterPool(cluster) as pool:
             killed = []
             killer = threading.Thread(target=_kill_when_busy, args=(pool, 300, killed))
@@ -85,9 +86,10 @@ def test_kill9_one_of_three_workers_mid_map():
             assert killed[0] not in cluster.worker_pids()
 
 
-def test_sigstop_worker_tasks_rerun_and_late_results_dropped():
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_sigstop_worker_tasks_rerun_and_late_results_dropped(mode):
     timeout = 1.0
-    with zc.LocalCluster(2, heartbeat_timeout=timeout) as cluster:
+    with zc.LocalCluster(2, heartbeat_timeout=timeout, scheduler=mode) as cluster:
         with zc.ClusterPool(cluster, heartbeat_timeout=timeout) as pool:
             it = pool.imap_unordered(sleepy, range(100))
             got = [it.next(RESULT_TIMEOUT) for _ in range(4)]
@@ -258,23 +260,25 @@ CLUSTER_SCRIPT = """
     import signal, sys, time
     import zmq_cluster as zc
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    with zc.LocalCluster(2) as c:
-        print(c.scheduler.pid, *c.worker_pids(), flush=True)
+    with zc.LocalCluster(2, scheduler=sys.argv[1]) as c:
+        print(*([c.scheduler.pid] if c.scheduler else []), *c.worker_pids(), flush=True)
         time.sleep(120)
 """
 
 
-def test_children_die_with_a_sigkilled_parent():
-    proc, pids = _script_pids(CLUSTER_SCRIPT)
-    assert len(pids) == 3
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_children_die_with_a_sigkilled_parent(mode):
+    proc, pids = _script_pids(CLUSTER_SCRIPT, mode)
+    assert len(pids) == (2 if mode == "thread" else 3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     assert wait_gone(pids, 15) == []
 
 
-def test_ctrl_c_stops_the_cluster():
-    proc, pids = _script_pids(CLUSTER_SCRIPT)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_ctrl_c_stops_the_cluster(mode):
+    proc, pids = _script_pids(CLUSTER_SCRIPT, mode)
     os.kill(proc.pid, signal.SIGINT)
     try:
         proc.wait(30)

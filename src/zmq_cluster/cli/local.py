@@ -48,9 +48,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # Its pools are in other processes: a scheduler thread here would gain
+    # nothing (no inproc pool), and --malloc-tuning tunes a scheduler process.
     with LocalCluster(values["workers"], transport=values["transport"],
                       heartbeat_timeout=values["heartbeat_timeout"],
-                      malloc_tuning=values["malloc_tuning"]) as cluster:
+                      malloc_tuning=values["malloc_tuning"], scheduler="process") as cluster:
         if values.get("scheduler_file") is not None:
             write_scheduler_file(values["scheduler_file"], cluster.address)
         say(cluster.address)
