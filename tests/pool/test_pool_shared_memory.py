@@ -19,7 +19,7 @@ import zmq_cluster as zc
 from zmq_cluster.exceptions import MessageFormatError
 from zmq_cluster.poolworker import PoolWorker
 
-from pool_helpers import RESULT_TIMEOUT
+from pool_helpers import RESULT_TIMEOUT, cluster, wait_gone  # noqa: F401 (a fixture)
 
 MIB = 1 << 20
 
@@ -31,6 +31,10 @@ def bump(x):
                              % (x.ctypes.data % 64, x.flags.writeable))
     x += 1
     return x
+
+
+def pid_and_bump(x):
+    return os.getpid(), bump(x)
 
 
 def slow_sum(x, seconds):
@@ -62,18 +66,12 @@ def _until(predicate, what, timeout=RESULT_TIMEOUT):
         time.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with zc.LocalCluster(2, heartbeat_timeout=5.0) as c:
-        assert c.shared_memory  # the default
-        yield c
-
-
 def test_map_and_submit_by_shared_memory(cluster):
     arrays = [np.arange(MIB // 8 * 3, dtype=np.float64).reshape(3, -1),
               np.asfortranarray(np.arange(MIB // 4 * 2, dtype=">i4").reshape(-1, 2)),
               np.ones((1024, 1024), dtype=np.complex128)]
     before = [a.copy() for a in arrays]
+    assert cluster.shared_memory  # the default
     with zc.ClusterPool(cluster) as pool:
         shm = pool.shared_memory
         assert shm is not None  # on by default for a LocalCluster
@@ -112,6 +110,27 @@ def test_a_task_rerun_after_its_worker_is_killed_finds_its_pinned_arguments(tmp_
             assert shm.reclaimed >= 1  # the dead worker's claim went back to the pin
             assert pool.copies_sent.copied_bytes == arr.nbytes
             _until(lambda: shm.slots_in_use() == 0, "the pinned slot to be freed")
+
+
+def test_a_result_stays_valid_after_its_worker_is_killed(tmp_path):
+    """The client maps a worker's slots once: the memfd lives as long as a
+    mapping of it, whatever happens to the worker."""
+    arr = np.arange(2 * MIB // 8, dtype=np.float64)
+    with zc.LocalCluster(1, heartbeat_timeout=5.0) as cluster:
+        with zc.ClusterPool(cluster) as pool:
+            pid, got = pool.submit(pid_and_bump, arr).result(RESULT_TIMEOUT)
+            assert pool.shared_memory.arrays_received == 1
+            os.kill(pid, signal.SIGKILL)
+            assert wait_gone([pid], 10) == []
+            np.testing.assert_array_equal(got, arr + 1)
+            got += 1  # still writeable memory
+            assert got[-1] == arr[-1] + 2
+            del got  # its release goes nowhere: nothing breaks
+            gc.collect()
+            cluster.wait_for_workers(1, RESULT_TIMEOUT)  # a new worker, and the pool goes on
+            pid2, again = pool.submit(pid_and_bump, arr).result(RESULT_TIMEOUT)
+            assert pid2 != pid
+            np.testing.assert_array_equal(again, arr + 1)
 
 
 def test_in_flight_bytes_count_the_slots(cluster):
