@@ -154,9 +154,10 @@ def test_a_pinned_slot_outlives_its_consumers_until_unpinned(twin):
     producer, first, second = SharedMemory(slots=2, capacity=8 * MIB), SharedMemory(), SharedMemory()
     try:
         arr = np.arange(MIB // 8, dtype=np.float64)
-        producer.pin_start()
         frames = twin.encode(arr, KIND_REQUEST, shm=producer)
-        pins = producer.pin_stop()
+        pins = producer.last_message()
+        producer.pin(pins)
+        assert producer.last_message() == []  # taken
         assert [(p[0], p[2]) for p in pins] == [(0, arr.nbytes)] and _refs(frames)
         got = twin.decode(frames, shm=first)[2]
         first.close()  # (the connection goes with its last array)
@@ -170,9 +171,10 @@ def test_a_pinned_slot_outlives_its_consumers_until_unpinned(twin):
         assert producer.slots_in_use() == 1  # still held by the second consumer
         del again
         _until(lambda: producer.slots_in_use() == 0, "the last release")
-        producer.pin_start()
         twin.encode(arr, KIND_REQUEST, shm=producer)  # sent, never claimed
-        producer.unpin(producer.pin_stop())
+        pins = producer.last_message()
+        producer.pin(pins)
+        producer.unpin(pins)
         assert producer.slots_in_use() == 0
     finally:
         second.close()

@@ -65,6 +65,8 @@ class Producer:
         self.generation = [0] * slots
         self.extents: list[tuple[int, int]] = [(self.data_at, self.size - self.data_at)]
         self.lock = threading.Lock()
+        #: Consumer connections and the part of a note each has sent.
+        self.partial: dict[socket.socket, bytes] = {}
         self.reclaimed = 0
         self.refused_peers = 0
         self.bad_notes = 0
@@ -80,10 +82,9 @@ class Producer:
         self.thread.start()
 
     # ---------------------------------------------------------------- slots
-    def put(self, arr: np.ndarray, pin: bool = False) -> tuple[int, int, int] | None:
+    def put(self, arr: np.ndarray) -> tuple[int, int, int] | None:
         """Copy ``arr`` into a free slot: ``(slot, generation, offset)``, or
-        None when no slot or room is free. ``pin``: the slot stays taken
-        until :meth:`unpin`, whatever its consumers do meanwhile."""
+        None when no slot or room is free."""
         nbytes = arr.nbytes
         need = -(-nbytes // PAGE) * PAGE
         with self.lock:
@@ -103,7 +104,6 @@ class Producer:
             else:
                 self.extents[i] = (start + need, size - need)
             self.state[slot] = _SENT
-            self.pinned[slot] = pin
             self.generation[slot] += 1
             generation = self.generation[slot]
             ENTRY.pack_into(self.map, HEAD.size + ENTRY.size * slot, generation, start, need)
@@ -160,10 +160,19 @@ class Producer:
             else:
                 self._free(slot)
 
+    def pin(self, refs: list[tuple[int, int]]) -> None:
+        """Pin these ``(slot, generation)``, not yet sent: each stays taken
+        until :meth:`unpin`, whatever its consumers do meanwhile."""
+        with self.lock:
+            for slot, generation in refs:
+                if self.generation[slot] == generation and self.state[slot] == _SENT:
+                    self.pinned[slot] = True
+
     def unpin(self, refs: list[tuple[int, int]]) -> None:
         """Drop the pins of these ``(slot, generation)``: each slot is free
         at once when no consumer holds it, else when the last lets go."""
         with self.lock:
+            self._drain()
             for slot, generation in refs:
                 if self.generation[slot] == generation and self.pinned[slot]:
                     self.pinned[slot] = False
@@ -185,7 +194,7 @@ class Producer:
         sel = selectors.DefaultSelector()
         sel.register(self.server, selectors.EVENT_READ, None)
         sel.register(self.wake_r, selectors.EVENT_READ, None)
-        pending: dict[socket.socket, bytes] = {}
+        pending = self.partial
         try:
             while True:
                 for key, _ in sel.select():
@@ -225,42 +234,60 @@ class Producer:
             conn.close()
             return
         conn.setblocking(False)
-        pending[conn] = b""
+        with self.lock:
+            pending[conn] = b""
         sel.register(conn, selectors.EVENT_READ, None)
 
     def _read(self, sel: selectors.BaseSelector, pending: dict[socket.socket, bytes],
               conn: socket.socket) -> None:
-        try:
-            data = conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:  # the consumer is gone: reclaim what it held
-            sel.unregister(conn)
+        with self.lock:  # (unpin reads the connections too: one reader at a time)
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                self._notes(conn, data)
+                return
+            # The consumer is gone: reclaim what it held.
             del pending[conn]
-            with self.lock:
-                for slot in range(self.slots):
-                    if conn in self.holders[slot]:
-                        self._let_go(slot, conn)
-                        self.reclaimed += 1
-            conn.close()
-            return
-        buf = pending[conn] + data
-        end = len(buf) - len(buf) % NOTE.size
-        with self.lock:
-            for op, slot, generation in NOTE.iter_unpack(buf[:end]):
-                if slot >= self.slots or self.generation[slot] != generation:
-                    self.bad_notes += 1
-                elif op == CLAIM and (self.state[slot] == _SENT or (
-                        self.pinned[slot] and self.state[slot] == _CLAIMED)):
-                    self.state[slot] = _CLAIMED
-                    self.holders[slot].add(conn)
-                elif op == RELEASE and conn in self.holders[slot]:
+            for slot in range(self.slots):
+                if conn in self.holders[slot]:
                     self._let_go(slot, conn)
-                else:
-                    self.bad_notes += 1
-        pending[conn] = buf[end:]
+                    self.reclaimed += 1
+        sel.unregister(conn)
+        conn.close()
+
+    def _drain(self) -> None:
+        """Take the notes already sent on every connection (under the
+        lock): an unpin must see a claim its consumer sent before it."""
+        for conn in list(self.partial):
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:  # BlockingIOError: nothing more; else the server sees it
+                    break
+                if not data:
+                    break
+                self._notes(conn, data)
+
+    def _notes(self, conn: socket.socket, data: bytes) -> None:
+        """Apply the claim and release notes in ``data`` (under the lock)."""
+        buf = self.partial[conn] + data
+        end = len(buf) - len(buf) % NOTE.size
+        for op, slot, generation in NOTE.iter_unpack(buf[:end]):
+            if slot >= self.slots or self.generation[slot] != generation:
+                self.bad_notes += 1
+            elif op == CLAIM and (self.state[slot] == _SENT or (
+                    self.pinned[slot] and self.state[slot] == _CLAIMED)):
+                self.state[slot] = _CLAIMED
+                self.holders[slot].add(conn)
+            elif op == RELEASE and conn in self.holders[slot]:
+                self._let_go(slot, conn)
+            else:
+                self.bad_notes += 1
+        self.partial[conn] = buf[end:]
 
     def close(self, wait: float | None = None) -> bool:
         """No more ``put``; the slots are served until every one is

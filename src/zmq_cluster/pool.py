@@ -153,6 +153,14 @@ class ClusterPool:
             shared_memory = (not isinstance(cluster, str)
                              and getattr(cluster, "shared_memory", False) is True)
         self.address = address
+        #: The pool's SharedMemory (None: arrays go over the socket). Its
+        #: producer starts with the first array sent by slot.
+        try:
+            self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
+        except BaseException:
+            if self._own_cluster is not None:
+                self._own_cluster.close()
+            raise
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
         timeout_ms = 0 if task_timeout is None else max(1, int(task_timeout * 1000))
@@ -167,8 +175,6 @@ class ClusterPool:
             if self._own_cluster is not None:
                 self._own_cluster.close()
             raise
-        #: The pool's SharedMemory (None: arrays go over the socket).
-        self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
         self._link = PoolLink(self._client, timeout_ms=timeout_ms, allow_pickle=allow_pickle,
                               copies_sent=self.copies_sent,
                               copies_received=self.copies_received, shm=self.shared_memory)

@@ -115,14 +115,14 @@ class PoolLink:
         shm = self.shm
         if shm is None:
             return _encode((mode, items), KIND_REQUEST, tid, self.copies_sent), 0
-        shm.pin_start()
-        try:
-            msg = _encode((mode | MODE_SHM_RESULTS, items), KIND_REQUEST, tid,
-                          self.copies_sent, shm)
-        finally:
-            pins = shm.pin_stop()  # (a failed encoding freed its slots already)
-        if not pins:
+        before = shm.arrays_sent
+        msg = _encode((mode | MODE_SHM_RESULTS, items), KIND_REQUEST, tid, self.copies_sent, shm)
+        if shm.arrays_sent == before:  # nothing by slot (the common case: small tasks)
             return msg, 0
+        pins = shm.last_message()
+        if not pins:  # (another thread's arrays)
+            return msg, 0
+        shm.pin(pins)  # (not sent yet: nobody can have freed them)
         self._pins[tid] = pins
         return msg, sum(p[2] for p in pins)
 

@@ -134,8 +134,7 @@ class SharedMemory:
         if self._closed:
             return None
         pool = self._pool()
-        pins = getattr(self._pending, "pins", None)
-        where = pool.put(arr, pins is not None)
+        where = pool.put(arr)
         if where is None:
             self.fallbacks += 1
             return None
@@ -143,40 +142,46 @@ class SharedMemory:
         pending = getattr(self._pending, "refs", None)
         if pending is None:
             pending = self._pending.refs = []
-        pending.append(where[:2])
-        if pins is not None:
-            pins.append((where[0], where[1], arr.nbytes))
+        pending.append((where[0], where[1], arr.nbytes))
         return (pool.path,) + where
-
-    def pin_start(self) -> None:
-        """Pin the slots this thread ``put`` from now until
-        :meth:`pin_stop`: each stays taken, whatever its consumers do, until
-        :meth:`unpin`. A pool pins a task's arguments until the task's
-        result arrives, so that a task re-sent after its worker died (and
-        its slots were reclaimed) still finds them."""
-        self._pending.pins = []
-
-    def pin_stop(self) -> list[tuple[int, int, int]]:
-        """The slots pinned since :meth:`pin_start`: ``(slot, generation,
-        bytes of the array)`` each (for :meth:`unpin`)."""
-        pins = getattr(self._pending, "pins", None)
-        self._pending.pins = None
-        return pins or []
-
-    def unpin(self, pins: Iterable[tuple[int, int, int]]) -> None:
-        """Drop pins (as :meth:`pin_stop` gave them): a slot no consumer
-        holds is free at once, else once they all release it."""
-        producer = self._producer
-        refs = [(slot, generation) for slot, generation, _ in pins]
-        if producer is not None and refs:
-            producer.unpin(refs)
 
     def commit(self) -> None:
         """The references ``put`` by this thread since the last commit or
-        abandon are in a message: an encoder calls this when it succeeds."""
+        abandon are in a message: an encoder calls this when it succeeds.
+        They are this thread's :meth:`last_message` until the next commit."""
         pending = getattr(self._pending, "refs", None)
         if pending:
-            pending.clear()
+            self._pending.refs = []
+            self._pending.last = pending
+
+    def last_message(self) -> list[tuple[int, int, int]]:
+        """The slots of the last message this thread encoded with
+        references (``(slot, generation, bytes of the array)`` each), taken:
+        a second call returns []. To :meth:`pin` them, before the message
+        is sent."""
+        last = getattr(self._pending, "last", None)
+        if not last:
+            return []
+        self._pending.last = None
+        return last
+
+    def pin(self, refs: Iterable[tuple[int, int, int]]) -> None:
+        """Pin slots not yet sent (as :meth:`last_message` gives them): each
+        stays taken, whatever its consumers do, until :meth:`unpin`. A pool
+        pins a task's arguments until the task's result arrives, so that a
+        task re-sent after its worker died (and the dead worker's claims
+        were reclaimed) still finds them."""
+        producer = self._producer
+        if producer is not None:
+            producer.pin([(slot, generation) for slot, generation, _ in refs])
+
+    def unpin(self, refs: Iterable[tuple[int, int, int]]) -> None:
+        """Drop pins: a slot no consumer holds is free at once, else once
+        they all release it."""
+        producer = self._producer
+        pairs = [(slot, generation) for slot, generation, _ in refs]
+        if producer is not None and pairs:
+            producer.unpin(pairs)
 
     def abandon(self) -> None:
         """Free the slots ``put`` by this thread since the last commit or
@@ -184,7 +189,7 @@ class SharedMemory:
         the references, will never exist)."""
         pending = getattr(self._pending, "refs", None)
         if pending:
-            refs = list(pending)
+            refs = [(slot, generation) for slot, generation, _ in pending]
             pending.clear()
             self.arrays_sent -= len(refs)
             producer = self._producer
