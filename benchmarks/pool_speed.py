@@ -24,6 +24,10 @@ the same number of worker processes):
 * arrays: 64 MiB float64 arrays through ``pool.map(identity, arrays)``
   against the raw pipeline with ``copy=False`` and ``np.frombuffer`` on every
   hop (GB/s there and back).
+* arrays, shared memory (with --only arrays too, 1 and 2 workers): the
+  same map on a LocalCluster of its own, by a pool with
+  ``shared_memory=True`` and one with ``shared_memory=False``, timed in
+  turns with the raw pipeline, round after round.
 * latency: p50 of ``pool.submit(inc, 1).result()`` against two raw pyzmq
   round trips (µs; lower is better): REQ/REP straight to a worker process
   ("raw", two process hops: the issue's target is against this one), and
@@ -368,6 +372,35 @@ def timed_turns(fns, rounds):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def shm_arrays(workers, sizes, rounds, tmp):
+    """Rows for ``pool.map(identity, arrays)`` with shared memory on and
+    off, and the raw pipeline, timed in turns (medians)."""
+    n, mib = sizes["arr_n"], sizes["arr_mib"]
+    arr = np.arange(mib << 17, dtype=np.float64)
+    arrays = [arr] * n
+    with zc.LocalCluster(workers, shared_memory=True) as cluster, \
+            zc.ClusterPool(cluster, shared_memory=True) as on, \
+            zc.ClusterPool(cluster, shared_memory=False) as off:
+        raw = RawPipeline(workers, tmp)
+        try:
+            def ours(pool):
+                for out in pool.map(identity, arrays, chunksize=1):
+                    assert out.size == arr.size and out[-1] == arr.size - 1
+
+            fns = {"on": lambda: ours(on), "off": lambda: ours(off),
+                   "raw": lambda: raw.arrays(n, mib)}
+            for fn in fns.values():
+                fn()  # warm-up: slots mapped, buffers touched
+            t = timed_turns(fns, rounds)
+            assert on.shared_memory.arrays_received >= n  # results came by slot
+        finally:
+            raw.close()
+    gb = 2 * n * arr.nbytes / 1e9
+    return [dict(case="%d MiB arrays, map(identity), shared memory %s" % (mib, name),
+                 workers=workers, ours=gb / t[name], raw=gb / t["raw"], unit="GB/s",
+                 ratio_raw=t["raw"] / t[name]) for name in ("on", "off")]
+
+
 def run(args):
     rows = []
     sizes = dict(map_n=1_000_000, imap_n=200_000, arr_n=16, arr_mib=64, lat_n=5000)
@@ -484,6 +517,8 @@ def run(args):
                 pool.terminate()
             for cluster in clusters.values():
                 cluster.close()
+        if "arrays" in cases:
+            rows.extend(shm_arrays(workers, sizes, rounds, tmp))
     os.rmdir(tmp) if not os.listdir(tmp) else None
     return rows
 

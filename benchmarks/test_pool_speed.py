@@ -17,4 +17,6 @@ def test_pool_speed(pytestconfig):
     assert "| imap_unordered(" in out.stdout and "| map(inc" in out.stdout
     # Both scheduler modes, side by side.
     assert "[thread] |" in out.stdout and "[process] |" in out.stdout
+    # Large arrays with shared memory on and off, side by side.
+    assert "shared memory on |" in out.stdout and "shared memory off |" in out.stdout
     print(out.stdout)

@@ -146,6 +146,58 @@ def test_a_held_array_blocks_reuse_and_its_release_frees_the_slot(twin):
         producer.close(wait=WAIT_MS / 1000)
 
 
+def test_a_pinned_slot_outlives_its_consumers_until_unpinned(twin):
+    """A pool pins a task's argument slots: a release, or the reclaim of a
+    consumer that died, gives the slot back to the pin (a second consumer
+    can still claim it, as a re-sent task's worker does); the unpin frees
+    it, at once or at the last release."""
+    producer, first, second = SharedMemory(slots=2, capacity=8 * MIB), SharedMemory(), SharedMemory()
+    try:
+        arr = np.arange(MIB // 8, dtype=np.float64)
+        frames = twin.encode(arr, KIND_REQUEST, shm=producer)
+        pins = producer.last_message()
+        producer.pin(pins)
+        assert producer.last_message() == []  # taken
+        assert [(p[0], p[2]) for p in pins] == [(0, arr.nbytes)] and _refs(frames)
+        got = twin.decode(frames, shm=first)[2]
+        first.close()  # (the connection goes with its last array)
+        del got
+        gc.collect()
+        _until(lambda: producer._producer.state[0] == 1, "the release back to the pin")
+        assert producer.slots_in_use() == 1
+        again = twin.decode(frames, shm=second)[2]  # the task, run again elsewhere
+        np.testing.assert_array_equal(again, arr)
+        producer.unpin(pins)
+        assert producer.slots_in_use() == 1  # still held by the second consumer
+        del again
+        _until(lambda: producer.slots_in_use() == 0, "the last release")
+        twin.encode(arr, KIND_REQUEST, shm=producer)  # sent, never claimed
+        pins = producer.last_message()
+        producer.pin(pins)
+        producer.unpin(pins)
+        assert producer.slots_in_use() == 0
+    finally:
+        second.close()
+        producer.close(wait=WAIT_MS / 1000)
+
+
+def test_freed_slots_beyond_retain_go_back_to_the_os(twin):
+    producer, consumer = SharedMemory(slots=8, capacity=16 * MIB, retain=MIB), SharedMemory()
+    try:
+        arrays = [np.full(2 * MIB // 8, i, dtype=np.float64) for i in range(4)]
+        held = [twin.decode(twin.encode(a, KIND_REQUEST, shm=producer), shm=consumer)[2]
+                for a in arrays]
+        fd = producer._producer.fd
+        backed = os.fstat(fd).st_blocks * 512
+        assert backed >= 8 * MIB
+        del held
+        _until(lambda: producer.slots_in_use() == 0, "the releases")
+        assert os.fstat(fd).st_blocks * 512 <= backed - 7 * MIB  # 1 MiB (and the table) stay
+    finally:
+        consumer.close()
+        producer.close(wait=WAIT_MS / 1000)
+
+
 def test_a_receiver_without_shared_memory_refuses_with_the_reason(twin, shm):
     producer, consumer = shm
     frames = twin.encode(np.ones(MIB // 8), KIND_REQUEST, 1, shm=producer)

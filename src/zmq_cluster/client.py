@@ -171,6 +171,8 @@ class SchedulerClient:
         self.trusted = False
         #: Results that arrived for no waiting task (cancelled ones).
         self.unmatched_results = 0
+        #: Called with each such result's frames (None: they are dropped).
+        self.on_unmatched: Optional[Callable[[List[Any]], None]] = None
         #: Messages from the scheduler rejected as malformed, by reason.
         self.counters: "collections.Counter[str]" = collections.Counter()
         try:
@@ -513,6 +515,8 @@ class SchedulerClient:
             sink = sinks.pop(tid, None)
             if sink is None:
                 self.unmatched_results += 1  # cancelled, or its caller gave up
+                if self.on_unmatched is not None:
+                    self.on_unmatched(msg)
                 continue
             sink.deliver(tid, msg, trusted)
             if sink is not last:

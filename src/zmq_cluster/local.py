@@ -97,12 +97,19 @@ class LocalCluster:
     "thread" for interactive ``submit`` loops and large arrays.
 
     Pools in other processes reach either through ``address``.
+
+    ``shared_memory`` (default True): start the workers with
+    ``--shared-memory`` (they map the slots of pools on this host and
+    return large results in slots of their own, only for pools that ask,
+    see :class:`~zmq_cluster.pool.ClusterPool`); a ClusterPool given this
+    cluster then uses shared memory by default.
     """
 
     def __init__(self, n_workers: Optional[int] = None, *, transport: str = "ipc",
                  heartbeat_timeout: float = 10.0, start_timeout: float = 60.0,
                  log_level: str = "WARNING", blas_threads: Optional[int] = 1,
-                 malloc_tuning: bool = False, scheduler: str = "process") -> None:
+                 malloc_tuning: bool = False, scheduler: str = "process",
+                 shared_memory: bool = True) -> None:
         if not isinstance(malloc_tuning, bool):
             raise TypeError("malloc_tuning must be True or False, not %r" % (malloc_tuning,))
         if scheduler not in ("thread", "process"):
@@ -116,6 +123,8 @@ class LocalCluster:
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.log_level = log_level
         self.malloc_tuning = malloc_tuning
+        #: Whether the workers take and give arrays by shared memory.
+        self.shared_memory = bool(shared_memory)
         self._dir = tempfile.mkdtemp(prefix="zc-cluster-")
         os.chmod(self._dir, 0o700)
         self._closed = False
@@ -200,7 +209,8 @@ class LocalCluster:
     def _worker_command(self) -> List[str]:
         return python_command("zmq_cluster._start", "worker", "--connect", self.address,
                               "--heartbeat-timeout", self.heartbeat_timeout,
-                              "--log-level", self.log_level)
+                              "--log-level", self.log_level,
+                              *(["--shared-memory"] if self.shared_memory else []))
 
     @property
     def workers(self) -> List[subprocess.Popen]:

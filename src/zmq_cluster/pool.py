@@ -22,7 +22,8 @@ from .config import Config
 from .poolfuture import FutureSink, PoolFuture
 from .poollink import CLOSE, RUN, TERMINATE, PoolLink
 from .poolstream import ResultStream
-from .taskcodec import CopyCount, encode_task
+from .sharedmem import SharedMemory, node_shared_memory
+from .taskcodec import CopyCount
 
 if TYPE_CHECKING:
     from .local import LocalCluster
@@ -109,6 +110,21 @@ class ClusterPool:
     contiguous arrays go out as views (0), and a result array of 1 MiB or
     more arrives copied once (assembled or aligned to 64 bytes). The
     scheduler in between forwards frames without decoding or copying them.
+
+    **Shared memory** (same host; README "Shared memory"):
+    ``shared_memory`` True (or a
+    :class:`~zmq_cluster.sharedmem.SharedMemory`) sends arrays of 1 MiB and
+    more by slot reference (copied once, into a memfd the workers map) and
+    asks the workers to return large results the same way (the result is
+    then a writeable, 64-byte-aligned view of the worker's slot, received
+    with no copy). None (the default) turns it on when ``cluster`` is a
+    LocalCluster made with ``shared_memory=True`` (or the pool starts its
+    own), off for an address: a worker that cannot map the slots (another
+    host, another uid, started without ``--shared-memory``) fails such a
+    task saying why. A task's argument slots stay pinned until its result
+    arrives (a task re-sent after its worker died finds them); when no slot
+    is free an array goes over the socket. ``copies_sent`` then counts the
+    bytes copied into slots.
     """
 
     def __init__(self, cluster: "LocalCluster | str | None" = None, *,
@@ -120,7 +136,8 @@ class ClusterPool:
                  config: "str | os.PathLike[str] | None" = None,
                  secret_key: "str | os.PathLike[str] | None" = None,
                  scheduler_key: "str | os.PathLike[str] | None" = None,
-                 keys: "str | os.PathLike[str] | None" = None) -> None:
+                 keys: "str | os.PathLike[str] | None" = None,
+                 shared_memory: "SharedMemory | bool | None" = None) -> None:
         self._own_cluster = None
         self.copies_sent = CopyCount()
         self.copies_received = CopyCount()
@@ -132,7 +149,18 @@ class ClusterPool:
             cluster = self._own_cluster = LocalCluster(
                 malloc_tuning=bool(settings.get("malloc_tuning")))
             address = cluster.address
+        if shared_memory is None:
+            shared_memory = (not isinstance(cluster, str)
+                             and getattr(cluster, "shared_memory", False) is True)
         self.address = address
+        #: The pool's SharedMemory (None: arrays go over the socket). Its
+        #: producer starts with the first array sent by slot.
+        try:
+            self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
+        except BaseException:
+            if self._own_cluster is not None:
+                self._own_cluster.close()
+            raise
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
         timeout_ms = 0 if task_timeout is None else max(1, int(task_timeout * 1000))
@@ -149,7 +177,7 @@ class ClusterPool:
             raise
         self._link = PoolLink(self._client, timeout_ms=timeout_ms, allow_pickle=allow_pickle,
                               copies_sent=self.copies_sent,
-                              copies_received=self.copies_received)
+                              copies_received=self.copies_received, shm=self.shared_memory)
 
     @property
     def trusted(self) -> bool:
@@ -188,9 +216,9 @@ class ClusterPool:
         tid = client.new_task_id()
         link = self._link
         fut = PoolFuture(link, tid)
-        msg = encode_task(sp.MODE_CALL, [(args, kwargs)], tid, self.copies_sent)
+        msg, _ = link.encode_task(sp.MODE_CALL, [(args, kwargs)], tid)
         entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, link.timeout_ms), msg)
-        link.send([entry], list(data), [tid], FutureSink(fut, link))
+        link.send([entry], list(data), [tid], FutureSink(fut, link, tid))
         return fut
 
     def apply(self, fn: Callable[..., T], args: Iterable[Any] = (),
@@ -288,6 +316,11 @@ class ClusterPool:
 
     def _shutdown(self) -> None:
         self._client.close()
+        self._link.unpin_all()
+        if self._own_shm and self.shared_memory is not None:
+            # Slots still held by workers are served until released;
+            # results received from workers stay valid.
+            self.shared_memory.close()
         if self._own_cluster is not None:
             self._own_cluster.close()
 

@@ -52,6 +52,7 @@ class PoolFuture(concurrent.futures.Future):
             return False
         link = self._link
         if link.client.forget(self._tid) is not None:
+            link.unpin(self._tid)
             link.tasks_done(1)
             try:
                 link.client.cancel([self._tid])
@@ -63,18 +64,21 @@ class PoolFuture(concurrent.futures.Future):
 class FutureSink:
     """Receives the result of one submitted task and settles its Future."""
 
-    __slots__ = ("future", "link")
+    __slots__ = ("future", "link", "tid")
 
-    def __init__(self, future: "concurrent.futures.Future[Any]", link: PoolLink) -> None:
+    def __init__(self, future: "concurrent.futures.Future[Any]", link: PoolLink,
+                 tid: int = 0) -> None:
         self.future = future
         self.link = link
+        self.tid = tid
 
     def deliver(self, tid: int, frames: List[Any], trusted: bool = False) -> None:
         link = self.link
+        link.unpin(tid)
         allow = link.allow(trusted)
         outcome: Any
         try:
-            values, errors = decode_result(frames, allow, link.copies_received)
+            values, errors = decode_result(frames, allow, link.copies_received, link.shm)
         except Exception as exc:
             link.refused(tid, exc)
             ok, outcome = False, exc
@@ -91,6 +95,7 @@ class FutureSink:
         link.tasks_done(1)
 
     def fail(self, exc: BaseException) -> None:
+        self.link.unpin(self.tid)
         if self.future.set_running_or_notify_cancel():
             self.future.set_exception(exc)
         self.link.tasks_done(1)

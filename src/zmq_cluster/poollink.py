@@ -4,18 +4,30 @@ The one interface between :mod:`zmq_cluster.pool` (ClusterPool, the public
 API) and the engines under it (:mod:`zmq_cluster.poolfuture`, one task
 and its Future; :mod:`zmq_cluster.poolstream`, map/imap): the scheduler
 connection, the task settings, the payload copy counters, whether the pool
-still takes work, and the count of tasks in flight that ``join`` waits
-for. The engines hold a PoolLink, never the pool.
+still takes work, the count of tasks in flight that ``join`` waits
+for, and the pool's shared memory (if any) with the pins of its tasks'
+arguments. The engines hold a PoolLink, never the pool.
+
+Shared memory: a task's arguments placed in slots are pinned from its
+encoding (:meth:`PoolLink.encode_task`) until its result arrives, it fails
+or it is cancelled (:meth:`PoolLink.unpin`): the scheduler re-sends a task
+whose worker died, and the dead worker's claims are reclaimed meanwhile; the
+pin keeps the slots for the worker that runs it next.
 """
 
 import logging
 import threading
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import framing
 from .client import ResultSink, SchedulerClient
-from .taskcodec import CopyCount
+from .protocol import KIND_REQUEST
+from .sharedmem import SharedMemory
+from .taskcodec import MODE_SHM_RESULTS, CopyCount
 
 __all__ = ["PoolLink", "RUN", "CLOSE", "TERMINATE"]
+
+_encode = framing.encode
 
 # Rejections are logged (and counted) under the pool's name.
 log = logging.getLogger("zmq_cluster.pool")
@@ -33,15 +45,20 @@ class PoolLink:
     ``copies_sent``/``copies_received``: the pool's payload copy counters.
     ``state``: RUN, CLOSE or TERMINATE (a stream stops reading its input
     when the pool no longer runs). ``pending``: tasks sent and not yet
-    answered, failed or cancelled.
+    answered, failed or cancelled. ``shm``: the pool's SharedMemory, or None
+    (arrays go over the socket).
     """
 
     __slots__ = ("client", "timeout_ms", "allow_pickle", "copies_sent", "copies_received",
-                 "state", "pending", "_cond")
+                 "state", "pending", "_cond", "shm", "_pins")
 
     def __init__(self, client: SchedulerClient, *, timeout_ms: int,
                  allow_pickle: Optional[bool], copies_sent: CopyCount,
-                 copies_received: CopyCount) -> None:
+                 copies_received: CopyCount, shm: Optional[SharedMemory] = None) -> None:
+        self.shm = shm
+        self._pins: Dict[int, List[Tuple[int, int, int]]] = {}  # task id -> its pinned slots
+        if shm is not None:
+            client.on_unmatched = self._discard
         self.client = client
         self.timeout_ms = timeout_ms
         self.allow_pickle = allow_pickle
@@ -64,7 +81,12 @@ class PoolLink:
         counting them as pending."""
         with self._cond:
             self.pending += len(tids)
-        self.client.send_tasks(entries, frames, tids, sink)
+        try:
+            self.client.send_tasks(entries, frames, tids, sink)
+        except BaseException:
+            for tid in tids:
+                self.unpin(tid)
+            raise
 
     def tasks_done(self, n: int) -> None:
         """``n`` tasks were answered, failed or cancelled."""
@@ -85,6 +107,47 @@ class PoolLink:
         with self._cond:
             return self._cond.wait_for(
                 lambda: self.pending <= 0 or self.client.lost is not None, timeout)
+
+    def encode_task(self, mode: int, items: Sequence[Any], tid: int) -> Tuple[List[Any], int]:
+        """The frames of a task, and the bytes of its arguments placed in
+        shared-memory slots (pinned until :meth:`unpin` of ``tid``; 0
+        without shared memory)."""
+        shm = self.shm
+        if shm is None:
+            return _encode((mode, items), KIND_REQUEST, tid, self.copies_sent), 0
+        before = shm.arrays_sent
+        msg = _encode((mode | MODE_SHM_RESULTS, items), KIND_REQUEST, tid, self.copies_sent, shm)
+        if shm.arrays_sent == before:  # nothing by slot (the common case: small tasks)
+            return msg, 0
+        pins = shm.last_message()
+        if not pins:  # (another thread's arrays)
+            return msg, 0
+        shm.pin(pins)  # (not sent yet: nobody can have freed them)
+        self._pins[tid] = pins
+        return msg, sum(p[2] for p in pins)
+
+    def unpin(self, tid: int) -> None:
+        """Task ``tid`` is answered, failed or cancelled: its argument slots
+        are free once no worker holds them."""
+        pins = self._pins.pop(tid, None)
+        if pins is not None and self.shm is not None:
+            self.shm.unpin(pins)
+
+    def unpin_all(self) -> None:
+        """Drop every pin (the pool was terminated)."""
+        shm = self.shm
+        while self._pins:
+            _, pins = self._pins.popitem()
+            if shm is not None:
+                shm.unpin(pins)
+
+    def _discard(self, frames: List[Any]) -> None:
+        """A result nobody waits for any more (a cancelled task): decoded
+        and dropped, so that the worker's slots it names are released."""
+        try:
+            framing.decode(frames, allow_pickle=False, shm=self.shm)
+        except Exception:
+            pass
 
     def refused(self, tid: int, exc: BaseException) -> None:
         """A result that does not decode (a pickle from an untrusted

@@ -3,7 +3,8 @@
 A :class:`ResultStream` reads its input lazily in chunks (``chunksize``,
 as in multiprocessing), each chunk its own task; sends them in batches
 while its window has room (``max_ahead`` items and ``max_ahead_bytes``
-bytes of encoded arguments read ahead of the consumer), so ``imap`` over
+bytes of encoded arguments read ahead of the consumer, the bytes placed in
+shared-memory slots included), so ``imap`` over
 an endless generator runs in bounded memory; and yields the results in
 input order or as they come. A failing item fails alone: the other items
 of its chunk still return their results. It is the
@@ -234,6 +235,7 @@ class ResultStream:
         task = (self._mode, None)
         meta = self._meta
         chunks = self._chunks
+        shm = link.shm
         while self._ahead < self._max_ahead and (self._ahead_bytes < self._max_ahead_bytes
                                                  or not self._ahead):
             if link.state != RUN and not self._ahead:
@@ -248,14 +250,18 @@ class ResultStream:
                 self._input_error = exc
                 break
             tid = new_id()
-            msg = _encode((task[0], chunk), KIND_REQUEST, tid, link.copies_sent)
+            if shm is None:
+                msg = _encode((task[0], chunk), KIND_REQUEST, tid, link.copies_sent)
+                in_slots = 0
+            else:
+                msg, in_slots = link.encode_task(task[0], chunk, tid)
             header = msg[0]
             if len(msg) == 1 and len(header) < INLINE_HEADER_MAX:
                 entry = pack(tid, key, timeout, len(header), 0) + header
-                nbytes = len(entry)
+                nbytes = len(entry) + in_slots
             else:
                 entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, timeout), msg)
-                nbytes = len(entry) + _frames_nbytes(data)
+                nbytes = len(entry) + _frames_nbytes(data) + in_slots
                 frames.extend(data)
             n = len(chunk)
             meta[tid] = (self._chunk_count, n, nbytes)
@@ -281,29 +287,34 @@ class ResultStream:
         meta = self._meta
         ordered = self._ordered
         ready_append = self._ready.append
+        link = self._link
+        shm = link.shm
         done = 0
         try:
             while arrived:
                 tid, frames, trusted = arrived.popleft()
                 if tid is None:  # the connection is lost: every pending chunk fails
                     for t in list(meta):
+                        link.unpin(t)
                         n = meta[t][1]
                         self._store(t, [None] * n, {i: frames for i in range(n)})
                     continue
                 info = meta.get(tid)
                 if info is None:
                     continue
+                if shm is not None:
+                    link.unpin(tid)
                 done += 1
                 n = info[1]
                 errs: Optional[Dict[int, BaseException]] = None
                 allow = trusted if setting is None else setting
                 try:
-                    kind, _, body = _decode(frames, allow, stats=self._link.copies_received)
+                    kind, _, body = _decode(frames, allow, stats=link.copies_received, shm=shm)
                     values, errors = body
                     if kind != KIND_RESULT:
                         raise ValueError("a message of kind %d as a result" % kind)
                 except Exception as exc:
-                    self._link.refused(tid, exc)
+                    link.refused(tid, exc)
                     values, errs = [None] * n, {i: exc for i in range(n)}
                 else:
                     if values is None and errors:  # the whole task failed (the scheduler said)
@@ -322,7 +333,7 @@ class ResultStream:
                     ready_append((values, errs, info[2]))
         finally:
             if done:
-                self._link.tasks_done(done)
+                link.tasks_done(done)
 
     def _store(self, tid: int, values: List[Any],
                errors: Optional[Dict[int, BaseException]]) -> None:
@@ -344,6 +355,7 @@ class ResultStream:
         if ids:
             for tid in ids:
                 self._client.forget(tid)
+                self._link.unpin(tid)
             self._link.tasks_done(len(ids))
             self._meta.clear()
             try:

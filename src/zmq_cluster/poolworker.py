@@ -24,6 +24,13 @@ by value, only when the scheduler says the task's submitter is trusted
 (``security``), loopback, or ipc in a private directory. Otherwise a
 pickled argument or function is refused unexecuted: the task fails with the
 reason, which is also logged and counted (``counters["pickle_refused"]``).
+
+Shared memory (``shared_memory``, ``--shared-memory``; same host only):
+the worker maps the slots a client sends large arguments in, and returns
+large results in slots of its own when the task asks for that
+(``taskcodec.MODE_SHM_RESULTS``). A task whose slots it cannot map (no
+shared memory here, another host or uid) fails saying why, counted in
+``counters["shm_refused"]``.
 """
 
 import argparse
@@ -49,7 +56,8 @@ from .functions import FunctionCache, FunctionUnavailable, function_key
 from .liveness import heartbeat_options
 from .protocol import KIND_REQUEST
 from .security import ClientSecurity
-from .taskcodec import CopyCount, encode_result, run_items, task_failure
+from .sharedmem import SharedMemory, node_shared_memory
+from .taskcodec import MODE_SHM_RESULTS, CopyCount, encode_result, run_items, task_failure
 from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any, send_frames
 
@@ -85,7 +93,8 @@ class PoolWorker:
     worker's key pair and the scheduler's public key) for a CURVE scheduler.
     ``credit_bytes``: bytes of task arguments the worker is ready to hold
     (at least one task is always accepted). ``socket_options``: extra
-    options for the DEALER socket.
+    options for the DEALER socket. ``shared_memory``: True, or a
+    SharedMemory, to take and give large arrays by slot (see above).
 
     ``exit_code`` after :meth:`run`: ``schedproto.EXIT_STOPPED`` (0) when the
     scheduler said STOP, ``EXIT_RESTART`` when it asked for a restart
@@ -101,8 +110,10 @@ class PoolWorker:
                  credit_bytes: int = 256 << 20,
                  security: Optional[ClientSecurity] = None,
                  socket_options: Optional[Dict[int, Any]] = None,
-                 context: Optional[zmq.Context] = None) -> None:
+                 context: Optional[zmq.Context] = None,
+                 shared_memory: "SharedMemory | bool | None" = None) -> None:
         self.address = address
+        self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
         self.heartbeat_timeout = heartbeat_timeout
         self.credit_bytes = int(credit_bytes)
         self.security = security
@@ -170,6 +181,8 @@ class PoolWorker:
             self._flush()
             self._send(sp.message(sp.BYE))
         finally:
+            if self._own_shm and self.shared_memory is not None:
+                self.shared_memory.close()
             monitor.close(linger=0)
             sock.close(linger=500)
             if self._own_ctx:
@@ -267,6 +280,7 @@ class PoolWorker:
         last_trusted: Optional[bool] = None
         last_fn: Callable[..., Any]  # bound on the first task (its key is never None)
         copies = self.copies
+        shm = self.shared_memory
         seconds_held = self._out_seconds
         done = 0
         while queue:
@@ -277,10 +291,14 @@ class PoolWorker:
                 if key != last_key or trusted != last_trusted:
                     last_fn = functions.get(key, trusted)
                     last_key, last_trusted = key, trusted
-                kind, _, payload = _decode(msg, trusted, stats=copies)
+                kind, _, payload = _decode(msg, trusted, stats=copies, shm=shm)
                 if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
                     raise ValueError("not a pool task")
                 mode, items = payload
+                out_shm = None
+                if type(mode) is int and mode & MODE_SHM_RESULTS:
+                    mode ^= MODE_SHM_RESULTS
+                    out_shm = shm
                 n = len(items)
                 if timeout_ms:
                     signal.setitimer(signal.ITIMER_REAL, timeout_ms / 1000 + ALARM_GRACE)
@@ -290,7 +308,8 @@ class PoolWorker:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                 else:
                     values, errors = run_items(last_fn, mode, items)
-                result = encode_result(values, errors, tid, copies)
+                result = encode_result(values, errors, tid, copies, out_shm)
+                del items, payload, values  # (argument slots are released)
             except (MessageFormatError, FunctionUnavailable) as exc:
                 # Refused unexecuted (a pickle from the untrusted, a message
                 # that does not decode, a function it cannot have): the task
@@ -298,6 +317,8 @@ class PoolWorker:
                 self.counters["tasks_refused"] += 1
                 if "pickle" in str(exc):
                     self.counters["pickle_refused"] += 1
+                elif "shared-memory" in str(exc):
+                    self.counters["shm_refused"] += 1
                 log.warning("worker %d refused task %x: %s", os.getpid(), tid, exc)
                 result = task_failure(exc, tid)
             except Exception as exc:
@@ -363,6 +384,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--server-key", default=None, help="the scheduler's public key, Z85")
     parser.add_argument("--import", dest="imports", action="append", default=[])
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="take and give large arrays by same-host shared memory")
     args = parser.parse_args(argv)
     from .process import die_with_parent
     die_with_parent()
@@ -375,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in args.imports:
         importlib.import_module(name)
     worker = PoolWorker(args.connect, heartbeat_timeout=args.heartbeat_timeout,
-                        security=security)
+                        security=security, shared_memory=args.shared_memory)
     gc.freeze()  # the loop's per-task objects are short-lived: collect rarely
     gc.set_threshold(50_000, 50, 100)
     terminated: List[bool] = []

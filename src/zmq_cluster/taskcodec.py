@@ -11,6 +11,12 @@ the wire format's native form (type, args, message, traceback text), so a
 failure reaches a client that refuses pickle too: a trusting receiver gets
 the original type back, with the remote traceback as its ``__cause__``, any
 other a RemoteError.
+
+Shared memory (same host, opt-in: ``zmq_cluster.sharedmem``): a client with
+a SharedMemory sends large arguments by slot reference and sets
+``MODE_SHM_RESULTS`` in ``mode`` to say it can map the worker's slots too;
+a worker with a SharedMemory then sends large result values the same way
+(else over the socket, as every worker does for a client that did not ask).
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ from .exceptions import EncodeError, RemoteError, WorkerException
 from .protocol import KIND_REQUEST, KIND_RESULT
 from .schedproto import MODE_CALL, MODE_MAP, MODE_STAR
 
-__all__ = ["CopyCount", "encode_task", "run_items", "encode_result", "task_failure",
+__all__ = ["CopyCount", "MODE_SHM_RESULTS", "encode_task", "run_items", "encode_result", "task_failure",
            "decode_result", "rebuild_error"]
 
 _encode = framing.encode
 _decode = framing.decode
+
+#: A bit of a task's ``mode``: its client takes results by shared memory.
+MODE_SHM_RESULTS = 0x100
 
 
 class CopyCount:
@@ -47,9 +56,13 @@ class CopyCount:
 
 
 def encode_task(mode: int, items: Sequence[Any], task_id: int,
-                stats: CopyCount | None = None) -> list[Any]:
-    """The wire-format frames of one task (arrays as buffer frames)."""
-    return _encode((mode, items), KIND_REQUEST, task_id, stats)
+                stats: CopyCount | None = None, shm: Any = None) -> list[Any]:
+    """The wire-format frames of one task (arrays as buffer frames, or, with
+    ``shm``, large ones by slot reference; ``mode`` then asks for results
+    the same way)."""
+    if shm is None:
+        return _encode((mode, items), KIND_REQUEST, task_id, stats)
+    return _encode((mode | MODE_SHM_RESULTS, items), KIND_REQUEST, task_id, stats, shm)
 
 
 def run_items(fn: Callable[..., Any], mode: int,
@@ -90,12 +103,12 @@ def task_failure(exc: BaseException, task_id: int) -> list[Any]:
 
 
 def encode_result(values: Sequence[Any], errors: Sequence[tuple[int, BaseException]] | None,
-                  task_id: int, stats: CopyCount | None = None) -> list[Any]:
+                  task_id: int, stats: CopyCount | None = None, shm: Any = None) -> list[Any]:
     """The frames of a result. A value that cannot be encoded turns into a
     failure of its item, saying why. ``stats`` counts the copies of the
-    message sent only."""
+    message sent only. ``shm``: large arrays go by slot reference."""
     try:
-        return _encode((values, errors), KIND_RESULT, task_id, stats)
+        return _encode((values, errors), KIND_RESULT, task_id, stats, shm)
     except Exception:
         pass
     values = list(values)
@@ -108,13 +121,14 @@ def encode_result(values: Sequence[Any], errors: Sequence[tuple[int, BaseExcepti
             errors.append((i, EncodeError("the result of item %d could not be sent back: %s"
                                           % (i, exc))))
     errors.sort(key=lambda e: e[0])
-    return _encode((values, errors or None), KIND_RESULT, task_id, stats)
+    return _encode((values, errors or None), KIND_RESULT, task_id, stats, shm)
 
 
 def decode_result(frames: Sequence[Any], allow_pickle: bool,
-                  stats: CopyCount | None = None) -> tuple[Any, Any]:
-    """``(values, errors)`` of a result message."""
-    kind, _, body = _decode(frames, allow_pickle=allow_pickle, stats=stats)
+                  stats: CopyCount | None = None, shm: Any = None) -> tuple[Any, Any]:
+    """``(values, errors)`` of a result message (``shm``: the SharedMemory
+    that maps arrays sent by slot reference)."""
+    kind, _, body = _decode(frames, allow_pickle=allow_pickle, stats=stats, shm=shm)
     if kind != KIND_RESULT or type(body) is not tuple or len(body) != 2:
         raise ValueError("not a pool result")
     return body

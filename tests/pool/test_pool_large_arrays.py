@@ -54,7 +54,7 @@ def in_process(ipc_url):
 def test_64_mib_array_round_trips_through_a_local_cluster():
     arr = np.random.default_rng(3).random(64 * MIB // 8 + 3)  # split over 17 frames
     with zc.LocalCluster(1, heartbeat_timeout=10.0) as cluster:
-        with zc.ClusterPool(cluster) as pool:
+        with zc.ClusterPool(cluster, shared_memory=False) as pool:  # the socket path
             pid, mod, writeable, total = pool.submit(where, arr).result(RESULT_TIMEOUT)
             assert pid != os.getpid() and (mod, writeable) == (0, True)
             assert total == float(arr.sum())
