@@ -181,6 +181,51 @@ def test_a_pinned_slot_outlives_its_consumers_until_unpinned(twin):
         producer.close(wait=WAIT_MS / 1000)
 
 
+def test_an_unpin_racing_a_claim_never_frees_a_slot_in_use(twin):
+    """A consumer claims, then checks the slot table; an unpin hides the
+    entry, then reads the claims already sent. So a claim the producer read
+    first keeps the slot (values intact), and a slot freed before the claim
+    went out is refused by the consumer, never handed out as an array."""
+    producer, consumer = SharedMemory(slots=2, capacity=8 * MIB), SharedMemory()
+    try:
+        arr = np.arange(MIB // 8, dtype=np.float64)
+        pool = consumer._attach(producer.path)
+        real_claim = pool.claim
+
+        frames = twin.encode(arr, KIND_REQUEST, shm=producer)
+        pins = producer.last_message()
+        producer.pin(pins)
+
+        def claim_then_unpin(slot, generation):
+            real_claim(slot, generation)
+            producer.unpin(pins)
+
+        pool.claim = claim_then_unpin
+        got = twin.decode(frames, shm=consumer)[2]
+        np.testing.assert_array_equal(got, arr)
+        assert producer.slots_in_use() == 1
+        del got
+        gc.collect()
+        _until(lambda: producer.slots_in_use() == 0, "the release")
+
+        frames = twin.encode(arr, KIND_REQUEST, shm=producer)
+        pins = producer.last_message()
+        producer.pin(pins)
+
+        def unpin_then_claim(slot, generation):
+            producer.unpin(pins)
+            real_claim(slot, generation)
+
+        pool.claim = unpin_then_claim
+        with pytest.raises(MessageFormatError, match="freed while this process claimed it"):
+            twin.decode(frames, shm=consumer)
+        assert producer.slots_in_use() == 0
+        assert pool.live == 0
+    finally:
+        consumer.close()
+        producer.close(wait=WAIT_MS / 1000)
+
+
 def test_freed_slots_beyond_retain_go_back_to_the_os(twin):
     producer, consumer = SharedMemory(slots=8, capacity=16 * MIB, retain=MIB), SharedMemory()
     try:

@@ -172,12 +172,27 @@ class Producer:
         """Drop the pins of these ``(slot, generation)``: each slot is free
         at once when no consumer holds it, else when the last lets go."""
         with self.lock:
-            self._drain()
+            # A consumer claims first and checks the slot table after (see
+            # SharedMemory.attach). So the entry is hidden first and the
+            # notes drained after: a claim sent before the drain keeps the
+            # slot (its entry comes back); one sent after finds the entry
+            # hidden or gone and is refused by its consumer.
+            hidden = []
             for slot, generation in refs:
                 if self.generation[slot] == generation and self.pinned[slot]:
                     self.pinned[slot] = False
                     if self.state[slot] == _SENT:
-                        self._free(slot)
+                        at = HEAD.size + ENTRY.size * slot
+                        _, start, size = ENTRY.unpack_from(self.map, at)
+                        ENTRY.pack_into(self.map, at, 0, start, size)
+                        hidden.append((slot, generation, start, size))
+            self._drain()
+            for slot, generation, start, size in hidden:
+                if self.state[slot] == _SENT:
+                    self._free(slot)
+                else:  # claimed before the drain: the consumer keeps it
+                    ENTRY.pack_into(self.map, HEAD.size + ENTRY.size * slot, generation,
+                                    start, size)
             closed = self.closed
         if closed:
             try:

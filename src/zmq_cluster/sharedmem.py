@@ -286,6 +286,13 @@ class SharedMemory:
         if not claim:
             return None
         pool.claim(slot, generation)
+        # Claim, then look again: a slot freed by an unpin (its task
+        # cancelled or already answered) before the producer read the claim
+        # shows a hidden or new entry now (see Producer.unpin).
+        if ENTRY.unpack_from(pool.map, HEAD.size + ENTRY.size * slot)[0] != generation:
+            pool.release(slot, generation)
+            raise AttachError("slot %d of generation %d was freed while this process claimed it "
+                              "(its task was cancelled or already answered)" % (slot, generation))
         flat = np.frombuffer(pool.view[offset:offset + nbytes], np.uint8)
         # numpy's own memoryview of the region: every view of the array
         # refers to it, so it dies with the last of them.
