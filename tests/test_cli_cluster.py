@@ -219,6 +219,32 @@ def test_worker_nanny_stops_its_workers_on_sigterm_and_sigint(tmp_path):
         sched.kill()
 
 
+def test_worker_nanny_with_shared_memory(tmp_path):
+    """`zmq-cluster worker --shared-memory`: a pool on this host that asks
+    for shared memory gets its large arguments taken and its results given
+    by slot (the pool's counters say so), values intact."""
+    import numpy as np
+    sched, path, found = start_scheduler(tmp_path)
+    try:
+        nanny = Command("worker", "--connect", found.address, "-n", "1", "--shared-memory")
+        try:
+            nanny.expect("1 workers")
+            wait_for_workers(found.address, 1)
+            arrays = [np.arange(i, i + (2 << 20) // 8, dtype=np.float64) for i in range(3)]
+            with zc.ClusterPool(found.address, shared_memory=True) as pool:
+                out = pool.map(np.negative, arrays)
+                shm = pool.shared_memory
+                assert shm is not None
+                sent, received = shm.arrays_sent, shm.arrays_received
+            for a, b in zip(arrays, out):
+                np.testing.assert_array_equal(b, -a)
+            assert sent == 3 and received == 3
+        finally:
+            nanny.kill()
+    finally:
+        sched.kill()
+
+
 def test_workers_die_with_a_sigkilled_nanny(tmp_path):
     sched, path, found = start_scheduler(tmp_path)
     nanny = Command("worker", "--scheduler-file", path, "-n", "2")

@@ -25,6 +25,7 @@ imports = ["numpy", "mylab.tasks"]
 heartbeat_timeout = 10
 insecure = false
 malloc_tuning = true
+shared_memory = true
 secret_key = "keys/client.key_secret"
 scheduler_key = "/etc/zc/scheduler.key"
 authorized_keys = "~/authorized"
@@ -48,6 +49,7 @@ def test_every_key_read_with_types_and_paths_resolved_against_the_file(tmp_path)
     assert isinstance(config.get("heartbeat_timeout"), float)
     assert config.get("insecure") is False
     assert config.get("malloc_tuning") is True
+    assert config.get("shared_memory") is True
     assert config.get("scheduler_file") == tmp_path / "run" / "scheduler.json"
     assert config.get("secret_key") == tmp_path / "keys" / "client.key_secret"
     assert config.get("keys") == tmp_path / "keys"

@@ -20,7 +20,7 @@ Keys and their types (:data:`KEYS`): ``listen``, ``connect`` (strings),
 ``scheduler_file``, ``secret_key``, ``scheduler_key``, ``authorized_keys``,
 ``keys`` (paths), ``workers`` (an integer >= 1), ``imports`` (an array of
 module names), ``heartbeat_timeout`` (a number of seconds > 0),
-``insecure`` and ``malloc_tuning`` (booleans). An unknown key, a wrong type or a bad value is a
+``insecure``, ``malloc_tuning`` and ``shared_memory`` (booleans). An unknown key, a wrong type or a bad value is a
 :class:`ConfigError` naming the key and the file. **Relative paths in a
 config file are relative to the file's directory** (not to the directory a
 command is run from), and ``~`` is expanded, so a file works from anywhere.
@@ -135,6 +135,7 @@ KEYS: Mapping[str, Callable[[Any], Any]] = {
     "heartbeat_timeout": _positive_seconds,
     "insecure": _boolean,
     "malloc_tuning": _boolean,
+    "shared_memory": _boolean,
     "secret_key": _path,
     "scheduler_key": _path,
     "authorized_keys": _path,

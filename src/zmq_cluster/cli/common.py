@@ -92,7 +92,7 @@ def common_options() -> ArgumentParser:
         "--config", metavar="FILE", default=None,
         help="TOML config file (default: $ZMQ_CLUSTER_CONFIG if set). Its keys are the long"
              " options with _ for - (listen, connect, scheduler_file, workers, imports,"
-             " heartbeat_timeout, insecure, malloc_tuning, secret_key, scheduler_key,"
+             " heartbeat_timeout, insecure, malloc_tuning, shared_memory, secret_key, scheduler_key,"
              " authorized_keys, keys); options given on the command line override it, and"
              " relative paths in it are relative to its own directory")
     return parent

@@ -52,6 +52,12 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="declare the scheduler gone after this long without a heartbeat, and reconnect"
              " (default 10; use the scheduler's)")
     add_malloc_tuning_option(parser)
+    parser.add_argument(
+        "--shared-memory", action=argparse.BooleanOptionalAction, default=None,
+        help="let the workers take and give large arrays by same-host shared memory (memfd"
+             " slots) with pools that ask for it (ClusterPool(..., shared_memory=True) on this"
+             " host, same uid): no socket copies for arrays of 1 MiB and more. Off by default"
+             " (config key shared_memory)")
     add_client_key_options(parser)
     add_log_option(parser, "WARNING")
     parser.set_defaults(run=run)
@@ -61,7 +67,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 def run(args: argparse.Namespace, config: Config) -> int:
     values = settings(args, config, {"workers": os.cpu_count() or 1, "imports": (),
                                      "heartbeat_timeout": 10.0, "log_level": "WARNING",
-                                     "malloc_tuning": False})
+                                     "malloc_tuning": False, "shared_memory": False})
     setup_logging("INFO" if values["log_level"] in ("DEBUG", "INFO") else "WARNING", "nanny")
     location = locate_scheduler(values, wait=SCHEDULER_FILE_WAIT)
     security = client_security_from(values, location)
@@ -87,6 +93,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                      security.server_key.decode("ascii")]
         for name in imports:
             argv += ["--import", name]
+        if values["shared_memory"]:
+            argv.append("--shared-memory")
         return python_command("zmq_cluster._start", "worker", *argv)
 
     nanny = Supervisor(command, values["workers"], stop_with_workers=True,
