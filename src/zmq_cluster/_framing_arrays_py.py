@@ -4,21 +4,20 @@ module of that twin, kept apart for its size). docs/protocol.md, "Arrays",
 gives the bytes; the compiled twin's counterpart is framing_arrays.pxi.
 """
 
-import math
 import struct
 
 import numpy as np
 
 from ._framing_common import (
-    E_CODE_POINT, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_NDIM, E_ORDER,
-    E_SPLIT_COUNT, E_SPLIT_SIZE, E_TOO_BIG, TAG_U32, U8, X_CODE_POINT, X_U32, aligned_empty,
+    E_CODE_POINT, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_NDIM, E_ORDER,
+    E_SPLIT_COUNT, E_SPLIT_SIZE, TAG_U32, U8, X_CODE_POINT, X_U32, aligned_empty,
     array_bad_code_points, array_dtype_header, as_buffer, assembly_buffer, bad_code_points,
-    big_alignment, frame_buffer,
+    array_nbytes, big_alignment, frame_buffer, shape_text,
 )
 from ._framing_shm import encode_shm_array
 from .exceptions import EncodeError, MessageFormatError
 from .protocol import (
-    ALIGNED_BYTES, INLINE_LIMIT, MAX_ARRAY_BYTES, MAX_NDIM, ORDER_C, ORDER_F, SPLIT_BYTES,
+    ALIGNED_BYTES, INLINE_LIMIT, MAX_NDIM, ORDER_C, ORDER_F, SPLIT_BYTES,
     TAG_ARRAY, TAG_INLINE_ARRAY, TAG_SPLIT_ARRAY, U32_MAX,
 )
 
@@ -119,14 +118,7 @@ class ArrayReader:
         order = self.header[self.take(1, "an array's order")]
         if order != ORDER_C and order != ORDER_F:
             raise MessageFormatError(E_ORDER % (at, chr(order)))
-        itemsize = dtype.itemsize
-        if itemsize == 0:
-            raise MessageFormatError(E_ITEMSIZE0 % (at, dtype))
-        nbytes = math.prod(shape) * itemsize
-        if nbytes > MAX_ARRAY_BYTES or not nbytes and math.prod(
-                [dim for dim in shape if dim]) * itemsize > MAX_ARRAY_BYTES:
-            raise MessageFormatError(E_TOO_BIG % (at, _shape_text(shape), dtype))
-        return shape, order, nbytes
+        return shape, order, array_nbytes(at, shape, dtype)
 
     def inline_array(self, depth):
         at = self.pos - 1
@@ -147,7 +139,7 @@ class ArrayReader:
         dtype = self.dtype(depth)
         shape, order, nbytes = self.array_fields(at, dtype)
         if nbytes != buf.nbytes:
-            raise MessageFormatError(E_FRAME_SIZE % (at, _shape_text(shape), dtype, nbytes,
+            raise MessageFormatError(E_FRAME_SIZE % (at, shape_text(shape), dtype, nbytes,
                                                      buf.nbytes))
         if (dtype.kind == "U" or dtype.fields is not None) and bad_code_points(buf, dtype):
             raise MessageFormatError(E_CODE_POINT % ("array", at, dtype))
@@ -184,7 +176,7 @@ class ArrayReader:
         shape, order, nbytes = self.array_fields(at, dtype)
         held = sum([buf.nbytes for buf in bufs])
         if held != nbytes:
-            raise MessageFormatError(E_SPLIT_SIZE % (at, _shape_text(shape), dtype, nbytes,
+            raise MessageFormatError(E_SPLIT_SIZE % (at, shape_text(shape), dtype, nbytes,
                                                      count, held))
         # Assembled: one aligned array, one memcpy per frame.
         align = self.alignment or dtype.alignment
@@ -202,6 +194,3 @@ class ArrayReader:
         self.copied += nbytes
         return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
 
-
-def _shape_text(shape):
-    return "x".join(map(str, shape)) or "scalar"

@@ -100,6 +100,25 @@ def count_error(what, count, per_item, at, left):
 
 # ------------------------------------------------------------------ buffers
 
+def shape_text(shape):
+    """``shape`` as error texts show it: ``3x4``, or ``scalar``."""
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def array_nbytes(at, shape, dtype):
+    """The byte size of an array of ``shape`` and ``dtype`` read at offset
+    ``at``, checked: an item size other than 0, and within MAX_ARRAY_BYTES
+    (an empty array too, counting its non-zero dimensions)."""
+    itemsize = dtype.itemsize
+    if itemsize == 0:
+        raise MessageFormatError(E_ITEMSIZE0 % (at, dtype))
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_ARRAY_BYTES or not nbytes and math.prod(
+            [dim for dim in shape if dim]) * itemsize > MAX_ARRAY_BYTES:
+        raise MessageFormatError(E_TOO_BIG % (at, shape_text(shape), dtype))
+    return nbytes
+
+
 def as_buffer(frame):
     """A frame's memory as a flat memoryview of bytes (format ``B``)."""
     buf = getattr(frame, "buffer", None)  # zmq.Frame

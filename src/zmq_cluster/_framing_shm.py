@@ -9,19 +9,18 @@ decoder calls ``decode_shm_array`` on tag ``'h'``, with the SharedMemory it
 was given or None (then the message is refused, with the reason).
 """
 
-import math
 import struct
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from ._framing_common import (
-    E_CODE_POINT, E_ITEMSIZE0, E_NDIM, E_ORDER, E_TOO_BIG, E_UTF8, U32, X_DEEP, aligned_empty, bad_code_points,
-    big_alignment, read_dtype, truncated,
+    E_CODE_POINT, E_NDIM, E_ORDER, E_UTF8, U32, X_DEEP, aligned_empty, array_nbytes,
+    bad_code_points, big_alignment, read_dtype, truncated,
 )
 from .exceptions import EncodeError, MessageFormatError
 from .protocol import (
-    ALIGNED_BYTES, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, TAG_SHM_ARRAY, TAG_STR,
+    ALIGNED_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, TAG_SHM_ARRAY, TAG_STR,
 )
 from .sharedmem import AttachError
 
@@ -113,13 +112,7 @@ def decode_shm_array(shm: Any, header: Any, pos: int, depth: int, load: bool,
     pos += 1
     if order != ORDER_C and order != ORDER_F:
         raise MessageFormatError(E_ORDER % (at, chr(order)))
-    itemsize = dtype.itemsize
-    if itemsize == 0:
-        raise MessageFormatError(E_ITEMSIZE0 % (at, dtype))
-    nbytes = math.prod(shape) * itemsize
-    if nbytes > MAX_ARRAY_BYTES or not nbytes and math.prod(
-            [dim for dim in shape if dim]) * itemsize > MAX_ARRAY_BYTES:
-        raise MessageFormatError(E_TOO_BIG % (at, "x".join(map(str, shape)) or "scalar", dtype))
+    nbytes = array_nbytes(at, shape, dtype)
     if shm is None:
         raise MessageFormatError(E_SHM_NONE % at)
     try:
