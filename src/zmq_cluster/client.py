@@ -293,9 +293,9 @@ class SchedulerClient:
         """Ask the scheduler to drop queued tasks (all of this client's with
         None); their results, if any come, are dropped here."""
         if ids is not None:
+            ids = list(ids)  # (read twice: an iterator would send an empty CANCEL)
             for tid in ids:
                 self._sinks.pop(tid, None)
-            ids = list(ids)
         if self._closed:
             return
         try:
@@ -308,8 +308,23 @@ class SchedulerClient:
         """Stop waiting for ``tid``: its sink, or None if it was not waited for."""
         return self._sinks.pop(tid, None)
 
+    def forget_all(self) -> List[ResultSink]:
+        """Stop waiting for every task waited for now: their sinks (the
+        caller cancels or fails them)."""
+        sinks = []
+        for tid in list(self._sinks):
+            sink = self._sinks.pop(tid, None)
+            if sink is not None:
+                sinks.append(sink)
+        return sinks
+
     def pending(self) -> int:
         return len(self._sinks)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
 
     def stats(self, timeout: float = 10.0, wait_workers: int = 0) -> Dict[Any, Any]:
         """The scheduler's STATS reply (a dict); with ``wait_workers`` the

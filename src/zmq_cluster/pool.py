@@ -300,15 +300,14 @@ class ClusterPool:
     def terminate(self) -> None:
         """Cancel this pool's tasks (its pending futures are cancelled; other
         pools on the scheduler are untouched) and release its connection."""
-        if self._link.state == TERMINATE and self._client._closed:
+        if self._link.state == TERMINATE and self._client.closed:
             return
         self._link.state = TERMINATE
         try:
             self._client.cancel(None)
         except Exception:
             pass
-        for tid, sink in list(self._client._sinks.items()):
-            self._client.forget(tid)
+        for sink in self._client.forget_all():
             if isinstance(sink, FutureSink):
                 concurrent.futures.Future.cancel(sink.future)
         self._link.drop_pending()
@@ -333,7 +332,7 @@ class ClusterPool:
 
     def __del__(self) -> None:
         try:
-            if self._link.state == RUN and not self._client._closed:
+            if self._link.state == RUN and not self._client.closed:
                 self.terminate()
         except Exception:
             pass
