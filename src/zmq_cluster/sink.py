@@ -51,7 +51,6 @@ class BasicSink:
     dtype's own alignment) can be set to e.g. 64 to get every array at that
     alignment, copying those that the transport did not place there.
 
-
     ``shared_memory`` (opt-in, same host only): True, or a
     :class:`~zmq_cluster.sharedmem.SharedMemory`, receives
     arrays by shared memory (docs/protocol.md, "Arrays"): an array of at

@@ -64,7 +64,6 @@ class BasicWorker:
     values from peers that are not trusted; ``array_alignment`` is as for
     BasicSink.
 
-
     ``shared_memory`` (opt-in, same host only): True, or a
     :class:`~zmq_cluster.sharedmem.SharedMemory`, receives requests' and sends results'
     arrays by shared memory (docs/protocol.md, "Arrays"): an array of at

@@ -7,13 +7,16 @@ A test module uses the fixtures by importing them by name
 here, which would shadow tests/conftest.py for the modules that import
 from it."""
 
+import contextlib
 import os
 import select
+import threading
 import time
 
 import pytest
 
 import zmq_cluster as zc
+from zmq_cluster.poolworker import PoolWorker
 
 #: Seconds a test waits for a result, at most.
 RESULT_TIMEOUT = 30
@@ -71,3 +74,25 @@ def worker_holding_tasks(pool, timeout=10.0):
             if w["in_hand"] > 0:
                 return w["pid"]
     pytest.fail("no worker holds a task")
+
+
+@contextlib.contextmanager
+def scheduler_and_worker(address, **worker_options):
+    """A scheduler listening on ``address`` and one PoolWorker (made with
+    ``worker_options``) in threads of this process, so that the worker's
+    counters can be read: yields ``(scheduler address, worker)``; both
+    threads have ended when it exits."""
+    s = zc.Scheduler(address)
+    t = threading.Thread(target=s.run, daemon=True)
+    t.start()
+    w = PoolWorker(s.address, heartbeat_timeout=5.0, **worker_options)
+    wt = threading.Thread(target=w.run, daemon=True)
+    wt.start()
+    try:
+        yield s.address, w
+    finally:
+        w.stop()
+        s.stop()
+        t.join(10)
+        wt.join(10)
+    assert not t.is_alive() and not wt.is_alive()

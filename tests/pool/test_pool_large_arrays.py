@@ -4,14 +4,14 @@ and writeable in the task and in the result; and the copy counters of the
 client and the worker, exactly."""
 
 import os
-import threading
 
 import numpy as np
 import pytest
 
 import zmq_cluster as zc
-from zmq_cluster.poolworker import PoolWorker
 from zmq_cluster.protocol import ALIGNED_BYTES
+
+from pool_helpers import scheduler_and_worker
 
 MIB = 1 << 20
 RESULT_TIMEOUT = 60
@@ -34,21 +34,9 @@ def where(x):
 def in_process(ipc_url):
     """A scheduler and one PoolWorker in threads of this process (so the
     worker's counters can be read), and a pool on them."""
-    s = zc.Scheduler(ipc_url("large"))
-    t = threading.Thread(target=s.run, daemon=True)
-    t.start()
-    w = PoolWorker(s.address, heartbeat_timeout=5.0)
-    wt = threading.Thread(target=w.run, daemon=True)
-    wt.start()
-    try:
-        with zc.ClusterPool(s.address) as pool:
+    with scheduler_and_worker(ipc_url("large")) as (address, w):
+        with zc.ClusterPool(address) as pool:
             yield pool, w
-    finally:
-        w.stop()
-        s.stop()
-        t.join(10)
-        wt.join(10)
-    assert not t.is_alive() and not wt.is_alive()
 
 
 def test_64_mib_array_round_trips_through_a_local_cluster():

@@ -9,7 +9,6 @@ map the slots failing the task with the reason, and a pool by address
 import gc
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -17,9 +16,10 @@ import pytest
 
 import zmq_cluster as zc
 from zmq_cluster.exceptions import MessageFormatError
-from zmq_cluster.poolworker import PoolWorker
 
-from pool_helpers import RESULT_TIMEOUT, cluster, wait_gone  # noqa: F401 (a fixture)
+from pool_helpers import (  # noqa: F401 (cluster: a fixture)
+    RESULT_TIMEOUT, cluster, scheduler_and_worker, wait_gone,
+)
 
 MIB = 1 << 20
 
@@ -187,20 +187,8 @@ def test_a_pool_by_address_uses_the_socket(cluster):
 def in_process(request, ipc_url):
     """A scheduler and one PoolWorker (shared memory on or off) in threads of
     this process, so that the worker's counters can be read."""
-    s = zc.Scheduler(ipc_url("shm"))
-    t = threading.Thread(target=s.run, daemon=True)
-    t.start()
-    w = PoolWorker(s.address, heartbeat_timeout=5.0, shared_memory=request.param)
-    wt = threading.Thread(target=w.run, daemon=True)
-    wt.start()
-    try:
-        yield s.address, w
-    finally:
-        w.stop()
-        s.stop()
-        t.join(10)
-        wt.join(10)
-    assert not t.is_alive() and not wt.is_alive()
+    with scheduler_and_worker(ipc_url("shm"), shared_memory=request.param) as (address, w):
+        yield address, w
 
 
 def test_the_worker_side_and_a_worker_that_cannot_map(in_process):
