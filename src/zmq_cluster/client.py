@@ -9,10 +9,11 @@ them.
 
 A thread that waits for one result (``Future.result()``) may take the
 result connection over from the I/O thread for the wait
-(:meth:`SchedulerClient.read_until`): the result then wakes the thread that
-wants it, with no hand-off from the I/O thread on the way (two thread
-wake-ups and a GIL hand-off less per round trip). Whichever thread reads
-delivers every result that arrives, to whatever waits for it.
+(:meth:`SchedulerClient.read_until`, :mod:`zmq_cluster.resultreader`): the
+result then wakes the thread that wants it, with no hand-off from the I/O
+thread on the way. Whichever thread reads delivers every result that
+arrives, to whatever waits for it. Single tasks may go straight to a
+worker the scheduler leased this client (:mod:`zmq_cluster.leasekeeper`).
 
 In-process schedulers (:mod:`zmq_cluster.inprocess`): a client given the
 address of a scheduler that runs as a thread of this process connects over
@@ -48,8 +49,9 @@ from .inprocess import SharedContext, lookup
 from .lease import parse_grant
 from .leasekeeper import LeaseKeeper
 from .liveness import heartbeat_options
+from .resultreader import ResultReader
 from .trust import is_private_ipc, sender_may_pickle
-from .wire import recv_any, send_frames
+from .wire import send_frames
 
 if TYPE_CHECKING:
     from .security import ClientSecurity
@@ -60,23 +62,6 @@ log = logging.getLogger("zmq_cluster.pool")
 
 #: Functions remembered per client (function object -> key).
 FUNCTION_CACHE = 256
-#: A thread reading results for itself looks at its future (done,
-#: cancelled, the client closed) at least this often (ms).
-READ_SLICE_MS = 50
-#: Seconds a thread waits for the I/O thread to let go of the result
-#: connection before it waits the ordinary way.
-HANDOFF_SECONDS = 1.0
-
-#: Seconds the result connection may go unread after a thread read it
-#: for itself, before the I/O thread reads it again.
-IDLE_TAKEBACK_SECONDS = 0.002
-
-# Who reads the result connection (``SchedulerClient._reader``): the I/O
-# thread; nobody yet, a caller asked; a caller; nobody, the I/O thread
-# takes it back soon.
-_IO, _WANTED, _CALLER, _FREE = 0, 1, 2, 3
-
-
 class SchedulerLost(ConnectionError):
     """The scheduler went away (or dropped this client): pending tasks fail."""
 
@@ -149,19 +134,11 @@ class SchedulerClient:
         self._tx.setsockopt(zmq.RCVHWM, 64)
         self._monitor = self._rx.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self._handshake_failure: Optional[str] = None
-        self._wake_addr = "inproc://zc-client-%x" % id(self)
-        self._wake_rx = self._ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(self._wake_addr)
-        self._wake_tx = self._ctx.socket(zmq.PAIR)
-        self._wake_tx.connect(self._wake_addr)
-        # Who reads the result connection: the I/O thread (_IO), or a
-        # waiting thread (_CALLER) once the I/O thread has let go of it
-        # (asked with a b"p" on the wake pipe: _WANTED). One caller at a
-        # time; the condition's lock also guards the wake pipe's sender.
-        self._reader = _IO
-        self._reader_ident: Optional[int] = None
-        self._io_parked = False
-        self._handoff = threading.Condition(threading.Lock())
+        # Who reads the result connection and the lease's: the I/O thread,
+        # or a thread waiting for its result (zmq_cluster.resultreader).
+        self._reading = ResultReader(self._ctx, self._reader_sockets, self._dispatch,
+                                     lambda: self._closed)
+        self._thread = self._reading.thread
         self._sinks: Dict[int, ResultSink] = {}  # task id -> sink
         self._stats_waiters: Dict[int, _Waiter] = {}  # request id -> [event, reply]
         self._lock = threading.Lock()  # the submit socket, function keys
@@ -183,8 +160,6 @@ class SchedulerClient:
                                    self.counters, heartbeat_timeout)
         self._leases.enabled = direct
         self._reader_base = [self._rx, self._monitor]
-        self._drained = bytearray(8)  # (the most reader sockets: 2 + 3 + the wake pipe)
-        self._drained_version = 0
         try:
             self._rx.connect(self.endpoint)
             self._rx.send_multipart(sp.message(sp.HELLO, {
@@ -199,9 +174,7 @@ class SchedulerClient:
             self._close_sockets()
             raise
         self._ids = itertools.count(1)
-        self._thread = threading.Thread(target=self._io_loop, name="zmq-cluster-pool-io",
-                                        daemon=True)
-        self._thread.start()
+        self._reading.start()
 
     def _await_welcome(self, timeout: float) -> Dict[Any, Any]:
         deadline = time.monotonic() + timeout
@@ -381,148 +354,24 @@ class SchedulerClient:
 
     # ------------------------------------------------------------- receiving
 
-    def _io_loop(self) -> None:
-        # Results first, then connection events, then the wake pipe (stop,
-        # or let a waiting thread read); waiting and receiving happen in
-        # zmq_cluster.wire (without the GIL in the compiled twin).
-        wake = [self._wake_rx]
-        on_message = self._on_message
-        leases = self._leases
-        try:
-            while True:
-                sockets = self._reader_sockets() + wake
-                got = recv_any(sockets, -1, 0, None, self._drained)
-                if got is None:
-                    continue
-                which, frames = got
-                if which == len(sockets) - 1:
-                    if frames[0] != b"p" or not self._let_caller_read():
-                        return
-                    continue
-                if which > 1:
-                    leases.on_message(which - 2, frames, self._deliver, self.trusted)
-                else:
-                    on_message(which, frames)
-        except zmq.ContextTerminated:
-            return
-
-    def _reader_sockets(self) -> List[zmq.Socket]:
-        """The reader's sockets: the result connection, its monitor, then
-        the lease's (the I/O thread adds its wake pipe last). Which of them
-        are known drained (``self._drained``, see ``wire.recv_any``) holds
-        from one reader to the next, as nobody else uses them; it starts
-        again when they change."""
-        leases = self._leases
-        sockets = leases.reader_sockets(self._reader_base)
-        if leases.version != self._drained_version:
-            self._drained_version = leases.version
-            self._drained[:] = bytes(len(self._drained))
-        return sockets
-
-    def _let_caller_read(self) -> bool:
-        """The I/O thread, asked to: hand the result connection to the
-        thread that wants it; while a caller reads, or nobody has read for
-        less than IDLE_TAKEBACK_SECONDS after one (the next caller takes it
-        without waking this thread), stay parked here; then read again.
-        False when the client closed meanwhile (the I/O thread must stop)."""
-        cond = self._handoff
-        with cond:
-            self._io_parked = True
-            try:
-                free_seen = False
-                while True:
-                    state = self._reader
-                    if state == _WANTED:
-                        self._reader = _CALLER
-                        cond.notify_all()
-                    elif state == _IO:
-                        return not self._closed
-                    elif state == _FREE and (free_seen or self._closed):
-                        self._reader = _IO
-                        return not self._closed
-                    free_seen = state == _FREE
-                    cond.wait(IDLE_TAKEBACK_SECONDS)
-            finally:
-                self._io_parked = False
-
     def read_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> None:
-        """Read the result connection in this thread, delivering whatever
-        arrives, until ``done()`` is true, ``timeout`` seconds have passed
-        or the client closes. Returns at once, reading nothing, when another
-        thread reads already for itself, when this thread is the I/O thread
-        or delivers results (a future's callback), or when the I/O thread
-        does not let go within HANDOFF_SECONDS: the caller then waits the
-        ordinary way (its result comes from whoever reads).
+        """Read results in this thread until ``done()`` (see
+        :meth:`zmq_cluster.resultreader.ResultReader.read_until`)."""
+        if self.lost is None:
+            self._reading.read_until(done, timeout)
 
-        After it, nobody reads for up to IDLE_TAKEBACK_SECONDS (the I/O
-        thread's next look): a thread that calls again by then reads at
-        once, without a hand-off."""
-        if self._closed or self.lost is not None:
-            return
-        me = threading.get_ident()
-        if me == self._reader_ident or me == self._thread.ident:
-            return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cond = self._handoff
-        with cond:
-            if self._closed:
-                return
-            state = self._reader
-            if state == _FREE:
-                self._reader = _CALLER
-            elif state != _IO:
-                return  # another thread reads, or is about to
-            else:
-                self._reader = _WANTED
-                if self._io_parked:
-                    cond.notify_all()
-                else:
-                    try:
-                        self._wake_tx.send(b"p")
-                    except zmq.ZMQError:
-                        self._reader = _IO
-                        return
-                wait = HANDOFF_SECONDS if timeout is None else min(timeout, HANDOFF_SECONDS)
-                try:
-                    handed = cond.wait_for(lambda: self._reader == _CALLER, wait)
-                except BaseException:  # KeyboardInterrupt: nobody may be left owed
-                    self._reader = _IO if self._reader == _WANTED else _FREE
-                    cond.notify_all()
-                    raise
-                if not handed:
-                    # The I/O thread ignores the request when it comes.
-                    self._reader = _IO
-                    cond.notify_all()
-                    return
-        self._reader_ident = me
-        try:
-            on_message = self._on_message
-            leases = self._leases
-            drained = self._drained
-            while not done() and not self._closed:
-                if deadline is None:
-                    wait_ms = READ_SLICE_MS
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    wait_ms = min(READ_SLICE_MS, int(left * 1000) + 1)
-                got = recv_any(self._reader_sockets(), wait_ms, 0, None, drained)
-                while got is not None:
-                    which, frames = got
-                    if which > 1:
-                        leases.on_message(which - 2, frames, self._deliver, self.trusted)
-                    else:
-                        on_message(which, frames)
-                    if done() or self._closed:
-                        break
-                    got = recv_any(self._reader_sockets(), 0, 0, None, drained)
-        finally:
-            self._reader_ident = None
-            with cond:
-                self._reader = _FREE
-                if self._closed:
-                    cond.notify_all()
+    def _reader_sockets(self) -> Tuple[int, List[zmq.Socket]]:
+        """For the reader: the result connection, its monitor, then the
+        lease's sockets; and their version."""
+        leases = self._leases
+        return leases.version, leases.reader_sockets(self._reader_base)
+
+    def _dispatch(self, which: int, frames: List[Any]) -> None:
+        """For the reader: a message from ``_reader_sockets()[which]``."""
+        if which > 1:
+            self._leases.on_message(which - 2, frames, self._deliver, self.trusted)
+        else:
+            self._on_message(which, frames)
 
     def _on_message(self, which: int, frames: List[Any]) -> None:
         """One message from the result connection (``which`` 0) or its
@@ -635,18 +484,9 @@ class SchedulerClient:
                     self._send_tx(sp.message(sp.BYE))
             except SchedulerLost:
                 pass
-            with self._handoff:
-                self._wake_tx.send(b"")
-                self._handoff.notify_all()
         except zmq.ZMQError:
             pass
-        # A thread reading for itself sees the close within READ_SLICE_MS
-        # and gives the connection back; the I/O thread then stops. Closed
-        # from a callback in the reading thread, the sockets close under
-        # it: it reads no more once it sees _closed.
-        if (threading.current_thread() is not self._thread
-                and threading.get_ident() != self._reader_ident):
-            self._thread.join(10)
+        self._reading.stop()
         self._close_sockets()
 
     def _close_sockets(self) -> None:
@@ -654,7 +494,9 @@ class SchedulerClient:
             self._leases.close()
         if getattr(self, "_monitor", None) is not None:
             self._rx.disable_monitor()  # (see lease.DirectLease.close_tx)
-        for sock in ("_rx", "_monitor", "_wake_rx", "_wake_tx"):
+        if getattr(self, "_reading", None) is not None:
+            self._reading.close()
+        for sock in ("_rx", "_monitor"):
             s = getattr(self, sock, None)
             if s is not None:
                 s.close(linger=0)

@@ -394,10 +394,13 @@ class Ledger:
 
     # ------------------------------------------------------------ liveness
 
-    def worker_gone(self, worker: _Worker, why: str) -> None:
+    def worker_gone(self, worker: _Worker, why: str, died: bool = True) -> None:
         """``worker`` left or was declared dead: what it held runs elsewhere
         (its running task fails instead when it timed out, or when it has
-        now killed MAX_DEATHS workers)."""
+        now killed MAX_DEATHS workers). ``died``: whether the worker died
+        (its connection closed or vanished); one that left alive (it said
+        HELLO again, having dropped what it held, or was dropped for a
+        malformed message) counts no death against its running task."""
         self.workers.pop(worker.rid, None)
         log.info("worker %d (%s pid %d) gone: %s; %d tasks to re-dispatch",
                  worker.no, worker.host, worker.pid, why, len(worker.inhand))
@@ -413,7 +416,7 @@ class Ledger:
                 recs.pop(0)
                 self.fail(head, TimeoutError("task ran for more than %g s"
                                              % (head[_TIMEOUT] / 1000)))
-            else:
+            elif died:
                 head[_DEATHS] += 1
                 if head[_DEATHS] >= MAX_DEATHS:
                     recs.pop(0)

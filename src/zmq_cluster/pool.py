@@ -290,7 +290,10 @@ class ClusterPool:
     def stats(self) -> List[Dict[str, Any]]:
         """One dict per live worker: host, pid, tasks (items done),
         mean_task_seconds, state ("busy" or "idle"), last_seen (seconds
-        since the scheduler last heard from it)."""
+        since the scheduler last heard from it). Tasks a pool sent a worker
+        directly (``direct``) are counted once the worker reports them (at
+        most 50 ms after they ran); ``state`` says only whether the worker
+        holds tasks the scheduler gave it."""
         keys = ("host", "pid", "tasks", "mean_task_seconds", "state", "last_seen")
         return [{k: w[k] for k in keys} for w in self._client.stats()["workers"]]
 

@@ -139,6 +139,7 @@ class PoolWorker:
         self._queue: Deque[Task] = collections.deque()
         self._direct: Optional[DirectSocket] = None
         self._drained = bytearray(3)  # see run()
+        self._welcomed = False  # since the last HELLO
         self._out_entries: List[bytes] = []
         self._out_frames: List[Any] = []
         self._mean: Optional[float] = None
@@ -239,6 +240,7 @@ class PoolWorker:
                  "uptime": time.monotonic() - _STARTED}
         if self._direct is not None:
             hello.update(direct=self._direct.address, direct_key=self._direct.key.hex())
+        self._welcomed = False
         self._send(sp.message(sp.HELLO, hello))
 
     def _drop_held(self) -> None:
@@ -281,14 +283,21 @@ class PoolWorker:
             elif mtype == sp.FUNC:
                 self._add_function(frames[1])
             elif mtype == sp.RESET:
-                self._drop_held()
-                self._hello()
+                # One HELLO answers every RESET up to its WELCOME: those are
+                # for messages sent before it (late results after a
+                # reconnection), and each HELLO more would drop, at the
+                # scheduler, the tasks given since.
+                if self._welcomed:
+                    self._drop_held()
+                    self._hello()
             elif mtype == sp.STOP:
                 body = sp.parse_body(frames[1].bytes)
                 if type(body) is dict and body.get("restart") is True:
                     self.exit_code = sp.EXIT_RESTART
                 self._running = False
-            elif mtype in (sp.WELCOME, sp.PROBE):
+            elif mtype == sp.WELCOME:
+                self._welcomed = True
+            elif mtype == sp.PROBE:
                 pass
             else:
                 raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])

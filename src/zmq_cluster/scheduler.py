@@ -529,7 +529,7 @@ class Scheduler:
             return
         self.counters["%s gone: %s" % (role, why)] += 1
         if role == "worker":
-            self.ledger.worker_gone(obj, why)
+            self.ledger.worker_gone(obj, why, died=why in _DEATHS)
         elif role == "client":
             self.ledger.client_gone(obj)
             for other, (r, o) in list(self._peers.items()):
@@ -558,6 +558,11 @@ class Scheduler:
             log.warning("scheduler refused %s from client %d: its result connection has closed",
                         sp.TYPE_NAMES.get(mtype, mtype), client.no)
             self._send(rid, sp.message(sp.RESET))
+
+
+#: Why a worker may be gone that mean it died (its connection closed or
+#: vanished), as opposed to leaving alive.
+_DEATHS = frozenset(["disconnected", "unreachable", "its descriptor was reused"])
 
 
 def _who(frames: Sequence[Any], rid: bytes) -> str:

@@ -307,3 +307,43 @@ def test_lease_tokens_bind_the_client_and_its_trust():
     assert token != sp.lease_token(key, 4, True)
     assert token != sp.lease_token(key, 3, False)
     assert token != sp.lease_token(os.urandom(32), 3, True)
+
+
+def test_a_worker_says_hello_once_for_the_resets_before_its_welcome(tmp_path):
+    """RESETs that answer messages sent before a HELLO (late results after
+    a reconnection) are answered by that one HELLO: each HELLO more would
+    make the scheduler drop the tasks given since."""
+    from zmq_cluster.poolworker import PoolWorker
+    import threading
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    address = "ipc://%s/fake" % tmp_path
+    router.bind(address)
+    w = PoolWorker(address, heartbeat_timeout=5.0, direct=False)
+    thread = threading.Thread(target=w.run, daemon=True)
+    thread.start()
+
+    def next_hello():
+        while True:
+            assert router.poll(10_000), "no HELLO"
+            rid, *frames = router.recv_multipart()
+            if sp.parse_ctl(frames[0])[0] == sp.HELLO:
+                return rid
+
+    try:
+        rid = next_hello()
+        router.send_multipart([rid] + sp.message(sp.WELCOME, {"worker_no": 1}))
+        for _ in range(3):   # three late messages refused, at once
+            router.send_multipart([rid] + sp.message(sp.RESET))
+        rid = next_hello()    # one HELLO for them all ...
+        assert not router.poll(300), "a second HELLO before any WELCOME"
+        router.send_multipart([rid] + sp.message(sp.WELCOME, {"worker_no": 2}))
+        router.send_multipart([rid] + sp.message(sp.RESET))
+        next_hello()          # ... and, once welcomed, one per RESET again
+    finally:
+        w.stop()
+        thread.join(10)
+        router.close(0)
+        ctx.term()
+    assert not thread.is_alive()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import zmq_cluster as zc
-from zmq_cluster import client as zclient
+from zmq_cluster import resultreader
 
 from pool_helpers import RESULT_TIMEOUT, cluster, pool  # noqa: F401 (fixtures)
 
@@ -118,9 +118,9 @@ def test_terminate_reaches_a_reading_thread(cluster):
     th.start()
     # The waiting thread reads (or is about to): terminate from this one.
     deadline = time.monotonic() + RESULT_TIMEOUT
-    while pool._client._reader_ident is None and time.monotonic() < deadline:
+    while pool._client._reading.reader_ident is None and time.monotonic() < deadline:
         th.join(0.01)
-    assert pool._client._reader_ident == th.ident
+    assert pool._client._reading.reader_ident == th.ident
     start = time.monotonic()
     pool.terminate()
     th.join(RESULT_TIMEOUT)
@@ -139,6 +139,6 @@ def test_connection_goes_back_to_the_io_thread(pool):
     fut.add_done_callback(lambda f: called.set())
     assert called.wait(RESULT_TIMEOUT)
     deadline = time.monotonic() + RESULT_TIMEOUT
-    while pool._client._reader != zclient._IO and time.monotonic() < deadline:
+    while pool._client._reading.state != resultreader._IO and time.monotonic() < deadline:
         called.wait(0.01)
-    assert pool._client._reader == zclient._IO
+    assert pool._client._reading.state == resultreader._IO

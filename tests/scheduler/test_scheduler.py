@@ -326,3 +326,30 @@ def test_a_peers_last_messages_are_handled_before_its_disconnection(ctx, ipc_url
             if sock is not None:
                 sock.close(0)
         s.close()
+
+
+def test_a_worker_that_says_hello_again_costs_its_task_no_death(ctx, scheduler):
+    """A worker that says HELLO again has dropped what it held, alive: the
+    task goes back to the queue without a death, so three such HELLOs do not
+    fail it as one that killed three workers."""
+    w = worker(ctx, scheduler, credit=1)
+    rx, tx, no = client(ctx, scheduler)
+    [tid] = send_tasks(tx, no, [7])
+    for _ in range(4):
+        while True:
+            (mtype, count, _), frames = recv(w)
+            if mtype == sp.TASKS:
+                break
+        assert task_ids(frames, count) == [tid]
+        w.send_multipart(sp.message(sp.HELLO, {"role": "worker", "host": "h", "pid": 1,
+                                               "credit": 1}))
+    while True:
+        (mtype, count, _), frames = recv(w)
+        if mtype == sp.TASKS:
+            break
+    send_results(w, [tid])
+    assert result_ids(rx) == [tid]          # its result, not "died 3 times"
+    assert scheduler.counters["worker gone: said HELLO again"] == 4
+    w.close(0)
+    rx.close(0)
+    tx.close(0)
