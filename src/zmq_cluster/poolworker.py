@@ -344,6 +344,7 @@ class PoolWorker:
             tid, key, timeout_ms, msg, trusted, dest = queue.popleft()
             start = perf_counter()
             n = 0
+            slots: List[Any] = []  # the result's slots, if it went by slot
             try:
                 if key != last_key or trusted != last_trusted:
                     last_fn = functions.get(key, trusted)
@@ -366,6 +367,8 @@ class PoolWorker:
                 else:
                     values, errors = run_items(last_fn, mode, items)
                 result = encode_result(values, errors, tid, copies, out_shm)
+                if out_shm is not None:
+                    slots = out_shm.last_message()
                 del items, payload, values  # (argument slots are released)
             except (MessageFormatError, FunctionUnavailable) as exc:
                 # Refused unexecuted (a pickle from the untrusted, a message
@@ -385,7 +388,9 @@ class PoolWorker:
                 # A direct task's result goes at once: its caller waits.
                 direct = self._direct
                 assert direct is not None
-                direct.send_result(dest, tid, result, n, seconds)
+                if not direct.send_result(dest, tid, result, n, seconds) and slots:
+                    assert shm is not None
+                    shm.withdraw(slots)  # nobody will claim them
                 direct.ran(n, seconds)
                 self.tasks_done += n
                 continue

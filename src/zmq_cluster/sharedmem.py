@@ -183,6 +183,15 @@ class SharedMemory:
         if producer is not None and pairs:
             producer.unpin(pairs)
 
+    def withdraw(self, refs: Iterable[tuple[int, int, int]]) -> None:
+        """Free the slots of a message that was encoded but could not be
+        sent (as :meth:`last_message` gave them): no consumer can claim
+        them. Slots a consumer holds already are left to it."""
+        producer = self._producer
+        pairs = [(slot, generation) for slot, generation, _ in refs]
+        if producer is not None and pairs:
+            producer.abandon(pairs)
+
     def abandon(self) -> None:
         """Free the slots ``put`` by this thread since the last commit or
         abandon: an encoder calls this when it fails (its message, and so

@@ -206,15 +206,19 @@ class DirectSocket:
             return False
 
     def send_result(self, client_no: int, tid: int, result: List[Any], items: int,
-                    seconds: float) -> None:
-        """Send one direct task's result (wire-format frames) to its client."""
+                    seconds: float) -> bool:
+        """Send one direct task's result (wire-format frames) to its client:
+        False when it has no connection to go to (its client is gone, or
+        ended the lease and re-sent the task through the scheduler; nobody
+        waits for this copy), counted in ``direct_unroutable``."""
         entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (items, seconds))
         rid = self._results.get(client_no)
-        if rid is None or not self._send([rid, sp.ctl(sp.RESULTS, 1), entry] + list(data)):
-            # Its client is gone (nobody waits), or was revoked and re-sent it.
-            self._counters["direct_unroutable"] += 1
-            log.info("worker %d: the result of direct task %x has no client to go to",
-                     os.getpid(), tid)
+        if rid is not None and self._send([rid, sp.ctl(sp.RESULTS, 1), entry] + list(data)):
+            return True
+        self._counters["direct_unroutable"] += 1
+        log.info("worker %d: the result of direct task %x has no client to go to",
+                 os.getpid(), tid)
+        return False
 
     def ran(self, items: int, seconds: float) -> None:
         """A queued direct task ran (its result is sent)."""

@@ -347,3 +347,53 @@ def test_a_worker_says_hello_once_for_the_resets_before_its_welcome(tmp_path):
         router.close(0)
         ctx.term()
     assert not thread.is_alive()
+
+
+def test_an_undeliverable_direct_result_gives_its_slot_back(tmp_path):
+    """A direct task's result that has nowhere to go (its client closed the
+    lease's results connection: it re-sends such tasks through the
+    scheduler) is counted, and its shared-memory slot is freed, not kept
+    until the worker exits."""
+    from zmq_cluster.taskcodec import MODE_SHM_RESULTS
+    ctx = zmq.Context()
+    with scheduler_and_worker("ipc://%s/sched" % tmp_path, shared_memory=True) as (_, worker):
+        deadline = time.monotonic() + 10
+        while worker.direct_address is None:  # bound once run() starts
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        blob = ("numpy", "ones", None)
+        key = function_key(blob)
+        hello = {"client_no": 5, "token": sp.lease_token(worker._direct.key, 5, True),
+                 "trusted": True}
+        rx, tx = _peer(worker.direct_address, ctx), _peer(worker.direct_address, ctx)
+        try:
+            rx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_RESULTS)))
+            (mtype, _, _), _ = _recv(rx)
+            assert mtype == sp.DHELLO
+            tx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_SUBMIT)))
+            tx.send_multipart([sp.ctl(sp.FUNC), sp.body((key,) + blob)])
+            rx.close(0)
+            # Small tasks until one finds the results connection gone ...
+            tid = 5 << 40
+            deadline = time.monotonic() + RESULT_TIMEOUT
+            while worker.counters["direct_unroutable"] == 0:
+                assert time.monotonic() < deadline, "the worker never saw the connection go"
+                tid += 1
+                tx.send_multipart(_task(tid, key, 1))
+                time.sleep(0.01)
+            # ... then one whose 2 MiB result goes by slot.
+            before = worker.counters["direct_unroutable"]
+            msg = encode_task(sp.MODE_MAP | MODE_SHM_RESULTS, [1 << 18], tid + 1)
+            entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid + 1, key, 0), msg)
+            tx.send_multipart([sp.ctl(sp.TASKS, 1), entry] + list(data))
+            deadline = time.monotonic() + RESULT_TIMEOUT
+            while worker.counters["direct_unroutable"] == before:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            shm = worker.shared_memory
+            assert shm.arrays_sent >= 1          # it did go by slot ...
+            assert shm.slots_in_use() == 0       # ... and the slot is free again
+        finally:
+            rx.close(0)
+            tx.close(0)
+    ctx.term()
