@@ -8,17 +8,20 @@ import struct
 
 import numpy as np
 
-from ._framing_common import (
+from ._framing_buffers import (
+    aligned_empty, array_nbytes, as_buffer, assembly_buffer, big_alignment, frame_buffer,
+    shape_text,
+)
+from ._framing_dtypes import array_bad_code_points, array_dtype_header, bad_code_points
+from ._framing_errors import (
     E_CODE_POINT, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_NDIM, E_ORDER,
-    E_SPLIT_COUNT, E_SPLIT_SIZE, TAG_U32, U8, X_CODE_POINT, X_U32, aligned_empty,
-    array_bad_code_points, array_dtype_header, as_buffer, assembly_buffer, bad_code_points,
-    array_nbytes, big_alignment, frame_buffer, shape_text,
+    E_SPLIT_COUNT, E_SPLIT_SIZE, X_CODE_POINT, X_U32,
 )
 from ._framing_shm import encode_shm_array
 from .exceptions import EncodeError, MessageFormatError
 from .protocol import (
     ALIGNED_BYTES, INLINE_LIMIT, MAX_NDIM, ORDER_C, ORDER_F, SPLIT_BYTES,
-    TAG_ARRAY, TAG_INLINE_ARRAY, TAG_SPLIT_ARRAY, U32_MAX,
+    TAG_ARRAY, TAG_INLINE_ARRAY, TAG_SPLIT_ARRAY, TAG_U32, U8, U32_MAX,
 )
 
 _INLINE = bytes([TAG_INLINE_ARRAY])

@@ -7,7 +7,7 @@ import importlib
 import sys
 import traceback
 
-from ._framing_common import E_EXCEPTION
+from ._framing_errors import E_EXCEPTION
 from .exceptions import MessageFormatError, RemoteError, RemoteTraceback, _safe_str, _type_name
 
 __all__ = ["exception_fields", "exception_value"]

@@ -6,7 +6,9 @@ docs/protocol.md, and the one place the contract of ``encode`` and
 ``decode`` turns the frames back into the payload. The compiled twin,
 ``zmq_cluster._fastpath.framing``, has the same functions with the same
 behaviour, the same error texts and the same bytes; ``zmq_cluster.framing``
-picks one. Helpers both twins need live in ``_framing_common``.
+picks one. Helpers both twins need live in modules both import:
+``_framing_errors`` (error texts), ``_framing_buffers`` (array memory),
+``_framing_dtypes`` (the dtype grammar), ``protocol`` (constants).
 """
 
 import pickle
@@ -16,23 +18,24 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._framing_arrays_py import ArrayReader, ArrayWriter
-from ._framing_common import (
-    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_KIND, E_MAGIC,
-    E_NFRAMES, E_NUMPY, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED,
-    E_SCALAR, E_SHORT, E_TAG, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64,
-    I64, TAG_U32, U32, X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, array_bad_code_points,
-    as_buffer, bad_code_points, count_error, dtype_header, frame_buffer, read_dtype, truncated,
+from ._framing_buffers import as_buffer, frame_buffer
+from ._framing_dtypes import array_bad_code_points, bad_code_points, dtype_header, read_dtype
+from ._framing_errors import (
+    E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_KIND, E_MAGIC, E_NFRAMES,
+    E_NUMPY, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR,
+    E_SHORT, E_TAG, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, X_CODE_POINT,
+    X_COMMAND, X_DEEP, X_PICKLE, X_U32, count_error, truncated,
 )
 from ._framing_exceptions import exception_fields, exception_value
 from ._framing_shm import decode_shm_array
 from .exceptions import EncodeError, MessageFormatError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS, MAGIC,
-    MAX_DEPTH, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT,
-    TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST, TAG_NONE,
-    TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_SHM_ARRAY, TAG_SPLIT_ARRAY, TAG_STR,
-    TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
+    C128, COPY_THRESHOLD, F64, HEADER, HEADER_SIZE, I64, INT64_MAX, INT64_MIN, KIND_COMMAND,
+    KINDS, MAGIC, MAX_DEPTH, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES, TAG_COMPLEX,
+    TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST,
+    TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_SHM_ARRAY, TAG_SPLIT_ARRAY,
+    TAG_STR, TAG_TRUE, TAG_TUPLE, TAG_U32, U32, U32_MAX, VERSION,
 )
 
 __all__ = ["encode", "decode", "frame_buffer"]
