@@ -597,16 +597,20 @@ def test_sink_next_contract(wire, sink_sockets):
     assert stats.messages_received == 3 + 3 + 4
 
 
+@pytest.mark.parametrize("channel", ["malformed results", "commands"])
 def test_sink_next_wait_is_not_extended_by_messages_that_are_no_results(wire, ctx,
-                                                                         sink_sockets):
+                                                                         sink_sockets, channel):
     s = sink_sockets
     stop = threading.Event()
-    sender = ctx.socket(zmq.PUSH)
-    sender.connect("inproc://sink-res")
+    if channel == "commands":  # well-formed, but on_command does not stop
+        sender, message = s["cmd_out"], _encode("go on", KIND_COMMAND)
+    else:
+        sender, message = ctx.socket(zmq.PUSH), [b"garbage"]
+        sender.connect("inproc://sink-res")
 
     def garbage():
         while not stop.wait(0.02):
-            sender.send(b"garbage")
+            sender.send_multipart(message)
 
     thread = threading.Thread(target=garbage, daemon=True)
     thread.start()
@@ -619,7 +623,8 @@ def test_sink_next_wait_is_not_extended_by_messages_that_are_no_results(wire, ct
     finally:
         stop.set()
         thread.join()
-        sender.close(0)
+        if sender is not s["cmd_out"]:
+            sender.close(0)
     assert 0.29 <= elapsed < 2.5
 
 
