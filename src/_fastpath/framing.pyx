@@ -71,7 +71,7 @@ from zmq_cluster.protocol import (
     MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
     TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT,
     TAG_INLINE_ARRAY, TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT,
-    TAG_SCALAR, TAG_SHM_ARRAY, TAG_STR, TAG_TRUE, TAG_TUPLE, TAG_U32, U32, U32_MAX, VERSION,
+    TAG_SCALAR, TAG_SHM_ARRAY, TAG_STR, TAG_TRUE, TAG_TUPLE, TAG_U32, U32_MAX, VERSION,
 )
 from zmq_cluster._framing_shm import decode_shm_array, encode_shm_array
 
@@ -240,7 +240,6 @@ cdef PyTypeObject* _ndarray_type = <PyTypeObject*>cnp.ndarray
 cdef object _pickle_dumps = pickle.dumps
 cdef object _pickle_loads = pickle.loads
 cdef object _TAG_U32 = TAG_U32
-cdef object _U32 = U32
 # Slow paths: the helpers the pure twin uses too.
 cdef object _as_buffer = _framing_buffers.as_buffer
 cdef object _aligned_empty = _framing_buffers.aligned_empty
