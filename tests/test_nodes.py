@@ -15,7 +15,7 @@ import zmq
 import zmq_cluster as zc
 from zmq_cluster import _framing_py
 from zmq_cluster.exceptions import EncodeError, MessageFormatError
-from zmq_cluster.protocol import KIND_COMMAND, KIND_REQUEST, KIND_RESULT
+from zmq_cluster.protocol import COPY_THRESHOLD, KIND_COMMAND, KIND_REQUEST, KIND_RESULT
 from zmq_cluster.wire import send_message
 
 from helpers import WAIT_MS, DoublingWorker, worker_thread
@@ -114,6 +114,25 @@ def test_worker_serves_every_kind_on_its_request_channel(ctx, urls, push):
     assert [(r.task_id, r.status, r.payload) for r in got] == [(1, "OK", 6), (2, "OK", "abab")]
     assert got[0].request_metadata == "m"
     assert worker.malformed_messages == 0 and errors == []
+
+
+def test_wait_sent_returns_once_libzmq_released_the_arrays_sent_zero_copy(ctx):
+    """Over inproc a message stays in the pipe, holding the array, until the
+    peer reads it: WaitSent times out before, returns the pending count after."""
+    peer = ctx.socket(zmq.PULL)
+    try:
+        with zc.BasicVentilator(ctx, zc.Connect("inproc://wait-sent", bind=True)) as vent:
+            peer.connect("inproc://wait-sent")
+            assert vent.WaitSent(0) == 0  # nothing sent yet
+            vent.Send([np.ones(COPY_THRESHOLD // 4), np.ones(8)])  # zero-copy, then copied
+            with pytest.raises(zc.ReceiverTimeoutException, match="1 zero-copy messages"):
+                vent.WaitSent(50)
+            assert peer.poll(WAIT_MS)
+            peer.recv_multipart()  # copied out: libzmq releases the message
+            assert vent.WaitSent(WAIT_MS) == 1
+            assert vent.WaitSent(0) == 0
+    finally:
+        peer.close(0)
 
 
 # --------------------------------------------------------- the result rule
