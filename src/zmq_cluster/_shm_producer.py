@@ -242,13 +242,17 @@ class Producer:
                 log.warning("shared memory: refused a consumer of uid %d (not allowed)", uid)
                 conn.close()
                 return
+            # Known before the consumer has the fd, so before it can claim:
+            # an unpin's drain must see every claim sent before it.
+            conn.setblocking(False)
+            with self.lock:
+                pending[conn] = b""
             socket.send_fds(conn, [struct.pack("<Q", self.size)], [self.fd])
         except OSError:
+            with self.lock:
+                pending.pop(conn, None)
             conn.close()
             return
-        conn.setblocking(False)
-        with self.lock:
-            pending[conn] = b""
         sel.register(conn, selectors.EVENT_READ, None)
 
     def _read(self, sel: selectors.BaseSelector, pending: dict[socket.socket, bytes],
