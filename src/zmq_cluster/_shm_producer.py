@@ -242,8 +242,9 @@ class Producer:
                 log.warning("shared memory: refused a consumer of uid %d (not allowed)", uid)
                 conn.close()
                 return
-            # Known before the consumer has the fd, so before it can claim:
-            # an unpin's drain must see every claim sent before it.
+            # Heard by unpin's drain before the consumer has the memory:
+            # otherwise a claim it sends at once could be missed, and its
+            # slot freed under it.
             conn.setblocking(False)
             with self.lock:
                 pending[conn] = b""
