@@ -334,7 +334,8 @@ def test_an_unpicklable_object_is_an_encode_error(twin):
 
 
 def test_neither_twin_imports_the_other():
-    """Shared pieces live in _framing_common, which both twins import."""
+    """Shared pieces live in modules both twins import (_framing_errors,
+    _framing_buffers, _framing_dtypes...)."""
     code = textwrap.dedent("""
         import sys
         import zmq_cluster._fastpath.framing

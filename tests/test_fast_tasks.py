@@ -158,6 +158,15 @@ def sockets(ctx):
         yield pair
 
 
+@pytest.fixture
+def channels(ctx):
+    """A worker's channels over inproc: (requests PUSH, requests PULL,
+    results PUSH, results PULL)."""
+    with push_pull(ctx, "inproc://fast-tasks-req") as (req_out, req_in), \
+            push_pull(ctx, "inproc://fast-tasks-res") as (res_out, res_in):
+        yield req_out, req_in, res_out, res_in
+
+
 def _results(wire, pull, n, **kwargs):
     malformed = []
     it = wire.receive_results(pull, None, n, WAIT_MS, lambda kind, obj: False,
@@ -246,13 +255,8 @@ def test_send_requests_pairs(wire, sockets):
                                                    KIND_REQUEST, task_id))
 
 
-def test_run_worker_task_mode(wire, ctx):
-    req_in, req_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    res_in, res_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    req_in.bind("inproc://task-req")
-    req_out.connect("inproc://task-req")
-    res_in.bind("inproc://task-res")
-    res_out.connect("inproc://task-res")
+def test_run_worker_task_mode(wire, channels):
+    req_out, req_in, res_out, res_in = channels
     res_in.rcvtimeo = WAIT_MS
     stats = wire.Counters()
     unsendable = []
@@ -270,23 +274,19 @@ def test_run_worker_task_mode(wire, ctx):
         unsendable.append((result, exc))
         return zc.ClusterResult("FAIL", None, result.request_metadata, result.metadata, exc)
 
-    try:
-        wire.send_message(req_out, zc.ClusterRequest(1, "m1"), KIND_REQUEST, 1)
-        wire.send_message(req_out, 41, KIND_COMMAND, 2)          # a bare payload, any kind
-        wire.send_message(req_out, zc.ClusterRequest("boom"), KIND_REQUEST, 3)
-        wire.send_message(req_out, zc.ClusterRequest("unsendable", "m4"), KIND_REQUEST, 4)
-        req_out.send(b"ZC\x02\x01" + bytes(4) + b"\x05" + bytes(7) + b"R")   # truncated, id 5
-        wire.send_message(req_out, "stop", KIND_REQUEST, 6)
-        with pytest.raises(SystemExit):
-            wire.run_worker(req_in, res_out, None, on_command=lambda k, o: True,
-                            on_malformed=lambda channel, exc: zc.ClusterResult("FAIL", None,
-                                                                               None, None, exc),
-                            on_unsendable=on_unsendable, timeout_ms=WAIT_MS, stats=stats,
-                            handle_task=handle_task, result_metadata=IDENTITY)
-        got = [_framing_py.decode(res_in.recv_multipart()) for _ in range(5)]
-    finally:
-        for sock in (req_in, req_out, res_in, res_out):
-            sock.close(0)
+    wire.send_message(req_out, zc.ClusterRequest(1, "m1"), KIND_REQUEST, 1)
+    wire.send_message(req_out, 41, KIND_COMMAND, 2)          # a bare payload, any kind
+    wire.send_message(req_out, zc.ClusterRequest("boom"), KIND_REQUEST, 3)
+    wire.send_message(req_out, zc.ClusterRequest("unsendable", "m4"), KIND_REQUEST, 4)
+    req_out.send(b"ZC\x02\x01" + bytes(4) + b"\x05" + bytes(7) + b"R")   # truncated, id 5
+    wire.send_message(req_out, "stop", KIND_REQUEST, 6)
+    with pytest.raises(SystemExit):
+        wire.run_worker(req_in, res_out, None, on_command=lambda k, o: True,
+                        on_malformed=lambda channel, exc: zc.ClusterResult("FAIL", None,
+                                                                           None, None, exc),
+                        on_unsendable=on_unsendable, timeout_ms=WAIT_MS, stats=stats,
+                        handle_task=handle_task, result_metadata=IDENTITY)
+    got = [_framing_py.decode(res_in.recv_multipart()) for _ in range(5)]
     assert [task_id for _, task_id, _ in got] == [1, 2, 3, 4, 5]
     ok, bare, fail, unsent, malformed = (r for _, _, r in got)
     assert (ok.status, ok.payload, ok.request_metadata) == ("OK", 2, "m1")
@@ -360,50 +360,41 @@ def test_worker_results_from_the_task_mode_match_the_objects(ctx):
     assert worker.requests_handled == 3 and not thread.is_alive()
 
 
-def test_loops_read_every_value_the_decoder_reads(wire, ctx):
+def test_loops_read_every_value_the_decoder_reads(wire, channels):
     """One-frame messages are read in libzmq's memory by the compiled loops:
     values that need the decoder's slow paths (pickles, scalars, dtypes not
     seen before, non-ASCII strs) come out as decode makes them."""
-    req_in, req_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    res_in, res_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    req_in.bind("inproc://values-req")
-    req_out.connect("inproc://values-req")
-    res_in.bind("inproc://values-res")
-    res_out.connect("inproc://values-res")
+    req_out, req_in, res_out, res_in = channels
     values = VALUES + [np.zeros(2, dtype=">c8"), np.zeros((), dtype=[("a", "<i2")]),
                        np.datetime64("2020-01-01", "D"), {"\u00e9": 1.5}]
-    try:
-        for i, value in enumerate(values):
-            wire.send_message(req_out, zc.ClusterRequest(value, {"i": i}), KIND_REQUEST, i + 1)
-        wire.send_message(req_out, zc.ClusterRequest("stop"), KIND_REQUEST, 999)
+    for i, value in enumerate(values):
+        wire.send_message(req_out, zc.ClusterRequest(value, {"i": i}), KIND_REQUEST, i + 1)
+    wire.send_message(req_out, zc.ClusterRequest("stop"), KIND_REQUEST, 999)
 
-        def handle_task(payload):
-            if type(payload) is str and payload == "stop":
-                raise SystemExit
-            return payload
+    def handle_task(payload):
+        if type(payload) is str and payload == "stop":
+            raise SystemExit
+        return payload
 
-        with pytest.raises(SystemExit):
-            wire.run_worker(req_in, res_out, None, on_command=lambda k, o: True,
-                            on_malformed=lambda c, e: pytest.fail("malformed: %s" % e),
-                            on_unsendable=lambda r, e: pytest.fail("unsendable: %s" % e),
-                            timeout_ms=WAIT_MS, handle_task=handle_task,
-                            result_metadata={"host": "h\u00f6st", "pid": 1})
-        # (a result whose metadata is not plain ASCII may be handed over)
-        it = wire.receive_results(res_in, None, len(values), WAIT_MS, lambda k, o: False,
-                                  lambda c, e: pytest.fail("malformed: %s" % e),
-                                  unwrap=lambda r: r.payload)
-        assert [repr(x) for x in it] == [repr(v) for v in values]
-        for i, value in enumerate(values):
-            wire.send_message(req_out, zc.ClusterResult("OK", value, i, {"\u00e9": i}),
-                              KIND_RESULT, 1)
-        it = wire.receive_results(req_in, None, len(values), WAIT_MS, lambda k, o: False,
-                                  lambda c, e: pytest.fail("malformed: %s" % e),
-                                  unwrap=lambda r: (r.payload, r.request_metadata,
-                                                    r.metadata),
-                                  metadata=True)
-        got = list(it)
-        assert [repr(x) for x in got] == [repr((v, i, {"\u00e9": i}))
-                                          for i, v in enumerate(values)]
-    finally:
-        for sock in (req_in, req_out, res_in, res_out):
-            sock.close(0)
+    with pytest.raises(SystemExit):
+        wire.run_worker(req_in, res_out, None, on_command=lambda k, o: True,
+                        on_malformed=lambda c, e: pytest.fail("malformed: %s" % e),
+                        on_unsendable=lambda r, e: pytest.fail("unsendable: %s" % e),
+                        timeout_ms=WAIT_MS, handle_task=handle_task,
+                        result_metadata={"host": "h\u00f6st", "pid": 1})
+    # (a result whose metadata is not plain ASCII may be handed over)
+    it = wire.receive_results(res_in, None, len(values), WAIT_MS, lambda k, o: False,
+                              lambda c, e: pytest.fail("malformed: %s" % e),
+                              unwrap=lambda r: r.payload)
+    assert [repr(x) for x in it] == [repr(v) for v in values]
+    for i, value in enumerate(values):
+        wire.send_message(req_out, zc.ClusterResult("OK", value, i, {"\u00e9": i}),
+                          KIND_RESULT, 1)
+    it = wire.receive_results(req_in, None, len(values), WAIT_MS, lambda k, o: False,
+                              lambda c, e: pytest.fail("malformed: %s" % e),
+                              unwrap=lambda r: (r.payload, r.request_metadata,
+                                                r.metadata),
+                              metadata=True)
+    got = list(it)
+    assert [repr(x) for x in got] == [repr((v, i, {"\u00e9": i}))
+                                      for i, v in enumerate(values)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zmq_cluster.messages import ClusterRequest, ClusterResult
-from zmq_cluster._framing_common import aligned_empty
+from zmq_cluster._framing_buffers import aligned_empty
 from zmq_cluster.exceptions import MessageFormatError
 from zmq_cluster.protocol import (
     ALIGNED_BYTES, COPY_THRESHOLD, INLINE_LIMIT, KIND_REQUEST, KIND_RESULT, SPLIT_BYTES,
@@ -352,8 +352,8 @@ def test_version_1_messages_are_refused_with_both_versions_named(twin):
 def test_assembly_memory_is_reused_only_once_no_array_refers_to_it(twin, holder):
     import gc
 
-    from zmq_cluster import _framing_common
-    if _framing_common._FREE_REFS is None:
+    from zmq_cluster import _framing_buffers
+    if _framing_buffers._FREE_REFS is None:
         pytest.skip("recycling is off on this interpreter (tested below)")
     arr = np.arange(2 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
     frames = [bytes(f) for f in twin.encode(arr, KIND_REQUEST)]
@@ -375,15 +375,15 @@ def test_assembly_memory_is_reused_only_once_no_array_refers_to_it(twin, holder)
     assert third.ctypes.data == at  # free again: reused
     third[:] = -1.0
     np.testing.assert_array_equal(second, arr)  # nothing else written over
-    assert sum(r.nbytes for r in _framing_common._recycled) <= _framing_common.RECYCLE_MAX_BYTES
+    assert sum(r.nbytes for r in _framing_buffers._recycled) <= _framing_buffers.RECYCLE_MAX_BYTES
 
 
 @pytest.mark.parametrize("nbytes", [ALIGNED_BYTES, SPLIT_BYTES], ids=["1MiB", "4MiB"])
 def test_an_unaligned_single_frames_copy_is_reused_once_free_never_while_held(twin, nbytes):
     import gc
 
-    from zmq_cluster import _framing_common
-    if _framing_common._FREE_REFS is None:
+    from zmq_cluster import _framing_buffers
+    if _framing_buffers._FREE_REFS is None:
         pytest.skip("recycling is off on this interpreter (tested below)")
     arr = _at(nbytes, 8)  # the frame is the sender's memory, 8 bytes past 64
     frames = twin.encode(arr, KIND_REQUEST)
@@ -392,7 +392,7 @@ def test_an_unaligned_single_frames_copy_is_reused_once_free_never_while_held(tw
     assert first.ctypes.data % 64 == 0 and first.flags.writeable
     assert not np.shares_memory(first, arr)
     at = first.ctypes.data
-    assert any(np.shares_memory(first, r) for r in _framing_common._recycled)  # kept
+    assert any(np.shares_memory(first, r) for r in _framing_buffers._recycled)  # kept
     second = twin.decode(frames)[2]
     assert second.ctypes.data != at  # ``first`` still holds it
     first[:] = -1.0
@@ -406,22 +406,22 @@ def test_an_unaligned_single_frames_copy_is_reused_once_free_never_while_held(tw
 
 
 def test_free_count_is_calibrated_on_this_interpreter():
-    from zmq_cluster import _framing_common
-    free = _framing_common._calibrate()
+    from zmq_cluster import _framing_buffers
+    free = _framing_buffers._calibrate()
     if free is None:
-        assert _framing_common._FREE_REFS is None
+        assert _framing_buffers._FREE_REFS is None
         return
     items = [np.empty(1, np.uint8)]
-    assert _framing_common._refs(items, 0) == free
+    assert _framing_buffers._refs(items, 0) == free
     held = items[0]
-    assert _framing_common._refs(items, 0) == free + 1
+    assert _framing_buffers._refs(items, 0) == free + 1
     del held
 
 
 def test_recycling_off_gives_fresh_memory_every_time(twin, monkeypatch):
-    from zmq_cluster import _framing_common
-    monkeypatch.setattr(_framing_common, "_FREE_REFS", None)
-    before = list(_framing_common._recycled)
+    from zmq_cluster import _framing_buffers
+    monkeypatch.setattr(_framing_buffers, "_FREE_REFS", None)
+    before = list(_framing_buffers._recycled)
     arr = np.arange(2 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
     frames = [bytes(f) for f in twin.encode(arr, KIND_REQUEST)]
     got = [twin.decode(frames)[2] for _ in range(3)]
@@ -429,8 +429,8 @@ def test_recycling_off_gives_fresh_memory_every_time(twin, monkeypatch):
         assert out.ctypes.data % 64 == 0 and out.flags.writeable
         np.testing.assert_array_equal(out, arr)
     assert len({out.ctypes.data for out in got}) == 3
-    assert [r.ctypes.data for r in _framing_common._recycled] == [r.ctypes.data for r in before]
-    assert not any(np.shares_memory(out, r) for out in got for r in _framing_common._recycled)
+    assert [r.ctypes.data for r in _framing_buffers._recycled] == [r.ctypes.data for r in before]
+    assert not any(np.shares_memory(out, r) for out in got for r in _framing_buffers._recycled)
 
 
 def test_threads_never_share_an_assembly_buffer(twin):
@@ -462,20 +462,20 @@ def test_threads_never_share_an_assembly_buffer(twin):
 
 
 def test_a_pool_full_of_free_buffers_of_another_size_makes_room(twin, monkeypatch):
-    from zmq_cluster import _framing_common
-    monkeypatch.setattr(_framing_common, "_recycled", [])
+    from zmq_cluster import _framing_buffers
+    monkeypatch.setattr(_framing_buffers, "_recycled", [])
     small = np.arange(SPLIT_BYTES // 8 + 1, dtype=np.float64)
     big = np.arange(3 * SPLIT_BYTES // 8 + 1, dtype=np.float64)
     small_frames = [bytes(f) for f in twin.encode(small, KIND_REQUEST)]
     big_frames = [bytes(f) for f in twin.encode(big, KIND_REQUEST)]
-    monkeypatch.setattr(_framing_common, "RECYCLE_MAX_BYTES", 3 * small.nbytes + 3 * 64)
+    monkeypatch.setattr(_framing_buffers, "RECYCLE_MAX_BYTES", 3 * small.nbytes + 3 * 64)
     held = [twin.decode(small_frames)[2] for _ in range(3)]  # fills the pool
-    assert len(_framing_common._recycled) == 3
+    assert len(_framing_buffers._recycled) == 3
     del held
     out = twin.decode(big_frames)[2]  # drops as many free small ones as it needs
     np.testing.assert_array_equal(out, big)
     at = out.ctypes.data
-    assert any(np.shares_memory(out, r) for r in _framing_common._recycled)
-    assert sum(r.nbytes for r in _framing_common._recycled) <= _framing_common.RECYCLE_MAX_BYTES
+    assert any(np.shares_memory(out, r) for r in _framing_buffers._recycled)
+    assert sum(r.nbytes for r in _framing_buffers._recycled) <= _framing_buffers.RECYCLE_MAX_BYTES
     del out
     assert twin.decode(big_frames)[2].ctypes.data == at  # kept, so reused

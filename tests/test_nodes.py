@@ -15,7 +15,7 @@ import zmq
 import zmq_cluster as zc
 from zmq_cluster import _framing_py
 from zmq_cluster.exceptions import EncodeError, MessageFormatError
-from zmq_cluster.protocol import KIND_COMMAND, KIND_REQUEST, KIND_RESULT
+from zmq_cluster.protocol import COPY_THRESHOLD, KIND_COMMAND, KIND_REQUEST, KIND_RESULT
 from zmq_cluster.wire import send_message
 
 from helpers import WAIT_MS, DoublingWorker, worker_thread
@@ -24,6 +24,15 @@ from helpers import WAIT_MS, DoublingWorker, worker_thread
 @pytest.fixture
 def urls(ipc_url):
     return ipc_url("req"), ipc_url("res"), ipc_url("cmd")
+
+
+@pytest.fixture
+def push(ctx, urls):
+    """A PUSH socket bound at the requests' address (a ventilator's)."""
+    socket = ctx.socket(zmq.PUSH)
+    socket.bind(urls[0])
+    yield socket
+    socket.close(0)
 
 
 def _bound(url):
@@ -95,21 +104,35 @@ def test_results_sent_through_a_basic_ventilator_come_out_of_sink_unwrapped(ctx,
         assert len(list(sink.Receive(1))) == 1  # resumable after a FAIL
 
 
-def test_worker_serves_every_kind_on_its_request_channel(ctx, urls):
+def test_worker_serves_every_kind_on_its_request_channel(ctx, urls, push):
     req, res, cmd = urls
-    push = ctx.socket(zmq.PUSH)
-    push.bind(req)
+    with zc.BasicSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+            worker_thread(ctx, req, res, cmd) as (worker, errors):
+        send_message(push, zc.ClusterRequest(3, "m"), KIND_RESULT, 1)
+        send_message(push, "ab", KIND_COMMAND, 2)
+        got = sorted(sink.Receive(2), key=lambda r: r.task_id)
+    assert [(r.task_id, r.status, r.payload) for r in got] == [(1, "OK", 6), (2, "OK", "abab")]
+    assert got[0].request_metadata == "m"
+    assert worker.malformed_messages == 0 and errors == []
+
+
+def test_wait_sent_returns_once_libzmq_released_the_arrays_sent_zero_copy(ctx):
+    """Over inproc a message stays in the pipe, holding the array, until the
+    peer reads it: WaitSent times out before, returns the pending count after."""
+    peer = ctx.socket(zmq.PULL)
     try:
-        with zc.BasicSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
-                worker_thread(ctx, req, res, cmd) as (worker, errors):
-            send_message(push, zc.ClusterRequest(3, "m"), KIND_RESULT, 1)
-            send_message(push, "ab", KIND_COMMAND, 2)
-            got = sorted(sink.Receive(2), key=lambda r: r.task_id)
-        assert [(r.task_id, r.status, r.payload) for r in got] == [(1, "OK", 6), (2, "OK", "abab")]
-        assert got[0].request_metadata == "m"
-        assert worker.malformed_messages == 0 and errors == []
+        with zc.BasicVentilator(ctx, zc.Connect("inproc://wait-sent", bind=True)) as vent:
+            peer.connect("inproc://wait-sent")
+            assert vent.WaitSent(0) == 0  # nothing sent yet
+            vent.Send([np.ones(COPY_THRESHOLD // 4), np.ones(8)])  # zero-copy, then copied
+            with pytest.raises(zc.ReceiverTimeoutException, match="1 zero-copy messages"):
+                vent.WaitSent(50)
+            assert peer.poll(WAIT_MS)
+            peer.recv_multipart()  # copied out: libzmq releases the message
+            assert vent.WaitSent(WAIT_MS) == 1
+            assert vent.WaitSent(0) == 0
     finally:
-        push.close(0)
+        peer.close(0)
 
 
 # --------------------------------------------------------- the result rule
@@ -268,35 +291,30 @@ def test_evil_commands_neither_kill_nor_stop_a_sink(ctx, urls):
 
 # ------------------------------------------------ the worker's failure path
 
-def test_request_metadata_that_cannot_travel_back_still_gets_a_fail_result(ctx, urls):
+def test_request_metadata_that_cannot_travel_back_still_gets_a_fail_result(ctx, urls, push):
     """Metadata that decodes to a memoryview (a pickle-5 out-of-band buffer)
     cannot be encoded in the result, nor in its FAIL fallback: the fallback
     drops it, and the worker keeps serving."""
     req, res, cmd = urls
-    push = ctx.socket(zmq.PUSH)
-    push.bind(req)
-    try:
-        with zc.BasicSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
-                worker_thread(ctx, req, res, cmd) as (worker, errors):
-            buffer = pickle.PickleBuffer(bytearray(b"x" * 100))
-            push.send_multipart(_encode(zc.ClusterRequest(3, buffer), KIND_REQUEST, 1))
-            send_message(push, zc.ClusterRequest(4, "ok"), KIND_REQUEST, 2)
-            push.send_multipart(_encode(zc.ClusterRequest("boom", buffer), KIND_REQUEST, 3))
-            got = sorted(sink.Receive(3), key=lambda r: r.task_id)
-        assert errors == []
-        assert (got[0].status, got[0].payload, got[0].request_metadata) == ("FAIL", None, None)
-        assert type(got[0].exception) is EncodeError  # rebuilt: this sink trusts the worker
-        assert "cannot encode memoryview" in str(got[0].exception)
-        assert "request metadata (memoryview) could not be sent" in str(got[0].exception)
-        assert set(got[0].metadata) == {"host", "pid", "seconds"}
-        assert (got[1].status, got[1].payload, got[1].request_metadata) == ("OK", 8, "ok")
-        # The handler raised, and its FAIL could not carry the metadata: the
-        # EncodeError names the handler's exception too.
-        assert (got[2].status, got[2].request_metadata) == ("FAIL", None)
-        assert type(got[2].exception) is EncodeError
-        assert "raised by the handler: builtins.KeyError: 'boom'" in str(got[2].exception)
-    finally:
-        push.close(0)
+    with zc.BasicSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+            worker_thread(ctx, req, res, cmd) as (worker, errors):
+        buffer = pickle.PickleBuffer(bytearray(b"x" * 100))
+        push.send_multipart(_encode(zc.ClusterRequest(3, buffer), KIND_REQUEST, 1))
+        send_message(push, zc.ClusterRequest(4, "ok"), KIND_REQUEST, 2)
+        push.send_multipart(_encode(zc.ClusterRequest("boom", buffer), KIND_REQUEST, 3))
+        got = sorted(sink.Receive(3), key=lambda r: r.task_id)
+    assert errors == []
+    assert (got[0].status, got[0].payload, got[0].request_metadata) == ("FAIL", None, None)
+    assert type(got[0].exception) is EncodeError  # rebuilt: this sink trusts the worker
+    assert "cannot encode memoryview" in str(got[0].exception)
+    assert "request metadata (memoryview) could not be sent" in str(got[0].exception)
+    assert set(got[0].metadata) == {"host", "pid", "seconds"}
+    assert (got[1].status, got[1].payload, got[1].request_metadata) == ("OK", 8, "ok")
+    # The handler raised, and its FAIL could not carry the metadata: the
+    # EncodeError names the handler's exception too.
+    assert (got[2].status, got[2].request_metadata) == ("FAIL", None)
+    assert type(got[2].exception) is EncodeError
+    assert "raised by the handler: builtins.KeyError: 'boom'" in str(got[2].exception)
 
 
 class _ReturnsTooDeep(zc.BasicWorker):
@@ -311,43 +329,33 @@ def _nested(depth, leaf=0):
     return obj
 
 
-def test_output_nested_too_deep_comes_back_as_a_fail_naming_the_reason(ctx, urls):
+def test_output_nested_too_deep_comes_back_as_a_fail_naming_the_reason(ctx, urls, push):
     """Checked before sending: the worker's result says why, rather than a
     result every receiver rejects."""
     req, res, cmd = urls
-    push = ctx.socket(zmq.PUSH)
-    push.bind(req)
-    try:
-        with zc.BasicSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
-                worker_thread(ctx, req, res, cmd, worker_class=_ReturnsTooDeep) as (w, errors):
-            send_message(push, zc.ClusterRequest(1, "m"), KIND_REQUEST, 1)
-            got = next(sink.Receive(1))
-            assert (got.task_id, got.status, got.request_metadata) == (1, "FAIL", "m")
-            assert type(got.exception) is EncodeError
-            assert "deeper than 256" in str(got.exception)
-            assert sink.malformed_messages == 0
-        assert errors == []
-    finally:
-        push.close(0)
+    with zc.BasicSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+            worker_thread(ctx, req, res, cmd, worker_class=_ReturnsTooDeep) as (w, errors):
+        send_message(push, zc.ClusterRequest(1, "m"), KIND_REQUEST, 1)
+        got = next(sink.Receive(1))
+        assert (got.task_id, got.status, got.request_metadata) == (1, "FAIL", "m")
+        assert type(got.exception) is EncodeError
+        assert "deeper than 256" in str(got.exception)
+        assert sink.malformed_messages == 0
+    assert errors == []
 
 
-def test_a_request_at_the_depth_limit_is_answered(ctx, urls):
+def test_a_request_at_the_depth_limit_is_answered(ctx, urls, push):
     """A request nested exactly 256 levels deep is accepted; echoed, it
     would be 257 levels: the worker answers with a FAIL instead."""
     req, res, cmd = urls
-    push = ctx.socket(zmq.PUSH)
-    push.bind(req)
-    try:
-        with zc.Sink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
-                worker_thread(ctx, req, res, cmd, worker_class=zc.BasicWorker):
-            frames = _encode(_nested(256), KIND_REQUEST, 3)   # 256 lists, the int inside
-            push.send_multipart(frames)
-            with pytest.raises(zc.WorkerException) as info:
-                next(sink.Receive(1))
-            assert info.value.type_name == "zmq_cluster.exceptions.EncodeError"
-            assert "deeper than 256" in info.value.message
-    finally:
-        push.close(0)
+    with zc.Sink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+            worker_thread(ctx, req, res, cmd, worker_class=zc.BasicWorker):
+        frames = _encode(_nested(256), KIND_REQUEST, 3)   # 256 lists, the int inside
+        push.send_multipart(frames)
+        with pytest.raises(zc.WorkerException) as info:
+            next(sink.Receive(1))
+        assert info.value.type_name == "zmq_cluster.exceptions.EncodeError"
+        assert "deeper than 256" in info.value.message
 
 
 class _NoPickleSink(zc.Sink):
@@ -361,29 +369,24 @@ class _Unsendable(DoublingWorker):
         return super().HandleRequest(request)
 
 
-def test_failures_reach_a_sink_that_does_not_allow_pickle(ctx, urls):
+def test_failures_reach_a_sink_that_does_not_allow_pickle(ctx, urls, push):
     """Exceptions travel natively: a sink that trusts no pickle still gets
     every FAIL, as a RemoteError carrying type, message and traceback."""
     req, res, cmd = urls
-    push = ctx.socket(zmq.PUSH)
-    push.bind(req)
-    try:
-        with _NoPickleSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
-                worker_thread(ctx, req, res, cmd, worker_class=_Unsendable) as (w, errors):
-            send_message(push, zc.ClusterRequest("boom", "m"), KIND_REQUEST, 1)
-            send_message(push, zc.ClusterRequest("unsendable", "m"), KIND_REQUEST, 2)
-            push.send_multipart(_encode(1, KIND_REQUEST, 3)[:1] + [b"unreferenced"])
-            send_message(push, zc.ClusterRequest(21, "m"), KIND_REQUEST, 4)
-            failures = []
-            for _ in range(3):
-                with pytest.raises(zc.WorkerException) as info:
-                    next(sink.Receive(1))
-                failures.append(info.value)
-            assert list(sink.Receive(1)) == [42]
-            assert sink.malformed_messages == 0
-        assert errors == []
-    finally:
-        push.close(0)
+    with _NoPickleSink(ctx, _bound(res), receiver_timeout=WAIT_MS) as sink, \
+            worker_thread(ctx, req, res, cmd, worker_class=_Unsendable) as (w, errors):
+        send_message(push, zc.ClusterRequest("boom", "m"), KIND_REQUEST, 1)
+        send_message(push, zc.ClusterRequest("unsendable", "m"), KIND_REQUEST, 2)
+        push.send_multipart(_encode(1, KIND_REQUEST, 3)[:1] + [b"unreferenced"])
+        send_message(push, zc.ClusterRequest(21, "m"), KIND_REQUEST, 4)
+        failures = []
+        for _ in range(3):
+            with pytest.raises(zc.WorkerException) as info:
+                next(sink.Receive(1))
+            failures.append(info.value)
+        assert list(sink.Receive(1)) == [42]
+        assert sink.malformed_messages == 0
+    assert errors == []
     by_type = {f.type_name: f for f in failures}
     assert set(by_type) == {"builtins.KeyError", "zmq_cluster.exceptions.EncodeError",
                             "zmq_cluster.exceptions.MessageFormatError"}

@@ -483,25 +483,37 @@ class Calls:
         return self.replacement
 
 
+def _inproc_sockets(ctx, name, channels):
+    """For a fixture: the sockets of ``channels`` over inproc://NAME-CHANNEL,
+    by name, then closed. "req" and "res": a PUSH CHANNEL_out connected to a
+    PULL CHANNEL_in; "cmd": an XPUB cmd_out and a SUB cmd_in subscribed to
+    everything, the subscription seen."""
+    socks = {}
+    try:
+        for channel in channels:
+            out_kind, in_kind = (zmq.XPUB, zmq.SUB) if channel == "cmd" else (zmq.PUSH, zmq.PULL)
+            out = socks[channel + "_out"] = ctx.socket(out_kind)
+            into = socks[channel + "_in"] = ctx.socket(in_kind)
+            address = "inproc://%s-%s" % (name, channel)
+            if channel == "cmd":
+                out.bind(address)
+                into.setsockopt(zmq.SUBSCRIBE, b"")
+                into.connect(address)
+                assert out.poll(WAIT_MS) and out.recv() == b"\x01"
+            else:
+                into.bind(address)
+                out.connect(address)
+        yield socks
+    finally:
+        for sock in socks.values():
+            sock.close(0)
+
+
 @pytest.fixture
 def worker_sockets(ctx):
     """(request PUSH, requests PULL, results PUSH, results PULL, command
     XPUB, commands SUB), connected over inproc, the subscription seen."""
-    socks = {}
-    for name, kind in (("req_out", zmq.PUSH), ("req_in", zmq.PULL), ("res_out", zmq.PUSH),
-                       ("res_in", zmq.PULL), ("cmd_out", zmq.XPUB), ("cmd_in", zmq.SUB)):
-        socks[name] = ctx.socket(kind)
-    socks["req_in"].bind("inproc://loop-req")
-    socks["req_out"].connect("inproc://loop-req")
-    socks["res_in"].bind("inproc://loop-res")
-    socks["res_out"].connect("inproc://loop-res")
-    socks["cmd_out"].bind("inproc://loop-cmd")
-    socks["cmd_in"].setsockopt(zmq.SUBSCRIBE, b"")
-    socks["cmd_in"].connect("inproc://loop-cmd")
-    assert socks["cmd_out"].poll(WAIT_MS) and socks["cmd_out"].recv() == b"\x01"
-    yield socks
-    for sock in socks.values():
-        sock.close(0)
+    yield from _inproc_sockets(ctx, "loop", ["req", "res", "cmd"])
 
 
 def _run_worker(wire, s, calls, **kwargs):
@@ -617,19 +629,8 @@ def test_run_worker_looks_at_commands_among_a_stream_of_requests(wire, worker_so
 
 @pytest.fixture
 def sink_sockets(ctx):
-    socks = {}
-    for name, kind in (("res_out", zmq.PUSH), ("res_in", zmq.PULL), ("cmd_out", zmq.XPUB),
-                       ("cmd_in", zmq.SUB)):
-        socks[name] = ctx.socket(kind)
-    socks["res_in"].bind("inproc://sink-res")
-    socks["res_out"].connect("inproc://sink-res")
-    socks["cmd_out"].bind("inproc://sink-cmd")
-    socks["cmd_in"].setsockopt(zmq.SUBSCRIBE, b"")
-    socks["cmd_in"].connect("inproc://sink-cmd")
-    assert socks["cmd_out"].poll(WAIT_MS) and socks["cmd_out"].recv() == b"\x01"
-    yield socks
-    for sock in socks.values():
-        sock.close(0)
+    """worker_sockets without the request channel."""
+    yield from _inproc_sockets(ctx, "sink", ["res", "cmd"])
 
 
 def test_sink_next_contract(wire, sink_sockets):
@@ -672,16 +673,20 @@ def test_sink_next_contract(wire, sink_sockets):
     assert stats.messages_received == 3 + 3 + 4
 
 
+@pytest.mark.parametrize("channel", ["malformed results", "commands"])
 def test_sink_next_wait_is_not_extended_by_messages_that_are_no_results(wire, ctx,
-                                                                         sink_sockets):
+                                                                         sink_sockets, channel):
     s = sink_sockets
     stop = threading.Event()
-    sender = ctx.socket(zmq.PUSH)
-    sender.connect("inproc://sink-res")
+    if channel == "commands":  # well-formed, but on_command does not stop
+        sender, message = s["cmd_out"], _encode("go on", KIND_COMMAND)
+    else:
+        sender, message = ctx.socket(zmq.PUSH), [b"garbage"]
+        sender.connect("inproc://sink-res")
 
     def garbage():
         while not stop.wait(0.02):
-            sender.send(b"garbage")
+            sender.send_multipart(message)
 
     thread = threading.Thread(target=garbage, daemon=True)
     thread.start()
@@ -694,7 +699,8 @@ def test_sink_next_wait_is_not_extended_by_messages_that_are_no_results(wire, ct
     finally:
         stop.set()
         thread.join()
-        sender.close(0)
+        if sender is not s["cmd_out"]:
+            sender.close(0)
     assert 0.29 <= elapsed < 2.5
 
 

@@ -6,8 +6,8 @@ Same functions, behaviour, error texts and bytes as the pure-Python twin,
 ``zmq_cluster._framing_py``, which states the contract of ``encode`` and
 ``decode``. The wire constants, error texts, records and slow-path helpers
 come from the pure-Python modules both twins import
-(``zmq_cluster.protocol``, ``zmq_cluster._framing_common``...), never from
-the other twin.
+(``zmq_cluster.protocol``, ``zmq_cluster._framing_errors``,
+``_framing_buffers``, ``_framing_dtypes``...), never from the other twin.
 
 One module, built from this file and the ``.pxi`` files it includes, one
 per role (as msgpack-python builds its compiled core):
@@ -56,9 +56,8 @@ import pickle
 
 import numpy as np
 
-from zmq_cluster import _framing_common as common
-from zmq_cluster import _framing_exceptions
-from zmq_cluster._framing_common import (
+from zmq_cluster import _framing_buffers, _framing_dtypes, _framing_errors, _framing_exceptions
+from zmq_cluster._framing_errors import (
     E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_ITEMSIZE0, E_KIND, E_MAGIC,
     E_NDIM, E_NFRAMES, E_NUMPY, E_ORDER, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD,
     E_PICKLE_REFUSED, E_SCALAR, E_SHORT, E_SPLIT_COUNT, E_SPLIT_SIZE, E_TAG, E_TOO_BIG, E_TRAILING, E_UNHASHABLE,
@@ -72,7 +71,7 @@ from zmq_cluster.protocol import (
     MAGIC, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, PICKLE_PROTOCOL, TAG_ARRAY,
     TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT,
     TAG_INLINE_ARRAY, TAG_INT, TAG_LIST, TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT,
-    TAG_SCALAR, TAG_SHM_ARRAY, TAG_STR, TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
+    TAG_SCALAR, TAG_SHM_ARRAY, TAG_STR, TAG_TRUE, TAG_TUPLE, TAG_U32, U32_MAX, VERSION,
 )
 from zmq_cluster._framing_shm import decode_shm_array, encode_shm_array
 
@@ -240,22 +239,21 @@ cdef cnp.dtype _u8 = np.dtype(np.uint8)
 cdef PyTypeObject* _ndarray_type = <PyTypeObject*>cnp.ndarray
 cdef object _pickle_dumps = pickle.dumps
 cdef object _pickle_loads = pickle.loads
-cdef object _TAG_U32 = common.TAG_U32
-cdef object _U32 = common.U32
+cdef object _TAG_U32 = TAG_U32
 # Slow paths: the helpers the pure twin uses too.
-cdef object _as_buffer = common.as_buffer
-cdef object _aligned_empty = common.aligned_empty
-cdef object _big_alignment = common.big_alignment
-cdef object _assembly_buffer = common.assembly_buffer
-cdef object _py_frame_buffer = common.frame_buffer
-cdef object _dtype_value = common.dtype_value
-cdef object _read_dtype = common.read_dtype
+cdef object _as_buffer = _framing_buffers.as_buffer
+cdef object _aligned_empty = _framing_buffers.aligned_empty
+cdef object _big_alignment = _framing_buffers.big_alignment
+cdef object _assembly_buffer = _framing_buffers.assembly_buffer
+cdef object _py_frame_buffer = _framing_buffers.frame_buffer
+cdef object _dtype_value = _framing_dtypes.dtype_value
+cdef object _read_dtype = _framing_dtypes.read_dtype
 cdef object _exception_fields = _framing_exceptions.exception_fields
 cdef object _exception_value = _framing_exceptions.exception_value
-cdef object _truncated = common.truncated
-cdef object _count_error = common.count_error
-cdef object _bad_code_points = common.bad_code_points
-cdef object _array_bad_code_points = common.array_bad_code_points
+cdef object _truncated = _framing_errors.truncated
+cdef object _count_error = _framing_errors.count_error
+cdef object _bad_code_points = _framing_dtypes.bad_code_points
+cdef object _array_bad_code_points = _framing_dtypes.array_bad_code_points
 cdef object _encode_shm_array = encode_shm_array
 cdef object _decode_shm_array = decode_shm_array
 

@@ -26,7 +26,7 @@ cdef object _frame_buffer(cnp.ndarray arr):
 
 def frame_buffer(arr):
     """The bytes of a C- or Fortran-contiguous array as a flat uint8 array
-    (a view): ``zmq_cluster._framing_common.frame_buffer``, compiled."""
+    (a view): ``zmq_cluster._framing_buffers.frame_buffer``, compiled."""
     if type(arr) is cnp.ndarray and cnp.PyArray_FLAGS(<cnp.ndarray>arr) & (
             cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_F_CONTIGUOUS):
         return _frame_buffer(<cnp.ndarray>arr)

@@ -1,6 +1,6 @@
 # Dtype values, both directions, and their caches. Part of framing.pyx
 # (included there). The grammar itself, and every cache miss, is
-# zmq_cluster._framing_common's (dtype_value, read_dtype): the pure twin
+# zmq_cluster._framing_dtypes's (dtype_value, read_dtype): the pure twin
 # runs the same code, so both accept and refuse the same dtypes.
 
 # Encode: id(dtype) -> (dtype, the bytes of its header value, or None when

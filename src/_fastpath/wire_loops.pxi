@@ -215,31 +215,15 @@ def run_worker(requests, results, commands, *, handle=None, on_command, on_malfo
 def sink_next(results, commands, long timeout_ms, on_command, on_malformed,
               allow_pickle=True, alignment=None, stats=None, *, shm=None):
     """One step of a sink: the next result, or STOP (see ``_wire_common``)."""
-    cdef zmq_pollitem_t items[2]
-    cdef Parts p
-    cdef int nitems = _items(items, commands, results)
-    cdef int result_index = nitems - 1
-    cdef int which
-    cdef long long deadline = 0
-    _parts_init(&p)
-    while True:
-        which = _wait(items, nitems, timeout_ms, &p, 0, &deadline)
-        if which == _TIMEOUT:
-            raise _RTE("no result within %d ms" % timeout_ms)
-        frames = _frames(&p)
-        _add(stats, _RECEIVED, 1)
-        if which != result_index:
-            if _command(frames, on_command, on_malformed, stats):
-                return _STOP
-        else:
-            try:
-                return _decode_frames(frames, allow_pickle, alignment, stats, shm)[2]
-            except _MFE as exc:
-                replacement = on_malformed(_RESULT, exc)
-                if replacement is not None:
-                    return replacement
-        if timeout_ms > 0 and deadline == 0:  # (it came without a wait)
-            deadline = _now_ms() + timeout_ms
+    # One step of a receive_results without unwrap: the one loop both run
+    # (made without __init__'s checks: the step checks the sockets itself).
+    cdef receive_results one = receive_results.__new__(receive_results)
+    one.results, one.commands = results, commands
+    one.on_command, one.on_malformed = on_command, on_malformed
+    one.allow_pickle, one.alignment, one.stats, one.shm = allow_pickle, alignment, stats, shm
+    one.timeout_ms = timeout_ms
+    one.left = -1  # (mode 0 and unwrap None, as __new__ leaves them)
+    return one._next()
 
 
 cdef class receive_results:
@@ -289,6 +273,7 @@ cdef class receive_results:
         self.done = True
 
     cdef object _next(self):
+        """The next result, or _STOP (sink_next's loop too)."""
         cdef zmq_pollitem_t items[2]
         cdef Parts p
         cdef int nitems = _items(items, self.commands, self.results)

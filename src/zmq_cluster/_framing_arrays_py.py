@@ -5,20 +5,24 @@ gives the bytes; the compiled twin's counterpart is framing_arrays.pxi.
 """
 
 import struct
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._framing_common import (
+from ._framing_buffers import (
+    aligned_empty, array_nbytes, as_buffer, assembly_buffer, big_alignment, frame_buffer,
+    shape_text,
+)
+from ._framing_dtypes import array_bad_code_points, array_dtype_header, bad_code_points
+from ._framing_errors import (
     E_CODE_POINT, E_FRAME_ORDER, E_FRAME_RANGE, E_FRAME_SIZE, E_NDIM, E_ORDER,
-    E_SPLIT_COUNT, E_SPLIT_SIZE, TAG_U32, U8, X_CODE_POINT, X_U32, aligned_empty,
-    array_bad_code_points, array_dtype_header, as_buffer, assembly_buffer, bad_code_points,
-    array_nbytes, big_alignment, frame_buffer, shape_text,
+    E_SPLIT_COUNT, E_SPLIT_SIZE, X_CODE_POINT, X_U32,
 )
 from ._framing_shm import encode_shm_array
 from .exceptions import EncodeError, MessageFormatError
 from .protocol import (
     ALIGNED_BYTES, INLINE_LIMIT, MAX_NDIM, ORDER_C, ORDER_F, SPLIT_BYTES,
-    TAG_ARRAY, TAG_INLINE_ARRAY, TAG_SPLIT_ARRAY, U32_MAX,
+    TAG_ARRAY, TAG_INLINE_ARRAY, TAG_SPLIT_ARRAY, TAG_U32, U8, U32_MAX,
 )
 
 _INLINE = bytes([TAG_INLINE_ARRAY])
@@ -32,7 +36,16 @@ class ArrayWriter:
 
     __slots__ = ()
 
-    def array(self, arr, depth):
+    # The encoder's (declared for the type checker only; stores to them are
+    # marked: it cannot see the subclass's __slots__).
+    parts: List[Any]
+    buffers: List[Any]
+    copied: int
+    shm: Any
+    shm_puts: int
+    dtype: Callable[[Any, int], None]
+
+    def array(self, arr: np.ndarray, depth: int) -> bool:
         """Write an ndarray; False (nothing written) when it has no native
         form (a dtype outside the grammar, or of item size 0)."""
         entry = array_dtype_header(arr.dtype)
@@ -55,9 +68,9 @@ class ArrayWriter:
         if shm is not None and nbytes >= shm.min_bytes and type(value) is bytes:
             raw = encode_shm_array(shm, arr, value, depth)
             if raw is not None:
-                self.shm_puts += 1
+                self.shm_puts += 1  # type: ignore[misc]
                 parts.append(raw)
-                self.copied += nbytes
+                self.copied += nbytes  # type: ignore[misc]
                 return True
         if nbytes < INLINE_LIMIT:
             # Inline: the elements go into the header, straight from the
@@ -71,12 +84,12 @@ class ArrayWriter:
             else:
                 parts.append(U8.pack(ORDER_C))
                 parts.append(arr.tobytes("C"))
-            self.copied += nbytes
+            self.copied += nbytes  # type: ignore[misc]
             return True
         if not order:
             arr = np.ascontiguousarray(arr)
             order = ORDER_C
-            self.copied += nbytes
+            self.copied += nbytes  # type: ignore[misc]
         # (A frame index past U32_MAX cannot happen alone: encode() refuses the
         # frame count.)
         if nbytes > SPLIT_BYTES:
@@ -108,7 +121,20 @@ class ArrayReader:
     # difference between the two forms; both read and check their fields
     # with array_fields first.
 
-    def array_fields(self, at, dtype):
+    # The decoder's (declared for the type checker only).
+    header: Any
+    frames: Sequence[Any]
+    pos: int
+    used: int
+    copied: int
+    alignment: Optional[int]
+    copy_threshold: int
+    take: Callable[[int, str], int]
+    u32: Callable[[str], int]
+    frame: Callable[[str], memoryview]
+    dtype: Callable[[int], np.dtype]
+
+    def array_fields(self, at: int, dtype: np.dtype) -> Tuple[Tuple[int, ...], int, int]:
         """An array's ndim, shape and order fields, checked against the
         limits: ``(shape, order byte, nbytes)``."""
         ndim = self.header[self.take(1, "an array's ndim")]
@@ -120,7 +146,7 @@ class ArrayReader:
             raise MessageFormatError(E_ORDER % (at, chr(order)))
         return shape, order, array_nbytes(at, shape, dtype)
 
-    def inline_array(self, depth):
+    def inline_array(self, depth: int) -> np.ndarray:
         at = self.pos - 1
         dtype = self.dtype(depth)
         shape, order, nbytes = self.array_fields(at, dtype)
@@ -133,7 +159,7 @@ class ArrayReader:
         flat[:] = self.header[start:start + nbytes]
         return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
 
-    def array(self, depth):
+    def array(self, depth: int) -> np.ndarray:
         at = self.pos - 1
         buf = self.frame("array at offset %d" % at)
         dtype = self.dtype(depth)
@@ -158,7 +184,7 @@ class ArrayReader:
             self.copied += nbytes
         return flat.view(dtype).reshape(shape, order="F" if order == ORDER_F else "C")
 
-    def split_array(self, depth):
+    def split_array(self, depth: int) -> np.ndarray:
         at = self.pos - 1
         what = "array at offset %d" % at
         first = self.u32("a frame index")

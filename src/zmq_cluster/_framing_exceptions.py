@@ -6,14 +6,18 @@ exception or a RemoteError). See docs/protocol.md, "Exceptions".
 import importlib
 import sys
 import traceback
+from typing import Any, List, Optional, Sequence, Tuple
 
-from ._framing_common import E_EXCEPTION
+from ._framing_errors import E_EXCEPTION
 from .exceptions import MessageFormatError, RemoteError, RemoteTraceback, _safe_str, _type_name
 
 __all__ = ["exception_fields", "exception_value"]
 
+#: exception_fields: module, qualname, args (or None), message, traceback
+_Fields = Tuple[str, str, Optional[Tuple[Any, ...]], str, str]
 
-def exception_fields(exc):
+
+def exception_fields(exc: BaseException) -> _Fields:
     """``(module, qualname, args, message, traceback)`` of an exception, as
     docs/protocol.md ("Exceptions") puts it on the wire. ``args`` is a tuple
     (the encoder writes N instead when it needs pickle) or None."""
@@ -34,23 +38,23 @@ def exception_fields(exc):
     return module, cls.__qualname__, args, _safe_str(exc), tb
 
 
-def _text(value):
+def _text(value: object) -> str:
     return value if type(value) is str else ("" if value is None else _safe_str_of(value))
 
 
-def _safe_str_of(value):
+def _safe_str_of(value: object) -> str:
     try:
         return str(value)
     except Exception:
         return ""
 
 
-def _split_type_name(type_name):
+def _split_type_name(type_name: object) -> Tuple[str, str]:
     module, _, qualname = _text(type_name).rpartition(".")
     return module, qualname
 
 
-def exception_value(fields, at, trusted):
+def exception_value(fields: Sequence[Any], at: int, trusted: bool) -> BaseException:
     """The exception decoded from its five fields (module, qualname, args,
     message, traceback) read at offset ``at``: the original type rebuilt
     when ``trusted``, else (or when rebuilding fails) a RemoteError."""
@@ -70,11 +74,12 @@ def exception_value(fields, at, trusted):
         except Exception:
             pass
     error = RemoteError(_type_name(module, qualname), message, tb)
-    error._wire_type = (module, qualname)
+    error._wire_type = (module, qualname)  # type: ignore[attr-defined]
     return error
 
 
-def _rebuild(module, qualname, args, message, tb):
+def _rebuild(module: str, qualname: str, args: Optional[List[Any]], message: str,
+             tb: str) -> BaseException:
     if not module or not qualname or "<" in qualname:
         raise LookupError("no importable name")
     obj = sys.modules.get(module)
@@ -87,7 +92,7 @@ def _rebuild(module, qualname, args, message, tb):
     exc = obj(*args) if args is not None else obj(message)
     if not isinstance(exc, BaseException):
         raise TypeError("the type did not make an exception")
-    exc.remote_traceback = tb
+    exc.remote_traceback = tb  # type: ignore[attr-defined]
     if tb:
         exc.__cause__ = RemoteTraceback(tb)
     return exc

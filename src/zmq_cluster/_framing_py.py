@@ -6,7 +6,9 @@ docs/protocol.md, and the one place the contract of ``encode`` and
 ``decode`` turns the frames back into the payload. The compiled twin,
 ``zmq_cluster._fastpath.framing``, has the same functions with the same
 behaviour, the same error texts and the same bytes; ``zmq_cluster.framing``
-picks one. Helpers both twins need live in ``_framing_common``.
+picks one. Helpers both twins need live in modules both import:
+``_framing_errors`` (error texts), ``_framing_buffers`` (array memory),
+``_framing_dtypes`` (the dtype grammar), ``protocol`` (constants).
 """
 
 import pickle
@@ -16,23 +18,24 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._framing_arrays_py import ArrayReader, ArrayWriter
-from ._framing_common import (
-    C128, E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_KIND, E_MAGIC,
-    E_NFRAMES, E_NUMPY, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED,
-    E_SCALAR, E_SHORT, E_TAG, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, F64,
-    I64, TAG_U32, U32, X_CODE_POINT, X_COMMAND, X_DEEP, X_PICKLE, X_U32, array_bad_code_points,
-    as_buffer, bad_code_points, count_error, dtype_header, frame_buffer, read_dtype, truncated,
+from ._framing_buffers import as_buffer, frame_buffer
+from ._framing_dtypes import array_bad_code_points, bad_code_points, dtype_header, read_dtype
+from ._framing_errors import (
+    E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_KIND, E_MAGIC, E_NFRAMES,
+    E_NUMPY, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR,
+    E_SHORT, E_TAG, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, X_CODE_POINT,
+    X_COMMAND, X_DEEP, X_PICKLE, X_U32, count_error, truncated,
 )
 from ._framing_exceptions import exception_fields, exception_value
 from ._framing_shm import decode_shm_array
 from .exceptions import EncodeError, MessageFormatError
 from .messages import ClusterRequest, ClusterResult
 from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INT64_MAX, INT64_MIN, KIND_COMMAND, KINDS, MAGIC,
-    MAX_DEPTH, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES, TAG_COMPLEX, TAG_DICT,
-    TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST, TAG_NONE,
-    TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_SHM_ARRAY, TAG_SPLIT_ARRAY, TAG_STR,
-    TAG_TRUE, TAG_TUPLE, U32_MAX, VERSION,
+    C128, COPY_THRESHOLD, F64, HEADER, HEADER_SIZE, I64, INT64_MAX, INT64_MIN, KIND_COMMAND,
+    KINDS, MAGIC, MAX_DEPTH, PICKLE_PROTOCOL, TAG_ARRAY, TAG_BIGINT, TAG_BYTES, TAG_COMPLEX,
+    TAG_DICT, TAG_EXCEPTION, TAG_FALSE, TAG_FLOAT, TAG_INLINE_ARRAY, TAG_INT, TAG_LIST,
+    TAG_NONE, TAG_PICKLE, TAG_REQUEST, TAG_RESULT, TAG_SCALAR, TAG_SHM_ARRAY, TAG_SPLIT_ARRAY,
+    TAG_STR, TAG_TRUE, TAG_TUPLE, TAG_U32, U32, U32_MAX, VERSION,
 )
 
 __all__ = ["encode", "decode", "frame_buffer"]
@@ -107,7 +110,7 @@ class _Encoder(ArrayWriter):
 
     __slots__ = ("parts", "buffers", "copied", "native_only", "in_command", "shm", "shm_puts")
 
-    def __init__(self, in_command, shm=None):
+    def __init__(self, in_command: bool, shm: Any = None) -> None:
         self.parts = [b""]  # item 0 becomes the fixed header
         self.buffers = []
         self.copied = 0
@@ -116,7 +119,7 @@ class _Encoder(ArrayWriter):
         self.shm = shm
         self.shm_puts = 0  # arrays put in shm's slots (freed again if encoding fails)
 
-    def value(self, obj, depth):
+    def value(self, obj: Any, depth: int) -> None:
         # Exact type checks: a subclass (a bool is not an int here, a user's
         # dict subclass is not a dict) must round-trip as itself, so it is
         # pickled (or, for an exception, sent as one).
@@ -186,22 +189,22 @@ class _Encoder(ArrayWriter):
                   and self.scalar(obj, depth)):
             self.pickled(obj)  # no native form
 
-    def commit(self):
+    def commit(self) -> None:
         if self.shm_puts:
             self.shm.commit()
 
-    def abandon(self):
+    def abandon(self) -> None:
         """Encoding failed: free the slots it took."""
         if self.shm_puts:
             self.shm.abandon()
 
-    def blob(self, tag, raw, what):
+    def blob(self, tag: int, raw: Any, what: str) -> None:
         if len(raw) > U32_MAX:
             raise EncodeError(X_U32 % (what, len(raw), "bytes"))
         self.parts.append(TAG_U32.pack(tag, len(raw)))
         self.parts.append(raw)
 
-    def dtype(self, value, depth):
+    def dtype(self, value: Any, depth: int) -> None:
         """Write a dtype_header value: its bytes, or a descr (strs, ints,
         lists and tuples only)."""
         if type(value) is bytes:
@@ -211,7 +214,7 @@ class _Encoder(ArrayWriter):
         else:
             self.value(value, depth)
 
-    def scalar(self, obj, depth):
+    def scalar(self, obj: Any, depth: int) -> bool:
         """Write a numpy scalar; False when its dtype has no native form."""
         if obj.dtype.hasobject:
             return False
@@ -230,7 +233,7 @@ class _Encoder(ArrayWriter):
         self.parts.append(raw)
         return True
 
-    def exception(self, exc, depth):
+    def exception(self, exc: BaseException, depth: int) -> None:
         module, qualname, args, message, tb = exception_fields(exc)
         self.parts.append(b"E")
         self.value(module, depth + 1)
@@ -256,12 +259,12 @@ class _Encoder(ArrayWriter):
         self.value(message, depth + 1)
         self.value(tb, depth + 1)
 
-    def pickled(self, obj):
+    def pickled(self, obj: Any) -> None:
         if self.native_only:
             if self.in_command:
                 raise EncodeError(X_COMMAND % type(obj).__name__)
             raise EncodeError(X_PICKLE % (type(obj).__name__, "it has no native encoding"))
-        out_of_band = []
+        out_of_band: List[pickle.PickleBuffer] = []
         try:
             data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL,
                                 buffer_callback=out_of_band.append)
@@ -335,7 +338,7 @@ def decode(frames: Sequence[Any], allow_pickle: bool = True,
     return kind, task_id, obj
 
 
-def _start(frames):
+def _start(frames: Sequence[Any]) -> Tuple[memoryview, int, int]:
     """Check a message's fixed header: ``(header, kind, task_id)``."""
     if not frames:
         raise MessageFormatError(E_EMPTY)
@@ -370,8 +373,9 @@ class _Decoder(ArrayReader):
     top = False
     unwrapped = False
 
-    def __init__(self, header, frames, kind, allow_pickle, copy_threshold, alignment, load,
-                 shm=None):
+    def __init__(self, header: Any, frames: Sequence[Any], kind: int, allow_pickle: bool,
+                 copy_threshold: int, alignment: Optional[int], load: bool,
+                 shm: Any = None) -> None:
         self.shm = shm
         self.header = header
         self.frames = frames
@@ -386,7 +390,7 @@ class _Decoder(ArrayReader):
         self.used = 0
         self.copied = 0  # payload bytes copied, for decode's stats
 
-    def body(self):
+    def body(self) -> Any:
         """The header body's value, checked to the last byte and frame."""
         try:
             obj = self.value(0)
@@ -402,7 +406,7 @@ class _Decoder(ArrayReader):
             raise MessageFormatError(E_UNREFERENCED % (len(self.frames) - 1 - self.used))
         return obj
 
-    def take(self, n, what):
+    def take(self, n: int, what: str) -> int:
         start = self.pos
         left = len(self.header) - start
         if n > left:
@@ -410,10 +414,10 @@ class _Decoder(ArrayReader):
         self.pos = start + n
         return start
 
-    def u32(self, what):
+    def u32(self, what: str) -> int:
         return U32.unpack_from(self.header, self.take(4, what))[0]
 
-    def value(self, depth):
+    def value(self, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise MessageFormatError(E_DEEP)
         header = self.header
@@ -497,7 +501,7 @@ class _Decoder(ArrayReader):
             return self.pickled()
         raise MessageFormatError(E_TAG % (chr(tag), self.pos - 1))
 
-    def frame(self, what):
+    def frame(self, what: str) -> memoryview:
         index = self.u32("a frame index")
         if index != self.used:
             raise MessageFormatError(E_FRAME_ORDER % (what, index, self.used))
@@ -506,11 +510,11 @@ class _Decoder(ArrayReader):
         self.used += 1
         return as_buffer(self.frames[index + 1])
 
-    def dtype(self, depth):
+    def dtype(self, depth: int) -> np.dtype:
         dtype, self.pos = read_dtype(self.header, self.pos, depth + 1)
         return dtype
 
-    def scalar(self, depth):
+    def scalar(self, depth: int) -> Any:
         at = self.pos - 1
         dtype = self.dtype(depth)
         n = self.u32("a scalar length")
@@ -524,7 +528,7 @@ class _Decoder(ArrayReader):
             raise MessageFormatError(E_CODE_POINT % ("scalar", at, dtype))
         return np.frombuffer(data, dtype)[0]
 
-    def exception(self, depth):
+    def exception(self, depth: int) -> Optional[BaseException]:
         at = self.pos - 1
         module = self.value(depth + 1)
         qualname = self.value(depth + 1)
@@ -540,7 +544,7 @@ class _Decoder(ArrayReader):
             return None
         return exception_value(fields, at, self.trusted)
 
-    def pickled(self):
+    def pickled(self) -> Any:
         at = self.pos - 1
         if self.pickle_ban:
             raise MessageFormatError((E_PICKLE_COMMAND if self.pickle_ban == _PICKLE_IN_COMMAND

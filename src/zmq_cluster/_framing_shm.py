@@ -14,13 +14,12 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._framing_common import (
-    E_CODE_POINT, E_NDIM, E_ORDER, E_UTF8, U32, X_DEEP, aligned_empty, array_nbytes,
-    bad_code_points, big_alignment, read_dtype, truncated,
-)
+from ._framing_buffers import aligned_empty, array_nbytes, big_alignment
+from ._framing_dtypes import bad_code_points, read_dtype
+from ._framing_errors import E_CODE_POINT, E_NDIM, E_ORDER, E_UTF8, X_DEEP, truncated
 from .exceptions import EncodeError, MessageFormatError
 from .protocol import (
-    ALIGNED_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, TAG_SHM_ARRAY, TAG_STR,
+    ALIGNED_BYTES, MAX_DEPTH, MAX_NDIM, ORDER_C, ORDER_F, TAG_SHM_ARRAY, TAG_STR, U32,
 )
 from .sharedmem import AttachError
 

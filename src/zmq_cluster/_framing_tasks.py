@@ -14,13 +14,14 @@ from __future__ import annotations
 import struct
 from typing import Any, Optional, Sequence, Tuple
 
-from ._framing_common import F64, I64, TAG_U32, U32, as_buffer
+from ._framing_buffers import as_buffer
 from ._framing_py import _Decoder, _Encoder, _start, decode
 from .exceptions import MessageFormatError
 from .messages import ClusterResult
 from .protocol import (
-    COPY_THRESHOLD, HEADER, HEADER_SIZE, INT64_MAX, INT64_MIN, KIND_REQUEST, KIND_RESULT, KINDS,
-    MAGIC, TAG_DICT, TAG_REQUEST, TAG_RESULT, TAG_STR, U32_MAX, VERSION,
+    COPY_THRESHOLD, F64, HEADER, HEADER_SIZE, I64, INT64_MAX, INT64_MIN, KIND_REQUEST,
+    KIND_RESULT, KINDS, MAGIC, TAG_DICT, TAG_REQUEST, TAG_RESULT, TAG_STR, TAG_U32, U32,
+    U32_MAX, VERSION,
 )
 
 __all__ = ["NOT_FAST", "metadata_prefix", "encode_request", "encode_ok", "decode_task",

@@ -35,8 +35,6 @@ def _remove_directories() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-
-
 class Producer:
     """A pool of slots in one memfd, served over a Unix socket."""
 

@@ -384,27 +384,8 @@ def sink_next(results: zmq.Socket, commands: zmq.Socket | None, timeout_ms: int,
               stats: RecvStats | None = None, *, shm: Any = None) -> Any:
     """One step of a sink: the next result, or STOP (see ``_wire_common``)."""
     sockets = [results] if commands is None else [commands, results]
-    result_index = len(sockets) - 1
-    deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
-    left = timeout_ms
-    while True:
-        which, frames = _next_any(sockets, None, left, 0)
-        if frames is None:
-            raise ReceiverTimeoutException("no result within %d ms" % timeout_ms)
-        if stats is not None:
-            stats.messages_received += 1
-        if which != result_index:
-            if _command(frames, on_command, on_malformed, stats):
-                return STOP
-            continue
-        try:
-            return decode_message(frames, allow_pickle, alignment, stats, shm=shm)[2]
-        except MessageFormatError as exc:
-            replacement = on_malformed(RESULT, exc)
-            if replacement is not None:
-                return replacement
-        if deadline is not None:
-            left = max(0, int((deadline - time.monotonic()) * 1000))
+    return next(_results(sockets, False, None, timeout_ms, on_command, on_malformed,
+                         allow_pickle, alignment, stats, None, 0, shm), STOP)
 
 
 def receive_results(results: zmq.Socket, commands: zmq.Socket | None,
@@ -420,18 +401,24 @@ def receive_results(results: zmq.Socket, commands: zmq.Socket | None,
     for socket in sockets:
         if not isinstance(socket, zmq.Socket):
             raise TypeError("expected a zmq.Socket, got %s" % type(socket).__name__)
-    return _results(sockets, num_results, timeout_ms, on_command, on_malformed, allow_pickle,
-                    alignment, stats, unwrap, 0 if unwrap is None else (2 if metadata else 1),
-                    shm)
+    return _results(sockets, True, num_results, timeout_ms, on_command,
+                    on_malformed, allow_pickle, alignment, stats, unwrap,
+                    0 if unwrap is None else (2 if metadata else 1), shm)
 
 
-def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int,
-             on_command: Callable[[int, Any], bool],
+def _results(sockets: list[zmq.Socket], keep_poller: bool, num_results: int | None,
+             timeout_ms: int, on_command: Callable[[int, Any], bool],
              on_malformed: Callable[[str, MessageFormatError], object],
              allow_pickle: bool, alignment: int | None, stats: RecvStats | None,
              unwrap: Callable[[Any], Any] | None, mode: int, shm: Any) -> Iterator[Any]:
+    """The results on ``sockets[-1]`` (``sockets[0]``, when there are two,
+    being the command socket), ending after ``num_results`` (None: no
+    limit) or at a command that stops: the one loop of sink_next (its first
+    item) and receive_results. ``mode``: 0 without ``unwrap``, else 1 or 2
+    (receive_results' ``metadata``). ``keep_poller``: one ``_FdPoller`` for
+    every wait (else a new one each time one is needed, as for one result)."""
     result_index = len(sockets) - 1
-    poller = _FdPoller(sockets)
+    poller = _FdPoller(sockets) if keep_poller else None
     left = -1 if num_results is None else max(0, num_results)
     while left:
         deadline = None if timeout_ms <= 0 else time.monotonic() + timeout_ms / 1000
@@ -460,6 +447,7 @@ def _results(sockets: list[zmq.Socket], num_results: int | None, timeout_ms: int
                 else:
                     item = item if mode == 0 else unwrap(item)  # type: ignore[misc]
                     break
+            # Commands and malformed results do not extend the wait.
             if deadline is not None:
                 wait = max(0, int((deadline - time.monotonic()) * 1000))
         if left > 0:

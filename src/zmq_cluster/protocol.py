@@ -27,6 +27,15 @@ KINDS = {KIND_REQUEST: "REQUEST", KIND_RESULT: "RESULT", KIND_COMMAND: "COMMAND"
 HEADER = struct.Struct("<2sBBIQ")
 HEADER_SIZE = HEADER.size  # 16
 
+#: Little-endian fields of the header body (docs/protocol.md, "Conventions"):
+#: u8, u32, int64, float64, complex128 (two float64), and a tag with its u32.
+U8 = struct.Struct("<B")
+U32 = struct.Struct("<I")
+I64 = struct.Struct("<q")
+F64 = struct.Struct("<d")
+C128 = struct.Struct("<dd")
+TAG_U32 = struct.Struct("<BI")
+
 #: One-byte value tags of the header body (see docs/protocol.md, "Values").
 TAG_NONE = ord("N")
 TAG_TRUE = ord("T")

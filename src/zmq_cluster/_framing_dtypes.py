@@ -1,256 +1,30 @@
-"""Helpers both framing twins import (neither twin imports the other).
+"""dtypes on the wire, in one module both framing twins import: the
+allow-list grammar of docs/protocol.md ("dtypes"), used on both sides.
 
-* the wording of every MessageFormatError and EncodeError the twins raise
-  (``E_*`` and ``X_*`` format strings), so that the twins cannot word a
-  rejection differently;
-* buffers: ``as_buffer``, ``aligned_empty``, ``assembly_buffer``, ``big_alignment``,
-  ``frame_buffer``;
-* dtypes: the allow-list grammar of docs/protocol.md ("dtypes"), used on
-  both sides: ``dtype_value`` (encode: the header value of a dtype, or None
-  when it has no native form) and ``read_dtype`` (decode: a restricted
-  reader of the dtype slot, then the grammar, then numpy).
+* encode: ``dtype_value`` (the header value of a dtype, or None when it has
+  no native form), ``dtype_header`` and ``array_dtype_header`` (the same,
+  as header bytes, cached), ``array_bad_code_points``;
+* decode: ``read_dtype`` (a restricted reader of the dtype slot, then the
+  grammar, then numpy), ``bad_code_points``.
 
-Exceptions on the wire are ``_framing_exceptions``'s, shared-memory
-references ``_framing_shm``'s (both twins import those too). The compiled
-twin calls these on its slow paths only (cache misses, structured dtypes,
-exceptions, errors).
+The compiled twin calls these on its slow paths only (cache misses,
+structured dtypes, errors).
 """
 
-import math
 import re
-import struct
-import sys
-import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Match, Optional, Tuple, Union, cast
 
 import numpy as np
 
+from ._framing_buffers import frame_buffer
+from ._framing_errors import E_BAD_DTYPE, E_DEEP, E_UTF8, count_error, truncated
 from .exceptions import MessageFormatError
 from .protocol import (
-    ARRAY_ALIGNMENT, MAX_ARRAY_BYTES, MAX_DEPTH, MAX_DTYPE_FIELDS, MAX_DTYPE_NESTING, MAX_ITEMSIZE, MAX_NDIM,
-    TAG_INT, TAG_LIST, TAG_STR, TAG_TUPLE, U32_MAX,
+    I64, MAX_DEPTH, MAX_DTYPE_FIELDS, MAX_DTYPE_NESTING, MAX_ITEMSIZE, MAX_NDIM, TAG_INT,
+    TAG_LIST, TAG_STR, TAG_TUPLE, TAG_U32, U32,
 )
 
-U8 = struct.Struct("<B")
-U32 = struct.Struct("<I")
-I64 = struct.Struct("<q")
-U64 = struct.Struct("<Q")
-F64 = struct.Struct("<d")
-C128 = struct.Struct("<dd")
-TAG_U32 = struct.Struct("<BI")
 
-# ------------------------------------------------------------------ wording
-# MessageFormatError texts (decode). docs/protocol.md, "What receivers
-# reject", quotes them.
-E_EMPTY = "empty message: no header frame"
-E_SHORT = "header frame is %d bytes, shorter than the %d-byte fixed header"
-E_MAGIC = "bad magic %r (expected %r): not a zmq_cluster message"
-E_VERSION = "unknown wire format version %d (this build reads %d)"
-E_KIND = "unknown message kind %d"
-E_NFRAMES = "header announces %d buffer frames but %d arrived"
-E_TRUNCATED = "header truncated: %s needs %d bytes at offset %d, %d left"
-E_DEEP = "values nested deeper than %d levels" % MAX_DEPTH
-E_UTF8 = "invalid UTF-8 in str at offset %d: %s"
-E_TAG = "unknown value tag %r at offset %d"
-E_UNHASHABLE = "unhashable dict key at offset %d"
-E_FRAME_ORDER = "%s refers to buffer frame %d; frame %d was expected next"
-E_FRAME_RANGE = "%s refers to buffer frame %d of %d"
-E_ORDER = "array at offset %d has order %r, expected 'C' or 'F'"
-E_NDIM = "array at offset %%d has %%d dimensions, more than the %d allowed" % MAX_NDIM
-E_ITEMSIZE0 = "array at offset %d has dtype %s of item size 0: an array needs bytes per item"
-E_TOO_BIG = ("array at offset %%d of shape %%s and dtype %%s is beyond the size limit "
-             "(%d bytes, counting non-zero dimensions)" % MAX_ARRAY_BYTES)
-E_FRAME_SIZE = "array at offset %d is %s %s (%d bytes) but its frame has %d bytes"
-E_SPLIT_COUNT = "split array at offset %d has 0 buffer frames: it needs at least 1"
-E_SPLIT_SIZE = "split array at offset %d is %s %s (%d bytes) but its %d frames hold %d bytes"
-E_SCALAR = "scalar of dtype %s has %d bytes, expected %d"
-E_CODE_POINT = "%s at offset %d holds a character beyond U+10FFFF (dtype %s)"
-E_PICKLE_REFUSED = "pickled value at offset %d refused: pickle is not allowed from this peer"
-E_PICKLE_COMMAND = "pickled value at offset %d in a COMMAND message: commands never carry pickle"
-E_PICKLE_ARGS = ("pickled value at offset %d in an exception's args: exception args are "
-                 "native values only")
-E_PICKLE_LOAD = "pickled value at offset %d does not load: %s: %s"
-E_EXCEPTION = "exception at offset %d: its %s must be %s, not %s"
-E_TRAILING = "%d unexpected bytes after the value at offset %d of the header"
-E_UNREFERENCED = "%d buffer frames are not referenced by the header"
-E_NUMPY = "malformed value in the header (at offset %d): %s: %s"
-E_BAD_DTYPE = "bad dtype %sat offset %d: %s"
-
-# EncodeError texts (encode).
-X_DEEP = ("cannot encode values nested deeper than %d levels (MAX_DEPTH): receivers "
-          "reject them" % MAX_DEPTH)
-X_U32 = "cannot encode %%s of %%d %%s: the format's u32 field holds at most %d" % U32_MAX
-X_PICKLE = "cannot encode %s object: %s"
-X_CODE_POINT = ("cannot encode an array or scalar of dtype %s holding a character beyond "
-                "U+10FFFF: no numpy can read it")
-X_COMMAND = ("cannot encode %s object in a COMMAND message: it has no native encoding, and "
-             "commands never carry pickle")
-
-
-def truncated(what, n, at, left):
-    """The MessageFormatError for ``n`` bytes of ``what`` wanted at ``at``."""
-    return MessageFormatError(E_TRUNCATED % (what, n, at, left))
-
-
-def count_error(what, count, per_item, at, left):
-    """The MessageFormatError for a ``what`` of ``count`` items, each at
-    least ``per_item`` bytes, that cannot fit in the ``left`` bytes at ``at``."""
-    return truncated("a %s of %d items" % (what, count), count * per_item, at, left)
-
-
-# ------------------------------------------------------------------ buffers
-
-def shape_text(shape):
-    """``shape`` as error texts show it: ``3x4``, or ``scalar``."""
-    return "x".join(map(str, shape)) or "scalar"
-
-
-def array_nbytes(at, shape, dtype):
-    """The byte size of an array of ``shape`` and ``dtype`` read at offset
-    ``at``, checked: an item size other than 0, and within MAX_ARRAY_BYTES
-    (an empty array too, counting its non-zero dimensions)."""
-    itemsize = dtype.itemsize
-    if itemsize == 0:
-        raise MessageFormatError(E_ITEMSIZE0 % (at, dtype))
-    nbytes = math.prod(shape) * itemsize
-    if nbytes > MAX_ARRAY_BYTES or not nbytes and math.prod(
-            [dim for dim in shape if dim]) * itemsize > MAX_ARRAY_BYTES:
-        raise MessageFormatError(E_TOO_BIG % (at, shape_text(shape), dtype))
-    return nbytes
-
-
-def as_buffer(frame):
-    """A frame's memory as a flat memoryview of bytes (format ``B``)."""
-    buf = getattr(frame, "buffer", None)  # zmq.Frame
-    if buf is None:
-        buf = memoryview(frame)
-    return buf if buf.format == "B" else buf.cast("B")
-
-
-def aligned_empty(nbytes, alignment):
-    """An uninitialised uint8 array of ``nbytes`` at a multiple of ``alignment``."""
-    if 16 % alignment == 0:  # numpy's allocator already gives 16
-        return np.empty(nbytes, np.uint8)
-    raw = np.empty(nbytes + alignment, np.uint8)
-    offset = -raw.ctypes.data % alignment
-    return raw[offset:offset + nbytes]
-
-
-#: Most bytes of assembly buffers (see ``assembly_buffer``) a process keeps
-#: for reuse once the arrays on them are gone.
-RECYCLE_MAX_BYTES = 256 << 20
-
-_recycled: List[np.ndarray] = []
-_recycled_lock = threading.Lock()
-
-
-def _refs(items, i):
-    """``sys.getrefcount`` of ``items[i]``, counted the same way at
-    calibration and in ``assembly_buffer`` (how a subscript and a call
-    count their references differs between interpreter versions)."""
-    return sys.getrefcount(items[i])
-
-
-def _calibrate():
-    """The count ``_refs`` reports for an item only its list refers to, or
-    None where reference counts cannot tell that a buffer is free: other
-    interpreters than CPython, free-threaded builds (another thread may
-    take or drop a reference between the count and its use), or a count
-    that does not grow by one for one more reference."""
-    if sys.implementation.name != "cpython":
-        return None
-    gil_enabled = getattr(sys, "_is_gil_enabled", None)
-    if gil_enabled is not None and not gil_enabled():
-        return None
-    items = [np.empty(1, np.uint8)]
-    free = _refs(items, 0)
-    held = items[0]
-    if _refs(items, 0) != free + 1:
-        return None
-    del held
-    return free
-
-
-#: What ``_refs`` says of a buffer only ``_recycled`` holds; None turns
-#: recycling off (every assembly buffer is new memory).
-_FREE_REFS: Optional[int] = _calibrate()
-
-
-def assembly_buffer(nbytes, alignment):
-    """``aligned_empty`` for a received array of at least ALIGNED_BYTES that
-    must be copied (assembled from split frames, or a single frame not at
-    its alignment): memory that an earlier such array of the same size used,
-    once nothing refers to that array any more, else new memory, kept (up
-    to RECYCLE_MAX_BYTES in all) for the next one.
-
-    Why: a buffer this large comes from a fresh mmap, and the kernel zeroes
-    its pages as they fault in; profiled (perf, 64 MiB arrays through
-    pool.map), that zeroing cost about twice the assembly's memcpy. A
-    buffer is known unused when the list here holds its only reference:
-    every numpy view of it (slices, reshapes, memoryviews of those,
-    ``np.frombuffer`` of those) refers to it, so an array the user still
-    holds is never reused. What counts as "only the list" is measured once
-    at import (``_FREE_REFS``); where reference counts cannot be trusted
-    (free-threaded builds, other interpreters) nothing is recycled. The
-    test, the choice and the view handed out all happen under one lock, so
-    two threads never get the same buffer. The cost is memory: up to
-    RECYCLE_MAX_BYTES stay with the process after its arrays are gone.
-    """
-    size = nbytes + alignment
-    if _FREE_REFS is None:
-        return aligned_empty(nbytes, alignment)
-    with _recycled_lock:
-        # _recycled runs from least to most recently handed out. The size is
-        # compared before the count, and the search stops at the first free
-        # buffer of this size (in a steady stream, the oldest), so a pool
-        # full of one size's buffers costs a short scan, not one count each.
-        for i in range(len(_recycled)):
-            if _recycled[i].nbytes == size and _refs(_recycled, i) == _FREE_REFS:
-                raw = _recycled.pop(i)
-                break
-        else:
-            free = [i for i in range(len(_recycled)) if _refs(_recycled, i) == _FREE_REFS]
-            held = sum([r.nbytes for r in _recycled])
-            # Make room by dropping free buffers of other sizes, least
-            # recently used first, as many as it takes (a pool full of
-            # another size's buffers must not leave every new one unkept).
-            drop = []
-            if held + size - sum([_recycled[i].nbytes for i in free]) <= RECYCLE_MAX_BYTES:
-                for i in free:
-                    if held + size <= RECYCLE_MAX_BYTES:
-                        break
-                    held -= _recycled[i].nbytes
-                    drop.append(i)
-            for i in reversed(drop):
-                del _recycled[i]
-            raw = np.empty(size, np.uint8)
-            if held + size > RECYCLE_MAX_BYTES:
-                offset = -raw.ctypes.data % alignment
-                return raw[offset:offset + nbytes]  # not kept: the pool is all in use
-        _recycled.append(raw)
-        offset = -raw.ctypes.data % alignment
-        return raw[offset:offset + nbytes]
-
-
-def big_alignment(alignment):
-    """The alignment of a received array of at least ``ALIGNED_BYTES``:
-    ``alignment`` (the one asked for, or the dtype's) and ARRAY_ALIGNMENT
-    both divide it."""
-    if alignment % ARRAY_ALIGNMENT == 0:
-        return alignment
-    return math.lcm(int(alignment), ARRAY_ALIGNMENT)
-
-
-def frame_buffer(arr):
-    """The bytes of a C- or Fortran-contiguous array as a flat uint8 array.
-
-    This is a view, never a copy; it exports the buffer protocol even for
-    dtypes that cannot (datetime64, structured), and keeps ``arr`` alive.
-    """
-    return arr.reshape(-1, order="A").view(np.uint8)
-
-
-# ------------------------------------------------------------------ dtypes
 
 class _BadDtype(Exception):
     """A dtype outside the grammar; the text says why."""
@@ -264,7 +38,7 @@ _UNIT = re.compile(r"\[([1-9][0-9]{0,9})?([A-Za-z]+)\]\Z")
 _LONGEST_TYPESTR = 40
 
 
-def typestr_itemsize(s):
+def typestr_itemsize(s: str) -> int:
     """The item size of the type string ``s``; raises _BadDtype when ``s``
     is outside the grammar of docs/protocol.md ("dtypes")."""
     if len(s) > _LONGEST_TYPESTR:
@@ -281,7 +55,7 @@ def typestr_itemsize(s):
         if len(s) != 2:
             raise _BadDtype("kind '?' takes no item size")
         return 1
-    digits, rest = _TYPESTR.match(s, 2).groups()
+    digits, rest = cast(Match[str], _TYPESTR.match(s, 2)).groups()  # (it always matches)
     if not digits or (len(digits) > 1 and digits[0] == "0") or len(digits) > 10:
         raise _BadDtype("kind %r needs an item size in decimal digits" % kind)
     n = int(digits)
@@ -309,7 +83,7 @@ def typestr_itemsize(s):
     return size
 
 
-def _descr_itemsize(descr, nesting, fields):
+def _descr_itemsize(descr: List[Any], nesting: int, fields: List[int]) -> int:
     """The item size of the descr list ``descr``; raises _BadDtype when it
     is outside the grammar. ``fields`` is a one-item list counting fields."""
     if nesting > MAX_DTYPE_NESTING:
@@ -354,7 +128,7 @@ _DTYPE_OF_STR: Dict[str, np.dtype] = {}  # type string -> dtype
 _CACHE_MAX = 512
 
 
-def dtype_value(dtype):
+def dtype_value(dtype: np.dtype) -> Union[str, List[Any], None]:
     """The header value of ``dtype`` (its type string, or for a structured
     dtype its descr list), or None when the grammar has no place for it
     (object fields, a kind outside the grammar, limits): such arrays and
@@ -364,9 +138,9 @@ def dtype_value(dtype):
             return _VALUE_OF_DTYPE[dtype]
         except KeyError:
             pass
-        value = dtype.str
+        value: Optional[str] = dtype.str
         try:
-            typestr_itemsize(value)
+            typestr_itemsize(dtype.str)
         except _BadDtype:
             value = None
         if dtype.subdtype is not None:
@@ -387,10 +161,11 @@ def dtype_value(dtype):
 
 
 # dtype -> None, or (a dtype viewing its 'U' items as u4, the paths to them)
-_CODE_POINT_PLANS: Dict[np.dtype, Optional[Tuple[np.dtype, List[Tuple[str, ...]]]]] = {}
+_Plan = Tuple[np.dtype, List[Tuple[str, ...]]]
+_CODE_POINT_PLANS: Dict[np.dtype, Optional[_Plan]] = {}
 
 
-def bad_code_points(data, dtype):
+def bad_code_points(data: Any, dtype: np.dtype) -> bool:
     """Whether the bytes ``data`` (a whole number of items of ``dtype``)
     hold, in a 'U' item, a code point beyond U+10FFFF: numpy cannot make a
     str of such an item (it raises SystemError), so no array may hold one."""
@@ -414,7 +189,7 @@ def bad_code_points(data, dtype):
     return False
 
 
-def array_bad_code_points(arr):
+def array_bad_code_points(arr: np.ndarray) -> bool:
     """bad_code_points for the items of an array (encode's check)."""
     dtype = arr.dtype
     if dtype.kind != "U" and dtype.fields is None:
@@ -424,13 +199,14 @@ def array_bad_code_points(arr):
     return bad_code_points(frame_buffer(arr), dtype)
 
 
-def _code_point_plan(dtype):
-    paths = []
+def _code_point_plan(dtype: np.dtype) -> Optional[_Plan]:
+    paths: List[Tuple[str, ...]] = []
     view_dtype = _code_point_dtype(dtype, (), paths)
     return (view_dtype, paths) if paths else None
 
 
-def _code_point_dtype(dtype, path, paths):
+def _code_point_dtype(dtype: np.dtype, path: Tuple[str, ...],
+                      paths: List[Tuple[str, ...]]) -> np.dtype:
     """``dtype`` with each 'U' item replaced by as many u4 of the same byte
     order (same offsets and size); appends the fields' paths to ``paths``."""
     if dtype.subdtype is not None:
@@ -441,40 +217,41 @@ def _code_point_dtype(dtype, path, paths):
             return dtype
         paths.append(path)
         return np.dtype((dtype.byteorder.replace("|", "=") + "u4", (dtype.itemsize // 4,)))
-    names = dtype.names
+    names = cast(Tuple[str, ...], dtype.names)
     formats = [_code_point_dtype(dtype.fields[name][0], path + (name,), paths)
                for name in names]
-    return np.dtype({"names": list(names), "formats": formats,
-                     "offsets": [dtype.fields[name][1] for name in names],
-                     "itemsize": dtype.itemsize})
+    spec: Any = {"names": list(names), "formats": formats,
+                 "offsets": [dtype.fields[name][1] for name in names], "itemsize": dtype.itemsize}
+    return np.dtype(spec)
 
 
 _HEADER_OF_DTYPE: Dict[np.dtype, Optional[bytes]] = {}  # simple dtype -> its header value
 
 
-def dtype_header(dtype):
+def dtype_header(dtype: np.dtype) -> Union[bytes, List[Any], None]:
     """``dtype_value``, but for a dtype without fields the bytes of its
     value as the header holds it (``s``, length, type string): cached."""
     if dtype.fields is not None:
-        return dtype_value(dtype)
+        return cast(Optional[List[Any]], dtype_value(dtype))  # (a descr list or None)
     try:
         return _HEADER_OF_DTYPE[dtype]
     except KeyError:
         pass
-    value = dtype_value(dtype)
+    value = cast(Optional[str], dtype_value(dtype))  # (no fields: a type string or None)
+    header = None
     if value is not None:
         raw = value.encode()
-        value = TAG_U32.pack(TAG_STR, len(raw)) + raw
+        header = TAG_U32.pack(TAG_STR, len(raw)) + raw
     if len(_HEADER_OF_DTYPE) >= _CACHE_MAX:
         _HEADER_OF_DTYPE.clear()
-    _HEADER_OF_DTYPE[dtype] = value
-    return value
+    _HEADER_OF_DTYPE[dtype] = header
+    return header
 
 
-_ARRAY_DTYPE: Dict[np.dtype, Optional[Tuple[bytes, bool]]] = {}  # simple dtype -> entry
+_ARRAY_DTYPE: Dict[np.dtype, Optional[Tuple[Any, bool]]] = {}  # simple dtype -> entry
 
 
-def array_dtype_header(dtype):
+def array_dtype_header(dtype: np.dtype) -> Optional[Tuple[Any, bool]]:
     """For an array of ``dtype``: None when it has no native form (no
     dtype_header, or item size 0), else ``(dtype_header(dtype), whether its
     items may hold text to check with bad_code_points)``. Cached for dtypes
@@ -486,21 +263,21 @@ def array_dtype_header(dtype):
         return _ARRAY_DTYPE[dtype]
     except KeyError:
         pass
-    value = dtype_header(dtype)
-    entry = None if value is None or dtype.itemsize == 0 else (value, dtype.kind == "U")
+    header = dtype_header(dtype)
+    entry = None if header is None or dtype.itemsize == 0 else (header, dtype.kind == "U")
     if len(_ARRAY_DTYPE) >= _CACHE_MAX:
         _ARRAY_DTYPE.clear()
     _ARRAY_DTYPE[dtype] = entry
     return entry
 
 
-def _short(s):
+def _short(s: Any) -> str:
     """repr(s) of a str or a (title, name) pair, cut short."""
     text = repr(s)
     return text if len(text) <= _LONGEST_TYPESTR else text[:_LONGEST_TYPESTR] + "..."
 
 
-def dtype_of_str(s, at):
+def dtype_of_str(s: str, at: int) -> np.dtype:
     """The dtype of the type string ``s`` read at offset ``at``."""
     dtype = _DTYPE_OF_STR.get(s)
     if dtype is not None:
@@ -520,7 +297,7 @@ def dtype_of_str(s, at):
     return dtype
 
 
-def dtype_of_descr(descr, at):
+def dtype_of_descr(descr: List[Any], at: int) -> np.dtype:
     """The structured dtype of the descr list ``descr`` read at ``at``."""
     try:
         _descr_itemsize(descr, 1, [0])
@@ -533,7 +310,7 @@ def dtype_of_descr(descr, at):
                                                 % (type(exc).__name__, exc))) from None
 
 
-def read_dtype(header, pos, depth):
+def read_dtype(header: Any, pos: int, depth: int) -> Tuple[np.dtype, int]:
     """Read the dtype value at ``pos`` of ``header`` (a bytes-like object),
     a value at nesting ``depth``: returns ``(dtype, end)``.
 
@@ -566,12 +343,12 @@ _DTYPE_OF_RAW: Dict[bytes, np.dtype] = {}  # UTF-8 of a type string -> its dtype
 class _DtypeReader:
     __slots__ = ("header", "pos", "at")
 
-    def __init__(self, header, pos):
+    def __init__(self, header: Any, pos: int) -> None:
         self.header = header
         self.pos = pos
         self.at = pos
 
-    def take(self, n, what):
+    def take(self, n: int, what: str) -> int:
         start = self.pos
         left = len(self.header) - start
         if n > left:
@@ -579,7 +356,7 @@ class _DtypeReader:
         self.pos = start + n
         return start
 
-    def value(self, depth, top=False):
+    def value(self, depth: int, top: bool = False) -> Any:
         if depth > MAX_DEPTH:
             raise MessageFormatError(E_DEEP)
         header = self.header
@@ -611,3 +388,4 @@ class _DtypeReader:
         raise MessageFormatError(E_BAD_DTYPE % (
             "", self.at, "a dtype holds only strs, lists, tuples and ints, not tag %r (at "
             "offset %d)" % (chr(tag), self.pos - 1)))
+
