@@ -281,16 +281,22 @@ def test_send_frames_passes_a_message_on_unchanged(wire, ctx, router_dealer):
         out.close(0)
 
 
+def _push_pulls(ctx, name, n, pulls, pushes):
+    """``n`` PUSH -> PULL pairs over inproc://NAME-i, appended to ``pulls``
+    and ``pushes`` (the caller closes them)."""
+    for i in range(n):
+        pull = ctx.socket(zmq.PULL)
+        pull.bind("inproc://%s-%d" % (name, i))
+        push = ctx.socket(zmq.PUSH)
+        push.connect("inproc://%s-%d" % (name, i))
+        pulls.append(pull)
+        pushes.append(push)
+
+
 def test_recv_any_waits_on_n_sockets(wire, ctx):
     pulls, pushes = [], []
     try:
-        for i in range(6):  # more than the compiled twin keeps on its stack
-            pull = ctx.socket(zmq.PULL)
-            pull.bind("inproc://any-%d" % i)
-            push = ctx.socket(zmq.PUSH)
-            push.connect("inproc://any-%d" % i)
-            pulls.append(pull)
-            pushes.append(push)
+        _push_pulls(ctx, "any", 6, pulls, pushes)  # more than the compiled twin keeps on its stack
         assert wire.recv_any(pulls, 0) is None
         start = time.monotonic()
         assert wire.recv_any(pulls, 50) is None
@@ -350,10 +356,13 @@ def test_recv_any_waits_out_wake_ups_without_a_message(wire, ctx):
             sock.close(0)
 
 
-def test_recv_any_after_sends_on_the_same_socket(wire, ctx):
+@pytest.mark.parametrize("drained", [False, True])
+def test_recv_any_after_sends_on_the_same_socket(wire, ctx, drained):
     """Sending on a socket between waits (which may run its pending
     commands) never hides a reply from the next wait: request and reply
-    on one DEALER, over tcp, many times."""
+    on one DEALER, over tcp, many times. With ``drained``, the caller's
+    rule (clear the entry of a socket it sends on) is enough, and the idle
+    socket is tried once, then left alone."""
     router = ctx.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     dealer = ctx.socket(zmq.DEALER)
@@ -368,10 +377,16 @@ def test_recv_any_after_sends_on_the_same_socket(wire, ctx):
 
     thread = threading.Thread(target=echo)
     thread.start()
+    marks = bytearray(2) if drained else None
     try:
         for i in range(300):
             dealer.send(b"%d" % i)
-            got = wire.recv_any([idle, dealer], WAIT_MS, 1)
+            if drained:
+                marks[1] = 0
+                got = wire.recv_any([idle, dealer], WAIT_MS, 0, None, marks)
+                assert marks[0] == 1
+            else:
+                got = wire.recv_any([idle, dealer], WAIT_MS, 1)
             assert got == (1, [b"%d" % i])
     finally:
         stop.set()
@@ -387,13 +402,7 @@ def test_recv_any_keeps_which_sockets_are_drained(wire, ctx):
     wakes the wait."""
     pulls, pushes = [], []
     try:
-        for i in range(3):
-            pull = ctx.socket(zmq.PULL)
-            pull.bind("inproc://drained-%d" % i)
-            push = ctx.socket(zmq.PUSH)
-            push.connect("inproc://drained-%d" % i)
-            pulls.append(pull)
-            pushes.append(push)
+        _push_pulls(ctx, "drained", 3, pulls, pushes)
         drained = bytearray(4)
         assert wire.recv_any(pulls, 0, 0, None, drained) is None
         assert drained == bytearray([1, 1, 1, 0])  # tried, empty; the spare untouched
@@ -420,38 +429,6 @@ def test_recv_any_keeps_which_sockets_are_drained(wire, ctx):
             wire.recv_any(pulls, 0, 0, None, bytearray(2))
     finally:
         for sock in pulls + pushes:
-            sock.close(0)
-
-
-def test_recv_any_with_drained_after_sends_on_the_same_socket(wire, ctx):
-    """The caller's rule (clear the entry of a socket it sends on) keeps
-    every reply: request and reply on one DEALER, over tcp, many times."""
-    router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect("tcp://127.0.0.1:%d" % port)
-    idle = ctx.socket(zmq.PULL)
-    stop = threading.Event()
-
-    def echo():
-        while not stop.is_set():
-            if router.poll(20):
-                router.send_multipart(router.recv_multipart())
-
-    thread = threading.Thread(target=echo)
-    thread.start()
-    drained = bytearray(2)
-    try:
-        for i in range(300):
-            dealer.send(b"%d" % i)
-            drained[1] = 0
-            got = wire.recv_any([idle, dealer], WAIT_MS, 0, None, drained)
-            assert got == (1, [b"%d" % i])
-            assert drained[0] == 1  # the idle one: tried once, then left alone
-    finally:
-        stop.set()
-        thread.join()
-        for sock in (router, dealer, idle):
             sock.close(0)
 
 

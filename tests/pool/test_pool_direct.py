@@ -211,13 +211,32 @@ def _task(tid, key, x):
     return [sp.ctl(sp.TASKS, 1), entry] + list(data)
 
 
+def _wait_bound(worker, timeout=10.0):
+    """Until the worker (run() in a thread) has bound its direct socket."""
+    deadline = time.monotonic() + timeout
+    while worker.direct_address is None:
+        assert time.monotonic() < deadline, "no direct socket"
+        time.sleep(0.005)
+
+
+def _lease_peers(worker, ctx, client_no, trusted):
+    """A results and a submit connection to ``worker``'s direct socket with
+    the token the scheduler would grant ``client_no``; the results one
+    welcomed. Returns ``(rx, tx)`` (the caller closes them)."""
+    hello = {"client_no": client_no, "trusted": trusted,
+             "token": sp.lease_token(worker._direct.key, client_no, trusted)}
+    rx, tx = _peer(worker.direct_address, ctx), _peer(worker.direct_address, ctx)
+    rx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_RESULTS)))
+    (mtype, _, _), _ = _recv(rx)
+    assert mtype == sp.DHELLO
+    tx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_SUBMIT)))
+    return rx, tx
+
+
 def test_the_direct_socket_serves_lease_holders_only(tmp_path, caplog):
     ctx = zmq.Context()
     with scheduler_and_worker("ipc://%s/sched" % tmp_path) as (_, worker):
-        deadline = time.monotonic() + 10
-        while worker.direct_address is None:  # bound once run() starts
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        _wait_bound(worker)
         blob = ("operator", "neg", None)
         key = function_key(blob)
         func = [sp.ctl(sp.FUNC), sp.body((key,) + blob)]
@@ -237,14 +256,10 @@ def test_the_direct_socket_serves_lease_holders_only(tmp_path, caplog):
         finally:
             stranger.close(0)
         # A real token (what the scheduler grants client 5), not trusted.
-        token = sp.lease_token(worker._direct.key, 5, False)
-        rx, tx = _peer(worker.direct_address, ctx), _peer(worker.direct_address, ctx)
+        rx, tx = _lease_peers(worker, ctx, 5, False)
         try:
-            hello = {"client_no": 5, "token": token, "trusted": False}
-            rx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_RESULTS)))
-            (mtype, _, _), _ = _recv(rx)
-            assert mtype == sp.DHELLO
-            tx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_SUBMIT)))
+            hello = {"client_no": 5, "token": sp.lease_token(worker._direct.key, 5, False),
+                     "trusted": False}
             # Claiming trust the token was not made with: refused.
             liar = _peer(worker.direct_address, ctx)
             liar.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_SUBMIT,
@@ -357,20 +372,11 @@ def test_an_undeliverable_direct_result_gives_its_slot_back(tmp_path):
     from zmq_cluster.taskcodec import MODE_SHM_RESULTS
     ctx = zmq.Context()
     with scheduler_and_worker("ipc://%s/sched" % tmp_path, shared_memory=True) as (_, worker):
-        deadline = time.monotonic() + 10
-        while worker.direct_address is None:  # bound once run() starts
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        _wait_bound(worker)
         blob = ("numpy", "ones", None)
         key = function_key(blob)
-        hello = {"client_no": 5, "token": sp.lease_token(worker._direct.key, 5, True),
-                 "trusted": True}
-        rx, tx = _peer(worker.direct_address, ctx), _peer(worker.direct_address, ctx)
+        rx, tx = _lease_peers(worker, ctx, 5, True)
         try:
-            rx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_RESULTS)))
-            (mtype, _, _), _ = _recv(rx)
-            assert mtype == sp.DHELLO
-            tx.send_multipart(sp.message(sp.DHELLO, dict(hello, role=sp.DIRECT_SUBMIT)))
             tx.send_multipart([sp.ctl(sp.FUNC), sp.body((key,) + blob)])
             rx.close(0)
             # Small tasks until one finds the results connection gone ...
