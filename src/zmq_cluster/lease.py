@@ -47,13 +47,16 @@ MAX_INFLIGHT = 1
 MAX_TASK_BYTES = 1 << 20
 
 
-def parse_grant(grant: Any) -> Optional[Dict[str, Any]]:
-    """The fields of a LEASE reply that grants a lease, or None when it
-    grants none; ProtocolError when it is malformed."""
+def parse_grant(grant: Any) -> Dict[str, Any]:
+    """A LEASE reply, checked: ``worker_no`` None grants no lease (and
+    ``again`` False says asking again will not help); ProtocolError when
+    it is malformed."""
     if type(grant) is not dict or "worker_no" not in grant:
         raise sp.ProtocolError("a LEASE reply that is not a dict with a worker_no")
     if grant["worker_no"] is None:
-        return None
+        if type(grant.get("again", True)) is not bool:
+            raise sp.ProtocolError("a LEASE reply whose 'again' is not a bool")
+        return grant
     for key, kind in (("worker_no", int), ("pid", int), ("address", str), ("token", str),
                       ("trusted", bool), ("client_trusted", bool)):
         if type(grant.get(key)) is not kind:

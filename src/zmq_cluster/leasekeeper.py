@@ -174,6 +174,12 @@ class LeaseKeeper:
             if grant is None or closed or not self.enabled:
                 self._retry = time.monotonic() + RETRY_SECONDS
                 return
+            if grant.get("worker_no") is None:
+                # None to give now; a client on another host never gets one.
+                if grant.get("again") is False:
+                    self.enabled = False
+                self._retry = time.monotonic() + RETRY_SECONDS
+                return
             lease = DirectLease(self._ctx, grant, self.client_no, self._heartbeat_timeout)
             if lease.state == ENDED:
                 lease.close_rx()

@@ -429,7 +429,10 @@ class Scheduler:
         if type(request) is not dict or not (request.get("id") is None
                                              or type(request.get("id")) is int):
             raise sp.ProtocolError("LEASE request of the wrong form")
-        grant: Dict[str, Any] = {"id": request.get("id"), "worker_no": None}
+        # "again": whether asking later may help (a client on this host,
+        # once a worker that offers a direct socket has joined).
+        grant: Dict[str, Any] = {"id": request.get("id"), "worker_no": None,
+                                 "again": client.local}
         worker = self.ledger.lease(client) if client.local else None
         if worker is not None:
             assert worker.direct is not None and worker.direct_key is not None

@@ -403,3 +403,32 @@ def test_an_undeliverable_direct_result_gives_its_slot_back(tmp_path):
             rx.close(0)
             tx.close(0)
     ctx.term()
+
+
+def test_a_client_the_scheduler_will_never_lease_stops_asking():
+    """A LEASE answered with no worker and ``again`` False (a client on
+    another host: a worker's direct socket is for the scheduler's host only)
+    ends the asking; with ``again`` True the client asks again later."""
+    import collections
+    import threading
+    from zmq_cluster.leasekeeper import LeaseKeeper
+    sent = []
+    ctx = zmq.Context()
+    try:
+        keeper = LeaseKeeper(ctx, threading.Lock(), sent.append, lambda tid: True,
+                             collections.Counter(), 5.0)
+        keeper.client_no = 3
+        entry, _ = sp.pack_entry(sp.TASK_ENTRY, (3 << 40 | 1, 1, 0), [b"x" * 16])
+        assert not keeper.try_send(entry, [])            # no lease: it asks for one
+        assert [sp.parse_ctl(f[0])[0] for f in sent] == [sp.LEASE]
+        keeper.granted({"worker_no": None, "again": True}, False)
+        keeper._retry = 0.0                              # (instead of waiting 0.5 s)
+        assert not keeper.try_send(entry, [])
+        assert len(sent) == 2                            # asked again
+        keeper.granted({"worker_no": None, "again": False}, False)
+        keeper._retry = 0.0
+        assert not keeper.try_send(entry, [])
+        assert len(sent) == 2                            # and never more
+        assert keeper.info is None
+    finally:
+        ctx.term()
