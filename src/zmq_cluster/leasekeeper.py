@@ -161,7 +161,9 @@ class LeaseKeeper:
     # --------------------------------------------------------------- reading
 
     def granted(self, grant: Optional[Dict[str, Any]], closed: bool) -> None:
-        """The reader: the scheduler's answer to LEASE (None: no lease)."""
+        """The reader: the scheduler's answer to LEASE
+        (:func:`~zmq_cluster.lease.parse_grant`; ``worker_no`` None: no
+        lease now)."""
         old = self._read
         if old is not None:
             with self._lock:
