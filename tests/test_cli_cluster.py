@@ -345,6 +345,7 @@ def test_local_runs_until_ctrl_c(tmp_path):
         local.signal(signal.SIGINT)
         assert local.wait() == 0
         assert local.lines[-1] == "stopped"
+        assert not (tmp_path / "s.json").exists()   # removed, as the scheduler's is
         assert wait_gone(pids, 10) == []
         assert not os.path.exists(address[len("ipc://"):])
     finally:

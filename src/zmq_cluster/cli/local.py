@@ -6,9 +6,10 @@ import argparse
 import signal
 import threading
 
-from ..config import Config, write_scheduler_file
+from ..config import Config
 from .common import (
-    EXIT_OK, add_malloc_tuning_option, positive_float, positive_int, say, settings,
+    EXIT_OK, add_malloc_tuning_option, positive_float, positive_int, publish_scheduler_file,
+    remove_scheduler_file, say, settings,
 )
 
 NAME = "local"
@@ -34,7 +35,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="a worker silent this long is declared dead and replaced (default 10)")
     parser.add_argument(
         "--scheduler-file", metavar="PATH", default=None,
-        help="also write the address to this JSON file (as `zmq-cluster scheduler` does)")
+        help="also write the address to this JSON file, and remove it on exit (as `zmq-cluster"
+             " scheduler` does)")
     add_malloc_tuning_option(parser, "scheduler and worker processes")
     parser.set_defaults(run=run)
     return parser
@@ -53,13 +55,19 @@ def run(args: argparse.Namespace, config: Config) -> int:
     with LocalCluster(values["workers"], transport=values["transport"],
                       heartbeat_timeout=values["heartbeat_timeout"],
                       malloc_tuning=values["malloc_tuning"], scheduler="process") as cluster:
-        if values.get("scheduler_file") is not None:
-            write_scheduler_file(values["scheduler_file"], cluster.address)
-        say(cluster.address)
-        say("a LocalCluster of %d workers (pids %s) is listening at the address above;"
-            " Ctrl-C stops it" % (cluster.n_workers, " ".join(map(str, cluster.worker_pids()))))
-        while not stop.wait(3600):
-            pass
-        say("stopping")
+        path = values.get("scheduler_file")
+        if path is not None:
+            publish_scheduler_file(path, cluster.address)
+        try:
+            say(cluster.address)
+            say("a LocalCluster of %d workers (pids %s) is listening at the address above;"
+                " Ctrl-C stops it" % (cluster.n_workers,
+                                      " ".join(map(str, cluster.worker_pids()))))
+            while not stop.wait(3600):
+                pass
+            say("stopping")
+        finally:
+            if path is not None:
+                remove_scheduler_file(path, cluster.address)
     say("stopped")
     return EXIT_OK
