@@ -14,6 +14,8 @@ process descriptors (pidfd) and starts a new worker for each one that dies
 
 import atexit
 import logging
+import math
+import numbers
 import os
 import select
 import shutil
@@ -36,6 +38,9 @@ log = logging.getLogger("zmq_cluster.local")
 
 _LIVE: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
+#: The ``log_level`` values the scheduler and worker processes take.
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 @atexit.register
 def _close_all() -> None:
@@ -52,6 +57,11 @@ class LocalCluster:
     process, connects to. Start-up waits (at most ``start_timeout``
     seconds) until every worker has said HELLO to the scheduler.
     ``close()`` or leaving the ``with`` block stops everything.
+    ``heartbeat_timeout``: seconds without a heartbeat after which a worker
+    is declared dead. ``log_level``: what the scheduler and worker processes
+    log on stderr ("DEBUG", "INFO", "WARNING", "ERROR" or "CRITICAL").
+    A wrong type or value raises TypeError or ValueError before anything
+    starts.
 
     ``blas_threads`` (default 1): the thread count each worker's OpenMP,
     MKL and OpenBLAS may use (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
@@ -116,9 +126,22 @@ class LocalCluster:
             raise ValueError("scheduler must be 'thread' or 'process', not %r" % (scheduler,))
         if transport not in ("ipc", "tcp"):
             raise ValueError("transport must be 'ipc' or 'tcp', not %r" % (transport,))
+        if n_workers is not None and (isinstance(n_workers, bool)
+                                      or not isinstance(n_workers, numbers.Integral)):
+            raise TypeError("n_workers must be an integer or None, not %r" % (n_workers,))
         self.n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
         if self.n_workers < 0:
             raise ValueError("n_workers must be >= 0")
+        for name, value in (("heartbeat_timeout", heartbeat_timeout),
+                            ("start_timeout", start_timeout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError("%s must be a number of seconds, not %r" % (name, value))
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError("%s must be a finite number of seconds > 0, not %r"
+                                 % (name, value))
+        if log_level not in _LOG_LEVELS:
+            raise ValueError("log_level must be one of %s, not %r"
+                             % (", ".join(_LOG_LEVELS), log_level))
         self.transport = transport
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.log_level = log_level
