@@ -1,9 +1,21 @@
 """LocalCluster's lifecycle as a user meets it: arguments checked before
 anything starts, and nothing left behind when it stops."""
 
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
 import pytest
 
 import zmq_cluster as zc
+from zmq_cluster.local import remove_stale_directories
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pool"))
+from pool_helpers import wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,3 +38,76 @@ def test_bad_arguments_raise_before_anything_starts(kwargs, error, message):
     # process, with its traceback on stderr.
     with pytest.raises(error, match=message):
         zc.LocalCluster(**{"n_workers": 1, **kwargs})
+
+
+def _dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _cluster_dir(where, pid, *, age, socket_state):
+    """A directory as a LocalCluster leaves it: ``socket_state`` "dead" (a
+    socket file nobody listens on), "listening" (returned, to keep open)."""
+    path = where / ("zc-cluster-%d-%s" % (pid, socket_state[:4] + str(age)))
+    path.mkdir(mode=0o700)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path / "scheduler"))
+    if socket_state == "listening":
+        sock.listen()
+    else:
+        sock.close()
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path, sock
+
+
+def test_only_stale_directories_are_removed(tmp_path):
+    dead = _dead_pid()
+    stale, _ = _cluster_dir(tmp_path, dead, age=120, socket_state="dead")
+    young, _ = _cluster_dir(tmp_path, dead, age=1, socket_state="dead")
+    running, _ = _cluster_dir(tmp_path, os.getpid(), age=120, socket_state="dead")
+    served, listener = _cluster_dir(tmp_path, dead, age=120, socket_state="listening")
+    (tmp_path / "zc-cluster-abcdef").mkdir()      # not one of ours by its name
+    try:
+        assert remove_stale_directories(str(tmp_path)) == [str(stale)]
+    finally:
+        listener.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (young, running, served, tmp_path / "zc-cluster-abcdef"))
+
+
+KILLED = """
+import sys, time
+import zmq_cluster as zc
+c = zc.LocalCluster(1)
+print(c.address, c.scheduler.pid, *c.worker_pids(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_directory_of_a_sigkilled_cluster_goes_with_the_next_cluster(tmp_path,
+                                                                          monkeypatch):
+    where = tmp_path / "t"
+    where.mkdir()
+    env = dict(os.environ, TMPDIR=str(where))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert select.select([proc.stdout], [], [], 60)[0], "the cluster did not start"
+        address, *pids = proc.stdout.readline().split()
+        assert address.startswith("ipc://%s/zc-cluster-%d-" % (where, proc.pid))
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert wait_gone([int(p) for p in pids], 10) == []
+    left = os.path.dirname(address[len("ipc://"):])
+    assert os.path.isdir(left)   # nothing in it could remove it
+    then = time.time() - 120
+    os.utime(left, (then, then))
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    with zc.LocalCluster(0) as cluster:
+        assert not os.path.exists(left)
+        assert cluster.address.startswith("ipc://%s/zc-cluster-%d-" % (where, os.getpid()))
+    assert os.listdir(where) == []

@@ -10,6 +10,10 @@ The cluster is their nanny (:class:`zmq_cluster.supervisor.Supervisor`, the
 same one ``zmq-cluster worker`` runs): a thread waits on the workers'
 process descriptors (pidfd) and starts a new worker for each one that dies
 (killed, crashed, or ended by its task timeout).
+
+Nothing can clean up after a process killed with SIGKILL: its children die
+with it, but its private directory stays. The next LocalCluster of the same
+user removes such directories (:func:`remove_stale_directories`).
 """
 
 import atexit
@@ -19,6 +23,8 @@ import numbers
 import os
 import select
 import shutil
+import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -32,7 +38,7 @@ from .process import python_command, spawn, worker_environment
 from .scheduler import Scheduler
 from .supervisor import Supervisor
 
-__all__ = ["LocalCluster"]
+__all__ = ["LocalCluster", "remove_stale_directories"]
 
 log = logging.getLogger("zmq_cluster.local")
 
@@ -40,6 +46,62 @@ _LIVE: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 #: The ``log_level`` values the scheduler and worker processes take.
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+#: The private directories of LocalClusters are ``$TMPDIR/zc-cluster-PID-XXXX``.
+DIR_PREFIX = "zc-cluster-"
+#: A directory younger than this is never taken for stale (its cluster may
+#: be starting in a process this one cannot see, in another pid namespace).
+STALE_AFTER_SECONDS = 60.0
+
+
+def remove_stale_directories(where: Optional[str] = None) -> List[str]:
+    """Remove the private directories that LocalClusters killed with SIGKILL
+    left in ``where`` (default: the temporary directory); returns their paths.
+
+    Their processes died with them, but nothing could remove the directory
+    and its dead socket. One is stale when it is this user's, its creator
+    (the PID in its name) is gone, it is older than
+    :data:`STALE_AFTER_SECONDS`, and nothing listens on its socket.
+    """
+    where = where or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        pid_text = name[len(DIR_PREFIX):].partition("-")[0]
+        if not name.startswith(DIR_PREFIX) or not pid_text.isdigit():
+            continue
+        path = os.path.join(where, name)
+        try:
+            info = os.lstat(path)
+            if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+                    or now - info.st_mtime < STALE_AFTER_SECONDS):
+                continue
+            os.kill(int(pid_text), 0)
+            continue  # its creator runs
+        except ProcessLookupError:
+            pass
+        except OSError:  # gone meanwhile, or a pid we may not signal: not ours
+            continue
+        if _listening(os.path.join(path, "scheduler")):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 @atexit.register
@@ -148,7 +210,8 @@ class LocalCluster:
         self.malloc_tuning = malloc_tuning
         #: Whether the workers take and give arrays by shared memory.
         self.shared_memory = bool(shared_memory)
-        self._dir = tempfile.mkdtemp(prefix="zc-cluster-")
+        remove_stale_directories()
+        self._dir = tempfile.mkdtemp(prefix="%s%d-" % (DIR_PREFIX, os.getpid()))
         os.chmod(self._dir, 0o700)
         self._closed = False
         self._lock = threading.Lock()
