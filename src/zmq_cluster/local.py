@@ -65,7 +65,7 @@ def remove_stale_directories(where: Optional[str] = None) -> List[str]:
     :data:`STALE_AFTER_SECONDS`, and nothing listens on its socket.
     """
     where = where or tempfile.gettempdir()
-    removed = []
+    removed: List[str] = []
     try:
         names = os.listdir(where)
     except OSError:
