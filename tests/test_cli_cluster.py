@@ -352,6 +352,24 @@ def test_local_runs_until_ctrl_c(tmp_path):
         local.kill()
 
 
+def test_local_exits_when_zmq_cluster_stop_stops_it(tmp_path):
+    # Before, its scheduler and workers stopped and `local` ran on for ever.
+    local = Command("local", "-n", "1", "--scheduler-file", tmp_path / "s.json")
+    try:
+        address = local.expect("ipc://")
+        line = local.expect("Ctrl-C stops it")
+        pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
+        result = run("stop", "--connect", address)
+        assert result.returncode == 0, result.stderr
+        assert local.wait() == 0
+        assert local.lines[-2:] == ["the scheduler stopped (zmq-cluster stop); stopping",
+                                    "stopped"]
+        assert not (tmp_path / "s.json").exists()
+        assert wait_gone(pids, 10) == []
+    finally:
+        local.kill()
+
+
 def test_every_subcommand_has_help():
     for sub in ("scheduler", "worker", "status", "stop", "restart-workers", "local", "keygen"):
         result = run(sub, "--help")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from typing import List
 
 from ..config import Config
 from .common import (
-    EXIT_OK, add_malloc_tuning_option, positive_float, positive_int, publish_scheduler_file,
+    EXIT_OK, CommandError, add_malloc_tuning_option, positive_float, positive_int, publish_scheduler_file,
     remove_scheduler_file, say, settings,
 )
 
@@ -22,7 +23,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         description=(
             "Start a LocalCluster (a scheduler and N worker processes on this host) and print"
             " its address, which ClusterPool(ADDRESS) in another process of yours connects to;"
-            " it runs until Ctrl-C or SIGTERM, which stop everything cleanly."))
+            " it runs until Ctrl-C, SIGTERM or `zmq-cluster stop`, which stop everything"
+            " cleanly."))
     parser.add_argument(
         "-n", "--workers", metavar="N", type=positive_int, default=None,
         help="how many worker processes (default: the number of cores)")
@@ -58,6 +60,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
         path = values.get("scheduler_file")
         if path is not None:
             publish_scheduler_file(path, cluster.address)
+        scheduler = cluster.scheduler
+        assert scheduler is not None  # scheduler="process"
+        ended: List[int] = []
+
+        def watch_scheduler() -> None:  # `zmq-cluster stop` ends it, or a crash
+            ended.append(scheduler.wait())
+            stop.set()
+
+        threading.Thread(target=watch_scheduler, name="zmq-cluster-local-watch",
+                         daemon=True).start()
         try:
             say(cluster.address)
             say("a LocalCluster of %d workers (pids %s) is listening at the address above;"
@@ -65,7 +77,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
                                       " ".join(map(str, cluster.worker_pids()))))
             while not stop.wait(3600):
                 pass
-            say("stopping")
+            if ended and ended[0] != 0:
+                raise CommandError("the scheduler exited with status %d" % ended[0])
+            say("the scheduler stopped (zmq-cluster stop); stopping" if ended else "stopping")
         finally:
             if path is not None:
                 remove_scheduler_file(path, cluster.address)
