@@ -107,6 +107,17 @@ def test_keygen_force_replaces(tmp_path, capsys):
     assert load_public_key(paths.client_public) != old
 
 
+def test_keygen_where_it_cannot_write_says_so_in_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["keygen", str(tmp_path / "afile")]) == 1
+    assert_one_line_error(capsys.readouterr().err, "zmq-cluster keygen: error: cannot write keys"
+                          " in %s: %s is not a directory" % (tmp_path / "afile",
+                                                            tmp_path / "afile"))
+    assert main(["keygen", str(tmp_path / "afile" / "k")]) == 1
+    assert_one_line_error(capsys.readouterr().err, "cannot write keys in %s: Not a directory"
+                          % (tmp_path / "afile" / "k"))
+
+
 def test_keygen_directory_from_the_config(tmp_path, capsys, monkeypatch):
     config = tmp_path / "conf" / "zc.toml"
     config.parent.mkdir()
