@@ -215,3 +215,10 @@ def test_a_curve_scheduler_needs_client_keys(tmp_path):
         client_security_from(parse([add_client_key_options], []), location)
     assert client_security_from(parse([add_client_key_options], []),
                                 SchedulerLocation("tcp://a:1")) is None
+
+
+def test_status_shows_mean_task_times_in_a_unit_that_suits_them():
+    from zmq_cluster.cli.status import _task_time
+    # Before: "0.000121 s" beside "9.24e-05 s" in one column.
+    assert [_task_time(s) for s in (0.000121, 9.24e-05, 0.0125, 3.25, 125.0)] == [
+        "121 us", "92.4 us", "12.5 ms", "3.25 s", "125 s"]
