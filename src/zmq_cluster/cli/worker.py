@@ -40,8 +40,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser = subparsers.add_parser(
         NAME, parents=[common], help="run worker processes for a scheduler",
         description=(
-            "Start N worker processes for the scheduler and supervise them in the foreground"
-            " (a nanny): a worker that dies is replaced; on SIGTERM or Ctrl-C every worker"
+            "Start N worker processes for the scheduler, once it answers (see --timeout), and"
+            " supervise them in the foreground (a nanny): a worker that dies is replaced; on SIGTERM or Ctrl-C every worker"
             " finishes its task and exits, then the nanny exits. `zmq-cluster stop` and"
             " `stop --workers-only` end the workers and this command;"
             " `zmq-cluster restart-workers` replaces each worker after its task."
