@@ -9,8 +9,8 @@ from typing import List
 
 from ..config import Config
 from .common import (
-    EXIT_OK, CommandError, add_malloc_tuning_option, positive_float, positive_int, publish_scheduler_file,
-    remove_scheduler_file, say, settings,
+    EXIT_OK, CommandError, add_malloc_tuning_option, positive_float, positive_int,
+    publish_scheduler_file, remove_scheduler_file, say, settings,
 )
 
 NAME = "local"

@@ -41,9 +41,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         NAME, parents=[common], help="run worker processes for a scheduler",
         description=(
             "Start N worker processes for the scheduler, once it answers (see --timeout), and"
-            " supervise them in the foreground (a nanny): a worker that dies is replaced; on SIGTERM or Ctrl-C every worker"
-            " finishes its task and exits, then the nanny exits. `zmq-cluster stop` and"
-            " `stop --workers-only` end the workers and this command;"
+            " supervise them in the foreground (a nanny): a worker that dies is replaced; on"
+            " SIGTERM or Ctrl-C every worker finishes its task and exits, then the nanny exits."
+            " `zmq-cluster stop` and `stop --workers-only` end the workers and this command;"
             " `zmq-cluster restart-workers` replaces each worker after its task."
             " Each worker's OpenMP/MKL/OpenBLAS uses one thread (%s=1) unless those"
             " variables are set in this command's environment." % "/".join(THREAD_VARIABLES)))
@@ -96,8 +96,9 @@ def find_scheduler(values: Mapping[str, Any], timeout: float,
     while True:
         location = locate_scheduler(values, wait=max(0.0, deadline - time.monotonic()))
         security = client_security_from(values, location)
-        left = deadline - time.monotonic()
-        attempt = max(0.1, round(min(left, SCHEDULER_FILE_RETRY) if from_file else left, 1))
+        # Whole tenths of a second: the client's error says how long it waited.
+        attempt = (max(0.1, round(min(deadline - time.monotonic(), SCHEDULER_FILE_RETRY), 1))
+                   if from_file else timeout)
         try:
             probe = SchedulerClient(location.address, security=security,
                                     connect_timeout=attempt)
@@ -105,10 +106,10 @@ def find_scheduler(values: Mapping[str, Any], timeout: float,
             raise CommandError("cannot connect to %s: %s"
                                % (location.address, zmq_reason(exc))) from None
         except TimeoutError as exc:
-            if time.monotonic() < deadline:
-                continue
             if not from_file:
                 raise CommandError(one_line(exc)) from None
+            if time.monotonic() < deadline:
+                continue
             raise CommandError(
                 "%s (tried for %g s, reading the scheduler file %s again each time: is that"
                 " scheduler running, or did a killed one leave its file behind?)"
