@@ -5,6 +5,7 @@ scheduler that is not there, no scheduler file of a cluster that stopped)."""
 import json
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -14,6 +15,8 @@ from zmq_cluster.config import write_scheduler_file
 from zmq_cluster.security import keygen
 
 from cli_helpers import Command, one_line_error, run, wait_for_workers
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pool"))
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,3 +179,44 @@ def test_ctrl_c_while_the_nanny_waits_for_its_scheduler(tmp_path):
             assert workers_for(address) == []
         finally:
             nanny.kill()
+
+
+# Loaded by every Python process of the test's `local` (PYTHONPATH): a
+# worker process tells the test its pid through a FIFO, then never starts.
+_HOLD_WORKERS = """
+import os, sys, time
+argv = open("/proc/self/cmdline", "rb").read().split(b"\\0")
+if b"zmq_cluster._start" in argv and b"worker" in argv:
+    with open(os.environ["ZC_TEST_FIFO"], "w") as fifo:
+        fifo.write("%d\\n" % os.getpid())
+    time.sleep(120)
+"""
+
+
+def test_ctrl_c_while_local_starts(tmp_path):
+    """Ctrl-C before the workers have joined: exit 130 at once, one line,
+    the scheduler and the workers stopped (before, it waited for start-up
+    to finish, up to a minute for workers that never join)."""
+    import select
+    import signal
+    from pool_helpers import wait_gone
+    (tmp_path / "sitecustomize.py").write_text(_HOLD_WORKERS)
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    local = Command("local", "-n", "1", env={
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "ZC_TEST_FIFO": str(fifo)})
+    try:
+        assert select.select([reader], [], [], 60)[0], "no worker started"
+        worker = int(os.read(reader, 64).split()[0])
+        start = time.monotonic()
+        local.signal(signal.SIGINT)
+        assert local.wait(30) == 130
+        assert time.monotonic() - start < 8
+        assert local.stderr[-1] == "zmq-cluster local: error: interrupted"
+        assert local.lines == []
+        assert wait_gone([worker], 10) == []
+    finally:
+        os.close(reader)
+        local.kill()

@@ -238,6 +238,9 @@ class LocalCluster:
             self._nanny.start()
             self.wait_for_workers(self.n_workers, start_timeout)
         except BaseException:
+            # Start-up failed or was interrupted (Ctrl-C): workers that have
+            # not joined would hear no STOP, and close() would wait for them.
+            self._nanny.terminate(timeout=2.0)
             self.close()
             raise
 

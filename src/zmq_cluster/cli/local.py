@@ -50,13 +50,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
     values = settings(args, config, {"workers": None, "heartbeat_timeout": 10.0,
                                      "malloc_tuning": False})
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    # During start-up, Ctrl-C or SIGTERM interrupts it (LocalCluster stops
+    # what it has started; exit 130) rather than wait for it to finish.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # Its pools are in other processes: a scheduler thread here would gain
     # nothing (no inproc pool), and --malloc-tuning tunes a scheduler process.
     with LocalCluster(values["workers"], transport=values["transport"],
                       heartbeat_timeout=values["heartbeat_timeout"],
                       malloc_tuning=values["malloc_tuning"], scheduler="process") as cluster:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
         path = values.get("scheduler_file")
         if path is not None:
             publish_scheduler_file(path, cluster.address)
