@@ -380,6 +380,81 @@ def test_recv_any_after_sends_on_the_same_socket(wire, ctx):
             sock.close(0)
 
 
+def test_recv_any_keeps_which_sockets_are_drained(wire, ctx):
+    """``drained``: a socket found empty is marked and not tried before
+    the next wait (still waited on); the socket a message came from is
+    unmarked; a message that arrives while waiting on a marked socket
+    wakes the wait."""
+    pulls, pushes = [], []
+    try:
+        for i in range(3):
+            pull = ctx.socket(zmq.PULL)
+            pull.bind("inproc://drained-%d" % i)
+            push = ctx.socket(zmq.PUSH)
+            push.connect("inproc://drained-%d" % i)
+            pulls.append(pull)
+            pushes.append(push)
+        drained = bytearray(4)
+        assert wire.recv_any(pulls, 0, 0, None, drained) is None
+        assert drained == bytearray([1, 1, 1, 0])  # tried, empty; the spare untouched
+        pushes[1].send(b"one")
+        assert wire.recv_any(pulls, WAIT_MS, 0, None, drained) == (1, [b"one"])
+        assert drained[:3] == bytearray([1, 0, 1])
+        # Marked sockets are not tried: a message already announced (its
+        # descriptor read by the wait above) is found only once unmarked.
+        pushes[0].send(b"zero")
+        assert pulls[0].poll(WAIT_MS)  # (reads the announcement: nothing will signal it)
+        drained[0] = 1                  # what a caller must not do after using a socket
+        assert wire.recv_any(pulls, 0, 0, None, drained) is None
+        drained[0] = 0
+        assert wire.recv_any(pulls, 0, 0, None, drained) == (0, [b"zero"])
+        # A message to a marked socket wakes the wait.
+        wire.recv_any(pulls, 0, 0, None, drained)
+        assert drained[:3] == bytearray([1, 1, 1])
+        timer = threading.Timer(0.05, pushes[2].send, (b"late",))
+        timer.start()
+        assert wire.recv_any(pulls, WAIT_MS, 0, None, drained) == (2, [b"late"])
+        timer.join()
+        assert drained[:3] == bytearray([1, 1, 0])
+        with pytest.raises(ValueError):
+            wire.recv_any(pulls, 0, 0, None, bytearray(2))
+    finally:
+        for sock in pulls + pushes:
+            sock.close(0)
+
+
+def test_recv_any_with_drained_after_sends_on_the_same_socket(wire, ctx):
+    """The caller's rule (clear the entry of a socket it sends on) keeps
+    every reply: request and reply on one DEALER, over tcp, many times."""
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect("tcp://127.0.0.1:%d" % port)
+    idle = ctx.socket(zmq.PULL)
+    stop = threading.Event()
+
+    def echo():
+        while not stop.is_set():
+            if router.poll(20):
+                router.send_multipart(router.recv_multipart())
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    drained = bytearray(2)
+    try:
+        for i in range(300):
+            dealer.send(b"%d" % i)
+            drained[1] = 0
+            got = wire.recv_any([idle, dealer], WAIT_MS, 0, None, drained)
+            assert got == (1, [b"%d" % i])
+            assert drained[0] == 1  # the idle one: tried once, then left alone
+    finally:
+        stop.set()
+        thread.join()
+        for sock in (router, dealer, idle):
+            sock.close(0)
+
+
 # ------------------------------------------------------------------- loops
 
 class Calls:

@@ -86,15 +86,23 @@ cdef inline long long _now_ms() noexcept nogil:
     return <long long>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
-cdef int _try_parts(zmq_pollitem_t* items, int nitems, Parts* p, int start) noexcept nogil:
+cdef int _try_parts(zmq_pollitem_t* items, int nitems, Parts* p, int start,
+                    unsigned char* drained=NULL) noexcept nogil:
     """A message from ``items[start:]`` without waiting: its index, _TIMEOUT
-    when none has one, or _ERROR."""
+    when none has one, or _ERROR. Sockets ``drained`` marks are skipped;
+    the marks are kept (see recv_any)."""
     cdef int i
     for i in range(start, nitems):
+        if drained != NULL and drained[i]:
+            continue
         if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
+            if drained != NULL:
+                drained[i] = 0
             return i
         if p.err != EAGAIN:
             return _ERROR
+        if drained != NULL:
+            drained[i] = 1
     return _TIMEOUT
 
 
@@ -108,7 +116,8 @@ cdef extern from "poll.h" nogil:
 
 
 cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
-                       Parts* p, bint tried, long long* deadline) noexcept nogil:
+                       Parts* p, bint tried, long long* deadline,
+                       unsigned char* drained=NULL) noexcept nogil:
     """The next message on any of ``items``: its index, _TIMEOUT, or
     _ERROR. Unless ``tried`` (every socket has just been tried, with
     nothing received and nothing done on any since), tries them all in
@@ -128,7 +137,7 @@ cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
     cdef long long now
     cdef long wait = -1
     if not tried:
-        i = _try_parts(items, nitems, p, 0)
+        i = _try_parts(items, nitems, p, 0, drained)
         if i != _TIMEOUT:
             return i
     if timeout == 0:
@@ -162,9 +171,13 @@ cdef int _next_message(zmq_pollitem_t* items, int nitems, long timeout,
                 if fds[i].revents:
                     fds[i].revents = 0
                     if _recv_parts(items[i].socket, libzmq.ZMQ_DONTWAIT, p) == 0:
+                        if drained != NULL:
+                            drained[i] = 0
                         return i
                     if p.err != EAGAIN:
                         return _ERROR
+                    if drained != NULL:
+                        drained[i] = 1
             # Woken by commands that brought no message: wait out the time left.
     finally:
         if fds != stack:
@@ -182,22 +195,23 @@ cdef int _raise_errno(int err) except -1:
 
 
 cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p,
-               int first, long long* deadline) except? -10:
+               int first, long long* deadline, unsigned char* drained=NULL) except? -10:
     """The next message on any of ``items`` (see _next_message): tries
     ``items[first:]``, then, unless ``timeout`` is 0, ``items[:first]``,
     then waits without the GIL, retrying on EINTR as pyzmq does (signal
     handlers run; a timed wait goes on with the time left, ``*deadline``
-    being kept). Raises for other errors; returns an index or _TIMEOUT."""
-    cdef int which
+    being kept). Raises for other errors; returns an index or _TIMEOUT.
+    ``drained``: see recv_any."""
+    cdef int which, i
     cdef bint tried
     # A message already waiting is taken holding the GIL (releasing it costs
     # more than the take); the GIL goes only to wait.
-    which = _try_parts(items, nitems, p, first)
+    which = _try_parts(items, nitems, p, first, drained)
     if which == _TIMEOUT:
         if timeout == 0:
             return _TIMEOUT
         if first > 0:
-            which = _try_parts(items, first, p, 0)
+            which = _try_parts(items, first, p, 0, drained)
     if which >= 0:
         return which
     tried = which == _TIMEOUT
@@ -207,8 +221,11 @@ cdef int _wait(zmq_pollitem_t* items, int nitems, long timeout, Parts* p,
                 _raise_errno(p.err)
             PyErr_CheckSignals()
             tried = False  # a signal handler may have used the sockets
+            if drained != NULL:
+                for i in range(nitems):
+                    drained[i] = 0
         with nogil:
-            which = _next_message(items, nitems, timeout, p, tried, deadline)
+            which = _next_message(items, nitems, timeout, p, tried, deadline, drained)
         if which != _ERROR:
             return which
 
@@ -430,7 +447,7 @@ def decode_message(list frames, allow_pickle=True, alignment=None, stats=None, *
     return _decode_frames(frames, allow_pickle, alignment, stats, shm)
 
 
-def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None):
+def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None, bytearray drained=None):
     """Receive a whole message from whichever socket is ready (see
     ``_wire_common``)."""
     cdef zmq_pollitem_t stack[_STACK_ITEMS]
@@ -438,8 +455,13 @@ def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None):
     cdef Parts p
     cdef int i, which
     cdef Py_ssize_t n = len(sockets)
+    cdef unsigned char* marks = NULL
     if not 0 <= first < n:
         raise ValueError("first=%d is not an index of the %d sockets" % (first, n))
+    if drained is not None:
+        if len(drained) < n:
+            raise ValueError("drained has %d entries for %d sockets" % (len(drained), n))
+        marks = <unsigned char*>PyByteArray_AS_STRING(drained)
     if n > _STACK_ITEMS:
         items = <zmq_pollitem_t*>malloc(n * sizeof(zmq_pollitem_t))
         if items == NULL:
@@ -449,7 +471,7 @@ def recv_any(sockets, long timeout_ms=-1, int first=0, stats=None):
     try:
         for i in range(n):
             _item(&items[i], sockets[i])
-        which = _wait(items, <int>n, timeout_ms, &p, first, &deadline)
+        which = _wait(items, <int>n, timeout_ms, &p, first, &deadline, marks)
     finally:
         if items != stack:
             free(items)

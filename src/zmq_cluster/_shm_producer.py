@@ -244,13 +244,18 @@ class Producer:
                 log.warning("shared memory: refused a consumer of uid %d (not allowed)", uid)
                 conn.close()
                 return
+            # Heard by unpin's drain before the consumer has the memory:
+            # otherwise a claim it sends at once could be missed, and its
+            # slot freed under it.
+            conn.setblocking(False)
+            with self.lock:
+                pending[conn] = b""
             socket.send_fds(conn, [struct.pack("<Q", self.size)], [self.fd])
         except OSError:
+            with self.lock:
+                pending.pop(conn, None)
             conn.close()
             return
-        conn.setblocking(False)
-        with self.lock:
-            pending[conn] = b""
         sel.register(conn, selectors.EVENT_READ, None)
 
     def _read(self, sel: selectors.BaseSelector, pending: dict[socket.socket, bytes],

@@ -28,7 +28,7 @@ Primitives
     ``(kind, task_id)`` when the fixed header was readable (else None); the
     message is consumed either way.
 
-``recv_any(sockets, timeout_ms=-1, first=0, stats=None)
+``recv_any(sockets, timeout_ms=-1, first=0, stats=None, drained=None)
 -> (index, frames) | None``
     Wait until any of ``sockets`` has a message and receive it whole,
     without decoding: ``index`` is the socket's position in ``sockets``,
@@ -39,6 +39,20 @@ Primitives
     (poll(2)) and tries those that woke it, lowest index first. None when
     nothing arrives within ``timeout_ms`` (-1: wait for ever; 0: do not
     wait). The compiled twin waits and receives without the GIL.
+
+    ``drained``: None, or a ``bytearray`` of at least ``len(sockets)``
+    entries that the caller keeps from call to call. A try that finds no
+    message costs two system calls (libzmq runs the socket's commands:
+    poll(2) and getpid(2)); it is needed only for a socket that may hold a
+    message its descriptor has not announced. Entry ``i`` non-zero says
+    socket ``i`` does not: it was last tried and found empty, and nothing
+    else has used it since; such a socket is not tried before the wait
+    (it is still waited on). ``recv_any`` sets the entry of each socket it
+    tries and finds empty, and clears the one of the socket it returns a
+    message from. The caller clears an entry whenever anything else uses
+    that socket (a send may run its commands, and so swallow the
+    announcement of a message; so may another receive), and all of them
+    when the list changes.
 
 ``decode_message(frames, allow_pickle=True, alignment=None, stats=None)
 -> (kind, task_id, obj)``

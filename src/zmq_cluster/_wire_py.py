@@ -184,8 +184,17 @@ class _FdPoller:
         return sorted([index[fd] for fd, _ in self._poll.poll(timeout_ms)])
 
 
+def _try(sockets: Sequence[zmq.Socket], i: int, drained: Any) -> Frames | None:
+    """A message from ``sockets[i]`` without waiting, keeping ``drained``
+    (see recv_any): None when it has none."""
+    frames = _take(sockets[i])
+    if drained is not None:
+        drained[i] = frames is None
+    return frames
+
+
 def _next_any(sockets: Sequence[zmq.Socket], poller: _FdPoller | None, timeout_ms: int,
-              first: int) -> tuple[int, Frames | None]:
+              first: int, drained: Any = None) -> tuple[int, Frames | None]:
     """``(index, frames)`` of a message received from any of ``sockets``,
     or ``(-1, None)`` after ``timeout_ms``: ``sockets[first:]`` are tried
     first; unless ``timeout_ms`` is 0, ``sockets[:first]`` next, then the
@@ -193,25 +202,28 @@ def _next_any(sockets: Sequence[zmq.Socket], poller: _FdPoller | None, timeout_m
     the sockets whose descriptor woke it are tried. A failed try runs the
     socket's pending libzmq commands, as the ``ZMQ_EVENTS`` query that
     ``zmq_poll`` makes of every socket before and after its poll does:
-    after it, a new message signals the descriptor."""
+    after it, a new message signals the descriptor. Sockets ``drained``
+    says are (see recv_any) are not tried before the wait."""
     n = len(sockets)
     for i in range(first, n):
-        frames = _take(sockets[i])
-        if frames is not None:
-            return i, frames
+        if drained is None or not drained[i]:
+            frames = _try(sockets, i, drained)
+            if frames is not None:
+                return i, frames
     if timeout_ms == 0:
         return -1, None
     for i in range(first):
-        frames = _take(sockets[i])
-        if frames is not None:
-            return i, frames
+        if drained is None or not drained[i]:
+            frames = _try(sockets, i, drained)
+            if frames is not None:
+                return i, frames
     if poller is None:
         poller = _FdPoller(sockets)
     deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
     left = timeout_ms
     while True:
         for i in poller.poll(left):
-            frames = _take(sockets[i])
+            frames = _try(sockets, i, drained)
             if frames is not None:
                 return i, frames
         if deadline is not None:
@@ -221,12 +233,15 @@ def _next_any(sockets: Sequence[zmq.Socket], poller: _FdPoller | None, timeout_m
 
 
 def recv_any(sockets: Sequence[zmq.Socket], timeout_ms: int = -1, first: int = 0,
-             stats: RecvStats | None = None) -> tuple[int, Frames] | None:
+             stats: RecvStats | None = None, drained: bytearray | None = None
+             ) -> tuple[int, Frames] | None:
     """Receive a whole message from whichever socket is ready (see
     ``_wire_common``)."""
     if not 0 <= first < len(sockets):
         raise ValueError("first=%d is not an index of the %d sockets" % (first, len(sockets)))
-    which, frames = _next_any(sockets, None, timeout_ms, first)
+    if drained is not None and len(drained) < len(sockets):
+        raise ValueError("drained has %d entries for %d sockets" % (len(drained), len(sockets)))
+    which, frames = _next_any(sockets, None, timeout_ms, first, drained)
     if frames is None:
         return None
     if stats is not None:

@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from typing import (
     TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
-    Set,
+    Set, Tuple,
 )
 
 import zmq
@@ -45,6 +45,8 @@ from zmq.utils.monitor import parse_monitor_message
 from . import schedproto as sp
 from .functions import describe, function_key
 from .inprocess import SharedContext, lookup
+from .lease import parse_grant
+from .leasekeeper import LeaseKeeper
 from .liveness import heartbeat_options
 from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any, send_frames
@@ -117,9 +119,10 @@ class SchedulerClient:
     def __init__(self, address: str, *, heartbeat_timeout: float = 10.0,
                  socket_options: Optional[Mapping[int, Any]] = None,
                  connect_timeout: float = 30.0,
-                 security: Optional["ClientSecurity"] = None) -> None:
+                 security: Optional["ClientSecurity"] = None, direct: bool = True) -> None:
         self.address = address
         self.security = security
+        self.direct = direct
         local = lookup(address) if security is None else None
         self._shared: Optional[SharedContext] = None
         if local is not None:
@@ -175,12 +178,19 @@ class SchedulerClient:
         self.on_unmatched: Optional[Callable[[List[Any]], None]] = None
         #: Messages from the scheduler rejected as malformed, by reason.
         self.counters: "collections.Counter[str]" = collections.Counter()
+        # Single tasks straight to a leased worker (zmq_cluster.lease).
+        self._leases = LeaseKeeper(self._ctx, self._lock, self._send_tx, self._sinks.__contains__,
+                                   self.counters, heartbeat_timeout)
+        self._leases.enabled = direct
+        self._reader_base = [self._rx, self._monitor]
+        self._drained = bytearray(8)  # (the most reader sockets: 2 + 3 + the wake pipe)
+        self._drained_version = 0
         try:
             self._rx.connect(self.endpoint)
             self._rx.send_multipart(sp.message(sp.HELLO, {
                 "role": sp.ROLE_CLIENT, "host": _socket.gethostname(), "pid": os.getpid()}))
             welcome = self._await_welcome(connect_timeout)
-            self.client_no = welcome["client_no"]
+            self.client_no = self._leases.client_no = welcome["client_no"]
             self.workers_at_start = welcome.get("workers", 0)
             self._tx.connect(self.endpoint)
             self._tx.send_multipart(sp.message(sp.HELLO, {
@@ -258,6 +268,7 @@ class SchedulerClient:
             if key not in self._fn_sent:
                 self._send_tx([sp.ctl(sp.FUNC), sp.body((key,) + blob)])
                 self._fn_sent.add(key)
+            self._leases.remember_function(key, blob)
             try:
                 self._fn_keys[fn] = key
                 if len(self._fn_keys) > FUNCTION_CACHE:
@@ -267,17 +278,26 @@ class SchedulerClient:
         return key
 
     def send_tasks(self, entries: Sequence[bytes], frames: List[Any], tids: Iterable[int],
-                   sink: ResultSink) -> None:
+                   sink: ResultSink, direct: bool = False) -> None:
         """Send one batch: ``entries`` (bytes each), their data ``frames``;
-        ``sink`` (registered first) receives the results of ``tids``."""
+        ``sink`` (registered first) receives the results of ``tids``.
+        ``direct``: a single task may go straight to a leased worker
+        (zmq_cluster.lease) when one is ready and free."""
         if self.lost is not None:
             raise self.lost
         sinks = self._sinks
         for tid in tids:
             sinks[tid] = sink
-        msg = [sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames
         with self._lock:
-            self._send_tx(msg)
+            if direct and len(entries) == 1 and self._leases.try_send(entries[0], frames):
+                return
+            self._send_tx([sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames)
+
+    @property
+    def lease(self) -> Optional[Dict[str, Any]]:
+        """The worker this client sends single tasks to directly: a dict
+        (worker_no, pid, address, ready), or None."""
+        return self._leases.info
 
     def _send_tx(self, frames: List[Any]) -> None:
         """Send on the submit connection (under ``self._lock``). An inproc
@@ -306,11 +326,13 @@ class SchedulerClient:
 
     def forget(self, tid: int) -> Optional[ResultSink]:
         """Stop waiting for ``tid``: its sink, or None if it was not waited for."""
+        self._leases.forget(tid)
         return self._sinks.pop(tid, None)
 
     def forget_all(self) -> List[ResultSink]:
         """Stop waiting for every task waited for now: their sinks (the
         caller cancels or fails them)."""
+        self._leases.forget_all()
         sinks = []
         for tid in list(self._sinks):
             sink = self._sinks.pop(tid, None)
@@ -363,21 +385,39 @@ class SchedulerClient:
         # Results first, then connection events, then the wake pipe (stop,
         # or let a waiting thread read); waiting and receiving happen in
         # zmq_cluster.wire (without the GIL in the compiled twin).
-        sockets = [self._rx, self._monitor, self._wake_rx]
+        wake = [self._wake_rx]
         on_message = self._on_message
+        leases = self._leases
         try:
             while True:
-                got = recv_any(sockets, -1)
+                sockets = self._reader_sockets() + wake
+                got = recv_any(sockets, -1, 0, None, self._drained)
                 if got is None:
                     continue
                 which, frames = got
-                if which == 2:
+                if which == len(sockets) - 1:
                     if frames[0] != b"p" or not self._let_caller_read():
                         return
                     continue
-                on_message(which, frames)
+                if which > 1:
+                    leases.on_message(which - 2, frames, self._deliver, self.trusted)
+                else:
+                    on_message(which, frames)
         except zmq.ContextTerminated:
             return
+
+    def _reader_sockets(self) -> List[zmq.Socket]:
+        """The reader's sockets: the result connection, its monitor, then
+        the lease's (the I/O thread adds its wake pipe last). Which of them
+        are known drained (``self._drained``, see ``wire.recv_any``) holds
+        from one reader to the next, as nobody else uses them; it starts
+        again when they change."""
+        leases = self._leases
+        sockets = leases.reader_sockets(self._reader_base)
+        if leases.version != self._drained_version:
+            self._drained_version = leases.version
+            self._drained[:] = bytes(len(self._drained))
+        return sockets
 
     def _let_caller_read(self) -> bool:
         """The I/O thread, asked to: hand the result connection to the
@@ -456,8 +496,9 @@ class SchedulerClient:
                     return
         self._reader_ident = me
         try:
-            sockets = [self._rx, self._monitor]
             on_message = self._on_message
+            leases = self._leases
+            drained = self._drained
             while not done() and not self._closed:
                 if deadline is None:
                     wait_ms = READ_SLICE_MS
@@ -466,12 +507,16 @@ class SchedulerClient:
                     if left <= 0:
                         break
                     wait_ms = min(READ_SLICE_MS, int(left * 1000) + 1)
-                got = recv_any(sockets, wait_ms)
+                got = recv_any(self._reader_sockets(), wait_ms, 0, None, drained)
                 while got is not None:
-                    on_message(*got)
+                    which, frames = got
+                    if which > 1:
+                        leases.on_message(which - 2, frames, self._deliver, self.trusted)
+                    else:
+                        on_message(which, frames)
                     if done() or self._closed:
                         break
-                    got = recv_any(sockets, 0)
+                    got = recv_any(self._reader_sockets(), 0, 0, None, drained)
         finally:
             self._reader_ident = None
             with cond:
@@ -491,7 +536,7 @@ class SchedulerClient:
         try:
             mtype, count, flags = sp.parse_ctl(frames[0])  # bytes (recv_any)
             if mtype == sp.RESULTS:
-                self._results(frames, count, flags)
+                self._results(frames, count, self.trusted and bool(flags & sp.FLAG_TRUSTED))
             elif mtype in (sp.STATS, sp.CONTROL):
                 reply = sp.parse_body(frames[1].bytes)
                 if type(reply) is not dict:
@@ -510,6 +555,13 @@ class SchedulerClient:
                 self._lose(SchedulerLost("the scheduler at %s %s" % (
                     self.address, "stopped" if why == sp.RESET_STOPPED
                     else "dropped this client")))
+            elif mtype == sp.LEASE:
+                self._leases.granted(parse_grant(sp.parse_body(frames[1].bytes)), self._closed)
+            elif mtype == sp.REVOKE:
+                note = sp.parse_body(frames[1].bytes)
+                if type(note) is not dict or type(note.get("worker_no")) is not int:
+                    raise sp.ProtocolError("a REVOKE of the wrong form")
+                self._leases.revoked(note["worker_no"])
             elif mtype not in (sp.PROBE, sp.WELCOME):
                 raise sp.ProtocolError("unexpected %s" % sp.TYPE_NAMES[mtype])
         except Exception as exc:  # whatever arrives, the reader goes on
@@ -518,14 +570,17 @@ class SchedulerClient:
                         exc if isinstance(exc, sp.ProtocolError)
                         else "%s: %s" % (type(exc).__name__, exc))
 
-    def _results(self, frames: List[Any], count: int, flags: int) -> None:
-        table = frames[1].bytes
-        data = frames[2:]
+    def _results(self, frames: List[Any], count: int, trusted: bool) -> None:
+        """Deliver a RESULTS batch from the scheduler (``trusted``: whether
+        the results may be unpickled)."""
+        self._deliver(sp.walk(frames[1].bytes, count, sp.RESULT_ENTRY, frames[2:]), trusted)
+
+    def _deliver(self, entries: List[Tuple[Tuple[Any, ...], List[Any]]], trusted: bool) -> None:
+        """Hand each result (``schedproto.walk``'s entries) to its sink."""
         sinks = self._sinks
         touched: Optional[Set[ResultSink]] = None
         last: Optional[ResultSink] = None
-        trusted = self.trusted and bool(flags & sp.FLAG_TRUSTED)
-        for fields, msg in sp.walk(table, count, sp.RESULT_ENTRY, data):
+        for fields, msg in entries:
             tid = fields[0]
             sink = sinks.pop(tid, None)
             if sink is None:
@@ -595,7 +650,11 @@ class SchedulerClient:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
-        for sock in ("_monitor", "_rx", "_wake_rx", "_wake_tx"):
+        if getattr(self, "_leases", None) is not None:
+            self._leases.close()
+        if getattr(self, "_monitor", None) is not None:
+            self._rx.disable_monitor()  # (see lease.DirectLease.close_tx)
+        for sock in ("_rx", "_monitor", "_wake_rx", "_wake_tx"):
             s = getattr(self, sock, None)
             if s is not None:
                 s.close(linger=0)

@@ -46,7 +46,8 @@ _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _
 
 class _Worker:
     __slots__ = ("rid", "no", "host", "pid", "trusted", "credit", "credit_bytes", "inhand",
-                 "inhand_bytes", "funcs", "tasks", "busy", "last_seen", "head_since", "born")
+                 "inhand_bytes", "funcs", "tasks", "busy", "last_seen", "head_since", "born",
+                 "direct", "direct_key", "leases")
 
     def __init__(self, rid: bytes, no: int, hello: Mapping[str, Any], trusted: bool,
                  now: float) -> None:
@@ -66,15 +67,28 @@ class _Worker:
         self.busy = 0.0
         self.last_seen = now
         self.head_since = now
+        #: The worker's direct socket and the key its lease tokens are
+        #: made with (None: it offers none), and the clients leasing it.
+        self.direct: Optional[str] = hello.get("direct")
+        key = hello.get("direct_key")
+        self.direct_key: Optional[bytes] = bytes.fromhex(key) if self.direct and key else None
+        if self.direct_key is None:
+            self.direct = None
+        self.leases: Set["_Client"] = set()
 
 
 class _Client:
-    __slots__ = ("rid", "no", "trusted", "queue", "host", "pid")
+    __slots__ = ("rid", "no", "trusted", "queue", "host", "pid", "local", "lease")
 
-    def __init__(self, rid: bytes, no: int, hello: Mapping[str, Any], trusted: bool) -> None:
+    def __init__(self, rid: bytes, no: int, hello: Mapping[str, Any], trusted: bool,
+                 local: bool = False) -> None:
         self.rid = rid
         self.no = no
         self.trusted = trusted
+        #: Whether the client is on this host (it may lease a worker's
+        #: direct socket), and the worker it leases.
+        self.local = local
+        self.lease: Optional[_Worker] = None
         self.queue: Deque[Record] = collections.deque()
         self.host = str(hello.get("host", "?"))
         self.pid = int(hello.get("pid", 0))
@@ -190,7 +204,7 @@ class Ledger:
                  "last_seen": now - w.last_seen, "in_hand": len(w.inhand),
                  "credit": w.credit, "worker_no": w.no, "uptime": now - w.born,
                  "task_age": (now - w.head_since) if w.inhand else None,
-                 "trusted": w.trusted}
+                 "trusted": w.trusted, "leases": len(w.leases)}
                 for w in self.workers.values()]
 
     def results(self, worker: _Worker, frames: Sequence[sp.Frame], count: int,
@@ -388,6 +402,7 @@ class Ledger:
         log.info("worker %d (%s pid %d) gone: %s; %d tasks to re-dispatch",
                  worker.no, worker.host, worker.pid, why, len(worker.inhand))
         self.counters["workers_lost"] += 1
+        self._revoke(worker)
         recs = list(worker.inhand.values())
         worker.inhand.clear()
         self.timed -= sum(1 for rec in recs if rec[_TIMEOUT])
@@ -411,6 +426,7 @@ class Ledger:
     def client_gone(self, client: _Client) -> None:
         """``client`` left: its queued tasks go; results of its running
         ones will be dropped."""
+        self.release_lease(client)
         if self.clients.get(client.no) is client:
             del self.clients[client.no]
         for rec in client.queue:
@@ -418,6 +434,51 @@ class Ledger:
         client.queue.clear()
         if client in self.active:
             self.active.remove(client)
+
+    # ------------------------------------------------------------ leases
+
+    def lease(self, client: _Client) -> Optional[_Worker]:
+        """Lease ``client`` a worker's direct socket (releasing the one it
+        had): the worker with the fewest leases, then the fewest tasks in
+        hand; None when no worker offers a direct socket."""
+        self.release_lease(client)
+        best: Optional[_Worker] = None
+        for w in self.workers.values():
+            if w.direct is not None and (best is None or (len(w.leases), len(w.inhand))
+                                         < (len(best.leases), len(best.inhand))):
+                best = w
+        if best is not None:
+            best.leases.add(client)
+            client.lease = best
+            self.counters["leases"] += 1
+        return best
+
+    def release_lease(self, client: _Client) -> None:
+        """``client`` no longer leases a worker."""
+        if client.lease is not None:
+            client.lease.leases.discard(client)
+            client.lease = None
+
+    def _revoke(self, worker: _Worker) -> None:
+        """``worker`` is gone: tell each client that leased it (REVOKE), so
+        that it sends the tasks it gave the worker directly here instead."""
+        clients, worker.leases = worker.leases, set()
+        for client in clients:
+            client.lease = None
+            if self.clients.get(client.no) is client:
+                self.counters["leases_revoked"] += 1
+                self.send(client.rid, sp.message(sp.REVOKE, {"worker_no": worker.no}))
+
+    def direct_done(self, worker: _Worker, note: Any) -> None:
+        """A DIRECT note: tasks ``worker`` ran for direct clients (counted
+        in its stats as the tasks the scheduler gave it are)."""
+        if (type(note) is not dict or type(note.get("tasks")) is not int
+                or type(note.get("seconds")) is not float or not 0 <= note["tasks"] < 1 << 40):
+            raise sp.ProtocolError("DIRECT note of the wrong form")
+        worker.tasks += note["tasks"]
+        if 0.0 <= note["seconds"] < 1e9:
+            worker.busy += note["seconds"]
+        self.counters["direct_tasks"] += note["tasks"]
 
     def next_deadline(self, now: float) -> float:
         """When the first running task with a timeout times out (at most 1 s on)."""

@@ -125,6 +125,16 @@ class ClusterPool:
     arrives (a task re-sent after its worker died finds them); when no slot
     is free an array goes over the socket. ``copies_sent`` then counts the
     bytes copied into slots.
+
+    **Direct tasks.** ``direct`` (True by default): ``submit`` may send a
+    task straight to a worker the scheduler leased this pool (a worker on
+    this host, when the pool is on the scheduler's host and no CURVE is
+    used), which answers straight back: two process hops instead of four.
+    The pool keeps such a task until its result arrives and sends it
+    through the scheduler if the lease ends first (the worker died, or its
+    connection closed), so nothing is lost; maps, and tasks with a
+    ``task_timeout``, always go through the scheduler (docs/scheduler.md,
+    "Direct tasks").
     """
 
     def __init__(self, cluster: "LocalCluster | str | None" = None, *,
@@ -137,7 +147,8 @@ class ClusterPool:
                  secret_key: "str | os.PathLike[str] | None" = None,
                  scheduler_key: "str | os.PathLike[str] | None" = None,
                  keys: "str | os.PathLike[str] | None" = None,
-                 shared_memory: "SharedMemory | bool | None" = None) -> None:
+                 shared_memory: "SharedMemory | bool | None" = None,
+                 direct: bool = True) -> None:
         self._own_cluster = None
         self.copies_sent = CopyCount()
         self.copies_received = CopyCount()
@@ -170,7 +181,8 @@ class ClusterPool:
             self._client = SchedulerClient(address,
                                            heartbeat_timeout=settings["heartbeat_timeout"],
                                            socket_options=socket_options,
-                                           connect_timeout=connect_timeout, security=security)
+                                           connect_timeout=connect_timeout, security=security,
+                                           direct=direct)
         except BaseException:
             if self._own_cluster is not None:
                 self._own_cluster.close()
@@ -218,7 +230,7 @@ class ClusterPool:
         fut = PoolFuture(link, tid)
         msg, _ = link.encode_task(sp.MODE_CALL, [(args, kwargs)], tid)
         entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, link.timeout_ms), msg)
-        link.send([entry], list(data), [tid], FutureSink(fut, link, tid))
+        link.send([entry], list(data), [tid], FutureSink(fut, link, tid), direct=True)
         return fut
 
     def apply(self, fn: Callable[..., T], args: Iterable[Any] = (),

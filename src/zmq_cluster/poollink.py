@@ -76,13 +76,13 @@ class PoolLink:
         return trusted if setting is None else setting
 
     def send(self, entries: List[bytes], frames: List[Any], tids: List[int],
-             sink: ResultSink) -> None:
+             sink: ResultSink, direct: bool = False) -> None:
         """Send one batch of tasks (see SchedulerClient.send_tasks),
         counting them as pending."""
         with self._cond:
             self.pending += len(tids)
         try:
-            self.client.send_tasks(entries, frames, tids, sink)
+            self.client.send_tasks(entries, frames, tids, sink, direct)
         except BaseException:
             for tid in tids:
                 self.unpin(tid)

@@ -25,6 +25,11 @@ by value, only when the scheduler says the task's submitter is trusted
 pickled argument or function is refused unexecuted: the task fails with the
 reason, which is also logged and counted (``counters["pickle_refused"]``).
 
+Direct tasks (``direct``, on by default): a worker whose scheduler is on
+this host also binds a *direct socket* (:mod:`zmq_cluster.workerdirect`),
+on which pools of this host that lease it send single tasks straight to it,
+and get their results straight back: two process hops instead of four.
+
 Shared memory (``shared_memory``, ``--shared-memory``; same host only):
 the worker maps the slots a client sends large arguments in, and returns
 large results in slots of its own when the task asks for that
@@ -44,7 +49,7 @@ import signal
 import socket as _socket
 import sys
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -60,6 +65,7 @@ from .sharedmem import SharedMemory, node_shared_memory
 from .taskcodec import MODE_SHM_RESULTS, CopyCount, encode_result, run_items, task_failure
 from .trust import is_private_ipc, sender_may_pickle
 from .wire import recv_any, send_frames
+from .workerdirect import DirectSocket, Task, bind_direct, direct_endpoint
 
 #: When this process started (HELLO says how long ago, for `zmq-cluster status`).
 _STARTED = time.monotonic()
@@ -84,8 +90,6 @@ FLUSH_SECONDS = 0.002
 FLUSH_BYTES = 1 << 20
 #: Extra seconds the alarm gives a task beyond its timeout.
 ALARM_GRACE = 0.2
-
-
 class PoolWorker:
     """A worker of the scheduler at ``address``.
 
@@ -95,6 +99,8 @@ class PoolWorker:
     (at least one task is always accepted). ``socket_options``: extra
     options for the DEALER socket. ``shared_memory``: True, or a
     SharedMemory, to take and give large arrays by slot (see above).
+
+    ``direct``: offer a direct socket to the pools of this host (see above).
 
     ``exit_code`` after :meth:`run`: ``schedproto.EXIT_STOPPED`` (0) when the
     scheduler said STOP, ``EXIT_RESTART`` when it asked for a restart
@@ -111,8 +117,10 @@ class PoolWorker:
                  security: Optional[ClientSecurity] = None,
                  socket_options: Optional[Dict[int, Any]] = None,
                  context: Optional[zmq.Context] = None,
-                 shared_memory: "SharedMemory | bool | None" = None) -> None:
+                 shared_memory: "SharedMemory | bool | None" = None,
+                 direct: bool = True) -> None:
         self.address = address
+        self.direct = direct
         self.shared_memory, self._own_shm = node_shared_memory(shared_memory)
         self.heartbeat_timeout = heartbeat_timeout
         self.credit_bytes = int(credit_bytes)
@@ -128,8 +136,9 @@ class PoolWorker:
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._functions = FunctionCache()
-        # (task id, function key, timeout ms, message, trusted)
-        self._queue: Deque[Tuple[int, int, int, List[Any], bool]] = collections.deque()
+        self._queue: Deque[Task] = collections.deque()
+        self._direct: Optional[DirectSocket] = None
+        self._drained = bytearray(3)  # see run()
         self._out_entries: List[bytes] = []
         self._out_frames: List[Any] = []
         self._mean: Optional[float] = None
@@ -138,6 +147,12 @@ class PoolWorker:
         self._credit = INITIAL_CREDIT
         self._running = True   # until stop() or STOP, even one before run()
         self.tasks_done = 0
+
+    @property
+    def direct_address(self) -> Optional[str]:
+        """The direct socket's address once :meth:`run` has bound it (None:
+        it offers none)."""
+        return None if self._direct is None else self._direct.address
 
     def run(self) -> None:
         """Serve tasks until the scheduler says STOP or :meth:`stop` is called."""
@@ -152,37 +167,59 @@ class PoolWorker:
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self._failed_handshakes = 0
+        sockets = [monitor, sock]
+        endpoint = direct_endpoint(self.address, self.security is not None) if self.direct else None
+        if endpoint is not None:
+            self._direct = bind_direct(self._ctx, endpoint, opts, self._queue,
+                                       self._add_function, self.counters)
+            if self._direct is not None:
+                sockets.append(self._direct.socket)
         sock.connect(self.address)
         self._handshakes = 0
         self._hello()
-        # Connection events first, then messages; waiting and receiving
-        # happen in zmq_cluster.wire (without the GIL in the compiled twin).
-        sockets = [monitor, sock]
+        # Connection events first, then messages (the scheduler's, then
+        # direct clients'); waiting and receiving happen in zmq_cluster.wire
+        # (without the GIL in the compiled twin).
+        # Which sockets are known drained (see wire.recv_any): a send may
+        # run a socket's commands, so every send clears its socket's entry
+        # (_send for the scheduler's; after each use for the direct one).
+        drained = self._drained = bytearray(len(sockets))
         queue = self._queue
         try:
             while self._running:
                 if queue:
-                    got = recv_any(sockets, 0)
+                    got = recv_any(sockets, 0, 0, None, drained)
                 else:
                     self._flush()
-                    got = recv_any(sockets, 1000)
+                    got = recv_any(sockets, 1000 if self._direct is None
+                                   else self._direct.wait_ms(1000), 0, None, drained)
                 while got is not None:
                     which, frames = got
                     if which == 0:
                         self._monitor_event(frames)
-                    else:
+                    elif which == 1:
                         self._handle(frames)
+                    else:
+                        self._direct.handle(frames)  # type: ignore[union-attr]
+                        drained[2] = 0
                     # The monitor waits for the next look (it is looked at
-                    # before every wait): a try costs about 0.7 us.
-                    got = recv_any(sockets, 0, 1)
+                    # before every wait).
+                    got = recv_any(sockets, 0, 1, None, drained)
                 if queue and self._running:
                     self._run_some()
+                    if self._direct is not None:
+                        drained[2] = 0
                     self._flush()
-            self._flush()
+            self._flush(final=True)
             self._send(sp.message(sp.BYE))
         finally:
             if self._own_shm and self.shared_memory is not None:
                 self.shared_memory.close()
+            if self._direct is not None:
+                self._direct.close()
+            # Monitoring stops before its reading end goes: libzmq's I/O
+            # thread would block for good sending a late event to it.
+            sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=500)
             if self._own_ctx:
@@ -194,14 +231,21 @@ class PoolWorker:
 
     def _send(self, frames: Sequence[Any]) -> None:
         send_frames(self._sock, frames)
+        self._drained[1] = 0
 
     def _hello(self) -> None:
-        self._send(sp.message(sp.HELLO, {
-            "role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
-            "credit": self._credit, "credit_bytes": self.credit_bytes,
-            "uptime": time.monotonic() - _STARTED}))
+        hello = {"role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
+                 "credit": self._credit, "credit_bytes": self.credit_bytes,
+                 "uptime": time.monotonic() - _STARTED}
+        if self._direct is not None:
+            hello.update(direct=self._direct.address, direct_key=self._direct.key.hex())
+        self._send(sp.message(sp.HELLO, hello))
 
     def _drop_held(self) -> None:
+        # Declared dead (or reset): the scheduler revokes our leases, whose
+        # clients re-send what they gave us; a new key voids the old tokens.
+        if self._direct is not None:
+            self._direct.reset()
         self._queue.clear()
         self._out_entries, self._out_frames, self._out_seconds = [], [], 0.0
         self._out_bytes = 0
@@ -232,22 +276,10 @@ class PoolWorker:
                 # The submitter (the scheduler says) and this connection.
                 trusted = bool(flags & sp.FLAG_TRUSTED) and sender_may_pickle(
                     frames[1], **self._trust_args)
-                self._queue.extend([(f[0], f[1], f[2], msg, trusted)
+                self._queue.extend([(f[0], f[1], f[2], msg, trusted, None)
                                     for f, msg in sp.walk(table, count, sp.TASK_ENTRY, data)])
             elif mtype == sp.FUNC:
-                body = sp.parse_body(frames[1].bytes)
-                if type(body) is not tuple or len(body) != 4:
-                    raise sp.ProtocolError("FUNC body of the wrong form")
-                key, module, qualname, pickled = body
-                if (type(key) is not int or not (module is None or type(module) is str)
-                        or not (qualname is None or type(qualname) is str)
-                        or not (pickled is None or type(pickled) is bytes)):
-                    raise sp.ProtocolError("FUNC body of the wrong types")
-                if key != function_key((module, qualname, pickled)):
-                    raise sp.ProtocolError("FUNC key does not match its function")
-                if key not in self._functions and len(self._functions) >= sp.MAX_FUNCTIONS:
-                    raise sp.ProtocolError("more than %d functions" % sp.MAX_FUNCTIONS)
-                self._functions.add(key, (module, qualname, pickled))
+                self._add_function(frames[1])
             elif mtype == sp.RESET:
                 self._drop_held()
                 self._hello()
@@ -265,6 +297,22 @@ class PoolWorker:
             log.warning("worker %d rejected a malformed message: %s", os.getpid(),
                         exc if isinstance(exc, sp.ProtocolError)
                         else "%s: %s" % (type(exc).__name__, exc))
+
+    def _add_function(self, frame: Any) -> None:
+        """A FUNC body (from the scheduler or a direct client): kept."""
+        body = sp.parse_body(frame.bytes)
+        if type(body) is not tuple or len(body) != 4:
+            raise sp.ProtocolError("FUNC body of the wrong form")
+        key, module, qualname, pickled = body
+        if (type(key) is not int or not (module is None or type(module) is str)
+                or not (qualname is None or type(qualname) is str)
+                or not (pickled is None or type(pickled) is bytes)):
+            raise sp.ProtocolError("FUNC body of the wrong types")
+        if key != function_key((module, qualname, pickled)):
+            raise sp.ProtocolError("FUNC key does not match its function")
+        if key not in self._functions and len(self._functions) >= sp.MAX_FUNCTIONS:
+            raise sp.ProtocolError("more than %d functions" % sp.MAX_FUNCTIONS)
+        self._functions.add(key, (module, qualname, pickled))
 
     def _run_some(self) -> None:
         """Run tasks from the queue until it is empty or the results held
@@ -284,7 +332,7 @@ class PoolWorker:
         seconds_held = self._out_seconds
         done = 0
         while queue:
-            tid, key, timeout_ms, msg, trusted = queue.popleft()
+            tid, key, timeout_ms, msg, trusted, dest = queue.popleft()
             start = perf_counter()
             n = 0
             try:
@@ -324,6 +372,14 @@ class PoolWorker:
             except Exception as exc:
                 result = task_failure(exc, tid)
             seconds = perf_counter() - start
+            if dest is not None:
+                # A direct task's result goes at once: its caller waits.
+                direct = self._direct
+                assert direct is not None
+                direct.send_result(dest, tid, result, n, seconds)
+                direct.ran(n, seconds)
+                self.tasks_done += n
+                continue
             done += n
             seconds_held += seconds
             header = result[0]
@@ -342,7 +398,13 @@ class PoolWorker:
         self._out_seconds = seconds_held
         self.tasks_done += done
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
+        """Send the results held back, and the DIRECT note when it is due
+        (``final``: whatever is held)."""
+        if self._direct is not None:
+            note = self._direct.note(force=final)
+            if note is not None:
+                self._send(sp.message(sp.DIRECT, note))
         entries = self._out_entries
         if not entries:
             return
@@ -386,6 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--shared-memory", action="store_true",
                         help="take and give large arrays by same-host shared memory")
+    parser.add_argument("--no-direct", dest="direct", action="store_false",
+                        help="offer no direct socket: every task comes through the scheduler")
     args = parser.parse_args(argv)
     from .process import die_with_parent
     die_with_parent()
@@ -398,7 +462,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in args.imports:
         importlib.import_module(name)
     worker = PoolWorker(args.connect, heartbeat_timeout=args.heartbeat_timeout,
-                        security=security, shared_memory=args.shared_memory)
+                        security=security, shared_memory=args.shared_memory,
+                        direct=args.direct)
     gc.freeze()  # the loop's per-task objects are short-lived: collect rarely
     gc.set_threshold(50_000, 50, 100)
     terminated: List[bool] = []

@@ -19,16 +19,24 @@ when it is not inline (``inline_len == 0``), then its buffer frames. So the
 scheduler splits a batch, keeps each task as its own ledger entry and
 forwards its frames without decoding or copying them.
 
+Direct tasks (docs/scheduler.md, "Direct tasks"): LEASE, REVOKE and
+DIRECT go between the scheduler and its peers; a leased worker's direct
+socket speaks DHELLO, FUNC, TASKS and RESULTS with the same frames (no
+routing by the scheduler: one task per TASKS message).
+
 Each task body is a REQUEST message (task id in its header) whose payload
 is ``(mode, items)``; its result is a RESULT message (same task id) whose
 payload is ``(values, errors)``: see :mod:`zmq_cluster.taskcodec`.
 """
 
+import hashlib
+import hmac
 import struct
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 from . import framing
 from .protocol import KIND_COMMAND
+from .trust import EndpointKind, classify_endpoint
 
 MAGIC = b"ZS"
 VERSION = 1
@@ -46,6 +54,9 @@ CTL_SIZE = CTL.size
 TASK_ENTRY = struct.Struct("<QQIII")
 #: task_id, inline_len, n_frames, items, seconds
 RESULT_ENTRY = struct.Struct("<QIIId")
+
+#: Bounds on what a HELLO may announce.
+MAX_HELLO_CREDIT = 1 << 20
 
 #: Functions a scheduler keeps (and so sends a worker), at most: their
 #: count, and the bytes of their FUNC messages.
@@ -70,11 +81,16 @@ PROBE = 10     # scheduler -> worker: liveness backstop; ignored
 BYE = 11       # peer -> scheduler: leaving
 SHUTDOWN = 12  # client -> scheduler: stop the workers, then the scheduler
 CONTROL = 13   # client -> scheduler (body: {"id", "op"}); scheduler -> client (body: reply)
+LEASE = 14     # client -> scheduler (body: {"id"}); scheduler -> client (body: a grant, see below)
+REVOKE = 15    # scheduler -> client: a lease is void (body: {"worker_no"}); re-send its tasks
+DIRECT = 16    # worker -> scheduler: direct tasks run since the last note (body: {"tasks", "seconds"})
+DHELLO = 17    # client -> worker's direct socket: a lease's credentials; worker -> client: welcome
 
 TYPE_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", TASKS: "TASKS", RESULTS: "RESULTS",
               FUNC: "FUNC", CANCEL: "CANCEL", STATS: "STATS", STOP: "STOP",
               RESET: "RESET", PROBE: "PROBE", BYE: "BYE", SHUTDOWN: "SHUTDOWN",
-              CONTROL: "CONTROL"}
+              CONTROL: "CONTROL", LEASE: "LEASE", REVOKE: "REVOKE", DIRECT: "DIRECT",
+              DHELLO: "DHELLO"}
 
 #: TASKS flags bit (scheduler -> worker): the submitter is trusted, so the
 #: worker may unpickle the tasks' arguments and functions. RESULTS flags bit
@@ -104,6 +120,22 @@ ROLE_WORKER = "worker"
 ROLE_CLIENT = "client"    # receives results
 ROLE_SUBMIT = "submit"    # sends tasks for a client (its "client_no")
 
+#: DHELLO roles (client -> worker's direct socket): the connection results
+#: come back on, and the one tasks are sent on.
+DIRECT_RESULTS = "results"
+DIRECT_SUBMIT = "submit"
+
+
+def lease_token(key: bytes, client_no: int, trusted: bool) -> str:
+    """The credential a scheduler gives client ``client_no`` for a worker's
+    direct socket (hex): an HMAC, under the secret ``key`` the worker told
+    the scheduler in its HELLO, of the client's number and whether the
+    scheduler trusts it with pickles. The worker recomputes it: a peer
+    without a lease cannot make one, nor raise its own trust."""
+    msg = b"%d:%d" % (client_no, 1 if trusted else 0)
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
 #: Task payload modes: f(x) per item, f(*args) per item, f(*args, **kwargs).
 MODE_MAP = 0
 MODE_STAR = 1
@@ -112,6 +144,39 @@ MODE_CALL = 2
 
 class ProtocolError(ValueError):
     """A scheduler-protocol message that cannot be used; the text says why."""
+
+
+def check_hello(hello: Mapping[Any, Any]) -> None:
+    """ProtocolError unless the HELLO's fields have their types and ranges."""
+    for key, kind in (("host", str), ("role", str), ("direct", str), ("direct_key", str)):
+        if key in hello and type(hello[key]) is not kind:
+            raise ProtocolError("HELLO %r is not a %s" % (key, kind.__name__))
+    _check_direct(hello.get("direct"), hello.get("direct_key"))
+    for key, low, high in (("pid", 0, 1 << 62), ("credit", 1, MAX_HELLO_CREDIT),
+                           ("credit_bytes", 1, 1 << 62), ("client_no", 1, 1 << 23),
+                           ("uptime", 0, 1 << 40)):
+        value = hello.get(key)
+        if value is None:
+            continue
+        if key == "uptime" and type(value) is float:
+            value = int(value) if value == value and abs(value) < 1 << 40 else -1
+        if type(value) is not int or not low <= value <= high:
+            raise ProtocolError("HELLO %r out of range: %r" % (key, value))
+
+
+def _check_direct(direct: Any, key: Any) -> None:
+    """ProtocolError unless a worker's direct socket (if it offers one) is
+    on this host and comes with a 32-byte key in hex."""
+    if direct is None:
+        return
+    try:
+        where = classify_endpoint(direct)
+    except ValueError:
+        where = EndpointKind.NETWORK
+    if len(direct) > 1024 or where not in (EndpointKind.IPC, EndpointKind.LOOPBACK):
+        raise ProtocolError("HELLO 'direct' is not an ipc or loopback address")
+    if type(key) is not str or len(key) != 64 or key.strip("0123456789abcdef") != "":
+        raise ProtocolError("HELLO 'direct_key' is not 32 bytes of hex")
 
 
 def ctl(mtype: int, count: int = 0, flags: int = 0) -> bytes:

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, cast
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -35,7 +35,7 @@ from .liveness import FdMap, heartbeat_options
 from .security import CurveAuthenticator, ServerSecurity, authenticator_for
 from .trust import (
     EndpointKind, check_listen, classify_endpoint, describe_peer, is_private_ipc,
-    sender_may_pickle,
+    sender_is_local, sender_may_pickle,
 )
 from .wire import recv_any, send_frames
 
@@ -45,12 +45,12 @@ log = logging.getLogger("zmq_cluster.scheduler")
 
 #: Messages read in a row before the scheduler dispatches.
 DRAIN_BATCH = 256
+#: Messages handled, at most, before a disconnection is (see _settle).
+MAX_SETTLE = 100_000
 #: How long a scheduler told to shut down waits for its workers to leave.
 SHUTDOWN_SECONDS = 2.0
 #: STATS requests a client may have waiting for workers to join, at most.
 MAX_STATS_WAITING = 16
-#: Bounds on what a HELLO may announce.
-MAX_HELLO_CREDIT = 1 << 20
 
 
 def is_local_address(address: str) -> bool:
@@ -150,6 +150,8 @@ class Scheduler:
         self._stopping: Optional[float] = None  # deadline once told to shut down
         self._peers: Dict[bytes, Tuple[str, Any]] = {}  # routing id -> (role, peer)
         self._fdmap = FdMap()
+        self._settling = False
+        self._drained = bytearray(2)
         # STATS requests waiting for enough workers.
         self._stats_waiting: List[Tuple[_Client, Dict[Any, Any]]] = []
         self._next_client = 1
@@ -171,6 +173,9 @@ class Scheduler:
         # message of a batch (first=1): a try on an empty socket costs
         # about 0.7 us.
         sockets = [self._monitor, self._router]
+        # Which are known drained (see wire.recv_any): every send on the
+        # router (_send) and every other read clears its entry.
+        drained = self._drained
         ledger = self.ledger
         try:
             handle = self._handle
@@ -179,7 +184,8 @@ class Scheduler:
                 wait = next_probe - now
                 if ledger.timed:
                     wait = min(wait, ledger.next_deadline(now) - now)
-                got = recv_any(sockets, max(0, min(100, int(wait * 1000) + 1)))
+                got = recv_any(sockets, max(0, min(100, int(wait * 1000) + 1)), 0, None,
+                               drained)
                 n = 0
                 while got is not None:
                     which, frames = got
@@ -190,7 +196,7 @@ class Scheduler:
                     n += 1
                     if n >= DRAIN_BATCH:
                         break
-                    got = recv_any(sockets, 0, 1)
+                    got = recv_any(sockets, 0, 1, None, drained)
                 if ledger.active:
                     ledger.dispatch()
                 now = time.monotonic()
@@ -231,7 +237,11 @@ class Scheduler:
         # Told to shut down, what is queued (the answer to the stop, the
         # workers' STOPs) gets a moment to leave; otherwise nothing waits.
         linger = int(SHUTDOWN_SECONDS * 1000) if getattr(self, "_stopping", None) else 0
-        for name in ("_monitor", "_router"):
+        if getattr(self, "_monitor", None) is not None and not self._router.closed:
+            # Before its reading end goes: libzmq's I/O thread would block
+            # for good sending a late event to a closed monitor.
+            self._router.disable_monitor()
+        for name in ("_router", "_monitor"):
             sock = getattr(self, name, None)
             if sock is not None:
                 try:
@@ -253,6 +263,7 @@ class Scheduler:
         # that cannot take a message is one libzmq is tearing down.
         try:
             send_frames(self._router, [rid] + frames, zmq.DONTWAIT)
+            self._drained[1] = 0
             return True
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
@@ -297,6 +308,10 @@ class Scheduler:
                 self._shutdown()
             elif mtype == sp.CONTROL and peer[0] in ("submit", "client"):
                 self._control(peer[1], sp.parse_body(frames[2].bytes))
+            elif mtype == sp.LEASE and peer[0] in ("submit", "client"):
+                self._lease(peer[1], sp.parse_body(frames[2].bytes))
+            elif mtype == sp.DIRECT and peer[0] == "worker":
+                self.ledger.direct_done(peer[1], sp.parse_body(frames[2].bytes))
             else:
                 raise sp.ProtocolError("%s from a %s" % (sp.TYPE_NAMES[mtype], peer[0]))
             if peer is not None and peer[0] == "worker":
@@ -318,7 +333,7 @@ class Scheduler:
         hello = sp.parse_body(frames[2].bytes)
         if type(hello) is not dict:
             raise sp.ProtocolError("HELLO body is not a dict")
-        _check_hello(hello)
+        sp.check_hello(hello)
         if rid in self._peers:
             self._gone(rid, "said HELLO again")
         try:
@@ -352,7 +367,8 @@ class Scheduler:
                 if self.ledger.clients.get(client.no) is client:
                     self._stats(client, request)
         elif role == sp.ROLE_CLIENT:
-            client = _Client(rid, self._next_client, hello, trusted)
+            client = _Client(rid, self._next_client, hello, trusted,
+                             local=sender_is_local(frames[2]))
             self._next_client += 1
             self.ledger.clients[client.no] = client
             self._peers[rid] = ("client", client)
@@ -361,13 +377,14 @@ class Scheduler:
             self._send(rid, sp.message(sp.WELCOME, {"client_no": client.no,
                                                     "workers": len(self.ledger.workers)}))
         elif role == sp.ROLE_SUBMIT:
-            # _check_hello: an int when present; None (absent) is no client's.
+            # check_hello: an int when present; None (absent) is no client's.
             client = self.ledger.clients.get(cast(int, hello.get("client_no")))
             if client is None:
                 raise sp.ProtocolError("submit connection for unknown client")
             self._peers[rid] = ("submit", client)
             # Tasks arrive on this connection: both must be trusted.
             client.trusted = client.trusted and trusted
+            client.local = client.local and sender_is_local(frames[2])
         else:
             self._fdmap.forget(rid)
             raise sp.ProtocolError("HELLO with role %r" % (role,))
@@ -404,6 +421,22 @@ class Scheduler:
             "id": rid, "workers": workers, "queued": queued, "running": running,
             "clients": len(ledger.clients), "counters": counters,
             "secure": self.security is not None}))
+
+    def _lease(self, client: _Client, request: Any) -> None:
+        """A LEASE request: grant the client a worker's direct socket (a
+        client on this host only: a worker's direct address is a loopback
+        or ipc one), or say there is none (``worker_no`` None)."""
+        if type(request) is not dict or not (request.get("id") is None
+                                             or type(request.get("id")) is int):
+            raise sp.ProtocolError("LEASE request of the wrong form")
+        grant: Dict[str, Any] = {"id": request.get("id"), "worker_no": None}
+        worker = self.ledger.lease(client) if client.local else None
+        if worker is not None:
+            assert worker.direct is not None and worker.direct_key is not None
+            grant.update(worker_no=worker.no, pid=worker.pid, address=worker.direct,
+                         token=sp.lease_token(worker.direct_key, client.no, client.trusted),
+                         trusted=worker.trusted, client_trusted=client.trusted)
+        self._send(client.rid, sp.message(sp.LEASE, grant))
 
     def _control(self, client: _Client, request: Any) -> None:
         """A CONTROL request (the command line's stop, stop --workers-only,
@@ -448,9 +481,29 @@ class Scheduler:
         if event["event"] == zmq.EVENT_DISCONNECTED:
             rid = self._fdmap.disconnected(event["value"])
             if rid is not None:
+                self._settle()
                 self._gone(rid, "disconnected")
 
+    def _settle(self) -> None:
+        """Handle what the router holds before a disconnection: a peer's
+        last messages (a client's SHUTDOWN and BYE just before it closes)
+        reach the router before libzmq reports the close, but the loop
+        reads connection events first."""
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            self._drained[1] = 0
+            for _ in range(MAX_SETTLE):
+                got = recv_any([self._router], 0)
+                if got is None:
+                    return
+                self._handle(got[1])
+        finally:
+            self._settling = False
+
     def _drain_monitor(self) -> None:
+        self._drained[0] = 0
         while True:
             try:
                 frames = self._monitor.recv_multipart(zmq.NOBLOCK)
@@ -513,23 +566,6 @@ def _who(frames: Sequence[Any], rid: bytes) -> str:
         if isinstance(frame, zmq.Frame):
             return "%s (routing id %s)" % (describe_peer(frame), rid.hex())
     return "routing id %s" % rid.hex()
-
-
-def _check_hello(hello: Mapping[Any, Any]) -> None:
-    """ProtocolError unless the HELLO's fields have their types and ranges."""
-    for key, kind in (("host", str), ("role", str)):
-        if key in hello and type(hello[key]) is not kind:
-            raise sp.ProtocolError("HELLO %r is not a %s" % (key, kind.__name__))
-    for key, low, high in (("pid", 0, 1 << 62), ("credit", 1, MAX_HELLO_CREDIT),
-                           ("credit_bytes", 1, 1 << 62), ("client_no", 1, 1 << 23),
-                           ("uptime", 0, 1 << 40)):
-        value = hello.get(key)
-        if value is None:
-            continue
-        if key == "uptime" and type(value) is float:
-            value = int(value) if value == value and abs(value) < 1 << 40 else -1
-        if type(value) is not int or not low <= value <= high:
-            raise sp.ProtocolError("HELLO %r out of range: %r" % (key, value))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -55,6 +55,7 @@ __all__ = [
     "describe_peer",
     "is_loopback_address",
     "is_private_ipc",
+    "sender_is_local",
     "sender_may_pickle",
 ]
 
@@ -218,6 +219,14 @@ def sender_may_pickle(frame: zmq.Frame, *,
     if peer.startswith("localhost:"):  # ipc: "localhost:" + SO_PEERCRED uid:gid:pid
         return private_ipc
     return is_loopback_address(peer)
+
+
+def sender_is_local(frame: zmq.Frame) -> bool:
+    """Whether the sender of ``frame`` is on this host: an ipc peer, a
+    loopback tcp peer, or an inproc one (no ``Peer-Address``). (Locality,
+    not trust: see :func:`sender_may_pickle`.)"""
+    peer = _property(frame, "Peer-Address")
+    return peer is None or peer.startswith("localhost:") or is_loopback_address(peer)
 
 
 def describe_peer(frame: zmq.Frame) -> str:

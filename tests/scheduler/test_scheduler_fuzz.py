@@ -247,6 +247,10 @@ class SchedulerFuzz(Gen):
                 if ok:
                     continue
                 return frames, "malformed"
+            if mtype == sp.LEASE:  # a client may ask for a lease
+                ok = _body_ok(frames[1], lambda b: type(b) is dict and (
+                    b.get("id") is None or type(b.get("id")) is int))
+                return frames, "other" if ok else "malformed"
             return frames, "malformed"   # a type a client may not send
 
     def worker(self):
