@@ -182,14 +182,18 @@ def test_ctrl_c_while_the_nanny_waits_for_its_scheduler(tmp_path):
 
 
 # Loaded by every Python process of the test's `local` (PYTHONPATH): a
-# worker process tells the test its pid through a FIFO, then never starts.
+# worker process tells the test its pid through a FIFO, then never starts:
+# it waits for its standard input, a pipe from its parent, to close (it has
+# not yet set itself to die with its parent).
 _HOLD_WORKERS = """
-import os, sys, time
+import os
 argv = open("/proc/self/cmdline", "rb").read().split(b"\\0")
 if b"zmq_cluster._start" in argv and b"worker" in argv:
     with open(os.environ["ZC_TEST_FIFO"], "w") as fifo:
         fifo.write("%d\\n" % os.getpid())
-    time.sleep(120)
+    while os.read(0, 4096):
+        pass
+    os._exit(1)
 """
 
 
@@ -207,16 +211,19 @@ def test_ctrl_c_while_local_starts(tmp_path):
     local = Command("local", "-n", "1", env={
         "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
         "ZC_TEST_FIFO": str(fifo)})
+    worker = None
     try:
         assert select.select([reader], [], [], 60)[0], "no worker started"
         worker = int(os.read(reader, 64).split()[0])
         start = time.monotonic()
         local.signal(signal.SIGINT)
-        assert local.wait(30) == 130
+        assert local.wait(30) == 130, local.transcript()
         assert time.monotonic() - start < 8
-        assert local.stderr[-1] == "zmq-cluster local: error: interrupted"
+        assert local.stderr[-1] == "zmq-cluster local: error: interrupted", local.transcript()
         assert local.lines == []
         assert wait_gone([worker], 10) == []
     finally:
         os.close(reader)
+        if worker is not None and wait_gone([worker], 0):
+            os.kill(worker, signal.SIGKILL)   # it holds the output pipes
         local.kill()
