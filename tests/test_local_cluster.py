@@ -111,3 +111,42 @@ def test_the_directory_of_a_sigkilled_cluster_goes_with_the_next_cluster(tmp_pat
         assert not os.path.exists(left)
         assert cluster.address.startswith("ipc://%s/zc-cluster-%d-" % (where, os.getpid()))
     assert os.listdir(where) == []
+
+
+def test_a_child_being_started_when_ctrl_c_comes_is_stopped(monkeypatch):
+    """Ctrl-C while spawn() waits for the spawner thread (LocalCluster's
+    start-up, the worker nanny): the child it was starting is stopped, not
+    left to run with no owner (before, it ran on: nothing knew its pid)."""
+    import queue
+    from zmq_cluster import process
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):   # in the spawner thread
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    class InterruptedOnce(queue.Queue):
+        """spawn()'s reply queue: its first get() is cut by a Ctrl-C."""
+        interrupted = False
+
+        def get(self, *args, **kwargs):
+            if not InterruptedOnce.interrupted:
+                InterruptedOnce.interrupted = True
+                raise KeyboardInterrupt
+            return super().get(*args, **kwargs)
+
+    monkeypatch.setattr(process.subprocess, "Popen", popen)
+    monkeypatch.setattr(process.queue, "Queue", InterruptedOnce)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            process.spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+        assert len(started) == 1
+        assert started[0].poll() is not None   # stopped, and reaped
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            if p.stdin is not None:
+                p.stdin.close()
