@@ -23,13 +23,10 @@ class Command:
     """``zmq-cluster ARGS`` running in its own process group."""
 
     def __init__(self, *args, env=None, cwd=None):
-        full_env = dict(os.environ)
-        full_env.pop(CONFIG_ENV, None)
-        full_env.update(env or {})
         self.args = [str(a) for a in args]
         self.process = subprocess.Popen(CLI + self.args, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                        text=True, env=full_env, cwd=cwd,
+                                        text=True, env=_environment(env), cwd=cwd,
                                         start_new_session=True)
         self.lines = []
         self.stderr = []
@@ -75,7 +72,15 @@ class Command:
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail("%s did not exit within %gs\n%s" % (self, timeout, self.transcript()))
+            self.process.send_signal(signal.SIGABRT)  # its threads' stacks on stderr
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            for t in self._threads:
+                t.join(5)
+            pytest.fail("%s did not exit within %gs (stderr ends with the stacks of its"
+                        " threads)\n%s" % (self, timeout, self.transcript(tail=200)))
         for t in self._threads:
             t.join(5)
         while True:
@@ -99,21 +104,56 @@ class Command:
         for stream in (self.process.stdout, self.process.stderr):
             stream.close()
 
-    def transcript(self):
+    def transcript(self, tail=30):
         return "stdout:\n  %s\nstderr:\n  %s" % ("\n  ".join(self.lines),
-                                                 "\n  ".join(self.stderr[-30:]))
+                                                 "\n  ".join(self.stderr[-tail:]))
 
     def __repr__(self):
         return "<zmq-cluster %s>" % " ".join(self.args[:3])
 
 
-def run(*args, env=None, timeout=60, cwd=None):
-    """Run ``zmq-cluster ARGS`` to the end: the CompletedProcess."""
+def _environment(env):
     full_env = dict(os.environ)
     full_env.pop(CONFIG_ENV, None)
+    # SIGABRT then dumps every thread's stack on stderr (see _stacks).
+    full_env["PYTHONFAULTHANDLER"] = "1"
     full_env.update(env or {})
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL)
+    return full_env
+
+
+def _stacks(process, timeout=10):
+    """What a process that did not exit in time was doing: SIGABRT (its
+    faulthandler writes every thread's stack on stderr), then SIGKILL to
+    its process group; returns (stdout, stderr) read to the end."""
+    try:
+        process.send_signal(signal.SIGABRT)
+        return process.communicate(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        return None, None
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout)
+
+
+def run(*args, env=None, timeout=60, cwd=None):
+    """Run ``zmq-cluster ARGS`` to the end: the CompletedProcess. One that
+    has not exited after ``timeout`` seconds fails the test with its
+    threads' stacks (which wait hung)."""
+    argv = CLI + [str(a) for a in args]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_environment(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _stacks(process)
+        pytest.fail("zmq-cluster %s did not exit within %gs\nstdout:\n%s\nstderr (with the"
+                    " stacks of its threads):\n%s" % (" ".join(argv[3:]), timeout, stdout,
+                                                      stderr))
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 def one_line_error(result, *fragments):

@@ -107,6 +107,17 @@ def test_keygen_force_replaces(tmp_path, capsys):
     assert load_public_key(paths.client_public) != old
 
 
+def test_keygen_where_it_cannot_write_says_so_in_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["keygen", str(tmp_path / "afile")]) == 1
+    assert_one_line_error(capsys.readouterr().err, "zmq-cluster keygen: error: cannot write keys"
+                          " in %s: %s is not a directory" % (tmp_path / "afile",
+                                                            tmp_path / "afile"))
+    assert main(["keygen", str(tmp_path / "afile" / "k")]) == 1
+    assert_one_line_error(capsys.readouterr().err, "cannot write keys in %s: Not a directory"
+                          % (tmp_path / "afile" / "k"))
+
+
 def test_keygen_directory_from_the_config(tmp_path, capsys, monkeypatch):
     config = tmp_path / "conf" / "zc.toml"
     config.parent.mkdir()
@@ -204,3 +215,10 @@ def test_a_curve_scheduler_needs_client_keys(tmp_path):
         client_security_from(parse([add_client_key_options], []), location)
     assert client_security_from(parse([add_client_key_options], []),
                                 SchedulerLocation("tcp://a:1")) is None
+
+
+def test_status_shows_mean_task_times_in_a_unit_that_suits_them():
+    from zmq_cluster.cli.status import _task_time
+    # Before: "0.000121 s" beside "9.24e-05 s" in one column.
+    assert [_task_time(s) for s in (0.000121, 9.24e-05, 0.0125, 3.25, 125.0)] == [
+        "121 us", "92.4 us", "12.5 ms", "3.25 s", "125 s"]

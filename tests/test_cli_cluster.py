@@ -345,8 +345,27 @@ def test_local_runs_until_ctrl_c(tmp_path):
         local.signal(signal.SIGINT)
         assert local.wait() == 0
         assert local.lines[-1] == "stopped"
+        assert not (tmp_path / "s.json").exists()   # removed, as the scheduler's is
         assert wait_gone(pids, 10) == []
         assert not os.path.exists(address[len("ipc://"):])
+    finally:
+        local.kill()
+
+
+def test_local_exits_when_zmq_cluster_stop_stops_it(tmp_path):
+    # Before, its scheduler and workers stopped and `local` ran on for ever.
+    local = Command("local", "-n", "1", "--scheduler-file", tmp_path / "s.json")
+    try:
+        address = local.expect("ipc://")
+        line = local.expect("Ctrl-C stops it")
+        pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
+        result = run("stop", "--connect", address)
+        assert result.returncode == 0, result.stderr
+        assert local.wait() == 0
+        assert local.lines[-2:] == ["the scheduler stopped (zmq-cluster stop); stopping",
+                                    "stopped"]
+        assert not (tmp_path / "s.json").exists()
+        assert wait_gone(pids, 10) == []
     finally:
         local.kill()
 

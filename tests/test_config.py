@@ -12,7 +12,8 @@ import pytest
 import zmq
 
 from zmq_cluster.config import (
-    CONFIG_ENV, KEYS, Config, ConfigError, SchedulerFile, SchedulerFileError, find_config,
+    CONFIG_ENV, KEYS, Config, ConfigError, SchedulerFile, SchedulerFileError, check_endpoint,
+    find_config,
     load_config, merge, read_config, read_scheduler_file, write_scheduler_file,
 )
 
@@ -73,6 +74,13 @@ def test_empty_config():
     ("listen = 5555", "listen"),
     ("listen = ''", "listen"),
     ("connect = ['tcp://a:1']", "connect"),
+    ("connect = 'head:5555'", "connect"),
+    ("connect = 'tcp://head'", "connect"),
+    ("connect = 'tcp://head:0'", "connect"),
+    ("connect = 'tcp://head:70000'", "connect"),
+    ("connect = 'inproc://x'", "connect"),
+    ("listen = 'tcp://*:abc'", "listen"),
+    ("listen = 'udp://*:5555'", "listen"),
     ("scheduler_file = 1", "scheduler_file"),
     ("workers = 0", "workers"),
     ("workers = true", "workers"),
@@ -99,6 +107,44 @@ def test_wrong_types_and_values_name_the_key_and_the_file(tmp_path, line, key):
         load_config(path)
     message = str(info.value)
     assert repr(key) in message and str(path) in message and "must be" in message
+
+
+@pytest.mark.parametrize("address", [
+    "tcp://head:5555", "tcp://10.0.0.1:1", "tcp://[::1]:65535", "tcp://eth0;head:5555",
+    "ipc:///tmp/x/scheduler", "ipc://@abstract",
+])
+def test_addresses_to_connect_to(address):
+    assert check_endpoint(address) == address
+
+
+@pytest.mark.parametrize("address", ["tcp://*:0", "tcp://*:*", "tcp://0.0.0.0:5555",
+                                     "tcp://eth0:5555", "tcp://127.0.0.1:0"])
+def test_addresses_to_listen_on(address):
+    assert check_endpoint(address, listen=True) == address
+    if address.endswith((":0", ":*")):
+        with pytest.raises(ValueError, match="PORT of 1-65535"):
+            check_endpoint(address)
+
+
+@pytest.mark.parametrize("address, message", [
+    ("foo", "an address such as tcp://HOST:PORT or ipc://PATH"),
+    ("ipc://", "an address such as"),
+    ("inproc://x", "an address such as"),
+    ("udp://head:5555", "an address such as"),
+    ("tcp://head", "with a host and a port"),
+    ("tcp://:5555", "with a host and a port"),
+    ("tcp://head:", "with a host and a port"),
+    ("tcp://head:abc", "PORT of 0-65535 or \\*"),
+    ("tcp://head:65536", "PORT of 0-65535 or \\*"),
+    ("tcp://head:-1", "PORT of 0-65535 or \\*"),
+])
+def test_bad_addresses_say_what_an_address_must_be(address, message):
+    with pytest.raises(ValueError, match=message):
+        check_endpoint(address, listen=True)
+    with pytest.raises(ValueError):
+        check_endpoint(address)
+    with pytest.raises(TypeError):
+        check_endpoint(5555)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("text, key", [
@@ -193,8 +239,9 @@ def test_write_scheduler_file_checks_its_input(tmp_path):
     ("not json", "is not JSON"),
     ("[1, 2]", "must hold a JSON object"),
     ('{"address": "tcp://a:1", "extra": 1}', "unknown keys: extra"),
-    ('{"public_key": null}', '"address" must be an endpoint'),
-    ('{"address": "head:5555"}', '"address" must be an endpoint'),
+    ('{"public_key": null}', '"address" must be an address such as'),
+    ('{"address": "head:5555"}', '"address" must be an address such as'),
+    ('{"address": "tcp://head:99999"}', '"address" must be tcp://HOST:PORT with a PORT of 1-'),
     ('{"address": "tcp://a:1", "public_key": "abc"}', '"public_key" must be a 40-character'),
     ('{"address": "tcp://a:1", "public_key": 7}', '"public_key" must be a 40-character'),
 ])

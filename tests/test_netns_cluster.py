@@ -129,14 +129,18 @@ def test_an_intruder_without_keys_gets_nothing(cluster, tmp_path):
     refused = attack.expect("refused", timeout=30)
     assert refused["what"] == "connect" and "CURVE" in refused["error"]
     attack.finish()
-    # 5. A worker of its own (no keys; then outsider keys) to take tasks and
-    #    answer with malicious results.
-    workers = [cli(lab, "intruder", "worker", "--connect", c["address"], "-n", "1",
-                   "--import", "netns_tasks"),
+    # 5. A worker nanny without keys starts no worker: the scheduler did not
+    #    answer it (the handshake failed).
+    result = cli_run(lab, "intruder", "worker", "--connect", c["address"], "-n", "1",
+                     "--timeout", "2")
+    assert result.returncode == 1 and "CURVE handshake failed" in result.stderr
+    #    Workers of its own (no keys, as that nanny would have started; then
+    #    outsider keys) to take tasks and answer with malicious results.
+    workers = [lab.python("intruder", "-m", "zmq_cluster._start", "worker", "--connect",
+                          c["address"], "--import", "netns_tasks", env=env()),
                lab.python("intruder", POOL, "fake-worker", "--connect", c["address"],
                           "--keys", c["outsider"].directory, "--target", str(target),
                           env=env())]
-    workers[0].expect(text("1 workers"))
     # 6. Raw TCP: a ZMTP greeting and junk.
     raw = lab.python("intruder", POOL, "raw", "--host", HEAD, "--port", "5555", env=env())
     raw.expect("done", timeout=30)

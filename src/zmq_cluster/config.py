@@ -16,7 +16,8 @@ else by the ``ZMQ_CLUSTER_CONFIG`` environment variable, else none
 :func:`read_config` and combine it with :func:`merge`: flags override the
 file, the file overrides defaults.
 
-Keys and their types (:data:`KEYS`): ``listen``, ``connect`` (strings),
+Keys and their types (:data:`KEYS`): ``listen``, ``connect`` (addresses:
+``tcp://HOST:PORT`` or ``ipc://PATH``, :func:`check_endpoint`),
 ``scheduler_file``, ``secret_key``, ``scheduler_key``, ``authorized_keys``,
 ``keys`` (paths), ``workers`` (an integer >= 1), ``imports`` (an array of
 module names), ``heartbeat_timeout`` (a number of seconds > 0),
@@ -58,6 +59,7 @@ __all__ = [
     "KEYS",
     "SchedulerFile",
     "SchedulerFileError",
+    "check_endpoint",
     "find_config",
     "load_config",
     "merge",
@@ -88,6 +90,45 @@ def _string(value: Any) -> str:
     if not value:
         raise ValueError("a non-empty string")
     return value
+
+
+def check_endpoint(value: Any, *, listen: bool = False) -> str:
+    """``value`` if it is an address a scheduler can listen on (``listen``)
+    or a client can connect to; else ValueError (TypeError for a non-string)
+    whose text says what it must be ("an address such as ...", to follow
+    "must be").
+
+    ``tcp://HOST:PORT`` with PORT 1-65535 (libzmq would take 70000 as
+    70000 - 65536 without a word); to listen, PORT may also be 0 or ``*``
+    (a free port) and HOST ``*`` or an interface name. ``ipc://PATH``.
+    Nothing else: ``inproc://`` reaches only its own process, and the
+    scheduler speaks no other transport.
+    """
+    if not isinstance(value, str):
+        raise TypeError("an address such as tcp://HOST:PORT or ipc://PATH")
+    transport, sep, rest = value.partition("://")
+    if transport == "ipc" and rest:
+        return value
+    if transport != "tcp" or not sep:
+        raise ValueError("an address such as tcp://HOST:PORT or ipc://PATH")
+    host, sep, port = rest.rsplit(";", 1)[-1].rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError("tcp://HOST:PORT, with a host and a port")
+    if listen and port == "*":
+        return value
+    lowest = 0 if listen else 1
+    if not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ValueError("tcp://HOST:PORT with a PORT of %d-65535%s"
+                         % (lowest, " or *" if listen else ""))
+    return value
+
+
+def _listen_endpoint(value: Any) -> str:
+    return check_endpoint(_string(value), listen=True)
+
+
+def _connect_endpoint(value: Any) -> str:
+    return check_endpoint(_string(value))
 
 
 def _path(value: Any) -> str:
@@ -127,8 +168,8 @@ def _boolean(value: Any) -> bool:
 #: Every config key: its checker, which returns the value to use or raises
 #: TypeError/ValueError whose text says what the key must be.
 KEYS: Mapping[str, Callable[[Any], Any]] = {
-    "listen": _string,
-    "connect": _string,
+    "listen": _listen_endpoint,
+    "connect": _connect_endpoint,
     "scheduler_file": _path,
     "workers": _positive_int,
     "imports": _module_names,
@@ -336,10 +377,11 @@ def read_scheduler_file(path: PathArg, *, timeout: float = 0.0,
     if unknown:
         raise SchedulerFileError("scheduler file %s has unknown keys: %s"
                                  % (path, ", ".join(sorted(unknown))))
-    address = data.get("address")
-    if not isinstance(address, str) or "://" not in address:
-        raise SchedulerFileError("scheduler file %s: \"address\" must be an endpoint such as"
-                                 " tcp://host:port, not %r" % (path, address))
+    try:
+        address = check_endpoint(data.get("address"))
+    except (TypeError, ValueError) as exc:
+        raise SchedulerFileError("scheduler file %s: \"address\" must be %s, not %r"
+                                 % (path, exc, data.get("address"))) from None
     key = data.get("public_key")
     if key is not None and not _check_public_key(key):
         raise SchedulerFileError("scheduler file %s: \"public_key\" must be a 40-character"

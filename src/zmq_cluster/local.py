@@ -10,13 +10,21 @@ The cluster is their nanny (:class:`zmq_cluster.supervisor.Supervisor`, the
 same one ``zmq-cluster worker`` runs): a thread waits on the workers'
 process descriptors (pidfd) and starts a new worker for each one that dies
 (killed, crashed, or ended by its task timeout).
+
+Nothing can clean up after a process killed with SIGKILL: its children die
+with it, but its private directory stays. The next LocalCluster of the same
+user removes such directories (:func:`remove_stale_directories`).
 """
 
 import atexit
 import logging
+import math
+import numbers
 import os
 import select
 import shutil
+import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -30,11 +38,70 @@ from .process import python_command, spawn, worker_environment
 from .scheduler import Scheduler
 from .supervisor import Supervisor
 
-__all__ = ["LocalCluster"]
+__all__ = ["LocalCluster", "remove_stale_directories"]
 
 log = logging.getLogger("zmq_cluster.local")
 
 _LIVE: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
+
+#: The ``log_level`` values the scheduler and worker processes take.
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+#: The private directories of LocalClusters are ``$TMPDIR/zc-cluster-PID-XXXX``.
+DIR_PREFIX = "zc-cluster-"
+#: A directory younger than this is never taken for stale (its cluster may
+#: be starting in a process this one cannot see, in another pid namespace).
+STALE_AFTER_SECONDS = 60.0
+
+
+def remove_stale_directories(where: Optional[str] = None) -> List[str]:
+    """Remove the private directories that LocalClusters killed with SIGKILL
+    left in ``where`` (default: the temporary directory); returns their paths.
+
+    Their processes died with them, but nothing could remove the directory
+    and its dead socket. One is stale when it is this user's, its creator
+    (the PID in its name) is gone, it is older than
+    :data:`STALE_AFTER_SECONDS`, and nothing listens on its socket.
+    """
+    where = where or tempfile.gettempdir()
+    removed: List[str] = []
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        pid_text = name[len(DIR_PREFIX):].partition("-")[0]
+        if not name.startswith(DIR_PREFIX) or not pid_text.isdigit():
+            continue
+        path = os.path.join(where, name)
+        try:
+            info = os.lstat(path)
+            if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+                    or now - info.st_mtime < STALE_AFTER_SECONDS):
+                continue
+            os.kill(int(pid_text), 0)
+            continue  # its creator runs
+        except ProcessLookupError:
+            pass
+        except OSError:  # gone meanwhile, or a pid we may not signal: not ours
+            continue
+        if _listening(os.path.join(path, "scheduler")):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 @atexit.register
@@ -52,6 +119,11 @@ class LocalCluster:
     process, connects to. Start-up waits (at most ``start_timeout``
     seconds) until every worker has said HELLO to the scheduler.
     ``close()`` or leaving the ``with`` block stops everything.
+    ``heartbeat_timeout``: seconds without a heartbeat after which a worker
+    is declared dead. ``log_level``: what the scheduler and worker processes
+    log on stderr ("DEBUG", "INFO", "WARNING", "ERROR" or "CRITICAL").
+    A wrong type or value raises TypeError or ValueError before anything
+    starts.
 
     ``blas_threads`` (default 1): the thread count each worker's OpenMP,
     MKL and OpenBLAS may use (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
@@ -116,16 +188,30 @@ class LocalCluster:
             raise ValueError("scheduler must be 'thread' or 'process', not %r" % (scheduler,))
         if transport not in ("ipc", "tcp"):
             raise ValueError("transport must be 'ipc' or 'tcp', not %r" % (transport,))
+        if n_workers is not None and (isinstance(n_workers, bool)
+                                      or not isinstance(n_workers, numbers.Integral)):
+            raise TypeError("n_workers must be an integer or None, not %r" % (n_workers,))
         self.n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
         if self.n_workers < 0:
             raise ValueError("n_workers must be >= 0")
+        for name, value in (("heartbeat_timeout", heartbeat_timeout),
+                            ("start_timeout", start_timeout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError("%s must be a number of seconds, not %r" % (name, value))
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError("%s must be a finite number of seconds > 0, not %r"
+                                 % (name, value))
+        if log_level not in _LOG_LEVELS:
+            raise ValueError("log_level must be one of %s, not %r"
+                             % (", ".join(_LOG_LEVELS), log_level))
         self.transport = transport
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.log_level = log_level
         self.malloc_tuning = malloc_tuning
         #: Whether the workers take and give arrays by shared memory.
         self.shared_memory = bool(shared_memory)
-        self._dir = tempfile.mkdtemp(prefix="zc-cluster-")
+        remove_stale_directories()
+        self._dir = tempfile.mkdtemp(prefix="%s%d-" % (DIR_PREFIX, os.getpid()))
         os.chmod(self._dir, 0o700)
         self._closed = False
         self._lock = threading.Lock()
@@ -152,6 +238,9 @@ class LocalCluster:
             self._nanny.start()
             self.wait_for_workers(self.n_workers, start_timeout)
         except BaseException:
+            # Start-up failed or was interrupted (Ctrl-C): workers that have
+            # not joined would hear no STOP, and close() would wait for them.
+            self._nanny.terminate(timeout=2.0)
             self.close()
             raise
 

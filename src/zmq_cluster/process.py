@@ -139,7 +139,21 @@ def spawn(args: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
     _requests.put((args, dict(env=child_env, pass_fds=tuple(pass_fds), stdin=subprocess.PIPE,
                               stdout=stdout, stderr=stderr, start_new_session=True,
                               close_fds=True), reply))
-    ok, value = reply.get()
+    answer: Optional[Tuple[bool, Any]] = None
+    try:
+        answer = reply.get()
+    finally:
+        if answer is None:
+            # Interrupted (Ctrl-C) while the spawner starts the child: it would
+            # run on with no owner to stop it, so stop it (the spawner answers
+            # at once).
+            late = reply.get()
+            if late[0]:
+                late[1].kill()
+                late[1].wait()
+                if late[1].stdin is not None:
+                    late[1].stdin.close()
+    ok, value = answer
     if not ok:
         raise value
     process: "subprocess.Popen[bytes]" = value

@@ -24,12 +24,17 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, NoReturn, Optional
 
-from ..config import Config, merge, read_scheduler_file
+import zmq
+
+from ..config import (
+    Config, SchedulerFileError, check_endpoint, merge, read_scheduler_file, write_scheduler_file,
+)
 from ..security import ClientSecurity, ServerSecurity, client_security, server_security
 
 __all__ = [
@@ -48,7 +53,10 @@ __all__ = [
     "error_line",
     "locate_scheduler",
     "one_line",
+    "publish_scheduler_file",
+    "remove_scheduler_file",
     "say",
+    "zmq_reason",
     "server_security_from",
     "settings",
 ]
@@ -149,7 +157,7 @@ def add_locate_options(parser: argparse.ArgumentParser) -> None:
     """Where the scheduler is: ``--connect`` or ``--scheduler-file``."""
     group = parser.add_argument_group("finding the scheduler (one of these, or the config)")
     group.add_argument(
-        "--connect", metavar="ADDRESS", default=None,
+        "--connect", metavar="ADDRESS", type=connect_address, default=None,
         help="the scheduler's address, such as tcp://head:5555")
     group.add_argument(
         "--scheduler-file", metavar="PATH", default=None,
@@ -225,6 +233,22 @@ def client_security_from(values: Mapping[str, Any],
     return security
 
 
+def connect_address(text: str) -> str:
+    """argparse type: an address to connect to (tcp://HOST:PORT, ipc://PATH)."""
+    try:
+        return check_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("must be %s, not %r" % (exc, text)) from None
+
+
+def listen_address(text: str) -> str:
+    """argparse type: an address to listen on (a PORT of 0 or * too)."""
+    try:
+        return check_endpoint(text, listen=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("must be %s, not %r" % (exc, text)) from None
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     try:
@@ -291,6 +315,9 @@ def connect_client(values: Mapping[str, Any]) -> Iterator[tuple]:
         client = SchedulerClient(location.address, security=security, connect_timeout=timeout)
     except TimeoutError as exc:
         raise CommandError(one_line(exc)) from None
+    except zmq.ZMQError as exc:
+        raise CommandError("cannot connect to %s: %s"
+                           % (location.address, zmq_reason(exc))) from None
 
     def left() -> float:
         return max(0.001, deadline - time.monotonic())
@@ -306,9 +333,37 @@ def connect_client(values: Mapping[str, Any]) -> Iterator[tuple]:
         client.close()
 
 
+def publish_scheduler_file(path: "os.PathLike[str] | str", address: str,
+                           public_key: Optional[str] = None) -> None:
+    """Write the scheduler file (:func:`zmq_cluster.config.write_scheduler_file`);
+    :class:`CommandError` naming ``path`` when it cannot be written."""
+    try:
+        write_scheduler_file(path, address, public_key)
+    except OSError as exc:
+        raise CommandError("cannot write the scheduler file %s: %s"
+                           % (path, exc.strerror or exc)) from None
+
+
+def remove_scheduler_file(path: "os.PathLike[str] | str", address: str) -> None:
+    """Remove the scheduler file at ``path`` unless another scheduler has
+    replaced it (it names another address) or it is gone."""
+    try:
+        if read_scheduler_file(path).address == address:
+            os.unlink(path)
+    except (SchedulerFileError, OSError):
+        pass
+
+
 def say(text: str) -> None:
     """Print a line for the user (stdout)."""
     print(text, flush=True)
+
+
+def zmq_reason(exc: Exception) -> str:
+    """libzmq's reason for a failed bind or connect, without pyzmq's
+    ``(addr=...)`` suffix (the caller names the address)."""
+    errno = getattr(exc, "errno", None)
+    return zmq.strerror(errno) if errno else one_line(exc)
 
 
 def one_line(exc: BaseException) -> str:

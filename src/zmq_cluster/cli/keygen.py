@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import Config
-from ..security import KeyPaths, keygen
-from .common import EXIT_OK, UsageError, say, settings
+from ..security import KeyExistsError, KeyPaths, keygen
+from .common import EXIT_OK, CommandError, UsageError, one_line, say, settings
 
 NAME = "keygen"
 
@@ -39,7 +39,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
     directory = values["directory"] if values["directory"] is not None else values.get("keys")
     if directory is None:
         raise UsageError("say where to write the keys: zmq-cluster keygen DIR")
-    paths = keygen(directory, overwrite=values["force"])
+    try:
+        paths = keygen(directory, overwrite=values["force"])
+    except KeyExistsError:
+        raise   # its message says which and how to replace them
+    except FileExistsError as exc:  # a file where a directory must be
+        raise CommandError("cannot write keys in %s: %s is not a directory"
+                           % (directory, exc.filename)) from None
+    except OSError as exc:
+        raise CommandError("cannot write keys in %s: %s"
+                           % (directory, exc.strerror or one_line(exc))) from None
     _report(paths)
     return EXIT_OK
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config, SchedulerFileError, read_scheduler_file, write_scheduler_file
+import zmq
+
+from ..config import Config
 from .common import (
-    EXIT_OK, add_log_option, add_server_key_options, positive_float, say,
-    server_security_from, settings, setup_logging,
+    EXIT_OK, CommandError, add_log_option, add_server_key_options, listen_address,
+    positive_float, publish_scheduler_file, remove_scheduler_file, say, server_security_from,
+    settings, setup_logging, zmq_reason,
 )
 
 NAME = "scheduler"
@@ -32,7 +34,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
             " On a network address it needs CURVE keys (`zmq-cluster keygen DIR`, then"
             " --keys DIR) or --insecure; ipc:// and 127.0.0.1 need none."))
     parser.add_argument(
-        "--listen", metavar="ADDRESS", default=None,
+        "--listen", metavar="ADDRESS", type=listen_address, default=None,
         help="where to listen: tcp://HOST:PORT (HOST 0.0.0.0 or * for every interface; PORT 0"
              " for a free one), or ipc://PATH (default %s)" % DEFAULT_LISTEN)
     parser.add_argument(
@@ -74,15 +76,21 @@ def run(args: argparse.Namespace, config: Config) -> int:
                                      "insecure": False, "log_level": "INFO"})
     setup_logging(values["log_level"], "scheduler")
     security = server_security_from(values)
-    scheduler = Scheduler(values["listen"], heartbeat_timeout=values["heartbeat_timeout"],
-                          security=security, insecure=bool(values["insecure"]))
+    try:
+        scheduler = Scheduler(values["listen"], heartbeat_timeout=values["heartbeat_timeout"],
+                              security=security, insecure=bool(values["insecure"]))
+    except zmq.ZMQError as exc:  # the address is taken, not this host's, no such directory
+        raise CommandError("cannot listen on %s: %s%s" % (
+            values["listen"], zmq_reason(exc),
+            " (another scheduler may be running there)" if exc.errno == zmq.EADDRINUSE
+            else "")) from None
     path: Optional[Path] = None
     try:
         address = contact_address(scheduler.address)
         public_key = security.public_key_text if security is not None else None
         if values.get("scheduler_file") is not None:
+            publish_scheduler_file(values["scheduler_file"], address, public_key)
             path = Path(values["scheduler_file"])
-            write_scheduler_file(path, address, public_key)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: scheduler.stop())
         say("scheduler listening on %s (%s)%s" % (
@@ -92,15 +100,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     finally:
         scheduler.close()
         if path is not None:
-            _remove_if_ours(path, address)
+            remove_scheduler_file(path, address)
     say("scheduler stopped")
     return EXIT_OK
 
-
-def _remove_if_ours(path: Path, address: str) -> None:
-    """Remove the scheduler file unless another scheduler has replaced it."""
-    try:
-        if read_scheduler_file(path).address == address:
-            os.unlink(path)
-    except (SchedulerFileError, OSError):
-        pass

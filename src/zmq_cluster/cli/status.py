@@ -55,12 +55,21 @@ def run(args: argparse.Namespace, config: Config) -> int:
         rows = [("HOST", "PID", "UPTIME", "TASKS", "MEAN TASK", "STATE", "TASK AGE")]
         for w in sorted(workers, key=lambda w: (w["host"], w["pid"])):
             rows.append((w["host"], str(w["pid"]), _duration(w["uptime"]), str(w["tasks"]),
-                         "%.3g s" % w["mean_task_seconds"] if w["tasks"] else "-", w["state"],
+                         _task_time(w["mean_task_seconds"]) if w["tasks"] else "-", w["state"],
                          _duration(w["task_age"]) if w["task_age"] is not None else "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             say("  ".join(c.ljust(n) for c, n in zip(r, widths)).rstrip())
     return EXIT_OK
+
+
+def _task_time(seconds: float) -> str:
+    """A mean task time, in the unit that suits it: 3.2 s, 12.5 ms, 92 us."""
+    if seconds >= 1:
+        return "%.3g s" % seconds
+    if seconds >= 1e-3:
+        return "%.3g ms" % (seconds * 1e3)
+    return "%.3g us" % (seconds * 1e6)
 
 
 def _duration(seconds: float) -> str:
