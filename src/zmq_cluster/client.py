@@ -44,6 +44,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import schedproto as sp
+from .config import check_endpoint
 from .functions import describe, function_key
 from .inprocess import SharedContext, lookup
 from .lease import parse_grant
@@ -105,6 +106,12 @@ class SchedulerClient:
                  socket_options: Optional[Mapping[int, Any]] = None,
                  connect_timeout: float = 30.0,
                  security: Optional["ClientSecurity"] = None, direct: bool = True) -> None:
+        if not (isinstance(address, str) and address.startswith("inproc://")):
+            try:
+                check_endpoint(address)
+            except (TypeError, ValueError) as exc:
+                raise ValueError("the scheduler's address must be %s (or inproc://NAME), not %r"
+                                 % (exc, address)) from None
         self.address = address
         self.security = security
         self.direct = direct

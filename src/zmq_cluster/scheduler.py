@@ -30,6 +30,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import schedproto as sp
+from .config import check_endpoint
 from .ledger import Ledger, _Client, _Worker
 from .liveness import FdMap, heartbeat_options
 from .security import CurveAuthenticator, ServerSecurity, authenticator_for
@@ -100,6 +101,12 @@ class Scheduler:
                  inproc: Optional[str] = None) -> None:
         if inproc is not None and not inproc.startswith("inproc://"):
             raise ValueError("inproc must be an inproc:// endpoint, not %r" % (inproc,))
+        if not (isinstance(listen, str) and listen.startswith("inproc://")):
+            try:
+                check_endpoint(listen, listen=True)
+            except (TypeError, ValueError) as exc:
+                raise ValueError("listen must be %s (or inproc://NAME), not %r"
+                                 % (exc, listen)) from None
         self.listen = listen
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.trusted = trusted

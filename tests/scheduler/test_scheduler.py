@@ -353,3 +353,12 @@ def test_a_worker_that_says_hello_again_costs_its_task_no_death(ctx, scheduler):
     w.close(0)
     rx.close(0)
     tx.close(0)
+
+
+@pytest.mark.parametrize("bad", ["foo", "tcp://127.0.0.1:70000", "tcp://x", "udp://1.2.3.4:5"])
+def test_a_bad_address_is_a_clear_error_from_python(bad):
+    """Not a ZMQError traceback, and not port 70000 taken as 4464."""
+    with pytest.raises(ValueError, match="listen must be"):
+        zc.Scheduler(bad)
+    with pytest.raises(ValueError, match="address must be"):
+        zc.ClusterPool(bad, connect_timeout=1)
