@@ -344,7 +344,7 @@ class PoolWorker:
             tid, key, timeout_ms, msg, trusted, dest = queue.popleft()
             start = perf_counter()
             n = 0
-            slots: List[Any] = []  # the result's slots, if it went by slot
+            slots = None  # the result's slots, when it goes by slot
             try:
                 if key != last_key or trusted != last_trusted:
                     last_fn = functions.get(key, trusted)
