@@ -6,6 +6,7 @@ scheduler's own answers (STATS) instead of sleeping."""
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -183,3 +184,10 @@ def wait_for_workers(address, n, *, security=None, timeout=30.0, exclude=()):
             time.sleep(0.05)
     finally:
         client.close()
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ ipc only), with their exit statuses and one-line errors."""
 import json
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -16,18 +15,12 @@ from zmq_cluster.config import read_scheduler_file
 from zmq_cluster.security import ClientSecurity, keygen
 from zmq_cluster.trust import InsecureListenError
 
-from cli_helpers import Command, one_line_error, run, wait_for_workers
+from cli_helpers import Command, free_port, one_line_error, run, wait_for_workers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pool"))
 from pool_helpers import wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def square(x):

@@ -14,17 +14,11 @@ import zmq
 from zmq_cluster.config import write_scheduler_file
 from zmq_cluster.security import keygen
 
-from cli_helpers import Command, one_line_error, run, wait_for_workers
+from cli_helpers import Command, free_port, one_line_error, run, wait_for_workers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pool"))
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def workers_for(address):
