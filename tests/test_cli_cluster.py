@@ -323,12 +323,17 @@ def test_stop_is_refused_to_an_untrusted_client(ipc_url):
 # ------------------------------------------------------------------ local
 
 
+def _local_started(local):
+    """The address and worker pids that a started `zmq-cluster local` prints."""
+    address = local.expect("ipc://")
+    line = local.expect("Ctrl-C stops it")
+    return address, [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
+
+
 def test_local_runs_until_ctrl_c(tmp_path):
     local = Command("local", "-n", "2", "--scheduler-file", tmp_path / "s.json")
     try:
-        address = local.expect("ipc://")
-        line = local.expect("Ctrl-C stops it")
-        pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
+        address, pids = _local_started(local)
         assert read_scheduler_file(tmp_path / "s.json").address == address
         with zc.ClusterPool(address) as pool:
             assert pool.map(square, range(10)) == [x * x for x in range(10)]
@@ -349,9 +354,7 @@ def test_local_exits_when_zmq_cluster_stop_stops_it(tmp_path):
     # Before, its scheduler and workers stopped and `local` ran on for ever.
     local = Command("local", "-n", "1", "--scheduler-file", tmp_path / "s.json")
     try:
-        address = local.expect("ipc://")
-        line = local.expect("Ctrl-C stops it")
-        pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
+        address, pids = _local_started(local)
         result = run("stop", "--connect", address)
         assert result.returncode == 0, result.stderr
         assert local.wait() == 0

@@ -114,7 +114,6 @@ class SchedulerClient:
                                  % (exc, address)) from None
         self.address = address
         self.security = security
-        self.direct = direct
         local = lookup(address) if security is None else None
         self._shared: Optional[SharedContext] = None
         if local is not None:
