@@ -4,6 +4,7 @@ import importlib
 import itertools
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -23,6 +24,13 @@ def _twins():
 
 
 TWINS = _twins()
+
+# Run from a background job, pytest inherits SIGINT ignored, and so would the
+# processes the tests start (an ignored signal survives exec): the Ctrl-C
+# tests would wait forever. Python's own handler is reset to the default at
+# exec, so the children see Ctrl-C as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=TWINS)

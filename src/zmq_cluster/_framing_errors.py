@@ -64,3 +64,16 @@ def count_error(what: str, count: int, per_item: int, at: int, left: int) -> Mes
     least ``per_item`` bytes, that cannot fit in the ``left`` bytes at ``at``."""
     return truncated("a %s of %d items" % (what, count), count * per_item, at, left)
 
+
+
+# Batch-table texts (walk_table); raised as the caller's ``error`` class.
+T_TRUNCATED = "batch table truncated at entry %d"
+T_OVERRUN = "an inline header overruns the batch table"
+T_NO_HEADER = "entry %d has no header"
+T_FRAMES = "the batch table names more frames than arrived"
+T_STRAY_BYTES = "%d stray bytes after the batch table"
+T_STRAY_FRAMES = "%d data frames the batch table does not name"
+#: The entry formats walk_table reads: little-endian, of these codes.
+TABLE_CODES = "QId"
+T_FORMAT = "a batch table entry format must be '<' and codes of %r, not %%r" % TABLE_CODES
+T_FIELDS = "fields %d and %d of %r cannot be a length and a frame count"

@@ -36,8 +36,8 @@ import threading
 import time
 from collections import OrderedDict
 from typing import (
-    TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
-    Set, Tuple,
+    TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol,
+    Sequence, Set, Tuple,
 )
 
 import zmq
@@ -63,6 +63,8 @@ log = logging.getLogger("zmq_cluster.pool")
 
 #: Functions remembered per client (function object -> key).
 FUNCTION_CACHE = 256
+
+
 class SchedulerLost(ConnectionError):
     """The scheduler went away (or dropped this client): pending tasks fail."""
 
@@ -180,6 +182,10 @@ class SchedulerClient:
             self._close_sockets()
             raise
         self._ids = itertools.count(1)
+        #: Fresh task ids, unique in the scheduler's ledger: this client's
+        #: number in the top bits (``next(client.task_ids)`` is
+        #: :meth:`new_task_id` without the method call).
+        self.task_ids: Iterator[int] = itertools.count((self.client_no << 40) | 1)
         self._reading.start()
 
     def _await_welcome(self, timeout: float) -> Dict[Any, Any]:
@@ -229,7 +235,8 @@ class SchedulerClient:
     # ------------------------------------------------------------- sending
 
     def new_task_id(self) -> int:
-        return (self.client_no << 40) | next(self._ids)
+        """A fresh task id (thread-safe: ``next`` of an itertools.count)."""
+        return next(self.task_ids)
 
     def function_key(self, fn: Callable[..., Any]) -> int:
         """The key of ``fn``, sending its blob to the scheduler the first time."""

@@ -113,38 +113,18 @@ class Ledger:
         The whole table is checked before any of it is used (ProtocolError)."""
         table = frames[2].bytes
         data = frames[3:]
-        ndata = len(data)
-        unpack = sp.TASK_ENTRY.unpack_from
-        size = sp.TASK_ENTRY.size
-        n = len(table)
-        off = first = 0
         recs: List[Record] = []
-        for _ in range(count):
-            if off + size > n:
-                raise sp.ProtocolError("batch table truncated at entry %d" % len(recs))
-            tid, key, timeout, inline, nfr = unpack(table, off)
-            end = off + size + inline
-            if end > n or not (inline or nfr):
-                raise sp.ProtocolError("bad batch table entry %d" % len(recs))
+        append = recs.append
+        for fields, off, end, first in sp.scan(table, count, sp.TASK_ENTRY, len(data)):
+            tid, key, timeout, inline, nfr = fields
+            nbytes = end - off
             if nfr:
-                if first + nfr > ndata:
-                    raise sp.ProtocolError("the batch table names more frames than arrived")
                 fr = data[first:first + nfr]
-                nbytes = end - off
                 for f in fr:
                     nbytes += len(f)
-                first += nfr
             else:
                 fr = ()
-                nbytes = end - off
-            recs.append([False, tid, key, timeout, table[off:end], inline, fr, nbytes, client,
-                         None, 0])
-            off = end
-        if off != n:
-            raise sp.ProtocolError("%d stray bytes after the batch table" % (n - off))
-        if first != ndata:
-            raise sp.ProtocolError("%d data frames the batch table does not name"
-                                   % (ndata - first))
+            append([False, tid, key, timeout, table[off:end], inline, fr, nbytes, client, None, 0])
         ledger = self.records
         queue = client.queue
         prefix = client.no
@@ -222,24 +202,7 @@ class Ledger:
         forward = []
         first_client: Optional[_Client] = None
         regroup = False
-        unpack = sp.RESULT_ENTRY.unpack_from
-        size = sp.RESULT_ENTRY.size
-        n = len(table)
-        off = first = 0
-        parsed = []
-        for _ in range(count):  # check the whole table before using any of it
-            if off + size > n:
-                raise sp.ProtocolError("result table truncated")
-            fields = unpack(table, off)
-            end = off + size + fields[1]
-            nfr = fields[2]
-            if end > n or not (fields[1] or nfr) or first + nfr > len(data):
-                raise sp.ProtocolError("bad result table entry")
-            parsed.append((fields, off, end, first))
-            off = end
-            first += nfr
-        if off != n or first != len(data):
-            raise sp.ProtocolError("stray bytes or frames after a result table")
+        parsed = sp.scan(table, count, sp.RESULT_ENTRY, len(data))
         tasks = 0
         busy = 0.0
         for (tid, _, nfr, items, seconds), start, end, first in parsed:

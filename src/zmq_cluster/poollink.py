@@ -50,13 +50,15 @@ class PoolLink:
     """
 
     __slots__ = ("client", "timeout_ms", "allow_pickle", "copies_sent", "copies_received",
-                 "state", "pending", "_cond", "shm", "_pins")
+                 "state", "pending", "_cond", "shm", "pins")
 
     def __init__(self, client: SchedulerClient, *, timeout_ms: int,
                  allow_pickle: Optional[bool], copies_sent: CopyCount,
                  copies_received: CopyCount, shm: Optional[SharedMemory] = None) -> None:
         self.shm = shm
-        self._pins: Dict[int, List[Tuple[int, int, int]]] = {}  # task id -> its pinned slots
+        #: Task id -> its pinned slots (read only outside: empty, no task
+        #: needs :meth:`unpin`).
+        self.pins: Dict[int, List[Tuple[int, int, int]]] = {}
         if shm is not None:
             client.on_unmatched = self._discard
         self.client = client
@@ -119,25 +121,34 @@ class PoolLink:
         msg = _encode((mode | MODE_SHM_RESULTS, items), KIND_REQUEST, tid, self.copies_sent, shm)
         if shm.arrays_sent == before:  # nothing by slot (the common case: small tasks)
             return msg, 0
-        pins = shm.last_message()
+        return msg, self.pin_encoded(tid)
+
+    def pin_encoded(self, tid: int) -> int:
+        """Pin, for task ``tid``, the slots of the message this thread
+        encoded last with ``shm`` (until :meth:`unpin` of ``tid``): the
+        bytes they hold (0: none). For an engine that encodes a task itself
+        and saw ``shm.arrays_sent`` change."""
+        shm = self.shm
+        pins = None if shm is None else shm.last_message()
         if not pins:  # (another thread's arrays)
-            return msg, 0
+            return 0
+        assert shm is not None
         shm.pin(pins)  # (not sent yet: nobody can have freed them)
-        self._pins[tid] = pins
-        return msg, sum(p[2] for p in pins)
+        self.pins[tid] = pins
+        return sum(p[2] for p in pins)
 
     def unpin(self, tid: int) -> None:
         """Task ``tid`` is answered, failed or cancelled: its argument slots
         are free once no worker holds them."""
-        pins = self._pins.pop(tid, None)
+        pins = self.pins.pop(tid, None)
         if pins is not None and self.shm is not None:
             self.shm.unpin(pins)
 
     def unpin_all(self) -> None:
         """Drop every pin (the pool was terminated)."""
         shm = self.shm
-        while self._pins:
-            _, pins = self._pins.popitem()
+        while self.pins:
+            _, pins = self.pins.popitem()
             if shm is not None:
                 shm.unpin(pins)
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from . import framing
 from . import schedproto as sp
 from .poollink import RUN, PoolLink
-from .protocol import KIND_REQUEST, KIND_RESULT
+from .protocol import COPY_THRESHOLD, KIND_REQUEST, KIND_RESULT
 from .schedproto import INLINE_HEADER_MAX
-from .taskcodec import rebuild_error
+from .taskcodec import MODE_SHM_RESULTS, rebuild_error
 
 __all__ = ["ResultStream", "BATCH_TASKS", "BATCH_BYTES"]
 
@@ -121,9 +121,6 @@ class ResultStream:
     def __iter__(self) -> "ResultStream":
         return self
 
-    def __next__(self) -> Any:
-        return self.next()
-
     def next(self, timeout: Optional[float] = None) -> Any:
         """The next result; raises the task's exception at its place (and
         goes on with the next item when called again), StopIteration at the
@@ -164,6 +161,8 @@ class ResultStream:
                     exc, self._input_error = self._input_error, None
                     raise exc
                 raise StopIteration
+
+    __next__ = next  # (one call per item less than a wrapper)
 
     def _wait(self, timeout: Optional[float]) -> bool:
         """Submit what the window allows and wait for results to move into
@@ -217,99 +216,120 @@ class ResultStream:
         """Read and submit chunks while the window has room."""
         if self._exhausted:
             return
+        max_ahead = self._max_ahead
+        max_bytes = self._max_ahead_bytes
+        ahead = self._ahead
+        ahead_bytes = self._ahead_bytes
+        if max_ahead - ahead < min(64, max(1, max_ahead // 4)) and ahead:
+            return
+        if ahead_bytes >= max_bytes:
+            return
+        # The loop runs once per task of a stream of tiny tasks: what it
+        # uses is in locals, and the counters go back to self at the end.
         link = self._link
-        room = self._max_ahead - self._ahead
-        if room < min(64, max(1, self._max_ahead // 4)) and self._ahead:
-            return
-        if self._ahead_bytes >= self._max_ahead_bytes:
-            return
         entries: List[bytes] = []
         frames: List[Any] = []
         tids: List[int] = []
         batch_bytes = 0
-        client = self._client
-        new_id = client.new_task_id
+        batch = self._batch
+        new_id = self._client.task_ids.__next__
         pack = _TASK_ENTRY_PACK
         key = self._key
         timeout = self._timeout_ms
-        task = (self._mode, None)
         meta = self._meta
         chunks = self._chunks
+        count = self._chunk_count
         shm = link.shm
-        while self._ahead < self._max_ahead and (self._ahead_bytes < self._max_ahead_bytes
-                                                 or not self._ahead):
-            if link.state != RUN and not self._ahead:
-                break
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                self._exhausted = True
-                break
-            except Exception as exc:
-                self._exhausted = True
-                self._input_error = exc
-                break
-            tid = new_id()
-            if shm is None:
-                msg = _encode((task[0], chunk), KIND_REQUEST, tid, link.copies_sent)
-                in_slots = 0
-            else:
-                msg, in_slots = link.encode_task(task[0], chunk, tid)
-            header = msg[0]
-            if len(msg) == 1 and len(header) < INLINE_HEADER_MAX:
-                entry = pack(tid, key, timeout, len(header), 0) + header
-                nbytes = len(entry) + in_slots
-            else:
-                entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, timeout), msg)
-                nbytes = len(entry) + _frames_nbytes(data) + in_slots
-                frames.extend(data)
-            n = len(chunk)
-            meta[tid] = (self._chunk_count, n, nbytes)
-            self._chunk_count += 1
-            self._ahead += n
-            self._ahead_bytes += nbytes
-            entries.append(entry)
-            tids.append(tid)
-            batch_bytes += nbytes
-            if len(entries) >= self._batch or batch_bytes >= BATCH_BYTES:
+        copies = link.copies_sent
+        if shm is None:
+            mode = self._mode
+        else:
+            mode = self._mode | MODE_SHM_RESULTS
+        try:
+            while ahead < max_ahead and (ahead_bytes < max_bytes or not ahead):
+                if not ahead and link.state != RUN:
+                    break
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    self._exhausted = True
+                    break
+                except Exception as exc:
+                    self._exhausted = True
+                    self._input_error = exc
+                    break
+                tid = new_id()
+                if shm is None:
+                    msg = _encode((mode, chunk), KIND_REQUEST, tid, copies)
+                    in_slots = 0
+                else:
+                    before = shm.arrays_sent
+                    msg = _encode((mode, chunk), KIND_REQUEST, tid, copies, shm)
+                    in_slots = 0 if shm.arrays_sent == before else link.pin_encoded(tid)
+                header = msg[0]
+                if len(msg) == 1 and len(header) < INLINE_HEADER_MAX:
+                    entry = pack(tid, key, timeout, len(header), 0) + header
+                    nbytes = len(entry) + in_slots
+                else:
+                    entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, timeout), msg)
+                    nbytes = len(entry) + _frames_nbytes(data) + in_slots
+                    frames.extend(data)
+                n = len(chunk)
+                meta[tid] = (count, n, nbytes)
+                count += 1
+                ahead += n
+                ahead_bytes += nbytes
+                entries.append(entry)
+                tids.append(tid)
+                batch_bytes += nbytes
+                if len(entries) >= batch or batch_bytes >= BATCH_BYTES:
+                    link.send(entries, frames, tids, self)
+                    entries, frames, tids = [], [], []
+                    batch_bytes = 0
+                    # Small first batches get the workers going; then larger ones.
+                    batch = min(BATCH_TASKS, 2 * batch)
+            if entries:
                 link.send(entries, frames, tids, self)
-                entries, frames, tids = [], [], []
-                batch_bytes = 0
-                # Small first batches get the workers going; then larger ones.
-                self._batch = min(BATCH_TASKS, 2 * self._batch)
-        if entries:
-            link.send(entries, frames, tids, self)
+        finally:
+            self._chunk_count = count
+            self._ahead = ahead
+            self._ahead_bytes = ahead_bytes
+            self._batch = batch
 
     def _take(self) -> None:
         """Move arrived results into the ready queue (in order if ordered)."""
         arrived = self._arrived
+        popleft = arrived.popleft
         setting = self._allow_pickle
         meta = self._meta
+        get_meta = meta.get
         ordered = self._ordered
         ready_append = self._ready.append
         link = self._link
+        pins = link.pins
         shm = link.shm
+        copies = link.copies_received
         done = 0
         try:
             while arrived:
-                tid, frames, trusted = arrived.popleft()
+                tid, frames, trusted = popleft()
                 if tid is None:  # the connection is lost: every pending chunk fails
                     for t in list(meta):
                         link.unpin(t)
                         n = meta[t][1]
                         self._store(t, [None] * n, {i: frames for i in range(n)})
                     continue
-                info = meta.get(tid)
+                info = get_meta(tid)
                 if info is None:
                     continue
-                if shm is not None:
+                if pins:
                     link.unpin(tid)
                 done += 1
                 n = info[1]
                 errs: Optional[Dict[int, BaseException]] = None
                 allow = trusted if setting is None else setting
                 try:
-                    kind, _, body = _decode(frames, allow, stats=link.copies_received, shm=shm)
+                    kind, _, body = _decode(frames, allow, COPY_THRESHOLD, None, copies, shm)
                     values, errors = body
                     if kind != KIND_RESULT:
                         raise ValueError("a message of kind %d as a result" % kind)
@@ -317,7 +337,9 @@ class ResultStream:
                     link.refused(tid, exc)
                     values, errs = [None] * n, {i: exc for i in range(n)}
                 else:
-                    if values is None and errors:  # the whole task failed (the scheduler said)
+                    if errors is None and type(values) is list and len(values) == n:
+                        pass  # every item ran
+                    elif values is None and errors:  # the whole task failed (the scheduler said)
                         failure = rebuild_error(errors[0], allow)
                         values, errs = [None] * n, {i: failure for i in range(n)}
                     elif type(values) is not list or len(values) != n:

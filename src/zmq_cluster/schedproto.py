@@ -35,6 +35,7 @@ import struct
 from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 from . import framing
+from .framing import scan_table as _scan_table, walk_table as _walk_table
 from .protocol import KIND_COMMAND
 from .trust import EndpointKind, classify_endpoint
 
@@ -228,45 +229,24 @@ def walk(table: Bytes, count: int, entry: struct.Struct,
     ``(fields, message)``, ``fields`` the entry's fixed fields and
     ``message`` its wire-format frames (the header, inline or a frame of
     ``data``, then its buffer frames from ``data``). Raises ProtocolError,
-    having used nothing, when the table and the frames disagree.
+    having used nothing, when the table and the frames disagree. (The
+    reading is framing.walk_table, compiled or not.)
 
-    (The scheduler walks tables itself: it keeps offsets, not messages.)
+    (The scheduler keeps offsets, not messages: :func:`scan`.)
     """
-    out: List[Tuple[Tuple[Any, ...], List[Frame]]] = []
-    append = out.append
-    unpack = entry.unpack_from
-    size = entry.size
-    inline_at, nframes_at = _INLINE_AT[entry], _NFRAMES_AT[entry]
-    n = len(table)
-    ndata = len(data)
-    off = first = 0
-    for _ in range(count):
-        if off + size > n:
-            raise ProtocolError("batch table truncated at entry %d" % len(out))
-        fields = unpack(table, off)
-        inline = fields[inline_at]
-        nfr = fields[nframes_at]
-        end = off + size + inline
-        if end > n:
-            raise ProtocolError("an inline header overruns the batch table")
-        if not (inline or nfr):
-            raise ProtocolError("entry %d has no header" % len(out))
-        if first + nfr > ndata:
-            raise ProtocolError("the batch table names more frames than arrived")
-        if inline:
-            msg = [table[off + size:end]]
-            if nfr:
-                msg.extend(data[first:first + nfr])
-        else:
-            msg = list(data[first:first + nfr])
-        append((fields, msg))
-        off = end
-        first += nfr
-    if off != n:
-        raise ProtocolError("%d stray bytes after the batch table" % (n - off))
-    if first != ndata:
-        raise ProtocolError("%d data frames the batch table does not name" % (ndata - first))
-    return out
+    return _walk_table(table, count, entry.format, _INLINE_AT[entry], _NFRAMES_AT[entry], data,
+                       ProtocolError)
+
+
+def scan(table: Bytes, count: int, entry: struct.Struct,
+         ndata: int) -> List[Tuple[Tuple[Any, ...], int, int, int]]:
+    """The entries of a batch table as spans, for the scheduler (which
+    keeps offsets, not messages): a list of ``(fields, start, end, first)``,
+    the entry's bytes being ``table[start:end]`` and its data frames
+    ``n_frames`` of the ``ndata`` from ``first``. Raises ProtocolError, as
+    :func:`walk` does, when the table and the frame count disagree."""
+    return _scan_table(table, count, entry.format, _INLINE_AT[entry], _NFRAMES_AT[entry], ndata,
+                       ProtocolError)
 
 
 #: Where inline_len and n_frames sit among each entry struct's fields.

@@ -64,6 +64,17 @@ DEFAULT_RETAIN = 256 << 20
 DEFAULT_SLOTS = 1024
 
 
+class _Pending(threading.local):
+    """Per thread: the references ``put`` since the last commit or abandon
+    (``refs``), and those of the last message committed (``last``). Set on
+    each thread's first use, so reading them never raises (a getattr
+    default would cost an AttributeError per message)."""
+
+    def __init__(self) -> None:
+        self.refs: list[tuple[int, int, int]] = []
+        self.last: list[tuple[int, int, int]] | None = None
+
+
 class SharedMemory:
     """A node's shared-memory transport for arrays of ``min_bytes`` or more
     between processes on this host (see the module's docstring).
@@ -95,7 +106,7 @@ class SharedMemory:
         self._attached: dict[str, Attached] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._pending = threading.local()  # references put by this thread, not yet committed
+        self._pending = _Pending()
         self.arrays_sent = 0
         self.fallbacks = 0
         self.arrays_received = 0
@@ -139,30 +150,29 @@ class SharedMemory:
             self.fallbacks += 1
             return None
         self.arrays_sent += 1
-        pending = getattr(self._pending, "refs", None)
-        if pending is None:
-            pending = self._pending.refs = []
-        pending.append((where[0], where[1], arr.nbytes))
+        self._pending.refs.append((where[0], where[1], arr.nbytes))
         return (pool.path,) + where
 
     def commit(self) -> None:
         """The references ``put`` by this thread since the last commit or
         abandon are in a message: an encoder calls this when it succeeds.
         They are this thread's :meth:`last_message` until the next commit."""
-        pending = getattr(self._pending, "refs", None)
+        local = self._pending
+        pending = local.refs
         if pending:
-            self._pending.refs = []
-            self._pending.last = pending
+            local.refs = []
+            local.last = pending
 
     def last_message(self) -> list[tuple[int, int, int]]:
         """The slots of the last message this thread encoded with
         references (``(slot, generation, bytes of the array)`` each), taken:
         a second call returns []. To :meth:`pin` them, before the message
         is sent."""
-        last = getattr(self._pending, "last", None)
+        local = self._pending
+        last = local.last
         if not last:
             return []
-        self._pending.last = None
+        local.last = None
         return last
 
     def pin(self, refs: Iterable[tuple[int, int, int]]) -> None:
@@ -196,7 +206,7 @@ class SharedMemory:
         """Free the slots ``put`` by this thread since the last commit or
         abandon: an encoder calls this when it fails (its message, and so
         the references, will never exist)."""
-        pending = getattr(self._pending, "refs", None)
+        pending = self._pending.refs
         if pending:
             refs = [(slot, generation) for slot, generation, _ in pending]
             pending.clear()

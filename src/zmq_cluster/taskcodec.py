@@ -70,6 +70,8 @@ def run_items(fn: Callable[..., Any], mode: int,
     """Run a chunk: ``(values, errors)`` as described above."""
     if mode == MODE_MAP:
         try:
+            if len(items) == 1:  # chunksize 1: no comprehension to set up
+                return [fn(items[0])], None
             return [fn(x) for x in items], None
         except Exception:
             pass  # redo item by item to find which failed
