@@ -16,7 +16,10 @@ import collections
 import itertools
 import sys
 import threading
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+import time
+from typing import (
+    Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+)
 
 from . import framing
 from . import schedproto as sp
@@ -95,11 +98,13 @@ class ResultStream:
             self._bar = tqdm(total=total, file=sys.stderr, unit="item")
 
     @staticmethod
-    def _chunked(it: Iterator[Any], size: int) -> Iterator[List[Any]]:
+    def _chunked(it: Iterator[Any], size: int) -> Iterator[Sequence[Any]]:
         if size == 1:
-            for x in it:
-                yield [x]
-            return
+            return zip(it)  # 1-tuples, made in C (a chunk is any sequence)
+        return ResultStream._slices(it, size)
+
+    @staticmethod
+    def _slices(it: Iterator[Any], size: int) -> Iterator[List[Any]]:
         while True:
             chunk = list(itertools.islice(it, size))
             if not chunk:
@@ -112,6 +117,9 @@ class ResultStream:
 
     def fail(self, exc: BaseException) -> None:
         self._arrived.append((None, exc, False))
+
+    def _has_arrived(self) -> bool:
+        return bool(self._arrived)
 
     def wake(self) -> None:
         with self._cond:
@@ -174,9 +182,16 @@ class ResultStream:
                 continue
             if self._exhausted and not self._meta and not self._done:
                 return False
+            # Read the results in this thread when it may (no other thread
+            # reads for itself): no hand-off from the pool's I/O thread.
+            start = time.monotonic()
+            self._client.read_until(self._has_arrived, timeout)
+            if self._arrived:
+                continue
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
             with self._cond:
                 if not self._arrived:
-                    if not self._cond.wait(timeout) and not self._arrived:
+                    if not self._cond.wait(left) and not self._arrived:
                         assert timeout is not None  # wait(None) returns only when notified
                         raise TimeoutError("no result within %g s" % timeout)
         return True

@@ -340,9 +340,11 @@ class PoolWorker:
         shm = self.shared_memory
         seconds_held = self._out_seconds
         done = 0
+        # One clock reading per task: a task's seconds run from the end of
+        # the one before (its result's bookkeeping, under a microsecond).
+        start = perf_counter()
         while queue:
             tid, key, timeout_ms, msg, trusted, dest = queue.popleft()
-            start = perf_counter()
             n = 0
             slots = None  # the result's slots, when it goes by slot
             try:
@@ -366,9 +368,13 @@ class PoolWorker:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                 else:
                     values, errors = run_items(last_fn, mode, items)
-                result = encode_result(values, errors, tid, copies, out_shm)
-                if out_shm is not None:
-                    slots = out_shm.last_message()
+                if out_shm is None:
+                    result = encode_result(values, errors, tid, copies)
+                else:
+                    before = out_shm.arrays_sent
+                    result = encode_result(values, errors, tid, copies, out_shm)
+                    if out_shm.arrays_sent != before:  # (small results: none by slot)
+                        slots = out_shm.last_message()
                 del items, payload, values  # (argument slots are released)
             except (MessageFormatError, FunctionUnavailable) as exc:
                 # Refused unexecuted (a pickle from the untrusted, a message
@@ -383,7 +389,9 @@ class PoolWorker:
                 result = task_failure(exc, tid)
             except Exception as exc:
                 result = task_failure(exc, tid)
-            seconds = perf_counter() - start
+            now = perf_counter()
+            seconds = now - start
+            start = now
             if dest is not None:
                 # A direct task's result goes at once: its caller waits.
                 direct = self._direct
