@@ -36,8 +36,8 @@ import threading
 import time
 from collections import OrderedDict
 from typing import (
-    TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol,
-    Sequence, Set, Tuple,
+    TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
+    Set, Tuple,
 )
 
 import zmq
@@ -182,10 +182,9 @@ class SchedulerClient:
             self._close_sockets()
             raise
         self._ids = itertools.count(1)
-        #: Fresh task ids, unique in the scheduler's ledger: this client's
-        #: number in the top bits (``next(client.task_ids)`` is
-        #: :meth:`new_task_id` without the method call).
-        self.task_ids: Iterator[int] = itertools.count((self.client_no << 40) | 1)
+        # The next task id: this client's number in the top bits.
+        self._next_tid = (self.client_no << 40) | 1
+        self._tid_lock = threading.Lock()
         self._reading.start()
 
     def _await_welcome(self, timeout: float) -> Dict[Any, Any]:
@@ -235,8 +234,16 @@ class SchedulerClient:
     # ------------------------------------------------------------- sending
 
     def new_task_id(self) -> int:
-        """A fresh task id (thread-safe: ``next`` of an itertools.count)."""
-        return next(self.task_ids)
+        """A fresh task id, unique in the scheduler's ledger."""
+        return self.reserve_task_ids(1)
+
+    def reserve_task_ids(self, n: int) -> int:
+        """The first of ``n`` fresh consecutive task ids (thread-safe; ids
+        reserved and not used are simply never seen)."""
+        with self._tid_lock:
+            first = self._next_tid
+            self._next_tid = first + n
+        return first
 
     def function_key(self, fn: Callable[..., Any]) -> int:
         """The key of ``fn``, sending its blob to the scheduler the first time."""
@@ -278,6 +285,17 @@ class SchedulerClient:
             if direct and len(entries) == 1 and self._leases.try_send(entries[0], frames):
                 return
             self._send_tx([sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames)
+
+    def send_table(self, table: bytes, count: int, frames: List[Any], tids: Sequence[int],
+                   sink: ResultSink) -> None:
+        """Send one batch already made into its table (``count`` entries,
+        framing.encode_task_table), whose tasks are ``tids``; ``sink``
+        (registered first) receives their results."""
+        if self.lost is not None:
+            raise self.lost
+        self._sinks.update(dict.fromkeys(tids, sink))
+        with self._lock:
+            self._send_tx([sp.ctl(sp.TASKS, count), table] + frames)
 
     @property
     def lease(self) -> Optional[Dict[str, Any]]:

@@ -90,6 +90,19 @@ class PoolLink:
                 self.unpin(tid)
             raise
 
+    def send_table(self, table: bytes, count: int, frames: List[Any], tids: Sequence[int],
+                   sink: ResultSink) -> None:
+        """Send one batch made into its table (see SchedulerClient.send_table),
+        counting its tasks as pending."""
+        with self._cond:
+            self.pending += count
+        try:
+            self.client.send_table(table, count, frames, tids, sink)
+        except BaseException:
+            for tid in tids:
+                self.unpin(tid)
+            raise
+
     def tasks_done(self, n: int) -> None:
         """``n`` tasks were answered, failed or cancelled."""
         with self._cond:
