@@ -59,7 +59,7 @@ from . import schedproto as sp
 from .exceptions import MessageFormatError
 from .functions import FunctionCache, FunctionUnavailable, function_key
 from .liveness import heartbeat_options
-from .protocol import KIND_REQUEST
+from .protocol import COPY_THRESHOLD, INLINE_HEADER_MAX, KIND_REQUEST, KIND_RESULT
 from .security import ClientSecurity
 from .sharedmem import SharedMemory, node_shared_memory
 from .taskcodec import MODE_SHM_RESULTS, CopyCount, encode_result, run_items, task_failure
@@ -71,6 +71,7 @@ from .workerdirect import DirectSocket, Task, bind_direct, direct_endpoint
 _STARTED = time.monotonic()
 
 _decode = framing.decode
+_encode = framing.encode
 _RESULT_ENTRY_PACK = sp.RESULT_ENTRY.pack
 
 __all__ = ["PoolWorker", "run_worker"]
@@ -351,7 +352,7 @@ class PoolWorker:
                 if key != last_key or trusted != last_trusted:
                     last_fn = functions.get(key, trusted)
                     last_key, last_trusted = key, trusted
-                kind, _, payload = _decode(msg, trusted, stats=copies, shm=shm)
+                kind, _, payload = _decode(msg, trusted, COPY_THRESHOLD, None, copies, shm)
                 if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
                     raise ValueError("not a pool task")
                 mode, items = payload
@@ -368,13 +369,13 @@ class PoolWorker:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                 else:
                     values, errors = run_items(last_fn, mode, items)
-                if out_shm is None:
-                    result = encode_result(values, errors, tid, copies)
-                else:
-                    before = out_shm.arrays_sent
+                before = 0 if out_shm is None else out_shm.arrays_sent
+                try:
+                    result = _encode((values, errors), KIND_RESULT, tid, copies, out_shm)
+                except Exception:  # a value that does not encode: its item fails
                     result = encode_result(values, errors, tid, copies, out_shm)
-                    if out_shm.arrays_sent != before:  # (small results: none by slot)
-                        slots = out_shm.last_message()
+                if out_shm is not None and out_shm.arrays_sent != before:
+                    slots = out_shm.last_message()  # (small results: none by slot)
                 del items, payload, values  # (argument slots are released)
             except (MessageFormatError, FunctionUnavailable) as exc:
                 # Refused unexecuted (a pickle from the untrusted, a message
@@ -405,7 +406,7 @@ class PoolWorker:
             done += n
             seconds_held += seconds
             header = result[0]
-            if len(result) == 1 and len(header) < sp.INLINE_HEADER_MAX:
+            if len(result) == 1 and len(header) < INLINE_HEADER_MAX:
                 out.append(pack(tid, len(header), 0, n, seconds) + header)
             else:
                 entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))
