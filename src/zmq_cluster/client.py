@@ -71,7 +71,7 @@ class SchedulerLost(ConnectionError):
 
 class ResultSink(Protocol):
     """What receives the results of the tasks sent with it
-    (:meth:`SchedulerClient.send_tasks`), called by whichever thread reads
+    (:meth:`SchedulerClient.send_table`), called by whichever thread reads
     the result connection: ``deliver`` for each result (its wire-format
     frames; ``trusted``: whether they may be unpickled), ``fail`` for each
     task still waited for when the scheduler is lost, then ``wake`` once
@@ -270,31 +270,19 @@ class SchedulerClient:
                 pass
         return key
 
-    def send_tasks(self, entries: Sequence[bytes], frames: List[Any], tids: Iterable[int],
-                   sink: ResultSink, direct: bool = False) -> None:
-        """Send one batch: ``entries`` (bytes each), their data ``frames``;
-        ``sink`` (registered first) receives the results of ``tids``.
-        ``direct``: a single task may go straight to a leased worker
-        (zmq_cluster.lease) when one is ready and free."""
-        if self.lost is not None:
-            raise self.lost
-        sinks = self._sinks
-        for tid in tids:
-            sinks[tid] = sink
-        with self._lock:
-            if direct and len(entries) == 1 and self._leases.try_send(entries[0], frames):
-                return
-            self._send_tx([sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames)
-
     def send_table(self, table: bytes, count: int, frames: List[Any], tids: Sequence[int],
-                   sink: ResultSink) -> None:
-        """Send one batch already made into its table (``count`` entries,
-        framing.encode_task_table), whose tasks are ``tids``; ``sink``
-        (registered first) receives their results."""
+                   sink: ResultSink, direct: bool = False) -> None:
+        """Send one batch of ``count`` tasks, ``tids``, made into its table
+        and data ``frames`` (framing.encode_task_table); ``sink``
+        (registered first) receives their results. ``direct``: a single
+        task may go straight to a leased worker (zmq_cluster.lease) when
+        one is ready and free."""
         if self.lost is not None:
             raise self.lost
         self._sinks.update(dict.fromkeys(tids, sink))
         with self._lock:
+            if direct and count == 1 and self._leases.try_send(table, frames):
+                return
             self._send_tx([sp.ctl(sp.TASKS, count), table] + frames)
 
     @property

@@ -259,6 +259,14 @@ def test_an_argument_that_cannot_be_sent_fails_its_item_alone(pool, chunksize, o
     assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
 
 
+def test_submit_of_an_argument_that_cannot_be_sent_raises_at_once(pool):
+    with pytest.raises(zc.EncodeError, match="lock"):
+        pool.submit(square, threading.Lock())
+    assert pool.submit(square, 3).result(RESULT_TIMEOUT) == 9
+    pool.close()
+    pool.join()  # nothing was left pending by the refused submit
+
+
 @pytest.mark.parametrize("dtype", ["<f8", ">i4", "<c16", "|u1", "<M8[ns]", "|S3"])
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("shape", [(3,), (40, 50), (300, 200)])
