@@ -7,9 +7,13 @@ bytes of encoded arguments read ahead of the consumer, the bytes placed in
 shared-memory slots included), so ``imap`` over
 an endless generator runs in bounded memory; and yields the results in
 input order or as they come. A failing item fails alone: the other items
-of its chunk still return their results. It is the
+of its chunk still return their results; so does an argument that cannot
+be encoded (its chunk's items are then sent one by one, and the item
+that cannot be raises its EncodeError at its place). It is the
 :class:`zmq_cluster.client.ResultSink` of its tasks, and reaches the pool
-only through a :class:`~zmq_cluster.poollink.PoolLink`.
+only through a :class:`~zmq_cluster.poollink.PoolLink`. While its consumer
+waits, it reads the pool's results in the consumer's thread when no other
+thread does (``SchedulerClient.read_until``), as a Future does.
 """
 
 import collections
