@@ -328,9 +328,18 @@ class ClusterPool:
             self._client.cancel(None)
         except Exception:
             pass
+        streams: Dict[int, Any] = {}
         for sink in self._client.forget_all():
             if isinstance(sink, FutureSink):
                 concurrent.futures.Future.cancel(sink.future)
+            else:
+                streams[id(sink)] = sink
+        # A map or imap in progress (in another thread, or resumed later)
+        # fails its pending items and ends, rather than waiting for good.
+        cancelled = concurrent.futures.CancelledError("the pool was terminated")
+        for sink in streams.values():
+            sink.fail(cancelled)
+            sink.wake()
         self._link.drop_pending()
         self._shutdown()
 

@@ -26,7 +26,7 @@ from typing import (
 )
 
 from . import framing
-from .poollink import RUN, PoolLink
+from .poollink import RUN, TERMINATE, PoolLink
 from .protocol import COPY_THRESHOLD, KIND_RESULT
 from .taskcodec import MODE_SHM_RESULTS, rebuild_error
 
@@ -226,6 +226,10 @@ class ResultStream:
         (framing.encode_task_table makes each batch's table)."""
         if self._exhausted:
             return
+        link = self._link
+        if link.state == TERMINATE:  # the pool was terminated: read no more input
+            self._exhausted = True
+            return
         max_ahead = self._max_ahead
         max_bytes = self._max_ahead_bytes
         ahead = self._ahead
@@ -234,7 +238,6 @@ class ResultStream:
             return
         if ahead_bytes >= max_bytes:
             return
-        link = self._link
         reserve = self._client.reserve_task_ids
         key = self._key
         timeout = self._timeout_ms

@@ -343,6 +343,55 @@ def test_terminate_cancels_pending_futures(cluster):
         assert other.map(square, range(10)) == [x * x for x in range(10)]
 
 
+def _drain(stream):
+    """What is left of a stream: ("item", x) or ("cancelled",) per next()."""
+    out = []
+    while len(out) < 10_000:
+        try:
+            out.append(("item", stream.next(RESULT_TIMEOUT)))
+        except StopIteration:
+            return out
+        except concurrent.futures.CancelledError:
+            out.append(("cancelled",))
+    raise AssertionError("the stream did not end")
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_terminate_ends_a_stream_in_progress(cluster, ordered):
+    """Its pending items fail with CancelledError and it ends (it used to
+    wait for good for results that would never come)."""
+    import time
+    pool = zc.ClusterPool(cluster, max_ahead=500)
+    endless = itertools.repeat(0.01)
+    stream = (pool.imap if ordered else pool.imap_unordered)(time.sleep, endless)
+    assert [stream.next(RESULT_TIMEOUT) for _ in range(3)] == [None] * 3
+    pool.terminate()
+    rest = _drain(stream)  # (it ends: the endless input is no longer read)
+    assert ("cancelled",) in rest and len(rest) <= 500
+    with zc.ClusterPool(cluster) as other:  # the scheduler goes on
+        assert other.map(square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_terminate_from_another_thread_ends_a_waiting_map(cluster):
+    import time
+    pool = zc.ClusterPool(cluster)
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(pool.map(time.sleep, [0.05] * 400, chunksize=1))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    stream_seen = pool.submit(square, 2).result(RESULT_TIMEOUT)  # the map is under way
+    pool.terminate()
+    th.join(RESULT_TIMEOUT)
+    assert not th.is_alive() and stream_seen == 4
+    assert isinstance(outcome[0], concurrent.futures.CancelledError)
+
+
 def test_future_cancel(pool):
     futs = [pool.submit(__import__("time").sleep, 0.05) for _ in range(10)]
     cancelled = futs[-1].cancel()
