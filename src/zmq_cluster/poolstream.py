@@ -21,6 +21,7 @@ import itertools
 import sys
 import threading
 import time
+from concurrent.futures import CancelledError
 from typing import (
     Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
 )
@@ -39,6 +40,11 @@ _encode_task_table = framing.encode_task_table
 BATCH_TASKS = 256
 #: Bytes of arguments per batch, about.
 BATCH_BYTES = 4 << 20
+#: A batch whose input took longer than this to read makes the next one
+#: half as large: a consumer of a slow input gets its results as they come.
+SLOW_BATCH_SECONDS = 0.01
+
+_monotonic = time.monotonic
 
 #: A chunk's outcome: its values, the exceptions of its failed items by
 #: position (or None), and the bytes of its encoded arguments.
@@ -229,6 +235,9 @@ class ResultStream:
         link = self._link
         if link.state == TERMINATE:  # the pool was terminated: read no more input
             self._exhausted = True
+            if self._input_error is None:  # (raised once the pending items have failed)
+                self._input_error = CancelledError("the pool was terminated before this"
+                                                   " map's input was all sent")
             return
         max_ahead = self._max_ahead
         max_bytes = self._max_ahead_bytes
@@ -254,6 +263,7 @@ class ResultStream:
                 if not ahead and link.state != RUN:
                     break
                 first = reserve(batch)
+                started = _monotonic()
                 table, frames, lengths, sizes, stop = _encode_task_table(
                     chunks, mode, key, timeout, first, batch, max_ahead - ahead,
                     min(max_bytes - ahead_bytes, BATCH_BYTES), copies, shm, pin)
@@ -266,10 +276,16 @@ class ResultStream:
                     ahead += sum(lengths)
                     ahead_bytes += nbytes
                     link.send_table(table, k, frames, tids, self)
-                    if k >= batch or nbytes >= BATCH_BYTES:
+                    if _monotonic() - started > SLOW_BATCH_SECONDS:
+                        # A slow input: smaller batches, so that results
+                        # are handed over between them.
+                        batch = max(1, batch // 2)
+                    elif k >= batch or nbytes >= BATCH_BYTES:
                         # Small first batches get the workers going; then larger ones.
                         batch = min(BATCH_TASKS, 2 * batch)
                 if stop is None:
+                    if self._arrived:
+                        break  # results to hand over first: the window waits
                     continue
                 if stop is StopIteration:
                     self._exhausted = True

@@ -343,6 +343,25 @@ def test_terminate_cancels_pending_futures(cluster):
         assert other.map(square, range(10)) == [x * x for x in range(10)]
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_results_of_a_slow_input_come_while_it_is_read(pool, ordered):
+    """A consumer of a slow input (2 ms an item here) gets results as they
+    come, not once the whole window (4096 items) has been read."""
+    import time
+    read = []
+
+    def slow_input():
+        for i in range(1000):
+            time.sleep(0.002)
+            read.append(i)
+            yield i
+
+    stream = (pool.imap if ordered else pool.imap_unordered)(square, slow_input())
+    first = stream.next(RESULT_TIMEOUT)
+    assert len(read) < 500 and (first == 0 or not ordered)
+    assert sorted([first] + list(stream)) == sorted(i * i for i in range(1000))
+
+
 def _drain(stream):
     """What is left of a stream: ("item", x) or ("cancelled",) per next()."""
     out = []
@@ -372,23 +391,47 @@ def test_terminate_ends_a_stream_in_progress(cluster, ordered):
         assert other.map(square, range(5)) == [0, 1, 4, 9, 16]
 
 
-def test_terminate_from_another_thread_ends_a_waiting_map(cluster):
+class _Naps:
+    """400 naps of 50 ms, read lazily (a Sized input: map reads it as it
+    goes; a generator it would copy first); ``read10`` is set once ten have
+    been read."""
+
+    def __init__(self):
+        self.read10 = threading.Event()
+
+    def __len__(self):
+        return 400
+
+    def __iter__(self):
+        for i in range(400):
+            if i == 10:
+                self.read10.set()
+            yield 0.05
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_terminate_from_another_thread_ends_a_waiting_map(cluster, sized):
+    """A map that is waiting for its results (or, with a generator, that has
+    not sent its input yet) raises CancelledError: it never returns a
+    partial or empty list."""
     import time
     pool = zc.ClusterPool(cluster)
     outcome = []
+    naps = _Naps()
+    under_way = naps.read10
 
     def run():
         try:
-            outcome.append(pool.map(time.sleep, [0.05] * 400, chunksize=1))
+            outcome.append(pool.map(time.sleep, naps if sized else iter(naps), chunksize=1))
         except BaseException as exc:
             outcome.append(exc)
 
     th = threading.Thread(target=run)
     th.start()
-    stream_seen = pool.submit(square, 2).result(RESULT_TIMEOUT)  # the map is under way
+    assert under_way.wait(RESULT_TIMEOUT)
     pool.terminate()
     th.join(RESULT_TIMEOUT)
-    assert not th.is_alive() and stream_seen == 4
+    assert not th.is_alive()
     assert isinstance(outcome[0], concurrent.futures.CancelledError)
 
 
