@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import zmq
 
 import zmq_cluster as zc
 from zmq_cluster.client import SchedulerClient
@@ -163,3 +164,35 @@ def test_a_supervisor_does_not_replace_a_refused_worker():
     finally:
         nanny.terminate()
         nanny.close()
+
+
+@pytest.fixture
+def refused_before_hello(monkeypatch):
+    """Makes every tcp connect return only once its handshake has been
+    refused and libzmq has taken the connection's queue away (nothing can
+    be sent: no POLLOUT), the order a fast refusal can take on its own: the
+    first HELLO must not wait for ever to be queued."""
+    connect = zmq.Socket.connect
+
+    def connect_then_wait_for_refusal(self, address):
+        result = connect(self, address)
+        if not address.startswith("tcp://"):  # the monitor's inproc PAIR
+            return result
+        deadline = time.monotonic() + 10
+        while self.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            assert time.monotonic() < deadline, "the handshake was not refused"
+            time.sleep(0.005)
+        return result
+
+    monkeypatch.setattr(zmq.Socket, "connect", connect_then_wait_for_refusal)
+
+
+def test_a_client_refused_before_its_hello_fails_at_once(curve_scheduler, outsider,
+                                                         refused_before_hello):
+    refused(lambda: SchedulerClient(curve_scheduler, security=outsider,
+                                    connect_timeout=CONNECT_TIMEOUT), "auth")
+
+
+def test_a_worker_refused_before_its_hello_stops(curve_scheduler, outsider,
+                                                 refused_before_hello):
+    run_until_refused(PoolWorker(curve_scheduler, security=outsider, direct=False))

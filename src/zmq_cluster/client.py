@@ -173,8 +173,16 @@ class SchedulerClient:
         self._reader_base = [self._rx, self._monitor]
         try:
             self._rx.connect(self.endpoint)
-            self._rx.send_multipart(sp.message(sp.HELLO, {
-                "role": sp.ROLE_CLIENT, "host": _socket.gethostname(), "pid": os.getpid()}))
+            try:
+                # Not blocking: a handshake refused this soon (libzmq's I/O
+                # thread is quick on loopback) has taken the connection's
+                # queue away, and a blocking send would wait for ever. The
+                # monitor then holds the refusal, which the wait reports.
+                self._rx.send_multipart(sp.message(sp.HELLO, {
+                    "role": sp.ROLE_CLIENT, "host": _socket.gethostname(),
+                    "pid": os.getpid()}), zmq.DONTWAIT)
+            except zmq.Again:
+                pass
             welcome = self._await_welcome(connect_timeout)
             self.client_no = self._leases.client_no = welcome["client_no"]
             self.workers_at_start = welcome.get("workers", 0)

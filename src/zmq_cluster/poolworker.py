@@ -181,7 +181,13 @@ class PoolWorker:
                 sockets.append(self._direct.socket)
         sock.connect(self.address)
         self._handshakes = 0
-        self._hello()
+        try:
+            # Not blocking: a handshake refused before this line has taken
+            # the connection's queue away (a send would wait for ever); the
+            # monitor holds the refusal, read first thing in the loop.
+            self._hello(zmq.DONTWAIT)
+        except zmq.Again:
+            pass
         # Connection events first, then messages (the scheduler's, then
         # direct clients'); waiting and receiving happen in zmq_cluster.wire
         # (without the GIL in the compiled twin).
@@ -238,18 +244,18 @@ class PoolWorker:
         """Make run() return after the task at hand."""
         self._running = False
 
-    def _send(self, frames: Sequence[Any]) -> None:
-        send_frames(self._sock, frames)
+    def _send(self, frames: Sequence[Any], flags: int = 0) -> None:
+        send_frames(self._sock, frames, flags)
         self._drained[1] = 0
 
-    def _hello(self) -> None:
+    def _hello(self, flags: int = 0) -> None:
         hello = {"role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
                  "credit": self._credit, "credit_bytes": self.credit_bytes,
                  "uptime": time.monotonic() - _STARTED}
         if self._direct is not None:
             hello.update(direct=self._direct.address, direct_key=self._direct.key.hex())
         self._welcomed = False
-        self._send(sp.message(sp.HELLO, hello))
+        self._send(sp.message(sp.HELLO, hello), flags)
 
     def _drop_held(self) -> None:
         # Declared dead (or reset): the scheduler revokes our leases, whose
