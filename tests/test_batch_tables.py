@@ -3,7 +3,9 @@ same entries and refuse the same damaged tables with the same text."""
 
 import importlib
 import struct
+import threading
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,3 +135,100 @@ def test_twins_agree_on_random_and_damaged_tables(entries, count_delta, cut, ext
         assert [f for f, _ in outcomes[0]] == [f for f, *_ in spans[0]]
     if not (use_junk or cut or count_delta or extra_frames) and all(h or n for _, h, n in entries):
         assert [f[0] for f, _ in outcomes[0]] == [tid for tid, _, _ in entries]
+
+
+ENCODERS = [pytest.param(m.values[0].encode_task_table, id=m.id) for m in TWIN_MODULES]
+
+
+class InputError(Exception):
+    pass
+
+
+def _items(spec):
+    """Chunks from a spec: ints, strs, bytes, arrays (small: inline; large:
+    a frame of their own), a str whose header is too big to go inline, a
+    lock (does not encode), and "raise" (the input raises there)."""
+    def value(kind, i):
+        return {"int": i, "str": "s%d" % i, "bytes": b"b" * i,
+                "small": np.arange(i % 7, dtype=np.int16),
+                "large": np.arange(2000 + i, dtype=np.float64),
+                "huge": "h" * (70000 + i), "lock": threading.Lock()}[kind]
+    for i, (kinds, raise_here) in enumerate(spec):
+        if raise_here:
+            raise InputError("input %d" % i)
+        yield tuple(value(k, i) for k in kinds)
+
+
+def _encoded(encode, spec, limits):
+    it = _items(spec)
+    max_tasks, max_items, max_bytes = limits
+    table, frames, lengths, sizes, stop = encode(it, 3, 77, 1500, 1 << 40, max_tasks, max_items,
+                                                 max_bytes, None, None, None)
+    if stop not in (None, StopIteration):
+        exc, chunk = stop
+        stop = (type(exc).__name__, str(exc), None if chunk is None else len(chunk))
+    rest = 0  # what the encoder left unread: the same for both twins
+    try:
+        for _ in it:
+            rest += 1
+    except InputError:
+        rest = (rest, "raised")
+    return table, [bytes(memoryview(f).cast("B")) for f in frames], lengths, sizes, stop, rest
+
+
+_kinds = st.sampled_from(["int", "str", "bytes", "small", "large", "huge", "lock"])
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(spec=st.lists(st.tuples(st.lists(_kinds, min_size=1, max_size=3),
+                               st.sampled_from([False] * 9 + [True])), max_size=8),
+       limits=st.tuples(st.integers(1, 9), st.integers(1, 30), st.integers(1, 400_000)))
+def test_task_table_twins_write_the_same_bytes(spec, limits):
+    outcomes = [_encoded(e.values[0], spec, limits) for e in ENCODERS]
+    assert all(o == outcomes[0] for o in outcomes)
+
+
+@pytest.mark.parametrize("encode", ENCODERS)
+def test_task_table_reads_back_through_walk_table(encode):
+    chunks = [(1,), ("x", 2), (np.arange(5000.0),), ("y" * 70000,)]
+    table, frames, lengths, sizes, stop = encode(iter(chunks), 0, 9, 0, 100, 10, 100, 1 << 30)
+    assert stop is StopIteration and lengths == [1, 2, 1, 1]
+    entries = sp.walk(table, 4, sp.TASK_ENTRY, frames)
+    assert [f[:3] for f, _ in entries] == [(100, 9, 0), (101, 9, 0), (102, 9, 0), (103, 9, 0)]
+    assert sum(sizes) == len(table) + sum(memoryview(f).nbytes for f in frames)
+    for (fields, msg), chunk in zip(entries, chunks):
+        kind, tid, (mode, items) = framing.decode(msg)
+        assert tid == fields[0] and mode == 0 and len(items) == len(chunk)
+    assert framing.decode(entries[2][1])[2][1][0].sum() == np.arange(5000.0).sum()
+
+
+@pytest.mark.parametrize("encode", ENCODERS)
+def test_task_table_limits_and_stops(encode):
+    many = iter([(i,) for i in range(10)])
+    _, _, lengths, _, stop = encode(many, 0, 1, 0, 1, 4, 100, 1 << 30)
+    assert len(lengths) == 4 and stop is None and next(many) == (4,)   # max_tasks
+    _, _, lengths, _, stop = encode(many, 0, 1, 0, 1, 100, 2, 1 << 30)
+    assert len(lengths) == 2 and stop is None                          # max_items
+    _, _, lengths, _, stop = encode(many, 0, 1, 0, 1, 100, 100, 1)
+    assert len(lengths) == 1 and stop is None                          # max_bytes: one at least
+    lock = threading.Lock()
+    _, _, lengths, _, (exc, chunk) = encode(iter([(1,), (lock,), (2,)]), 0, 1, 0, 1, 9, 9, 1 << 30)
+    assert lengths == [1] and chunk == (lock,) and "lock" in str(exc)
+
+
+@pytest.mark.parametrize("encode", ENCODERS)
+def test_task_table_pins_arrays_placed_in_shared_memory(encode):
+    from zmq_cluster.sharedmem import SharedMemory
+    with SharedMemory(min_bytes=1024) as shm:
+        pinned = []
+
+        def pin(tid):
+            pinned.append((tid, shm.last_message()))
+            return 5000
+
+        chunks = iter([(1,), (np.ones(1000),), (2,)])
+        table, frames, lengths, sizes, stop = encode(chunks, 0, 1, 0, 40, 9, 9, 1 << 30,
+                                                     None, shm, pin)
+        assert [t for t, _ in pinned] == [41] and len(pinned[0][1]) == 1
+        assert frames == [] and sizes[1] > 5000 and sizes[0] < 5000
+        shm.unpin(pinned[0][1])

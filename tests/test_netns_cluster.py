@@ -222,7 +222,10 @@ def test_a_worker_host_cut_off_mid_map_loses_its_tasks_to_the_other(cluster):
         assert {e["ns"] for e in cut} == {ns1, ns2}
         assert cut[-1]["ns"] == ns1
         counters = done["counters"]
-        assert counters["worker gone: disconnected"] >= 1
+        # Its connection closed (ZMTP heartbeats): the scheduler learns it
+        # from the monitor, or first from a send that finds no pipe.
+        assert (counters.get("worker gone: disconnected", 0)
+                + counters.get("worker gone: unreachable", 0)) >= 1, counters
         assert counters["redispatched"] >= 1
         pool.finish()
     finally:

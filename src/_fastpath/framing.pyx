@@ -19,7 +19,7 @@ per role (as msgpack-python builds its compiled core):
 * ``framing_arrays.pxi``: arrays, both directions;
 * ``framing_tasks.pxi``: task-shaped messages without their objects, and
   the C interface the compiled wire module calls (``framing_api.pxi``);
-* ``framing_tables.pxi``: batch tables (``walk_table``, ``scan_table``).
+* ``framing_tables.pxi``: batch tables (``walk_table``, ``scan_table``, ``encode_task_table``).
 
 Encode writes the header into one C buffer (on the stack while it is small)
 with direct little-endian stores, dispatching on the exact type of each value
@@ -76,7 +76,7 @@ from zmq_cluster.protocol import (
 )
 from zmq_cluster._framing_shm import decode_shm_array, encode_shm_array
 
-__all__ = ["encode", "decode", "frame_buffer", "walk_table", "scan_table"]
+__all__ = ["encode", "decode", "frame_buffer", "walk_table", "scan_table", "encode_task_table"]
 
 include "framing_api.pxi"
 

@@ -5,25 +5,30 @@ entry is fixed little-endian fields, two of them the length of an inline
 header that follows the fields and the count of data frames of the
 message, which follow the table frame in order (docs/scheduler.md, "Batch
 tables"). :func:`walk_table` splits a table into its messages,
-:func:`scan_table` into spans of it; both twins return the same values and
-raise the same texts.
+:func:`scan_table` into spans of it, and :func:`encode_task_table` makes a
+table of tasks; both twins return the same values and bytes and raise the
+same texts.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
 
 from ._framing_errors import (
     T_FIELDS, T_FORMAT, T_FRAMES, T_NO_HEADER, T_OVERRUN, T_STRAY_BYTES, T_STRAY_FRAMES, T_TRUNCATED,
     TABLE_CODES,
 )
+from ._framing_py import encode
+from .protocol import INLINE_HEADER_MAX, KIND_REQUEST, TASK_ENTRY_FORMAT
 
-__all__ = ["walk_table", "scan_table"]
+__all__ = ["walk_table", "scan_table", "encode_task_table"]
 
 #: A table as it may come: any bytes-like object (read as bytes).
 Table = Union[bytes, bytearray, memoryview]
+#: What encode_task_table returns.
+TaskTable = tuple[bytes, list[Any], list[int], list[int], Any]
 
 _structs: dict[str, struct.Struct] = {}
 
@@ -107,3 +112,73 @@ def walk_table(table: Table, count: int, fmt: str, inline_at: int, nframes_at: i
             msg = list(data[first:first + nfr])
         out.append((fields, msg))
     return out
+
+
+_TASK_ENTRY = struct.Struct(TASK_ENTRY_FORMAT)
+
+
+def encode_task_table(chunks: Iterator[Sequence[Any]], mode: int, key: int, timeout: int,
+                      first_tid: int, max_tasks: int, max_items: int, max_bytes: int,
+                      stats: Any = None, shm: Any = None,
+                      pin: Callable[[int], int] | None = None) -> TaskTable:
+    """Encode chunks read from ``chunks`` as one batch table of tasks:
+    ``(table, frames, lengths, sizes, stop)``.
+
+    Task ``i`` is ``first_tid + i``, a REQUEST whose payload is ``(mode,
+    chunk)`` (encoded as ``encode`` does, with ``stats`` and ``shm``); its
+    entry is TASK_ENTRY_FORMAT's (task id, ``key``, ``timeout``,
+    inline_len, n_frames) followed by its header frame when that is under
+    INLINE_HEADER_MAX bytes, its other frames going to ``frames`` in order.
+    ``lengths[i]`` is the chunk's length, ``sizes[i]`` the task's bytes: its
+    entry, its data frames and, when the encoding put arrays in ``shm``'s
+    slots, what ``pin(tid)`` returns (the caller pins them there).
+
+    The first chunk is always read; another only while fewer than
+    ``max_tasks`` tasks, ``max_items`` items and ``max_bytes`` bytes are in
+    the table. ``stop`` says why it ended: None (a limit), StopIteration
+    (the class: ``chunks`` ended), ``(exc, None)`` (``chunks`` raised
+    ``exc``) or ``(exc, chunk)`` (``chunk`` could not be encoded: it is not
+    in the table)."""
+    parts: list[bytes] = []
+    frames: list[Any] = []
+    lengths: list[int] = []
+    sizes: list[int] = []
+    pack = _TASK_ENTRY.pack
+    stop: Any = None
+    items = nbytes = 0
+    while not parts or (len(parts) < max_tasks and items < max_items and nbytes < max_bytes):
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            stop = StopIteration
+            break
+        except Exception as exc:
+            stop = (exc, None)
+            break
+        tid = first_tid + len(parts)
+        before = 0 if shm is None else shm.arrays_sent
+        try:
+            msg = encode((mode, chunk), KIND_REQUEST, tid, stats, shm)
+        except Exception as exc:
+            stop = (exc, chunk)
+            break
+        size = 0
+        if shm is not None and shm.arrays_sent != before and pin is not None:
+            size = pin(tid)
+        header = msg[0]
+        if len(header) < INLINE_HEADER_MAX:
+            entry = pack(tid, key, timeout, len(header), len(msg) - 1) + header
+            data = msg[1:]
+        else:
+            entry = pack(tid, key, timeout, 0, len(msg))
+            data = msg
+        size += len(entry)
+        for f in data:
+            size += len(f) if type(f) is bytes else memoryview(f).nbytes
+        frames.extend(data)
+        parts.append(entry)
+        lengths.append(len(chunk))
+        sizes.append(size)
+        items += len(chunk)
+        nbytes += size
+    return b"".join(parts), frames, lengths, sizes, stop

@@ -36,8 +36,8 @@ import threading
 import time
 from collections import OrderedDict
 from typing import (
-    TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol,
-    Sequence, Set, Tuple,
+    TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
+    Set, Tuple,
 )
 
 import zmq
@@ -72,7 +72,7 @@ class SchedulerLost(ConnectionError):
 
 class ResultSink(Protocol):
     """What receives the results of the tasks sent with it
-    (:meth:`SchedulerClient.send_tasks`), called by whichever thread reads
+    (:meth:`SchedulerClient.send_table`), called by whichever thread reads
     the result connection: ``deliver`` for each result (its wire-format
     frames; ``trusted``: whether they may be unpickled), ``fail`` for each
     task still waited for when the scheduler is lost, then ``wake`` once
@@ -193,10 +193,9 @@ class SchedulerClient:
             self._close_sockets()
             raise
         self._ids = itertools.count(1)
-        #: Fresh task ids, unique in the scheduler's ledger: this client's
-        #: number in the top bits (``next(client.task_ids)`` is
-        #: :meth:`new_task_id` without the method call).
-        self.task_ids: Iterator[int] = itertools.count((self.client_no << 40) | 1)
+        # The next task id: this client's number in the top bits.
+        self._next_tid = (self.client_no << 40) | 1
+        self._tid_lock = threading.Lock()
         self._reading.start()
 
     def _await_welcome(self, timeout: float) -> Dict[Any, Any]:
@@ -280,8 +279,16 @@ class SchedulerClient:
     # ------------------------------------------------------------- sending
 
     def new_task_id(self) -> int:
-        """A fresh task id (thread-safe: ``next`` of an itertools.count)."""
-        return next(self.task_ids)
+        """A fresh task id, unique in the scheduler's ledger."""
+        return self.reserve_task_ids(1)
+
+    def reserve_task_ids(self, n: int) -> int:
+        """The first of ``n`` fresh consecutive task ids (thread-safe; ids
+        reserved and not used are simply never seen)."""
+        with self._tid_lock:
+            first = self._next_tid
+            self._next_tid = first + n
+        return first
 
     def function_key(self, fn: Callable[..., Any]) -> int:
         """The key of ``fn``, sending its blob to the scheduler the first time."""
@@ -308,21 +315,20 @@ class SchedulerClient:
                 pass
         return key
 
-    def send_tasks(self, entries: Sequence[bytes], frames: List[Any], tids: Iterable[int],
+    def send_table(self, table: bytes, count: int, frames: List[Any], tids: Sequence[int],
                    sink: ResultSink, direct: bool = False) -> None:
-        """Send one batch: ``entries`` (bytes each), their data ``frames``;
-        ``sink`` (registered first) receives the results of ``tids``.
-        ``direct``: a single task may go straight to a leased worker
-        (zmq_cluster.lease) when one is ready and free."""
+        """Send one batch of ``count`` tasks, ``tids``, made into its table
+        and data ``frames`` (framing.encode_task_table); ``sink``
+        (registered first) receives their results. ``direct``: a single
+        task may go straight to a leased worker (zmq_cluster.lease) when
+        one is ready and free."""
         if self.lost is not None:
             raise self.lost
-        sinks = self._sinks
-        for tid in tids:
-            sinks[tid] = sink
+        self._sinks.update(dict.fromkeys(tids, sink))
         with self._lock:
-            if direct and len(entries) == 1 and self._leases.try_send(entries[0], frames):
+            if direct and count == 1 and self._leases.try_send(table, frames):
                 return
-            self._send_tx([sp.ctl(sp.TASKS, len(entries)), b"".join(entries)] + frames)
+            self._send_tx([sp.ctl(sp.TASKS, count), table] + frames)
 
     @property
     def lease(self) -> Optional[Dict[str, Any]]:

@@ -15,6 +15,7 @@ first is the running one, started at ``head_since``.
 
 import collections
 import logging
+import operator
 import time
 from typing import (Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence,
                     Set, Tuple)
@@ -42,6 +43,7 @@ MAX_FUNCTION_BYTES = sp.MAX_FUNCTION_BYTES
 #: A task's record (see the module docstring), indexed by these.
 Record = List[Any]
 _Q, _TID, _KEY, _TIMEOUT, _ENTRY, _INLINE, _FRAMES, _NBYTES, _CLIENT, _WORKER, _DEATHS = range(11)
+_key_of = operator.itemgetter(_KEY)
 
 
 class _Worker:
@@ -314,7 +316,7 @@ class Ledger:
         if not worker.inhand:
             worker.head_since = now
         funcs = worker.funcs
-        missing = {rec[_KEY] for rec in batch} - funcs
+        missing = set(map(_key_of, batch)) - funcs
         for key in missing:  # each function once per worker, before its first task
             if not self.send(worker.rid, list(self.funcs[key])):
                 self.requeue(batch)

@@ -16,6 +16,7 @@ from collections.abc import Sized
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
                     Optional, Tuple, TypeVar)
 
+from . import framing
 from . import schedproto as sp
 from .client import SchedulerClient
 from .config import Config
@@ -23,7 +24,7 @@ from .poolfuture import FutureSink, PoolFuture
 from .poollink import CLOSE, RUN, TERMINATE, PoolLink
 from .poolstream import ResultStream
 from .sharedmem import SharedMemory, node_shared_memory
-from .taskcodec import CopyCount
+from .taskcodec import MODE_SHM_RESULTS, CopyCount
 
 if TYPE_CHECKING:
     from .local import LocalCluster
@@ -230,10 +231,15 @@ class ClusterPool:
         key = client.function_key(fn)
         tid = client.new_task_id()
         link = self._link
+        shm = link.shm
+        mode = sp.MODE_CALL if shm is None else sp.MODE_CALL | MODE_SHM_RESULTS
+        table, frames, _, _, stop = framing.encode_task_table(
+            iter([((args, kwargs),)]), mode, key, link.timeout_ms, tid, 1, 1, 1,
+            link.copies_sent, shm, link.pin_encoded)
+        if stop not in (None, StopIteration):
+            raise stop[0]  # an argument that does not encode
         fut = PoolFuture(link, tid)
-        msg, _ = link.encode_task(sp.MODE_CALL, [(args, kwargs)], tid)
-        entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, link.timeout_ms), msg)
-        link.send([entry], list(data), [tid], FutureSink(fut, link, tid), direct=True)
+        link.send_table(table, 1, frames, (tid,), FutureSink(fut, link, tid), direct=True)
         return fut
 
     def apply(self, fn: Callable[..., T], args: Iterable[Any] = (),

@@ -9,7 +9,7 @@ for, and the pool's shared memory (if any) with the pins of its tasks'
 arguments. The engines hold a PoolLink, never the pool.
 
 Shared memory: a task's arguments placed in slots are pinned from its
-encoding (:meth:`PoolLink.encode_task`) until its result arrives, it fails
+encoding (:meth:`PoolLink.pin_encoded`) until its result arrives, it fails
 or it is cancelled (:meth:`PoolLink.unpin`): the scheduler re-sends a task
 whose worker died, and the dead worker's claims are reclaimed meanwhile; the
 pin keeps the slots for the worker that runs it next.
@@ -21,13 +21,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import framing
 from .client import ResultSink, SchedulerClient
-from .protocol import KIND_REQUEST
 from .sharedmem import SharedMemory
-from .taskcodec import MODE_SHM_RESULTS, CopyCount
+from .taskcodec import CopyCount
 
 __all__ = ["PoolLink", "RUN", "CLOSE", "TERMINATE"]
-
-_encode = framing.encode
 
 # Rejections are logged (and counted) under the pool's name.
 log = logging.getLogger("zmq_cluster.pool")
@@ -77,14 +74,14 @@ class PoolLink:
         setting = self.allow_pickle
         return trusted if setting is None else setting
 
-    def send(self, entries: List[bytes], frames: List[Any], tids: List[int],
-             sink: ResultSink, direct: bool = False) -> None:
-        """Send one batch of tasks (see SchedulerClient.send_tasks),
-        counting them as pending."""
+    def send_table(self, table: bytes, count: int, frames: List[Any], tids: Sequence[int],
+                   sink: ResultSink, direct: bool = False) -> None:
+        """Send one batch made into its table (see SchedulerClient.send_table),
+        counting its tasks as pending."""
         with self._cond:
-            self.pending += len(tids)
+            self.pending += count
         try:
-            self.client.send_tasks(entries, frames, tids, sink, direct)
+            self.client.send_table(table, count, frames, tids, sink, direct)
         except BaseException:
             for tid in tids:
                 self.unpin(tid)
@@ -109,19 +106,6 @@ class PoolLink:
         with self._cond:
             return self._cond.wait_for(
                 lambda: self.pending <= 0 or self.client.lost is not None, timeout)
-
-    def encode_task(self, mode: int, items: Sequence[Any], tid: int) -> Tuple[List[Any], int]:
-        """The frames of a task, and the bytes of its arguments placed in
-        shared-memory slots (pinned until :meth:`unpin` of ``tid``; 0
-        without shared memory)."""
-        shm = self.shm
-        if shm is None:
-            return _encode((mode, items), KIND_REQUEST, tid, self.copies_sent), 0
-        before = shm.arrays_sent
-        msg = _encode((mode | MODE_SHM_RESULTS, items), KIND_REQUEST, tid, self.copies_sent, shm)
-        if shm.arrays_sent == before:  # nothing by slot (the common case: small tasks)
-            return msg, 0
-        return msg, self.pin_encoded(tid)
 
     def pin_encoded(self, tid: int) -> int:
         """Pin, for task ``tid``, the slots of the message this thread

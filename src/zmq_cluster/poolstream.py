@@ -16,20 +16,20 @@ import collections
 import itertools
 import sys
 import threading
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+import time
+from typing import (
+    Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+)
 
 from . import framing
-from . import schedproto as sp
 from .poollink import RUN, PoolLink
-from .protocol import COPY_THRESHOLD, KIND_REQUEST, KIND_RESULT
-from .schedproto import INLINE_HEADER_MAX
+from .protocol import COPY_THRESHOLD, KIND_RESULT
 from .taskcodec import MODE_SHM_RESULTS, rebuild_error
 
 __all__ = ["ResultStream", "BATCH_TASKS", "BATCH_BYTES"]
 
-_encode = framing.encode
 _decode = framing.decode
-_TASK_ENTRY_PACK = sp.TASK_ENTRY.pack
+_encode_task_table = framing.encode_task_table
 
 #: Tasks per batch a stream sends at once, at most.
 BATCH_TASKS = 256
@@ -39,13 +39,6 @@ BATCH_BYTES = 4 << 20
 #: A chunk's outcome: its values, the exceptions of its failed items by
 #: position (or None), and the bytes of its encoded arguments.
 _Chunk = Tuple[List[Any], Optional[Dict[int, BaseException]], int]
-
-
-def _frames_nbytes(frames: Iterable[Any]) -> int:
-    n = 0
-    for f in frames:
-        n += len(f) if isinstance(f, bytes) else memoryview(f).nbytes
-    return n
 
 
 class ResultStream:
@@ -95,11 +88,13 @@ class ResultStream:
             self._bar = tqdm(total=total, file=sys.stderr, unit="item")
 
     @staticmethod
-    def _chunked(it: Iterator[Any], size: int) -> Iterator[List[Any]]:
+    def _chunked(it: Iterator[Any], size: int) -> Iterator[Sequence[Any]]:
         if size == 1:
-            for x in it:
-                yield [x]
-            return
+            return zip(it)  # 1-tuples, made in C (a chunk is any sequence)
+        return ResultStream._slices(it, size)
+
+    @staticmethod
+    def _slices(it: Iterator[Any], size: int) -> Iterator[List[Any]]:
         while True:
             chunk = list(itertools.islice(it, size))
             if not chunk:
@@ -112,6 +107,9 @@ class ResultStream:
 
     def fail(self, exc: BaseException) -> None:
         self._arrived.append((None, exc, False))
+
+    def _has_arrived(self) -> bool:
+        return bool(self._arrived)
 
     def wake(self) -> None:
         with self._cond:
@@ -174,9 +172,16 @@ class ResultStream:
                 continue
             if self._exhausted and not self._meta and not self._done:
                 return False
+            # Read the results in this thread when it may (no other thread
+            # reads for itself): no hand-off from the pool's I/O thread.
+            start = time.monotonic()
+            self._client.read_until(self._has_arrived, timeout)
+            if self._arrived:
+                continue
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
             with self._cond:
                 if not self._arrived:
-                    if not self._cond.wait(timeout) and not self._arrived:
+                    if not self._cond.wait(left) and not self._arrived:
                         assert timeout is not None  # wait(None) returns only when notified
                         raise TimeoutError("no result within %g s" % timeout)
         return True
@@ -213,7 +218,8 @@ class ResultStream:
                 self._bar.close()
 
     def _fill(self) -> None:
-        """Read and submit chunks while the window has room."""
+        """Read and submit chunks while the window has room, in batches
+        (framing.encode_task_table makes each batch's table)."""
         if self._exhausted:
             return
         max_ahead = self._max_ahead
@@ -224,72 +230,57 @@ class ResultStream:
             return
         if ahead_bytes >= max_bytes:
             return
-        # The loop runs once per task of a stream of tiny tasks: what it
-        # uses is in locals, and the counters go back to self at the end.
         link = self._link
-        entries: List[bytes] = []
-        frames: List[Any] = []
-        tids: List[int] = []
-        batch_bytes = 0
-        batch = self._batch
-        new_id = self._client.task_ids.__next__
-        pack = _TASK_ENTRY_PACK
+        reserve = self._client.reserve_task_ids
         key = self._key
         timeout = self._timeout_ms
         meta = self._meta
         chunks = self._chunks
         count = self._chunk_count
+        batch = self._batch
         shm = link.shm
         copies = link.copies_sent
-        if shm is None:
-            mode = self._mode
-        else:
-            mode = self._mode | MODE_SHM_RESULTS
+        pin = link.pin_encoded
+        mode = self._mode if shm is None else self._mode | MODE_SHM_RESULTS
         try:
             while ahead < max_ahead and (ahead_bytes < max_bytes or not ahead):
                 if not ahead and link.state != RUN:
                     break
-                try:
-                    chunk = next(chunks)
-                except StopIteration:
+                first = reserve(batch)
+                table, frames, lengths, sizes, stop = _encode_task_table(
+                    chunks, mode, key, timeout, first, batch, max_ahead - ahead,
+                    min(max_bytes - ahead_bytes, BATCH_BYTES), copies, shm, pin)
+                k = len(sizes)
+                if k:
+                    tids = range(first, first + k)
+                    meta.update(zip(tids, zip(range(count, count + k), lengths, sizes)))
+                    count += k
+                    nbytes = sum(sizes)
+                    ahead += sum(lengths)
+                    ahead_bytes += nbytes
+                    link.send_table(table, k, frames, tids, self)
+                    if k >= batch or nbytes >= BATCH_BYTES:
+                        # Small first batches get the workers going; then larger ones.
+                        batch = min(BATCH_TASKS, 2 * batch)
+                if stop is None:
+                    continue
+                if stop is StopIteration:
                     self._exhausted = True
                     break
-                except Exception as exc:
+                exc, chunk = stop
+                if chunk is None:  # the input raised
                     self._exhausted = True
                     self._input_error = exc
                     break
-                tid = new_id()
-                if shm is None:
-                    msg = _encode((mode, chunk), KIND_REQUEST, tid, copies)
-                    in_slots = 0
+                # A chunk that cannot be sent (an argument that does not
+                # encode): its items go alone, and one that cannot fails at
+                # its place.
+                if len(chunk) > 1:
+                    chunks = self._chunks = itertools.chain(zip(chunk), chunks)
                 else:
-                    before = shm.arrays_sent
-                    msg = _encode((mode, chunk), KIND_REQUEST, tid, copies, shm)
-                    in_slots = 0 if shm.arrays_sent == before else link.pin_encoded(tid)
-                header = msg[0]
-                if len(msg) == 1 and len(header) < INLINE_HEADER_MAX:
-                    entry = pack(tid, key, timeout, len(header), 0) + header
-                    nbytes = len(entry) + in_slots
-                else:
-                    entry, data = sp.pack_entry(sp.TASK_ENTRY, (tid, key, timeout), msg)
-                    nbytes = len(entry) + _frames_nbytes(data) + in_slots
-                    frames.extend(data)
-                n = len(chunk)
-                meta[tid] = (count, n, nbytes)
-                count += 1
-                ahead += n
-                ahead_bytes += nbytes
-                entries.append(entry)
-                tids.append(tid)
-                batch_bytes += nbytes
-                if len(entries) >= batch or batch_bytes >= BATCH_BYTES:
-                    link.send(entries, frames, tids, self)
-                    entries, frames, tids = [], [], []
-                    batch_bytes = 0
-                    # Small first batches get the workers going; then larger ones.
-                    batch = min(BATCH_TASKS, 2 * batch)
-            if entries:
-                link.send(entries, frames, tids, self)
+                    self._outcome(count, [None], {0: exc}, 0)
+                    count += 1
+                    ahead += 1
         finally:
             self._chunk_count = count
             self._ahead = ahead
@@ -359,7 +350,13 @@ class ResultStream:
 
     def _store(self, tid: int, values: List[Any],
                errors: Optional[Dict[int, BaseException]]) -> None:
-        index, n, nbytes = self._meta.pop(tid)
+        index, _, nbytes = self._meta.pop(tid)
+        self._outcome(index, values, errors, nbytes)
+
+    def _outcome(self, index: int, values: List[Any],
+                 errors: Optional[Dict[int, BaseException]], nbytes: int) -> None:
+        """Chunk ``index``'s outcome is known: ready now (unordered), or
+        once every chunk before it is (ordered)."""
         if self._ordered:
             done = self._done
             done[index] = (values, errors, nbytes)

@@ -59,7 +59,7 @@ from . import schedproto as sp
 from .exceptions import MessageFormatError
 from .functions import FunctionCache, FunctionUnavailable, function_key
 from .liveness import heartbeat_options
-from .protocol import KIND_REQUEST
+from .protocol import COPY_THRESHOLD, INLINE_HEADER_MAX, KIND_REQUEST, KIND_RESULT
 from .security import ClientSecurity
 from .sharedmem import SharedMemory, node_shared_memory
 from .taskcodec import MODE_SHM_RESULTS, CopyCount, encode_result, run_items, task_failure
@@ -71,6 +71,7 @@ from .workerdirect import DirectSocket, Task, bind_direct, direct_endpoint
 _STARTED = time.monotonic()
 
 _decode = framing.decode
+_encode = framing.encode
 _RESULT_ENTRY_PACK = sp.RESULT_ENTRY.pack
 
 __all__ = ["PoolWorker", "run_worker"]
@@ -366,16 +367,18 @@ class PoolWorker:
         shm = self.shared_memory
         seconds_held = self._out_seconds
         done = 0
+        # One clock reading per task: a task's seconds run from the end of
+        # the one before (its result's bookkeeping, under a microsecond).
+        start = perf_counter()
         while queue:
             tid, key, timeout_ms, msg, trusted, dest = queue.popleft()
-            start = perf_counter()
             n = 0
             slots = None  # the result's slots, when it goes by slot
             try:
                 if key != last_key or trusted != last_trusted:
                     last_fn = functions.get(key, trusted)
                     last_key, last_trusted = key, trusted
-                kind, _, payload = _decode(msg, trusted, stats=copies, shm=shm)
+                kind, _, payload = _decode(msg, trusted, COPY_THRESHOLD, None, copies, shm)
                 if kind != KIND_REQUEST or type(payload) is not tuple or len(payload) != 2:
                     raise ValueError("not a pool task")
                 mode, items = payload
@@ -392,9 +395,13 @@ class PoolWorker:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                 else:
                     values, errors = run_items(last_fn, mode, items)
-                result = encode_result(values, errors, tid, copies, out_shm)
-                if out_shm is not None:
-                    slots = out_shm.last_message()
+                before = 0 if out_shm is None else out_shm.arrays_sent
+                try:
+                    result = _encode((values, errors), KIND_RESULT, tid, copies, out_shm)
+                except Exception:  # a value that does not encode: its item fails
+                    result = encode_result(values, errors, tid, copies, out_shm)
+                if out_shm is not None and out_shm.arrays_sent != before:
+                    slots = out_shm.last_message()  # (small results: none by slot)
                 del items, payload, values  # (argument slots are released)
             except (MessageFormatError, FunctionUnavailable) as exc:
                 # Refused unexecuted (a pickle from the untrusted, a message
@@ -409,7 +416,9 @@ class PoolWorker:
                 result = task_failure(exc, tid)
             except Exception as exc:
                 result = task_failure(exc, tid)
-            seconds = perf_counter() - start
+            now = perf_counter()
+            seconds = now - start
+            start = now
             if dest is not None:
                 # A direct task's result goes at once: its caller waits.
                 direct = self._direct
@@ -423,7 +432,7 @@ class PoolWorker:
             done += n
             seconds_held += seconds
             header = result[0]
-            if len(result) == 1 and len(header) < sp.INLINE_HEADER_MAX:
+            if len(result) == 1 and len(header) < INLINE_HEADER_MAX:
                 out.append(pack(tid, len(header), 0, n, seconds) + header)
             else:
                 entry, data = sp.pack_entry(sp.RESULT_ENTRY, (tid,), result, (n, seconds))

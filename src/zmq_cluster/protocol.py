@@ -144,3 +144,14 @@ ARRAY_ALIGNMENT = 64
 
 #: Pickle protocol used for objects that have no native encoding.
 PICKLE_PROTOCOL = 5
+
+#: Batch tables of the pool's scheduler protocol (docs/scheduler.md, "Batch
+#: tables"): a task entry's fields (task id, function key, timeout in ms,
+#: inline_len, n_frames) and a result entry's (task id, inline_len,
+#: n_frames, items, seconds), little-endian. Here because the framing twins
+#: write and read them (framing.encode_task_table, walk_table).
+TASK_ENTRY_FORMAT = "<QQIII"
+RESULT_ENTRY_FORMAT = "<QIIId"
+#: A task's or result's header frame up to this size travels inside the
+#: batch table (copied once); a larger one is a frame of its own.
+INLINE_HEADER_MAX = 65536

@@ -1,15 +1,16 @@
 """Who reads a pool client's result sockets, and the reading itself.
 
 One I/O thread reads them by default and hands each result to whoever
-waits for it. A thread waiting for one result (``Future.result()``) may take
-the sockets over from the I/O thread for its wait
+waits for it. A thread waiting for one result (``Future.result()``) or for
+the next results of a map or imap may take the sockets over from the I/O
+thread for its wait
 (:meth:`ResultReader.read_until`): its result then wakes it directly, with
 no hand-off between threads on the way (two thread wake-ups and a GIL
 hand-off less per round trip). Whichever thread reads delivers every
 message that arrives, to whatever waits for it. One reader at a time: the
 I/O thread, asked through its wake pipe, lets go and parks; it takes the
 sockets back IDLE_TAKEBACK_SECONDS after nobody reads, so a loop of
-``submit().result()`` keeps them in the caller's thread.
+``submit().result()``, or over ``imap``, keeps them in the caller's thread.
 
 Contract with the client (:class:`~zmq_cluster.client.SchedulerClient`):
 ``sockets()`` gives ``(version, sockets)``: the sockets to read now, and

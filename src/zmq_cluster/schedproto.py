@@ -36,7 +36,8 @@ from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 from . import framing
 from .framing import scan_table as _scan_table, walk_table as _walk_table
-from .protocol import KIND_COMMAND
+from .protocol import INLINE_HEADER_MAX as INLINE_HEADER_MAX  # (re-exported)
+from .protocol import KIND_COMMAND, RESULT_ENTRY_FORMAT, TASK_ENTRY_FORMAT
 from .trust import EndpointKind, classify_endpoint
 
 MAGIC = b"ZS"
@@ -52,9 +53,9 @@ CTL = struct.Struct("<2sBBII")
 CTL_SIZE = CTL.size
 
 #: task_id, fn_key, timeout_ms, inline_len, n_frames
-TASK_ENTRY = struct.Struct("<QQIII")
+TASK_ENTRY = struct.Struct(TASK_ENTRY_FORMAT)
 #: task_id, inline_len, n_frames, items, seconds
-RESULT_ENTRY = struct.Struct("<QIIId")
+RESULT_ENTRY = struct.Struct(RESULT_ENTRY_FORMAT)
 
 #: Bounds on what a HELLO may announce.
 MAX_HELLO_CREDIT = 1 << 20
@@ -64,9 +65,6 @@ MAX_HELLO_CREDIT = 1 << 20
 MAX_FUNCTIONS = 4096
 MAX_FUNCTION_BYTES = 1 << 30
 
-#: A task's or result's header frame up to this size travels inside the
-#: batch table (copied once); a larger one is a frame of its own.
-INLINE_HEADER_MAX = 65536
 
 # Message types.
 HELLO = 1      # peer -> scheduler: who I am (body: dict)

@@ -18,11 +18,7 @@ Run it with ``Scheduler(listen).run()`` or
 ``python -m zmq_cluster._start scheduler --listen ADDRESS``.
 """
 
-import argparse
-import gc
 import logging
-import os
-import signal
 import time
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, cast
 
@@ -581,28 +577,3 @@ def _who(frames: Sequence[Any], rid: bytes) -> str:
         if isinstance(frame, zmq.Frame):
             return "%s (routing id %s)" % (describe_peer(frame), rid.hex())
     return "routing id %s" % rid.hex()
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zmq_cluster._start scheduler")
-    parser.add_argument("--listen", required=True)
-    parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
-    parser.add_argument("--ready-fd", type=int, default=None,
-                        help="write the bound address and a newline to this descriptor")
-    parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
-    from .process import die_with_parent
-    die_with_parent()
-    logging.basicConfig(level=args.log_level, format="%(asctime)s scheduler %(message)s")
-    scheduler = Scheduler(args.listen, heartbeat_timeout=args.heartbeat_timeout)
-    # Per-task records are short-lived containers: collect young objects
-    # rarely (there are no cycles to find on the hot path).
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, (scheduler.address + "\n").encode())
-        os.close(args.ready_fd)
-    scheduler.run()
-    return 0
-

@@ -230,6 +230,43 @@ def test_unencodable_result_fails_its_item(pool):
     assert next(it) == 2
 
 
+@pytest.mark.parametrize("chunksize", [1, 2, 4])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_argument_that_cannot_be_sent_fails_its_item_alone(pool, chunksize, ordered):
+    """An input item that does not encode (a lock) fails at its place with
+    the EncodeError; the other items, those of its chunk too, run; the
+    stream and the pool go on (it was never sent: nothing waits for it)."""
+    items = [0, 1, threading.Lock(), 3, 4, threading.Lock(), 6]
+    method = pool.imap if ordered else pool.imap_unordered
+    it = method(square, items, chunksize=chunksize)
+    got, failed = [], 0
+    while True:
+        try:
+            got.append(it.next(RESULT_TIMEOUT))
+        except StopIteration:
+            break
+        except zc.EncodeError as exc:
+            assert "lock" in str(exc)
+            failed += 1
+            if ordered:
+                got.append("failed")
+    if ordered:
+        assert got == [0, 1, "failed", 9, 16, "failed", 36]
+    else:
+        assert sorted(got) == [0, 1, 9, 16, 36] and failed == 2
+    with pytest.raises(zc.EncodeError):
+        pool.map(square, items, chunksize=chunksize)
+    assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_submit_of_an_argument_that_cannot_be_sent_raises_at_once(pool):
+    with pytest.raises(zc.EncodeError, match="lock"):
+        pool.submit(square, threading.Lock())
+    assert pool.submit(square, 3).result(RESULT_TIMEOUT) == 9
+    pool.close()
+    pool.join()  # nothing was left pending by the refused submit
+
+
 @pytest.mark.parametrize("dtype", ["<f8", ">i4", "<c16", "|u1", "<M8[ns]", "|S3"])
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("shape", [(3,), (40, 50), (300, 200)])
