@@ -141,16 +141,16 @@ def test_workers_are_not_started_with_a_refused_key(tmp_path, keys):
             start = time.monotonic()
             result = run("worker", *where, "--secret-key", outsider.client_secret, "-n", "1",
                          "--timeout", REFUSAL_TIMEOUT, timeout=60)
-            assert result.returncode == 1
-            assert time.monotonic() - start < REFUSAL_TIMEOUT / 2
+            assert result.returncode == 1, result.stderr
+            assert time.monotonic() - start < REFUSAL_TIMEOUT / 2, result.stderr
             one_line_error(result, "zmq-cluster worker: error: the scheduler at %s refused this"
                            " key" % address, outsider_key, "authorized keys")
         # CURVE on one side only: refused as fast, saying which side lacks it.
         start = time.monotonic()
         result = run("worker", "--connect", address, "-n", "1", "--timeout", REFUSAL_TIMEOUT,
                      timeout=60)
-        assert result.returncode == 1
-        assert time.monotonic() - start < REFUSAL_TIMEOUT / 2
+        assert result.returncode == 1, result.stderr
+        assert time.monotonic() - start < REFUSAL_TIMEOUT / 2, result.stderr
         one_line_error(result, "the scheduler uses CURVE and this side has no keys",
                        "--keys DIR")
         assert workers_for(address) == []
@@ -166,8 +166,8 @@ def test_keys_for_a_scheduler_without_are_refused_at_once(tmp_path, keys):
             start = time.monotonic()
             result = run(*command, "--connect", address, "--keys", keys.directory,
                          "--timeout", REFUSAL_TIMEOUT, timeout=60)
-            assert result.returncode == 1
-            assert time.monotonic() - start < REFUSAL_TIMEOUT / 2
+            assert result.returncode == 1, result.stderr
+            assert time.monotonic() - start < REFUSAL_TIMEOUT / 2, result.stderr
             one_line_error(result, "zmq-cluster %s: error: the security handshake with the"
                            " scheduler at %s failed" % (command[0], address),
                            "this side uses CURVE keys")
