@@ -1,4 +1,5 @@
-"""Shared fixtures: a zmq context per test, and the framing twins to test."""
+"""Shared fixtures: a zmq context per test, the framing twins to test, and a
+keygen directory of CURVE keys."""
 
 import importlib
 import itertools
@@ -12,6 +13,7 @@ import zmq
 
 from zmq_cluster import _framing_py
 from zmq_cluster._compat import NO_EXTENSIONS
+from zmq_cluster.security import keygen
 
 
 def _twins():
@@ -37,6 +39,12 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 def twin(request):
     """A framing module (``encode``/``decode``): each twin in turn."""
     return request.param
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A fresh ``zmq-cluster keygen`` directory (its KeyPaths) under tmp_path/keys."""
+    return keygen(tmp_path / "keys")
 
 
 @pytest.fixture

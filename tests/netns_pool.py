@@ -72,7 +72,7 @@ def run_attack(args):
     malicious pickle."""
     try:
         pool = pool_for(args)
-    except TimeoutError as exc:
+    except (TimeoutError, zc.HandshakeRefused) as exc:
         emit(event="refused", what="connect", error=str(exc))
         emit(event="done")
         return

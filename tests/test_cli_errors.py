@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from zmq_cluster.config import write_scheduler_file
-from zmq_cluster.security import keygen
+from zmq_cluster.security import ClientSecurity, keygen, load_public_key
 
 from cli_helpers import Command, free_port, one_line_error, run, wait_for_workers
 
@@ -120,19 +120,89 @@ def test_workers_are_not_started_for_a_dead_scheduler(tmp_path):
     assert workers_for(address) == []
 
 
-def test_workers_are_not_started_with_a_refused_key(tmp_path):
-    keys, outsider = keygen(tmp_path / "keys"), keygen(tmp_path / "outsider")
+#: A nanny's --timeout that a refusal must not wait for (it takes
+#: milliseconds; the bounds asserted below are loose: a busy machine).
+REFUSAL_TIMEOUT = 30
+
+
+def test_workers_are_not_started_with_a_refused_key(tmp_path, keys):
+    """The scheduler refuses the key at the handshake: the nanny exits 1 at
+    once (not after --timeout, not reading the scheduler file again), in one
+    line naming the reason and the key, and has started no worker."""
+    outsider = keygen(tmp_path / "outsider")
     sched = Command("scheduler", "--listen", "tcp://127.0.0.1:0", "--keys", keys.directory,
                     "--scheduler-file", tmp_path / "s.json")
     try:
         sched.expect("scheduler listening on")
-        result = run("worker", "--scheduler-file", tmp_path / "s.json", "--secret-key",
-                     outsider.client_secret, "-n", "1", "--timeout", "1", timeout=30)
-        assert result.returncode == 1
-        one_line_error(result, "the scheduler refused this key")
         address = json.loads((tmp_path / "s.json").read_text())["address"]
+        outsider_key = load_public_key(outsider.client_public).decode()
+        for where in (["--scheduler-file", tmp_path / "s.json"],
+                      ["--connect", address, "--scheduler-key", keys.scheduler_public]):
+            start = time.monotonic()
+            result = run("worker", *where, "--secret-key", outsider.client_secret, "-n", "1",
+                         "--timeout", REFUSAL_TIMEOUT, timeout=60)
+            assert result.returncode == 1, result.stderr
+            assert time.monotonic() - start < REFUSAL_TIMEOUT / 2, result.stderr
+            one_line_error(result, "zmq-cluster worker: error: the scheduler at %s refused this"
+                           " key" % address, outsider_key, "authorized keys")
+        # CURVE on one side only: refused as fast, saying which side lacks it.
+        start = time.monotonic()
+        result = run("worker", "--connect", address, "-n", "1", "--timeout", REFUSAL_TIMEOUT,
+                     timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert time.monotonic() - start < REFUSAL_TIMEOUT / 2, result.stderr
+        one_line_error(result, "the scheduler uses CURVE and this side has no keys",
+                       "--keys DIR")
         assert workers_for(address) == []
     finally:
+        sched.kill()
+
+
+def test_keys_for_a_scheduler_without_are_refused_at_once(tmp_path, keys):
+    sched = Command("scheduler", "--listen", "tcp://127.0.0.1:0")
+    try:
+        address = sched.expect("scheduler listening on").split()[3]
+        for command in (["worker", "-n", "1"], ["status"]):
+            start = time.monotonic()
+            result = run(*command, "--connect", address, "--keys", keys.directory,
+                         "--timeout", REFUSAL_TIMEOUT, timeout=60)
+            assert result.returncode == 1, result.stderr
+            assert time.monotonic() - start < REFUSAL_TIMEOUT / 2, result.stderr
+            one_line_error(result, "zmq-cluster %s: error: the security handshake with the"
+                           " scheduler at %s failed" % (command[0], address),
+                           "this side uses CURVE keys")
+        assert workers_for(address) == []
+    finally:
+        sched.kill()
+
+
+def test_a_nanny_whose_workers_are_refused_later_exits_1(tmp_path, keys):
+    """Admitted at start, then a new scheduler at the same address refuses the
+    key: the workers stop (libzmq would not try again), are not replaced,
+    and the nanny exits 1 saying so."""
+    address = "tcp://127.0.0.1:%d" % free_port()
+    outsider = keygen(tmp_path / "outsider")
+    sched = Command("scheduler", "--listen", address, "--keys", keys.directory)
+    nanny = None
+    try:
+        sched.expect("scheduler listening on")
+        nanny = Command("worker", "--connect", address, "--keys", keys.directory, "-n", "2")
+        nanny.expect("2 workers for the scheduler at %s" % address)
+        wait_for_workers(address, 2, security=ClientSecurity.from_directory(keys.directory))
+        sched.kill()   # SIGKILL: it tells no worker to stop
+        sched = Command("scheduler", "--listen", address, "--secret-key",
+                        keys.scheduler_secret, "--authorized-keys", outsider.authorized)
+        sched.expect("scheduler listening on")
+        assert nanny.wait(REFUSAL_TIMEOUT) == 1
+        errors = [line for line in nanny.stderr if "error:" in line]
+        assert errors == ["zmq-cluster worker: error: the scheduler at %s refused the workers at"
+                          " the security handshake (it no longer admits this key, or its"
+                          " security changed); the workers stopped" % address], nanny.transcript()
+        assert any("HANDSHAKE_FAILED_AUTH" in line for line in nanny.stderr)
+        assert workers_for(address) == []
+    finally:
+        if nanny is not None:
+            nanny.kill()
         sched.kill()
 
 

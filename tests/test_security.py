@@ -25,11 +25,6 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.fixture
-def keys(tmp_path):
-    return keygen(tmp_path / "keys")
-
-
 # ------------------------------------------------------------------ keygen
 
 

@@ -10,8 +10,8 @@ if it is either a ``zmq.Socket`` or a :class:`FutureSocket`.
 
 from .devices import LaunchForwarderDevice, LaunchStreamerDevice
 from .exceptions import (
-    EncodeError, MessageFormatError, ReceiverTimeoutException, RemoteError, RemoteTraceback,
-    WorkerException,
+    EncodeError, HandshakeRefused, MessageFormatError, ReceiverTimeoutException, RemoteError,
+    RemoteTraceback, WorkerException,
 )
 from .framing import FASTPATH
 from .local import LocalCluster
@@ -37,6 +37,7 @@ __all__ = [
     "EncodeError",
     "FASTPATH",
     "FutureSocket",
+    "HandshakeRefused",
     "InitSocket",
     "LaunchForwarderDevice",
     "LaunchStreamerDevice",

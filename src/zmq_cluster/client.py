@@ -45,6 +45,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import schedproto as sp
 from .config import check_endpoint
+from .exceptions import HandshakeRefused
 from .functions import describe, function_key
 from .inprocess import SharedContext, lookup
 from .lease import parse_grant
@@ -94,9 +95,12 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
 
 class SchedulerClient:
     """Connects to the scheduler at ``address`` and waits for its WELCOME
-    (at most ``connect_timeout`` seconds: TimeoutError, saying so when the
-    CURVE handshake was refused). ``security``: a
+    (at most ``connect_timeout`` seconds: TimeoutError). ``security``: a
     :class:`~zmq_cluster.security.ClientSecurity` for a CURVE scheduler.
+    A scheduler that refuses this side at the security handshake (its
+    authenticator does not admit this key, or one side has CURVE and the
+    other not) raises :class:`~zmq_cluster.exceptions.HandshakeRefused` as
+    soon as libzmq says so, not after ``connect_timeout``.
 
     When ``address`` is that of a scheduler running as a thread of this
     process (:func:`zmq_cluster.inprocess.register_in_process`; not with
@@ -141,7 +145,6 @@ class SchedulerClient:
         # bound what a scheduler can queue there.
         self._tx.setsockopt(zmq.RCVHWM, 64)
         self._monitor = self._rx.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
-        self._handshake_failure: Optional[str] = None
         # Who reads the result connection and the lease's: the I/O thread,
         # or a thread waiting for its result (zmq_cluster.resultreader).
         self._reading = ResultReader(self._ctx, self._reader_sockets, self._dispatch,
@@ -170,8 +173,16 @@ class SchedulerClient:
         self._reader_base = [self._rx, self._monitor]
         try:
             self._rx.connect(self.endpoint)
-            self._rx.send_multipart(sp.message(sp.HELLO, {
-                "role": sp.ROLE_CLIENT, "host": _socket.gethostname(), "pid": os.getpid()}))
+            try:
+                # Not blocking: a handshake refused this soon (libzmq's I/O
+                # thread is quick on loopback) has taken the connection's
+                # queue away, and a blocking send would wait for ever. The
+                # monitor then holds the refusal, which the wait reports.
+                self._rx.send_multipart(sp.message(sp.HELLO, {
+                    "role": sp.ROLE_CLIENT, "host": _socket.gethostname(),
+                    "pid": os.getpid()}), zmq.DONTWAIT)
+            except zmq.Again:
+                pass
             welcome = self._await_welcome(connect_timeout)
             self.client_no = self._leases.client_no = welcome["client_no"]
             self.workers_at_start = welcome.get("workers", 0)
@@ -188,30 +199,44 @@ class SchedulerClient:
         self._reading.start()
 
     def _await_welcome(self, timeout: float) -> Dict[Any, Any]:
+        """The scheduler's WELCOME, within ``timeout`` seconds.
+
+        A handshake failure libzmq does not retry (AUTH: the scheduler's
+        authenticator refused this key; PROTOCOL: the two sides' security
+        differs) raises :class:`HandshakeRefused` at once: libzmq ends the
+        connection's session on those and never reconnects. A failure with
+        no detail (``EVENT_HANDSHAKE_FAILED_NO_DETAIL``) is not definitive:
+        libzmq reports it when the connection drops during the handshake
+        (a scheduler restarting, a network hiccup; a scheduler without
+        CURVE that resets the connection before this side has read its
+        greeting, which a later attempt reports as PROTOCOL; a CURVE server
+        key that is not the scheduler's, whose HELLO the scheduler cannot
+        open and drops without a word) and reconnects; the client keeps
+        waiting, and the TimeoutError at the end says how often it happened.
+        """
         deadline = time.monotonic() + timeout
         poller = zmq.Poller()
         poller.register(self._rx, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        no_detail = 0
         while True:
             left = deadline - time.monotonic()
             ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
             if not ready:
                 why = ""
-                if self._handshake_failure is not None:
-                    why = (": the CURVE handshake failed (%s); check the keys (this side's"
-                           " public key must be among the scheduler's authorized keys, and"
-                           " the scheduler key must be the scheduler's)"
-                           % self._handshake_failure)
+                if no_detail:
+                    why = (": the handshake failed %d times with no detail (the scheduler dropped"
+                           " the connection during it)%s" % (no_detail, (
+                               "; check that the scheduler key is the scheduler's public key"
+                               if self.security is not None else "")))
                 raise TimeoutError("no scheduler answered at %s within %g s%s"
                                    % (self.address, timeout, why))
             if self._monitor in ready:
                 event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+                if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                    raise self._refusal(event)
                 if event & _HANDSHAKE_FAILED:
-                    reasons: Dict[int, str] = {
-                        zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the scheduler refused this key",
-                        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the two sides' security differs",
-                    }
-                    self._handshake_failure = reasons.get(event, "no detail")
+                    no_detail += 1
                 continue
             frames = self._rx.recv_multipart(copy=False)
             try:
@@ -230,6 +255,26 @@ class SchedulerClient:
                 private_ipc=is_private_ipc(self.address),
                 inproc=self.endpoint.startswith("inproc://"))
             return welcome
+
+    def _refusal(self, event: int) -> HandshakeRefused:
+        """The :class:`HandshakeRefused` for a definitive handshake failure."""
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            key = self.security.public_key.decode("ascii") if self.security is not None else "?"
+            return HandshakeRefused(
+                "the scheduler at %s refused this key: its authorized keys do not include this"
+                " side's public key %s (CURVE); add that key's .key file to the scheduler's"
+                " authorized keys directory and restart the scheduler, or use a key it admits"
+                % (self.address, key), "auth", self.address)
+        if self.security is None:
+            how = ("the scheduler uses CURVE and this side has no keys: give this side's secret"
+                   " key and the scheduler's public key")
+        else:
+            how = ("this side uses CURVE keys and the scheduler at that address does not (or"
+                   " it is not a zmq-cluster scheduler): connect without keys, or to a"
+                   " scheduler started with keys")
+        return HandshakeRefused(
+            "the security handshake with the scheduler at %s failed: %s"
+            % (self.address, how), "protocol", self.address)
 
     # ------------------------------------------------------------- sending
 

@@ -37,6 +37,41 @@ class EncodeError(TypeError):
     """
 
 
+class HandshakeRefused(ConnectionError):
+    """The scheduler refused this connection at the security handshake, for
+    good: waiting longer would not help.
+
+    Raised by :class:`~zmq_cluster.client.SchedulerClient` (so by
+    ``ClusterPool(...)`` and ``LocalCluster`` clients, and turned into a
+    one-line error by the command line) as soon as libzmq reports that
+    the ZMTP handshake failed in a way it does not retry
+    (``reason``):
+
+    * ``"auth"``: the scheduler's authenticator (ZAP) did not admit this
+      side's CURVE public key (``ZMQ_EVENT_HANDSHAKE_FAILED_AUTH``: the
+      scheduler said so in a ZMTP ERROR command);
+    * ``"protocol"``: the two sides' security differs, such as a client
+      with CURVE keys and a scheduler without them, or the reverse
+      (``ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL``).
+
+    libzmq does not reconnect after either (the connection's session ends),
+    so nothing could arrive later. ``address`` is the scheduler's address;
+    the message says what to check. A :class:`ConnectionError`: code that
+    catches ``OSError``/``ConnectionError`` for a failed connection catches
+    it; code that retries on ``TimeoutError`` does not.
+    """
+
+    def __init__(self, message: str, reason: str = "auth", address: str = "") -> None:
+        super().__init__(message)
+        #: ``"auth"`` or ``"protocol"`` (see above).
+        self.reason = reason
+        #: The scheduler's address.
+        self.address = address
+
+    def __reduce__(self) -> Tuple[Type["HandshakeRefused"], Tuple[str, str, str]]:
+        return type(self), (str(self), self.reason, self.address)
+
+
 class RemoteTraceback(Exception):
     """The traceback text of an exception raised in another process.
 

@@ -102,7 +102,10 @@ class ClusterPool:
     serve when not given here, and its ``malloc_tuning`` applies to the
     LocalCluster the pool starts when it names no scheduler. A scheduler
     file that records the scheduler's public key makes ``scheduler_key``
-    unnecessary.
+    unnecessary. ``connect_timeout``: how long to wait for the scheduler's
+    answer (TimeoutError after it); a scheduler that refuses this side at
+    the handshake (a key it does not admit, keys on one side only) raises
+    :class:`~zmq_cluster.exceptions.HandshakeRefused` at once.
 
     **Copies.** ``copies_sent.copied_bytes`` and
     ``copies_received.copied_bytes`` (``taskcodec.CopyCount``) count the

@@ -105,7 +105,10 @@ class PoolWorker:
 
     ``exit_code`` after :meth:`run`: ``schedproto.EXIT_STOPPED`` (0) when the
     scheduler said STOP, ``EXIT_RESTART`` when it asked for a restart
-    (``zmq-cluster restart-workers``); a nanny replaces the latter only.
+    (``zmq-cluster restart-workers``); a nanny replaces the latter only;
+    :data:`EXIT_REFUSED` when the scheduler refused it at the security
+    handshake (its key, or CURVE on one side only): libzmq does not
+    reconnect after that, so the worker stops at once, logging why.
     ``counters``: messages rejected (``malformed``), tasks refused
     unexecuted (``tasks_refused``: undecodable, an unknown function, a
     pickle from the untrusted) and among them ``pickle_refused``.
@@ -169,6 +172,7 @@ class PoolWorker:
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self._failed_handshakes = 0
+        self._refused = False
         sockets = [monitor, sock]
         endpoint = direct_endpoint(self.address, self.security is not None) if self.direct else None
         if endpoint is not None:
@@ -178,7 +182,13 @@ class PoolWorker:
                 sockets.append(self._direct.socket)
         sock.connect(self.address)
         self._handshakes = 0
-        self._hello()
+        try:
+            # Not blocking: a handshake refused before this line has taken
+            # the connection's queue away (a send would wait for ever); the
+            # monitor holds the refusal, read first thing in the loop.
+            self._hello(zmq.DONTWAIT)
+        except zmq.Again:
+            pass
         # Connection events first, then messages (the scheduler's, then
         # direct clients'); waiting and receiving happen in zmq_cluster.wire
         # (without the GIL in the compiled twin).
@@ -212,8 +222,12 @@ class PoolWorker:
                     if self._direct is not None:
                         drained[2] = 0
                     self._flush()
-            self._flush(final=True)
-            self._send(sp.message(sp.BYE))
+            if self._refused:
+                # No connection is left to send on (a send would wait for one).
+                self._drop_held()
+            else:
+                self._flush(final=True)
+                self._send(sp.message(sp.BYE))
         finally:
             if self._own_shm and self.shared_memory is not None:
                 self.shared_memory.close()
@@ -231,18 +245,18 @@ class PoolWorker:
         """Make run() return after the task at hand."""
         self._running = False
 
-    def _send(self, frames: Sequence[Any]) -> None:
-        send_frames(self._sock, frames)
+    def _send(self, frames: Sequence[Any], flags: int = 0) -> None:
+        send_frames(self._sock, frames, flags)
         self._drained[1] = 0
 
-    def _hello(self) -> None:
+    def _hello(self, flags: int = 0) -> None:
         hello = {"role": sp.ROLE_WORKER, "host": _socket.gethostname(), "pid": os.getpid(),
                  "credit": self._credit, "credit_bytes": self.credit_bytes,
                  "uptime": time.monotonic() - _STARTED}
         if self._direct is not None:
             hello.update(direct=self._direct.address, direct_key=self._direct.key.hex())
         self._welcomed = False
-        self._send(sp.message(sp.HELLO, hello))
+        self._send(sp.message(sp.HELLO, hello), flags)
 
     def _drop_held(self) -> None:
         # Declared dead (or reset): the scheduler revokes our leases, whose
@@ -255,7 +269,19 @@ class PoolWorker:
 
     def _monitor_event(self, frames: List[Any]) -> None:
         event = parse_monitor_message([frames[0]] + [bytes(f) for f in frames[1:]])["event"]
-        if event & _HANDSHAKE_FAILED:
+        if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            # Definitive: libzmq ends the connection and never reconnects
+            # (see client.SchedulerClient._await_welcome); waiting would
+            # serve nothing, so the worker stops and says why.
+            log.error("worker %d: the scheduler at %s refused this worker at the handshake (%s);"
+                      " libzmq does not try again, so the worker exits (status %d): %s",
+                      os.getpid(), self.address, zmq.Event(event).name, EXIT_REFUSED,
+                      _HANDSHAKE_HINT)
+            self._refused = True
+            self.exit_code = EXIT_REFUSED
+            self._running = False
+        elif event & _HANDSHAKE_FAILED:
+            # Without detail (the connection dropped during the handshake):
             # libzmq retries by itself; say why once, then now and then.
             self._failed_handshakes += 1
             if self._failed_handshakes in (1, 10, 100) or self._failed_handshakes % 1000 == 0:
@@ -450,6 +476,10 @@ _HANDSHAKE_HINT = ("check the CURVE keys: this side's public key must be in the 
 #: A worker stopped by SIGTERM exits with this status (128 + SIGTERM): a
 #: nanny that did not send it replaces the worker.
 EXIT_TERMINATED = 128 + signal.SIGTERM
+#: A worker the scheduler refused at the security handshake exits with this
+#: status (sysexits' EX_NOPERM): a nanny does not replace it, since another
+#: would be refused alike (see zmq_cluster.supervisor).
+EXIT_REFUSED = 77
 
 
 def run_worker(address: str, **options: Any) -> int:

@@ -4,14 +4,17 @@
 (so they die with this process, even by SIGKILL) and a thread that waits on
 their process descriptors (pidfd, no polling). A child that exits is
 replaced, except one that exits with ``EXIT_STOPPED`` (0): the scheduler
-told it to stop. A child that keeps dying at start (within
+told it to stop, or with ``EXIT_REFUSED`` (77): the scheduler refused it at
+the security handshake, and would refuse its replacement alike (counted in
+``refused``, logged). A child that keeps dying at start (within
 ``FAST_DEATH_SECONDS``) is restarted after a growing delay (0.1 s doubling
 up to ``MAX_RESTART_DELAY``), so a worker that cannot start does not spin.
 
 LocalCluster uses one (children that stop are simply not replaced), and so
 does ``zmq-cluster worker``, with ``stop_with_workers=True``: once a worker
 has stopped on the scheduler's word (``zmq-cluster stop``,
-``stop --workers-only``), the supervisor stops the others and is done.
+``stop --workers-only``), the supervisor stops the others and is done;
+so it does once one was refused.
 """
 
 import logging
@@ -24,6 +27,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from .process import spawn
+from .poolworker import EXIT_REFUSED
 from .schedproto import EXIT_RESTART, EXIT_STOPPED
 
 __all__ = ["Supervisor"]
@@ -60,6 +64,8 @@ class Supervisor:
         self.processes: List[subprocess.Popen] = []
         #: How many children were started to replace one that exited.
         self.restarts = 0
+        #: How many children the scheduler refused at the handshake.
+        self.refused = 0
         self._started_at: Dict[int, float] = {}  # pid -> monotonic start time
         self._lock = threading.Lock()
         self._halted = False
@@ -205,11 +211,17 @@ class Supervisor:
                 self.processes.remove(p)
             if self._halted:
                 return
-            if code == EXIT_STOPPED:
-                log.info("%s pid %d stopped as the scheduler asked", self.name, p.pid)
+            if code in (EXIT_STOPPED, EXIT_REFUSED):
+                if code == EXIT_STOPPED:
+                    log.info("%s pid %d stopped as the scheduler asked", self.name, p.pid)
+                else:
+                    self.refused += 1
+                    log.error("%s pid %d was refused by the scheduler at the handshake; not"
+                              " replaced", self.name, p.pid)
                 if self.stop_with_workers:
-                    # The scheduler stopped this host's workers: stop the rest too
-                    # (a replacement may have missed the word) and be done.
+                    # The scheduler stopped this host's workers (or refuses
+                    # them): stop the rest too (a replacement may have missed
+                    # the word) and be done.
                     self._winding_down = True
                     due.clear()
                     for other in self.processes:

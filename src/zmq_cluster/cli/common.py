@@ -35,6 +35,7 @@ import zmq
 from ..config import (
     Config, SchedulerFileError, check_endpoint, merge, read_scheduler_file, write_scheduler_file,
 )
+from ..exceptions import HandshakeRefused
 from ..security import ClientSecurity, ServerSecurity, client_security, server_security
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "client_security_from",
     "common_options",
     "error_line",
+    "handshake_error",
     "locate_scheduler",
     "one_line",
     "publish_scheduler_file",
@@ -303,7 +305,8 @@ def connect_client(values: Mapping[str, Any]) -> Iterator[tuple]:
     seconds left of ``values["timeout"]``: ``with connect_client(values) as
     (client, left): reply = client.stats(timeout=left())``. Raises
     :class:`CommandError` (exit 1, one line) when the scheduler does not
-    answer in time."""
+    answer in time, and at once when it refuses this side at the security
+    handshake (:func:`handshake_error`)."""
     from ..client import SchedulerClient
     timeout = values.get("timeout") or DEFAULT_TIMEOUT
     deadline = time.monotonic() + timeout
@@ -313,6 +316,8 @@ def connect_client(values: Mapping[str, Any]) -> Iterator[tuple]:
     logging.getLogger("zmq_cluster.pool").setLevel(logging.CRITICAL)
     try:
         client = SchedulerClient(location.address, security=security, connect_timeout=timeout)
+    except HandshakeRefused as exc:
+        raise handshake_error(exc, security) from None
     except TimeoutError as exc:
         raise CommandError(one_line(exc)) from None
     except zmq.ZMQError as exc:
@@ -331,6 +336,17 @@ def connect_client(values: Mapping[str, Any]) -> Iterator[tuple]:
         raise CommandError(one_line(exc)) from None
     finally:
         client.close()
+
+
+def handshake_error(exc: HandshakeRefused,
+                    security: Optional[ClientSecurity]) -> CommandError:
+    """The one-line error (exit 1) for a scheduler that refused this side at
+    the security handshake, naming the options to give when it wants keys
+    this side has not got."""
+    message = one_line(exc)
+    if exc.reason == "protocol" and security is None:
+        message += " (--keys DIR, or --secret-key FILE --scheduler-key FILE)"
+    return CommandError(message)
 
 
 def publish_scheduler_file(path: "os.PathLike[str] | str", address: str,

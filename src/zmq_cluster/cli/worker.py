@@ -15,13 +15,15 @@ from typing import Any, List, Mapping, Optional, Tuple
 import zmq
 
 from ..config import Config
+from ..exceptions import HandshakeRefused
 from ..process import THREAD_VARIABLES, python_command, worker_environment
 from ..security import ClientSecurity
 from ..supervisor import Supervisor
 from .common import (
     EXIT_OK, CommandError, SchedulerLocation, add_client_key_options, add_locate_options,
-    add_log_option, add_malloc_tuning_option, client_security_from, locate_scheduler, one_line,
-    positive_float, positive_int, say, settings, setup_logging, zmq_reason,
+    add_log_option, add_malloc_tuning_option, client_security_from, handshake_error,
+    locate_scheduler, one_line, positive_float, positive_int, say, settings, setup_logging,
+    zmq_reason,
 )
 
 NAME = "worker"
@@ -45,6 +47,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
             " SIGTERM or Ctrl-C every worker finishes its task and exits, then the nanny exits."
             " `zmq-cluster stop` and `stop --workers-only` end the workers and this command;"
             " `zmq-cluster restart-workers` replaces each worker after its task."
+            " A scheduler that refuses this side's key at the handshake (at start or later)"
+            " ends this command at once, with exit status 1."
             " Each worker's OpenMP/MKL/OpenBLAS uses one thread (%s=1) unless those"
             " variables are set in this command's environment." % "/".join(THREAD_VARIABLES)))
     add_locate_options(parser)
@@ -87,7 +91,10 @@ def find_scheduler(values: Mapping[str, Any], timeout: float,
     appear, and reads it again after each :data:`SCHEDULER_FILE_RETRY`
     seconds without an answer (one left by a killed scheduler may be
     replaced by a new one). Raises :class:`CommandError` (exit 1) when no
-    scheduler answered in time, saying why the last attempt failed.
+    scheduler answered in time, saying why the last attempt failed, and at
+    once when the scheduler refused this side at the security handshake
+    (its key, or CURVE on one side only: waiting would not change that,
+    so the scheduler file is not read again).
     """
     from ..client import SchedulerClient
     logging.getLogger("zmq_cluster.pool").setLevel(logging.CRITICAL)  # the error says it
@@ -105,6 +112,8 @@ def find_scheduler(values: Mapping[str, Any], timeout: float,
         except zmq.ZMQError as exc:
             raise CommandError("cannot connect to %s: %s"
                                % (location.address, zmq_reason(exc))) from None
+        except HandshakeRefused as exc:
+            raise handshake_error(exc, security) from None
         except TimeoutError as exc:
             if not from_file:
                 raise CommandError(one_line(exc)) from None
@@ -176,5 +185,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
     finally:
         nanny.terminate()
         nanny.close()
+    if nanny.refused and not stopping.is_set():
+        raise CommandError(
+            "the scheduler at %s refused the workers at the security handshake (it no longer"
+            " admits this key, or its security changed); the workers stopped" % location.address)
     say("workers stopped" + (" (the scheduler stopped them)" if not stopping.is_set() else ""))
     return EXIT_OK
