@@ -477,9 +477,8 @@ _HANDSHAKE_HINT = ("check the CURVE keys: this side's public key must be in the 
 #: nanny that did not send it replaces the worker.
 EXIT_TERMINATED = 128 + signal.SIGTERM
 #: A worker the scheduler refused at the security handshake exits with this
-#: status (sysexits' EX_NOPERM): a nanny does not replace it, since another
-#: would be refused alike (see zmq_cluster.supervisor).
-EXIT_REFUSED = 77
+#: status (see schedproto.EXIT_REFUSED).
+EXIT_REFUSED = sp.EXIT_REFUSED
 
 
 def run_worker(address: str, **options: Any) -> int:

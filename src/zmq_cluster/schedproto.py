@@ -113,6 +113,10 @@ CONTROL_OPS = (OP_STOP, OP_STOP_WORKERS, OP_RESTART_WORKERS)
 #: not replace it, and stops too), and when told to restart (replaced).
 EXIT_STOPPED = 0
 EXIT_RESTART = 75
+#: ... and when the scheduler refused it at the security handshake
+#: (sysexits' EX_NOPERM): a nanny does not replace it, since another would
+#: be refused alike (see zmq_cluster.supervisor).
+EXIT_REFUSED = 77
 
 #: Peer roles in HELLO.
 ROLE_WORKER = "worker"

@@ -27,8 +27,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from .process import spawn
-from .poolworker import EXIT_REFUSED
-from .schedproto import EXIT_RESTART, EXIT_STOPPED
+from .schedproto import EXIT_REFUSED, EXIT_RESTART, EXIT_STOPPED
 
 __all__ = ["Supervisor"]
 
