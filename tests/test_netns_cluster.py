@@ -116,8 +116,10 @@ def test_an_intruder_without_keys_gets_nothing(cluster, tmp_path):
     result = cli_run(lab, "intruder", "status", "--scheduler-file", c["file"])
     assert result.returncode == 2 and "uses CURVE" in result.stderr
     # 2. ... pointed at the address: refused at the handshake.
+    #    (libzmq reports PROTOCOL, or, when the scheduler resets the connection
+    #    before the greeting is read, failures with no detail: both say CURVE.)
     result = cli_run(lab, "intruder", "stop", "--connect", c["address"], "--timeout", "2")
-    assert result.returncode == 1 and "uses CURVE and this side has no keys" in result.stderr
+    assert result.returncode == 1 and "CURVE" in result.stderr and "keys" in result.stderr
     # 3. Keys of its own and the scheduler's public key: ZAP refuses them.
     result = cli_run(lab, "intruder", "stop", "--connect", c["address"], "--secret-key",
                      c["outsider"].client_secret, "--scheduler-key", c["keys"].scheduler_public,
@@ -133,7 +135,7 @@ def test_an_intruder_without_keys_gets_nothing(cluster, tmp_path):
     #    admit it (the handshake failed).
     result = cli_run(lab, "intruder", "worker", "--connect", c["address"], "-n", "1",
                      "--timeout", "2")
-    assert result.returncode == 1 and "uses CURVE and this side has no keys" in result.stderr
+    assert result.returncode == 1 and "CURVE" in result.stderr and "keys" in result.stderr
     #    Workers of its own (no keys, as that nanny would have started; then
     #    outsider keys) to take tasks and answer with malicious results.
     workers = [lab.python("intruder", "-m", "zmq_cluster._start", "worker", "--connect",

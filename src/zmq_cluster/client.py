@@ -228,7 +228,9 @@ class SchedulerClient:
                     why = (": the handshake failed %d times with no detail (the scheduler dropped"
                            " the connection during it)%s" % (no_detail, (
                                "; check that the scheduler key is the scheduler's public key"
-                               if self.security is not None else "")))
+                               if self.security is not None else
+                               "; a scheduler that uses CURVE does that to a side without"
+                               " keys, as this one is")))
                 raise TimeoutError("no scheduler answered at %s within %g s%s"
                                    % (self.address, timeout, why))
             if self._monitor in ready:
