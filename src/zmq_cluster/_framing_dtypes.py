@@ -340,21 +340,31 @@ def read_dtype(header: Any, pos: int, depth: int) -> Tuple[np.dtype, int]:
 _DTYPE_OF_RAW: Dict[bytes, np.dtype] = {}  # UTF-8 of a type string -> its dtype
 
 
-class _DtypeReader:
-    __slots__ = ("header", "pos", "at")
+class HeaderCursor:
+    """A position ``pos`` in a header frame ``header``, read forward: the
+    dtype reader here and the pure twin's decoder."""
 
-    def __init__(self, header: Any, pos: int) -> None:
-        self.header = header
-        self.pos = pos
-        self.at = pos
+    header: Any
+    pos: int
 
     def take(self, n: int, what: str) -> int:
+        """The offset of the next ``n`` bytes (``what``, for the error),
+        now taken; MessageFormatError when fewer are left."""
         start = self.pos
         left = len(self.header) - start
         if n > left:
             raise truncated(what, n, start, left)
         self.pos = start + n
         return start
+
+
+class _DtypeReader(HeaderCursor):
+    __slots__ = ("header", "pos", "at")
+
+    def __init__(self, header: Any, pos: int) -> None:
+        self.header = header
+        self.pos = pos
+        self.at = pos
 
     def value(self, depth: int, top: bool = False) -> Any:
         if depth > MAX_DEPTH:

@@ -19,12 +19,14 @@ import numpy as np
 
 from ._framing_arrays_py import ArrayReader, ArrayWriter
 from ._framing_buffers import as_buffer, frame_buffer
-from ._framing_dtypes import array_bad_code_points, bad_code_points, dtype_header, read_dtype
+from ._framing_dtypes import (
+    HeaderCursor, array_bad_code_points, bad_code_points, dtype_header, read_dtype,
+)
 from ._framing_errors import (
     E_CODE_POINT, E_DEEP, E_EMPTY, E_FRAME_ORDER, E_FRAME_RANGE, E_KIND, E_MAGIC, E_NFRAMES,
     E_NUMPY, E_PICKLE_ARGS, E_PICKLE_COMMAND, E_PICKLE_LOAD, E_PICKLE_REFUSED, E_SCALAR,
     E_SHORT, E_TAG, E_TRAILING, E_UNHASHABLE, E_UNREFERENCED, E_UTF8, E_VERSION, X_CODE_POINT,
-    X_COMMAND, X_DEEP, X_PICKLE, X_U32, count_error, truncated,
+    X_COMMAND, X_DEEP, X_PICKLE, X_U32, count_error,
 )
 from ._framing_exceptions import exception_fields, exception_value
 from ._framing_shm import decode_shm_array
@@ -361,7 +363,7 @@ def _start(frames: Sequence[Any]) -> Tuple[memoryview, int, int]:
 _PICKLE_OK, _PICKLE_IN_COMMAND, _PICKLE_IN_ARGS = 0, 1, 2
 
 
-class _Decoder(ArrayReader):
+class _Decoder(ArrayReader, HeaderCursor):
     """Walks the header body; ``pos`` is the offset of the next byte.
 
     With ``load`` false, a pickle or an exception to rebuild is checked and
@@ -405,14 +407,6 @@ class _Decoder(ArrayReader):
         if self.used != len(self.frames) - 1:
             raise MessageFormatError(E_UNREFERENCED % (len(self.frames) - 1 - self.used))
         return obj
-
-    def take(self, n: int, what: str) -> int:
-        start = self.pos
-        left = len(self.header) - start
-        if n > left:
-            raise truncated(what, n, start, left)
-        self.pos = start + n
-        return start
 
     def u32(self, what: str) -> int:
         return U32.unpack_from(self.header, self.take(4, what))[0]
